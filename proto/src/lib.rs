@@ -1,0 +1,13 @@
+//! memsock's protocol crate: the one definition of the shared-memory layout
+//! of a stream and of its lock-free algorithms ([`shm`]), and the operating
+//! system calls they need ([`platform`]).
+//!
+//! Broker and clients build on this crate; nothing else defines offsets or
+//! memory orderings. Users normally depend on the `memsock` client crate,
+//! which re-exports what they need.
+
+#![deny(missing_docs)]
+
+pub mod platform;
+mod primitive;
+pub mod shm;

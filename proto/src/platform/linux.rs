@@ -1,0 +1,120 @@
+//! Linux implementation of [`crate::platform`], on `rustix`.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
+use rustix::io::FdFlags;
+use rustix::thread::futex;
+use rustix::time::{ClockId, Timespec};
+
+/// Granularity of a huge-page backed segment (2 MiB pages).
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Creates an anonymous shared-memory file of `len` bytes.
+///
+/// With `huge_pages` the file is backed by 2 MiB huge pages (`len` must be
+/// a multiple of [`HUGE_PAGE_SIZE`]); that needs pages reserved in
+/// `/proc/sys/vm/nr_hugepages`, and the reservation is only checked when the
+/// file is first mapped, so callers map it at once and fall back on failure.
+///
+/// The file is sealed against shrinking and growing: a peer holding a
+/// writable descriptor cannot truncate it under the others (which would turn
+/// their next access into `SIGBUS`).
+///
+/// # Errors
+/// Whatever `memfd_create`, `ftruncate` or `fcntl` report.
+pub fn create_shared_file(name: &str, len: u64, huge_pages: bool) -> io::Result<OwnedFd> {
+    let mut flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    if huge_pages {
+        flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+    }
+    let fd = rustix::fs::memfd_create(name, flags)?;
+    rustix::fs::ftruncate(&fd, len)?;
+    // hugetlbfs does not support sealing beyond F_SEAL_SEAL on older kernels;
+    // it cannot be resized by a peer anyway (sizes are page-granular and the
+    // reservation is fixed), so a refusal there is not an error.
+    match rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
+        Ok(()) => {}
+        Err(e) if huge_pages && e == rustix::io::Errno::INVAL => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(fd)
+}
+
+/// Opens a new, read-only description of the file behind `fd`.
+///
+/// A process given only this descriptor cannot map the file writable
+/// (`mmap` and `mprotect` refuse with `EACCES`): this is how subscribers get
+/// the frame pool read-only.
+///
+/// # Errors
+/// Whatever `open("/proc/self/fd/N")` reports (e.g. `/proc` not mounted).
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// Size in bytes of the file behind `fd`.
+///
+/// # Errors
+/// Whatever `fstat` reports.
+pub fn file_len(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_size as u64)
+}
+
+/// Whether the file behind `fd` was opened for writing.
+///
+/// # Errors
+/// Whatever `fcntl(F_GETFL)` reports.
+pub fn is_writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mode = rustix::fs::fcntl_getfl(fd)? & OFlags::RWMODE;
+    Ok(mode == OFlags::RDWR || mode == OFlags::WRONLY)
+}
+
+/// Lets `fd` survive `exec`, so a child process can inherit it.
+///
+/// # Errors
+/// Whatever `fcntl(F_SETFD)` reports.
+pub fn set_inheritable(fd: impl AsFd) -> io::Result<()> {
+    Ok(rustix::io::fcntl_setfd(fd, FdFlags::empty())?)
+}
+
+/// Sleeps while `word` holds `expected`, at most `timeout` (forever if
+/// `None`). Returns on a wake-up, a timeout, a signal or a changed value;
+/// callers re-check their condition either way.
+///
+/// The word may live in a `MAP_SHARED` mapping: the wait is process-shared
+/// (no `FUTEX_PRIVATE_FLAG`), so a waker in another process mapping the same
+/// file finds it.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|d| Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
+    });
+    // EAGAIN (value changed), ETIMEDOUT and EINTR all mean "re-check".
+    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+}
+
+/// Wakes the threads sleeping on `word`, in any process.
+pub fn futex_wake(word: &AtomicU32) {
+    // Only EFAULT is possible here, and `word` is a valid reference.
+    let _ = futex::wake(word, futex::Flags::empty(), u32::MAX);
+}
+
+/// Nanoseconds on the monotonic clock, the clock of every frame timestamp.
+///
+/// `CLOCK_MONOTONIC` is system-wide, so timestamps taken in different
+/// processes compare. Served by the vDSO: no system call.
+#[inline]
+pub fn now_ns() -> u64 {
+    let t = rustix::time::clock_gettime(ClockId::Monotonic);
+    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
+}
+
+/// The calling process's id.
+pub fn current_pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}

@@ -1,0 +1,77 @@
+//! The synchronisation primitives the shared-memory algorithms are written
+//! against: atomics, fences, a spin hint and park/unpark on a 32-bit word.
+//!
+//! Normally these are std's atomics and the futex of [`crate::platform`].
+//! Under `--cfg loom` they are loom's model-checked atomics, and park/unpark
+//! is modelled with a mutex and condition variable: waiting re-checks the word
+//! under the lock exactly as the kernel re-checks a futex word under its hash
+//! bucket lock, so a lost wake-up shows up as a deadlock in the model.
+
+#[cfg(loom)]
+pub use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+#[cfg(not(loom))]
+pub use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use std::time::Duration;
+
+/// Tells the CPU (or the model checker) that we are busy-waiting.
+#[inline(always)]
+pub(crate) fn spin_hint() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
+
+/// Lets another thread run.
+pub(crate) fn yield_now() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+}
+
+/// Sleeps while `word` holds `expected`, for at most `timeout`.
+///
+/// May return early or spuriously: callers re-check their condition.
+#[cfg(not(loom))]
+#[inline]
+pub(crate) fn park(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    crate::platform::futex_wait(word, expected, timeout);
+}
+
+/// Wakes every thread parked on `word` (there is at most one by protocol).
+#[cfg(not(loom))]
+#[inline]
+pub(crate) fn unpark(word: &AtomicU32) {
+    crate::platform::futex_wake(word);
+}
+
+#[cfg(loom)]
+mod model {
+    use loom::sync::{Condvar, Mutex};
+
+    loom::lazy_static! {
+        /// One lock and condition variable stand for the kernel's futex table.
+        pub(super) static ref FUTEX: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+    }
+}
+
+/// Model of `futex_wait`: the timeout is ignored so that a lost wake-up is a
+/// deadlock the model checker reports instead of a delay it cannot see.
+#[cfg(loom)]
+pub(crate) fn park(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) {
+    let (lock, cond) = &*model::FUTEX;
+    let guard = lock.lock().unwrap();
+    if word.load(Ordering::SeqCst) == expected {
+        drop(cond.wait(guard).unwrap());
+    }
+}
+
+/// Model of `futex_wake`.
+#[cfg(loom)]
+pub(crate) fn unpark(_word: &AtomicU32) {
+    let (lock, cond) = &*model::FUTEX;
+    let _guard = lock.lock().unwrap();
+    cond.notify_all();
+}

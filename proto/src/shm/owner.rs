@@ -1,0 +1,719 @@
+//! The owner side of a stream: creating its files, admitting subscribers
+//! against the credit budget, changing credits, detaching and reclaiming,
+//! closing, and reading statistics — everything the broker does with a
+//! stream, none of it on the per-frame path.
+//!
+//! The owner writes subscriber records and bumps `table_gen`; the publisher
+//! notices on its next loan or send. Reclaiming a detached subscriber's
+//! slots changes holder masks, which only the writer may do: the attached
+//! publisher does it, or the owner itself (taking the writer role) when no
+//! publisher is attached.
+
+use super::layout::{
+    Geometry, LayoutError, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING,
+    SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+};
+use super::mem::{ChannelMem, StreamMem};
+use super::publisher::{clear_subscriber_bits, recover};
+use super::wait;
+use crate::primitive::Ordering::{Acquire, Relaxed, Release};
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberOptions {
+    /// Most slots it may hold at once, queued plus borrowed (its queue depth).
+    pub credits: u32,
+    /// What happens to frames when its credits are used up.
+    pub policy: OverflowPolicy,
+    /// How its blocking receives wait.
+    pub wait: WaitStrategy,
+}
+
+impl Default for SubscriberOptions {
+    fn default() -> Self {
+        Self { credits: 4, policy: OverflowPolicy::default(), wait: WaitStrategy::default() }
+    }
+}
+
+/// What a subscriber process needs, besides the files, to open its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberTicket {
+    /// Its index in the stream (which channel file is its own).
+    pub index: u32,
+    /// Attach generation of that index, so a stale ticket is refused.
+    pub generation: u64,
+    /// The wait strategy it was admitted with.
+    pub wait: WaitStrategy,
+}
+
+/// Why a subscriber was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddSubscriberError {
+    /// Credits must be at least 1 and at most the queue capacity.
+    #[error("credits must be between 1 and {max}, got {credits}")]
+    CreditsOutOfRange {
+        /// Requested.
+        credits: u32,
+        /// The stream's queue capacity.
+        max: u32,
+    },
+    /// The pool cannot honour the credits on top of those already granted.
+    #[error(
+        "cannot grant {requested} credits: {available} of {slot_count} slots are free to promise \
+         ({committed} promised to other subscribers, {PUBLISHER_LOANS} kept for the publisher)"
+    )]
+    CreditsRefused {
+        /// Requested.
+        requested: u32,
+        /// Still grantable.
+        available: u32,
+        /// Pool size.
+        slot_count: u32,
+        /// Already granted.
+        committed: u32,
+    },
+    /// Every subscriber index is taken.
+    #[error("stream is full: all {max} subscriber places are taken")]
+    Full {
+        /// The stream's subscriber capacity.
+        max: u32,
+    },
+    /// The stream is closed.
+    #[error("the stream is closed")]
+    Closed,
+}
+
+/// Why an operation on an existing subscriber failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscriberOpError {
+    /// No attached subscriber has this index.
+    #[error("no subscriber #{0} is attached")]
+    NotAttached(u32),
+    /// The new credits are refused (see [`AddSubscriberError`]).
+    #[error(transparent)]
+    Credits(#[from] AddSubscriberError),
+}
+
+/// A subscriber as the owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// Index in the stream.
+    pub index: u32,
+    /// Process id given at attach.
+    pub pid: u32,
+    /// Overflow policy.
+    pub policy: OverflowPolicy,
+    /// Current credits.
+    pub credits: u32,
+    /// Still being reclaimed after a detach.
+    pub detaching: bool,
+    /// Stream sequence number at attach.
+    pub attach_seq: u64,
+    /// Frames it has taken from its queue.
+    pub delivered: u64,
+    /// Frames it lost (not queued for lack of credit, or evicted).
+    pub dropped: u64,
+    /// Of `dropped`, frames evicted under `KeepLatest`.
+    pub evicted: u64,
+    /// Frames waiting in its queue.
+    pub queued: u64,
+    /// Slots it holds: queued, borrowed, or returned and not yet read back.
+    pub held: u32,
+    /// Age of the oldest queued frame, in nanoseconds (0 if none).
+    pub lag_ns: u64,
+    /// Protocol violations seen from it.
+    pub faults: u64,
+}
+
+/// A stream as the owner sees it: read from shared memory, no messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Slot size in bytes.
+    pub slot_size: u32,
+    /// Slots in the pool.
+    pub slot_count: u32,
+    /// Slots neither held by a subscriber nor loaned.
+    pub free_slots: u32,
+    /// Frames sent.
+    pub published: u64,
+    /// Payload bytes sent.
+    pub bytes: u64,
+    /// Pid of the attached publisher, 0 if none.
+    pub publisher_pid: u32,
+    /// The stream was closed.
+    pub closed: bool,
+    /// Attached (and detaching) subscribers.
+    pub subscribers: Vec<SubscriberStats>,
+}
+
+/// The owner algorithm over any memory implementing the layout.
+#[derive(Debug)]
+pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
+    stream: S,
+    channels: Vec<C>,
+    /// Where the search for a free index starts: indices are reused as
+    /// late as possible, which keeps stale handles from meeting new peers.
+    cursor: usize,
+}
+
+impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
+    pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
+        assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
+        Self { stream, channels, cursor: 0 }
+    }
+
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    #[cfg(any(test, loom))]
+    pub(crate) fn channels(&self) -> &[C] {
+        &self.channels
+    }
+
+    fn bump_table(&self) {
+        // Release pairs with the publisher's Acquire load in `sync_table`.
+        self.stream.header().control.table_gen.fetch_add(1, Release);
+    }
+
+    /// Slots each subscriber index holds (bits set in the masks).
+    fn held_per_subscriber(&self) -> Vec<u32> {
+        let g = self.stream.layout().geometry;
+        let mut held = vec![0u32; g.max_subscribers as usize];
+        for slot in 0..g.slot_count {
+            for (w, word) in self.stream.mask(slot).iter().enumerate() {
+                let mut bits = word.load(Relaxed);
+                while bits != 0 {
+                    let s = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Some(h) = held.get_mut(s) {
+                        *h += 1;
+                    }
+                }
+            }
+        }
+        held
+    }
+
+    /// Credits promised to subscribers other than `except`: for each, the
+    /// larger of its credits and what it holds now (after lowered credits
+    /// it may hold more until it releases).
+    fn committed(&self, except: Option<usize>) -> u64 {
+        let held = self.held_per_subscriber();
+        (0..held.len())
+            .filter(|&s| Some(s) != except)
+            .map(|s| {
+                let cfg = &self.stream.record(s).config;
+                match cfg.state.load(Acquire) {
+                    SUB_FREE => 0,
+                    _ => u64::from(cfg.credits.load(Relaxed).max(held[s])),
+                }
+            })
+            .sum()
+    }
+
+    fn check_credits(&self, credits: u32, except: Option<usize>) -> Result<(), AddSubscriberError> {
+        let g = self.stream.layout().geometry;
+        if credits == 0 || credits > g.queue_capacity {
+            return Err(AddSubscriberError::CreditsOutOfRange { credits, max: g.queue_capacity });
+        }
+        let committed = self.committed(except);
+        let budget = u64::from(g.slot_count - PUBLISHER_LOANS);
+        if committed + u64::from(credits) > budget {
+            return Err(AddSubscriberError::CreditsRefused {
+                requested: credits,
+                available: budget.saturating_sub(committed) as u32,
+                slot_count: g.slot_count,
+                committed: committed as u32,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
+        let header = self.stream.header();
+        if header.control.state.load(Acquire) == STREAM_CLOSED {
+            return Err(AddSubscriberError::Closed);
+        }
+        self.reclaim_detached();
+        let n = self.channels.len();
+        let index = (0..n)
+            .map(|i| (self.cursor + i) % n)
+            // Acquire pairs with the Release store of SUB_FREE by whoever
+            // reclaimed the index: its mask changes are visible.
+            .find(|&s| self.stream.record(s).config.state.load(Acquire) == SUB_FREE)
+            .ok_or(AddSubscriberError::Full { max: n as u32 })?;
+        self.check_credits(opts.credits, None)?;
+
+        // The index is free: neither the publisher nor any subscriber uses
+        // its ring, counters or channel, so they can be reset.
+        for e in self.stream.ring(index) {
+            e.stamp.store(0, Relaxed);
+        }
+        let counters = &self.stream.record(index).counters;
+        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults] {
+            c.store(0, Relaxed);
+        }
+        let cfg = &self.stream.record(index).config;
+        let generation = cfg.generation.load(Relaxed) + 1;
+        let ch = self.channels[index].header();
+        for c in [&ch.head, &ch.tail, &ch.ret_head] {
+            c.store(0, Relaxed);
+        }
+        ch.waiting.store(0, Relaxed);
+        ch.pub_waiting.store(0, Relaxed);
+        ch.ident.generation.store(generation, Relaxed);
+
+        cfg.policy.store(opts.policy as u32, Relaxed);
+        cfg.credits.store(opts.credits, Relaxed);
+        cfg.parks.store(u32::from(opts.wait.parks()), Relaxed);
+        cfg.pid.store(pid, Relaxed);
+        cfg.attach_seq.store(header.publisher.published.load(Relaxed), Relaxed);
+        cfg.generation.store(generation, Relaxed);
+        // Release pairs with the Acquire loads of the state by the
+        // publisher (`sync_table_slow`) and the subscriber (`attach`).
+        cfg.state.store(SUB_ACTIVE, Release);
+        self.bump_table();
+        self.cursor = index + 1;
+        Ok(SubscriberTicket { index: index as u32, generation, wait: opts.wait })
+    }
+
+    fn active_index(&self, index: u32) -> Result<usize, SubscriberOpError> {
+        let s = index as usize;
+        if s < self.channels.len() && self.stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
+            Ok(s)
+        } else {
+            Err(SubscriberOpError::NotAttached(index))
+        }
+    }
+
+    pub(crate) fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
+        let s = self.active_index(index)?;
+        self.check_credits(credits, Some(s))?;
+        self.stream.record(s).config.credits.store(credits, Relaxed);
+        self.bump_table();
+        // A publisher blocked on this lossless subscriber re-reads credits.
+        wait::wake(&self.channels[s].header().pub_waiting);
+        Ok(())
+    }
+
+    /// Detaches subscriber `index`: its queued and borrowed slots return to
+    /// the pool. Use it for a subscriber that left and for one that died.
+    pub(crate) fn remove(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        let s = self.active_index(index)?;
+        // Release pairs with the publisher's Acquire load in `sync_table_slow`.
+        self.stream.record(s).config.state.store(SUB_DETACHING, Release);
+        self.bump_table();
+        let ch = self.channels[s].header();
+        wait::wake(&ch.waiting);
+        wait::wake(&ch.pub_waiting);
+        self.reclaim_detached();
+        Ok(())
+    }
+
+    /// Reclaims detaching subscribers' slots if no publisher is attached
+    /// (an attached one does it on its next loan or send). Returns whether
+    /// it ran.
+    pub(crate) fn reclaim_detached(&self) -> bool {
+        let ctl = &self.stream.header().control;
+        // Acquire pairs with the Release store of WRITER_NONE by the last
+        // writer (publisher `Drop`, or here).
+        if ctl.writer.compare_exchange(WRITER_NONE, WRITER_OWNER, Acquire, Relaxed).is_err() {
+            return false;
+        }
+        if ctl.dirty.load(Relaxed) != 0 {
+            recover(&self.stream);
+            ctl.dirty.store(0, Relaxed);
+        }
+        for s in 0..self.channels.len() {
+            let state = &self.stream.record(s).config.state;
+            if state.load(Acquire) == SUB_DETACHING {
+                clear_subscriber_bits(&self.stream, s, |_| {});
+                state.store(SUB_FREE, Release);
+            }
+        }
+        // Release pairs with the next writer's Acquire CAS.
+        ctl.writer.store(WRITER_NONE, Release);
+        true
+    }
+
+    /// The attached publisher's lease ended (it exited or died): release
+    /// the writer role so another publisher can take over, and reclaim.
+    pub(crate) fn publisher_gone(&mut self) {
+        let ctl = &self.stream.header().control;
+        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Acquire, Relaxed).is_ok() {
+            ctl.publisher_pid.store(0, Relaxed);
+        }
+        self.reclaim_detached();
+    }
+
+    /// Closes the stream: the publisher's next send fails, subscribers get
+    /// `Closed` once their queues are empty, and everyone asleep is woken.
+    pub(crate) fn close(&mut self) {
+        // Release pairs with the Acquire loads of the state in the publisher
+        // and subscribers.
+        self.stream.header().control.state.store(STREAM_CLOSED, Release);
+        self.bump_table();
+        for ch in &self.channels {
+            wait::wake(&ch.header().waiting);
+            wait::wake(&ch.header().pub_waiting);
+        }
+    }
+
+    pub(crate) fn stats(&self, now_ns: u64) -> StreamStats {
+        let g = self.stream.layout().geometry;
+        let header = self.stream.header();
+        let held = self.held_per_subscriber();
+        let cap_mask = u64::from(g.queue_capacity) - 1;
+        let used = (0..g.slot_count)
+            .filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0))
+            .count() as u32;
+        let loaned = header.publisher.loaned.load(Relaxed).min(1);
+        let subscribers = (0..self.channels.len())
+            .filter_map(|s| {
+                let cfg = &self.stream.record(s).config;
+                let state = cfg.state.load(Acquire);
+                if state == SUB_FREE {
+                    return None;
+                }
+                let c = &self.stream.record(s).counters;
+                let pushed = c.pushed.load(Relaxed);
+                let evicted = c.evicted.load(Relaxed);
+                // The subscriber writes its head: clamp what it claims.
+                let head = self.channels[s].header().head.load(Acquire).min(pushed);
+                let queued = pushed - head;
+                let lag_ns = if queued > 0 {
+                    let e = &self.stream.ring(s)[(head & cap_mask) as usize];
+                    now_ns.saturating_sub(e.timestamp_ns.load(Relaxed))
+                } else {
+                    0
+                };
+                Some(SubscriberStats {
+                    index: s as u32,
+                    pid: cfg.pid.load(Relaxed),
+                    policy: OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default(),
+                    credits: cfg.credits.load(Relaxed),
+                    detaching: state == SUB_DETACHING,
+                    attach_seq: cfg.attach_seq.load(Relaxed),
+                    delivered: head.saturating_sub(evicted),
+                    dropped: c.dropped.load(Relaxed),
+                    evicted,
+                    queued,
+                    held: held[s],
+                    lag_ns,
+                    faults: c.faults.load(Relaxed),
+                })
+            })
+            .collect();
+        StreamStats {
+            slot_size: g.slot_size,
+            slot_count: g.slot_count,
+            free_slots: g.slot_count.saturating_sub(used + loaned),
+            published: header.publisher.published.load(Relaxed),
+            bytes: header.publisher.bytes.load(Relaxed),
+            publisher_pid: header.control.publisher_pid.load(Relaxed),
+            closed: header.control.state.load(Acquire) == STREAM_CLOSED,
+            subscribers,
+        }
+    }
+}
+
+/// How to create a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Bytes per slot: the largest frame.
+    pub slot_size: u32,
+    /// Slots in the pool; the credits of all subscribers together can be
+    /// at most `slot_count - 1` (one slot is kept for the publisher's loan).
+    pub slot_count: u32,
+    /// Most subscribers attached at once.
+    pub max_subscribers: u32,
+    /// Most credits one subscriber may have (rounded up to a power of
+    /// two); 0 picks `slot_count - 1`, rounded up, at most 65536.
+    pub queue_capacity: u32,
+    /// Lock the segment in memory (`mlock`) in every process that maps it.
+    pub mlock: bool,
+    /// Back the pool with 2 MiB huge pages if the system has them reserved,
+    /// else fall back to ordinary pages.
+    pub huge_pages: bool,
+    /// Fault every page in when mapping, so no frame pays a page fault.
+    pub prefault: bool,
+}
+
+impl StreamConfig {
+    /// A stream of `slot_count` slots of `slot_size` bytes, for up to 32
+    /// subscribers, pre-faulted, not locked, on ordinary pages.
+    pub fn new(slot_size: u32, slot_count: u32) -> Self {
+        Self {
+            slot_size,
+            slot_count,
+            max_subscribers: 32,
+            queue_capacity: 0,
+            mlock: false,
+            huge_pages: false,
+            prefault: true,
+        }
+    }
+
+    /// The geometry this configuration asks for.
+    ///
+    /// # Errors
+    /// [`LayoutError`] if a number is out of range.
+    pub fn geometry(&self) -> Result<Geometry, LayoutError> {
+        let cap = match self.queue_capacity {
+            0 => self.slot_count.saturating_sub(PUBLISHER_LOANS).max(1),
+            n => n,
+        };
+        let g = Geometry {
+            slot_size: self.slot_size,
+            slot_count: self.slot_count,
+            max_subscribers: self.max_subscribers,
+            queue_capacity: cap.checked_next_power_of_two().unwrap_or(u32::MAX).min(super::layout::MAX_QUEUE_CAPACITY),
+        };
+        g.validate()?;
+        Ok(g)
+    }
+}
+
+#[cfg(not(loom))]
+pub use api::{CreateError, OpenLocalError, StreamSegment};
+
+#[cfg(not(loom))]
+mod api {
+    use std::io;
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+    use super::{
+        AddSubscriberError, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
+        SubscriberTicket,
+    };
+    use crate::platform;
+    use crate::shm::layout::{
+        FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, Geometry, Layout, LayoutError, PAGE, channel_len,
+    };
+    use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
+    use crate::shm::{OpenPublisherError, OpenSubscriberError, Publisher, Subscriber};
+
+    /// Why a stream could not be created.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum CreateError {
+        /// The configuration is out of range.
+        #[error("invalid stream configuration: {0}")]
+        Config(#[from] LayoutError),
+        /// Creating a shared-memory file failed.
+        #[error("cannot create shared memory for stream {name:?}: {source}")]
+        Io {
+            /// Stream name.
+            name: String,
+            /// The system error.
+            source: io::Error,
+        },
+        /// Mapping or locking failed.
+        #[error(transparent)]
+        Map(#[from] MapError),
+    }
+
+    /// A stream's shared-memory files, held by their owner (the broker, or
+    /// a parent process): the data file and one channel file per subscriber
+    /// index, all anonymous (`memfd`), handed to other processes as file
+    /// descriptors. The memory is gone once the owner and every process
+    /// that mapped it have dropped it: nothing is left in `/dev/shm`.
+    #[derive(Debug)]
+    pub struct StreamSegment {
+        name: String,
+        data: OwnedFd,
+        channels: Vec<OwnedFd>,
+        core: OwnerCore<StreamMap, ChannelMap>,
+        huge_pages: bool,
+    }
+
+    impl StreamSegment {
+        /// Creates a stream's files and maps them.
+        ///
+        /// # Errors
+        /// [`CreateError`] for a bad configuration or a failed system call
+        /// (including `mlock` when asked for).
+        pub fn create(name: &str, config: &StreamConfig) -> Result<Self, CreateError> {
+            let geometry = config.geometry()?;
+            let io_err = |source| CreateError::Io { name: name.to_owned(), source };
+            let mut flags = 0;
+            if config.mlock {
+                flags |= FLAG_MLOCK;
+            }
+            if config.prefault {
+                flags |= FLAG_PREFAULT;
+            }
+            let huge = if config.huge_pages { try_huge(name, geometry, flags) } else { None };
+            let huge_pages = huge.is_some();
+            let (data, map) = match huge {
+                Some(pair) => pair,
+                None => {
+                    let layout = Layout::new(geometry, PAGE)?;
+                    let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, false)
+                        .map_err(io_err)?;
+                    let map = StreamMap::create(fd.as_fd(), layout, flags)?;
+                    (fd, map)
+                }
+            };
+            let len = channel_len(geometry.queue_capacity) as u64;
+            let mut channels = Vec::with_capacity(geometry.max_subscribers as usize);
+            let mut maps = Vec::with_capacity(geometry.max_subscribers as usize);
+            for index in 0..geometry.max_subscribers {
+                let fd = platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false)
+                    .map_err(io_err)?;
+                maps.push(ChannelMap::create(fd.as_fd(), index, geometry.queue_capacity, flags & !FLAG_HUGE_PAGES)?);
+                channels.push(fd);
+            }
+            tracing::debug!(name, ?geometry, huge_pages, "stream created");
+            Ok(Self { name: name.to_owned(), data, channels, core: OwnerCore::new(map, maps), huge_pages })
+        }
+
+        /// The stream's name (for diagnostics; the files are anonymous).
+        pub fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// The stream's geometry.
+        pub fn geometry(&self) -> Geometry {
+            self.core.stream().layout().geometry
+        }
+
+        /// Whether the pool got huge pages.
+        pub fn huge_pages(&self) -> bool {
+            self.huge_pages
+        }
+
+        /// The data file, read-write: for the publisher only.
+        pub fn data_fd(&self) -> BorrowedFd<'_> {
+            self.data.as_fd()
+        }
+
+        /// A new read-only descriptor of the data file: what a subscriber
+        /// gets, so that it cannot map the pool writable.
+        ///
+        /// # Errors
+        /// If `/proc/self/fd` cannot be opened.
+        pub fn read_only_data_fd(&self) -> io::Result<OwnedFd> {
+            platform::reopen_read_only(self.data.as_fd())
+        }
+
+        /// Every channel file, in index order: for the publisher.
+        pub fn channel_fds(&self) -> Vec<BorrowedFd<'_>> {
+            self.channels.iter().map(AsFd::as_fd).collect()
+        }
+
+        /// Subscriber `index`'s channel file: for that subscriber only.
+        ///
+        /// # Panics
+        /// If `index` is not below the subscriber capacity.
+        pub fn channel_fd(&self, index: u32) -> BorrowedFd<'_> {
+            self.channels[index as usize].as_fd()
+        }
+
+        /// Admits a subscriber of process `pid` if the pool can honour its
+        /// credits.
+        ///
+        /// # Errors
+        /// [`AddSubscriberError`]: credits refused or out of range, no free
+        /// index, stream closed.
+        pub fn add_subscriber(
+            &mut self,
+            opts: &SubscriberOptions,
+            pid: u32,
+        ) -> Result<SubscriberTicket, AddSubscriberError> {
+            self.core.add(opts, pid)
+        }
+
+        /// Changes a live subscriber's credits.
+        ///
+        /// # Errors
+        /// [`SubscriberOpError`] if it is not attached or the pool cannot
+        /// honour the new credits.
+        pub fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
+            self.core.set_credits(index, credits)
+        }
+
+        /// Detaches subscriber `index`, whether it left or died: its queued
+        /// and borrowed slots go back to the pool (at once if no publisher
+        /// is attached, else at the publisher's next loan or send).
+        ///
+        /// # Errors
+        /// [`SubscriberOpError::NotAttached`].
+        pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+            self.core.remove(index)
+        }
+
+        /// Tells the stream its publisher is gone (its process exited or its
+        /// lease ended): another publisher may attach and continue.
+        pub fn publisher_gone(&mut self) {
+            self.core.publisher_gone();
+        }
+
+        /// Finishes reclaiming detached subscribers if no publisher is
+        /// attached to do it. Returns whether it could.
+        pub fn reclaim(&self) -> bool {
+            self.core.reclaim_detached()
+        }
+
+        /// Closes the stream for good.
+        pub fn close(&mut self) {
+            self.core.close();
+        }
+
+        /// Counters and queue states, read from shared memory.
+        pub fn stats(&self) -> StreamStats {
+            self.core.stats(platform::now_ns())
+        }
+
+        /// Attaches a publisher in this process.
+        ///
+        /// # Errors
+        /// As [`Publisher::open`].
+        pub fn open_publisher(&self) -> Result<Publisher, OpenPublisherError> {
+            Publisher::open(self.data_fd(), &self.channel_fds())
+        }
+
+        /// Admits a subscriber and opens it in this process.
+        ///
+        /// # Errors
+        /// As [`add_subscriber`](Self::add_subscriber) and [`Subscriber::open`].
+        pub fn open_subscriber(&mut self, opts: &SubscriberOptions) -> Result<Subscriber, OpenLocalError> {
+            let ticket = self.add_subscriber(opts, platform::current_pid())?;
+            let data = self.read_only_data_fd().map_err(|e| OpenSubscriberError::Map(MapError::Io(e)))?;
+            Ok(Subscriber::open(data.as_fd(), self.channel_fd(ticket.index), ticket)?)
+        }
+    }
+
+    /// Why [`StreamSegment::open_subscriber`] failed.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum OpenLocalError {
+        /// Admission failed.
+        #[error(transparent)]
+        Add(#[from] AddSubscriberError),
+        /// Opening failed.
+        #[error(transparent)]
+        Open(#[from] OpenSubscriberError),
+    }
+
+    /// Creates and maps a huge-page data file, or says why not in the log.
+    fn try_huge(name: &str, geometry: Geometry, flags: u32) -> Option<(OwnedFd, StreamMap)> {
+        let attempt = || -> Result<(OwnedFd, StreamMap), Box<dyn std::error::Error>> {
+            let layout = Layout::new(geometry, platform::HUGE_PAGE_SIZE)?;
+            let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, true)?;
+            let map = StreamMap::create(fd.as_fd(), layout, flags | FLAG_HUGE_PAGES)?;
+            Ok((fd, map))
+        };
+        match attempt() {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::info!(name, error = %e, "huge pages unavailable, using ordinary pages");
+                None
+            }
+        }
+    }
+
+}

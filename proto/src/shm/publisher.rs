@@ -1,0 +1,928 @@
+//! The publisher side: slot loans, delivery to every subscriber's queue,
+//! overflow policies, taking slots back, and recovery after a crash.
+//!
+//! # Algorithm
+//!
+//! The publisher is the only writer of the holder masks (one bit per
+//! subscriber per slot) and of the delivery rings; it keeps the free list
+//! and each subscriber's `held` count (bits set = queued + borrowed +
+//! returned-but-not-yet-read) in private memory. Sending a frame in slot `x`:
+//!
+//! 1. for each active subscriber `s` with `held[s] < credits[s]` (after
+//!    reading `s`'s return ring if it looked full): set bit `s` of `x`,
+//!    write the ring entry at `pushed[s]` and publish it by storing its
+//!    `stamp` with `Release`;
+//! 2. a subscriber without credit drops the frame (`DropNewest`), has its
+//!    oldest queued entry evicted first (`KeepLatest`, by compare-and-swap
+//!    on its `head` against the subscriber's own CAS), or — checked before
+//!    step 1 so that a frame is never half-sent — makes `send` fail with
+//!    `WouldBlock` (`Lossless`);
+//! 3. if no bit was set, `x` goes straight back to the free list.
+//!
+//! Subscribers hand slots back through their own return ring. The
+//! publisher reads a ring only when that subscriber looks full or the free
+//! list is empty, checks every returned slot against the subscriber's bit
+//! (a slot it does not hold, or a second return, is a counted fault and is
+//! ignored) and frees a slot when its mask becomes empty.
+//!
+//! Because `held[s] <= credits[s]` always, and the owner admits subscribers
+//! only while `sum(credits) + PUBLISHER_LOANS <= slot_count`, a loan always
+//! finds a free slot after the return rings are read — whatever any
+//! subscriber does with its own channel. A misbehaving subscriber can only
+//! make its own `held` stay high.
+
+use super::layout::{
+    Entry, NO_SLOT, OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE,
+    WRITER_OWNER, WRITER_PUBLISHER,
+};
+use super::mem::{ChannelMem, StreamMem};
+use super::wait::{self, Backoff};
+use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::time::Instant;
+
+/// What became of one sent frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendInfo {
+    /// The frame's sequence number.
+    pub seq: u64,
+    /// Subscribers it was queued for.
+    pub delivered: u32,
+    /// Subscribers that lost it for lack of credit.
+    pub dropped: u32,
+}
+
+/// Why the core could not attach as publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttachRefusal {
+    Closed,
+    PublisherExists { pid: u32 },
+    Busy,
+}
+
+/// Why the core refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitRefusal {
+    /// Lossless subscriber `subscriber` has no credit left.
+    WouldBlock { subscriber: u32 },
+    Closed,
+}
+
+/// Why no slot could be loaned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoanError {
+    /// Every slot is held. Cannot happen while all subscribers keep to
+    /// their credits; seen only if credits were lowered below what a
+    /// subscriber already held.
+    #[error("no free slot: every slot is held by a subscriber")]
+    PoolExhausted,
+    /// The owner closed the stream.
+    #[error("the stream is closed")]
+    Closed,
+}
+
+/// The publisher's private view of one subscriber index.
+#[derive(Debug, Clone, Default)]
+struct SubState {
+    active: bool,
+    generation: u64,
+    policy: OverflowPolicy,
+    credits: u32,
+    parks: bool,
+    /// Slots whose mask has this subscriber's bit set.
+    held: u32,
+    /// Next queue position.
+    pushed: u64,
+    /// Next return-ring position to read.
+    ret_head: u64,
+    dropped: u64,
+    evicted: u64,
+    faults: u64,
+}
+
+/// The publisher algorithm over any memory implementing the layout.
+#[derive(Debug)]
+pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
+    stream: S,
+    channels: Vec<C>,
+    subs: Vec<SubState>,
+    /// Indices of active subscribers, and the subsets that are lossless
+    /// and that may be asleep.
+    active: Vec<usize>,
+    lossless: Vec<usize>,
+    parkers: Vec<usize>,
+    /// Free slots, used as a stack so the most recently freed (and most
+    /// likely cached) slot is reused first.
+    free: Vec<u32>,
+    table_gen: u64,
+    published: u64,
+    bytes: u64,
+    closed: bool,
+    cap_mask: u64,
+}
+
+impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
+    /// Attaches as the stream's only publisher: takes the writer role,
+    /// recovers from a previous writer's crash if needed and rebuilds the
+    /// private state from the holder masks.
+    pub(crate) fn attach(stream: S, channels: Vec<C>, pid: u32) -> Result<Self, AttachRefusal> {
+        let g = stream.layout().geometry;
+        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        let ctl = &stream.header().control;
+        if ctl.state.load(Acquire) == STREAM_CLOSED {
+            return Err(AttachRefusal::Closed);
+        }
+        let mut tries = 0u32;
+        loop {
+            // Acquire pairs with the Release store of WRITER_NONE by the
+            // previous writer (`Drop` here, `owner::reclaim_detached`): its
+            // changes to masks and rings are visible to us.
+            match ctl.writer.compare_exchange(WRITER_NONE, WRITER_PUBLISHER, Acquire, Relaxed) {
+                Ok(_) => break,
+                Err(WRITER_OWNER) if tries < 100_000 => {
+                    // The owner reclaims for a moment while no publisher is attached.
+                    tries += 1;
+                    crate::primitive::yield_now();
+                }
+                Err(WRITER_OWNER) => return Err(AttachRefusal::Busy),
+                Err(_) => return Err(AttachRefusal::PublisherExists { pid: ctl.publisher_pid.load(Relaxed) }),
+            }
+        }
+        if ctl.dirty.load(Relaxed) != 0 {
+            recover(&stream);
+        }
+        ctl.dirty.store(1, Relaxed);
+        ctl.publisher_pid.store(pid, Relaxed);
+        ctl.publisher_epoch.fetch_add(1, Relaxed);
+
+        let subs_n = g.max_subscribers as usize;
+        let mut subs = vec![SubState::default(); subs_n];
+        let mut free = Vec::with_capacity(g.slot_count as usize);
+        for slot in (0..g.slot_count).rev() {
+            let mut empty = true;
+            for (w, word) in stream.mask(slot).iter().enumerate() {
+                let mut bits = word.load(Relaxed);
+                empty &= bits == 0;
+                while bits != 0 {
+                    let s = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if s < subs_n {
+                        subs[s].held += 1;
+                    }
+                }
+            }
+            if empty {
+                free.push(slot);
+            }
+        }
+        let p = &stream.header().publisher;
+        let mut this = Self {
+            published: p.published.load(Relaxed),
+            bytes: p.bytes.load(Relaxed),
+            stream,
+            channels,
+            subs,
+            active: Vec::with_capacity(subs_n),
+            lossless: Vec::with_capacity(subs_n),
+            parkers: Vec::with_capacity(subs_n),
+            free,
+            table_gen: u64::MAX,
+            closed: false,
+            cap_mask: u64::from(g.queue_capacity) - 1,
+        };
+        this.stream.header().publisher.loaned.store(0, Relaxed);
+        this.sync_table();
+        Ok(this)
+    }
+
+    /// The memory this publisher works on.
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// Sequence number the next frame will get.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.published
+    }
+
+    /// Number of subscribers frames currently go to.
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Picks up changes the owner made to the subscriber table: one
+    /// `Acquire` load per call while nothing changed.
+    #[inline]
+    fn sync_table(&mut self) {
+        // Acquire pairs with the owner's Release increment of `table_gen`
+        // (owner.rs `bump_table`): the records it changed are visible.
+        let gen_now = self.stream.header().control.table_gen.load(Acquire);
+        if gen_now != self.table_gen {
+            self.sync_table_slow(gen_now);
+        }
+    }
+
+    #[cold]
+    fn sync_table_slow(&mut self, gen_now: u64) {
+        self.table_gen = gen_now;
+        self.closed = self.stream.header().control.state.load(Acquire) == STREAM_CLOSED;
+        self.active.clear();
+        self.lossless.clear();
+        self.parkers.clear();
+        let cap = self.cap_mask as u32 + 1;
+        for s in 0..self.subs.len() {
+            let cfg = &self.stream.record(s).config;
+            let state = cfg.state.load(Acquire);
+            let generation = cfg.generation.load(Relaxed);
+            match state {
+                SUB_ACTIVE => {
+                    let st = &mut self.subs[s];
+                    if !st.active || st.generation != generation {
+                        // A new subscriber: the owner reset its ring,
+                        // counters and channel while the index was free.
+                        let counters = &self.stream.record(s).counters;
+                        *st = SubState {
+                            active: true,
+                            generation,
+                            held: st.held,
+                            pushed: counters.pushed.load(Relaxed),
+                            ret_head: self.channels[s].header().ret_head.load(Relaxed),
+                            ..SubState::default()
+                        };
+                    }
+                    st.policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
+                    st.credits = cfg.credits.load(Relaxed).min(cap);
+                    st.parks = cfg.parks.load(Relaxed) != 0;
+                    self.active.push(s);
+                    if st.policy == OverflowPolicy::Lossless {
+                        self.lossless.push(s);
+                    }
+                    if st.parks {
+                        self.parkers.push(s);
+                    }
+                }
+                SUB_DETACHING => {
+                    let free = &mut self.free;
+                    clear_subscriber_bits(&self.stream, s, |slot| free.push(slot));
+                    self.subs[s] = SubState::default();
+                    // Release pairs with the owner's Acquire load of the
+                    // state before it reuses the index.
+                    let _ = cfg.state.compare_exchange(SUB_DETACHING, SUB_FREE, Release, Relaxed);
+                }
+                _ => self.subs[s].active = false,
+            }
+        }
+    }
+
+    /// Takes a free slot.
+    pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
+        self.sync_table();
+        if self.closed {
+            return Err(LoanError::Closed);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => self.loan_slow()?,
+        };
+        self.stream.header().publisher.loaned.store(1, Relaxed);
+        Ok(slot)
+    }
+
+    #[cold]
+    fn loan_slow(&mut self) -> Result<u32, LoanError> {
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            self.drain(s);
+        }
+        self.free.pop().ok_or(LoanError::PoolExhausted)
+    }
+
+    /// Gives a loaned slot back unsent.
+    pub(crate) fn abandon(&mut self, slot: u32) {
+        self.free.push(slot);
+        self.stream.header().publisher.loaned.store(0, Relaxed);
+    }
+
+    /// Sends the loaned `slot` holding `len` bytes to every subscriber.
+    /// On refusal the slot stays loaned.
+    pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
+        self.sync_table();
+        if self.closed {
+            return Err(CommitRefusal::Closed);
+        }
+        for i in 0..self.lossless.len() {
+            let s = self.lossless[i];
+            if !self.has_room(s) {
+                return Err(CommitRefusal::WouldBlock { subscriber: s as u32 });
+            }
+        }
+        Ok(self.deliver(slot, len, timestamp_ns))
+    }
+
+    fn deliver(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> SendInfo {
+        let seq = self.published;
+        let p = &self.stream.header().publisher;
+        p.inflight_seq.store(seq, Relaxed);
+        p.inflight_slot.store(slot, Relaxed);
+        let (mut delivered, mut dropped) = (0u32, 0u32);
+        let mut wake = false;
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            let room = self.has_room(s)
+                || (self.subs[s].policy == OverflowPolicy::KeepLatest && self.evict_oldest(s));
+            if room {
+                self.push(s, slot, len, seq, timestamp_ns);
+                delivered += 1;
+                wake |= self.subs[s].parks;
+            } else {
+                let st = &mut self.subs[s];
+                st.dropped += 1;
+                self.stream.record(s).counters.dropped.store(st.dropped, Relaxed);
+                dropped += 1;
+            }
+        }
+        if delivered == 0 {
+            self.free.push(slot);
+        }
+        self.published = seq + 1;
+        self.bytes += u64::from(len);
+        let p = &self.stream.header().publisher;
+        p.published.store(self.published, Relaxed);
+        p.bytes.store(self.bytes, Relaxed);
+        p.loaned.store(0, Relaxed);
+        p.inflight_slot.store(NO_SLOT, Relaxed);
+        if wake {
+            wait::fence_before_wake();
+            for &s in &self.parkers {
+                wait::wake_if_waiting(&self.channels[s].header().waiting);
+            }
+        }
+        SendInfo { seq, delivered, dropped }
+    }
+
+    /// Queues `slot` for subscriber `s` (which has credit).
+    #[inline]
+    fn push(&mut self, s: usize, slot: u32, len: u32, seq: u64, timestamp_ns: u64) {
+        let st = &mut self.subs[s];
+        let pos = st.pushed;
+        let word = &self.stream.mask(slot)[s / 64];
+        // Only the writer changes masks: no read-modify-write instruction needed.
+        word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+        let e: &Entry = &self.stream.ring(s)[(pos & self.cap_mask) as usize];
+        e.seq.store(seq, Relaxed);
+        e.timestamp_ns.store(timestamp_ns, Relaxed);
+        e.slot.store(slot, Relaxed);
+        e.len.store(len, Relaxed);
+        // Release pairs with the subscriber's Acquire load of `stamp` in
+        // `SubCore::try_take`: the fields above are visible with it.
+        e.stamp.store(pos + 1, Release);
+        st.pushed = pos + 1;
+        st.held += 1;
+        self.stream.record(s).counters.pushed.store(pos + 1, Relaxed);
+    }
+
+    /// Whether subscriber `s` may be given one more slot, reading its
+    /// return ring first if it looks full.
+    #[inline]
+    fn has_room(&mut self, s: usize) -> bool {
+        let st = &self.subs[s];
+        st.held < st.credits || {
+            self.drain(s);
+            let st = &self.subs[s];
+            st.held < st.credits
+        }
+    }
+
+    /// Reads subscriber `s`'s return ring.
+    fn drain(&mut self, s: usize) {
+        drain_returns(&self.stream, &self.channels[s], &mut self.subs[s], &mut self.free, s, self.cap_mask);
+    }
+
+    /// `KeepLatest`: drops the oldest frames still queued for `s` until it
+    /// has room (more than one if its credits were lowered); returns whether
+    /// it has room.
+    fn evict_oldest(&mut self, s: usize) -> bool {
+        for _ in 0..=self.cap_mask {
+            if !self.evict_one(s) {
+                // Nothing left to evict: the subscriber took it meanwhile,
+                // and may have returned slots since we last looked.
+                return self.has_room(s);
+            }
+            let st = &self.subs[s];
+            if st.held < st.credits {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drops the oldest frame queued for `s`; returns whether it did.
+    fn evict_one(&mut self, s: usize) -> bool {
+        let ch = self.channels[s].header();
+        // A subscriber racing us may win a few times; a hostile one that
+        // keeps moving its head only loses this frame.
+        for _ in 0..4 {
+            // Acquire pairs with the subscriber's AcqRel CAS on `head` in
+            // `SubCore::try_take`.
+            let head = ch.head.load(Acquire);
+            let st = &mut self.subs[s];
+            let queued = st.pushed.wrapping_sub(head);
+            if queued == 0 {
+                return false; // everything it holds is borrowed
+            }
+            if queued > self.cap_mask + 1 {
+                fault(&self.stream, st, s);
+                return false;
+            }
+            let slot = self.stream.ring(s)[(head & self.cap_mask) as usize].slot.load(Relaxed);
+            // AcqRel: winning this CAS means the subscriber never took the
+            // entry at `head`; it pairs with the subscriber's own CAS.
+            if ch.head.compare_exchange(head, head + 1, AcqRel, Relaxed).is_ok() {
+                st.evicted += 1;
+                st.dropped += 1;
+                let counters = &self.stream.record(s).counters;
+                counters.evicted.store(st.evicted, Relaxed);
+                counters.dropped.store(st.dropped, Relaxed);
+                let free = &mut self.free;
+                if !take_back(&self.stream, st, s, slot, |x| free.push(x)) {
+                    fault(&self.stream, st, s);
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Waits until lossless subscriber `s` has room, the subscriber table
+    /// changes or `deadline` passes; returns false on timeout.
+    pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
+        let Self { stream, channels, subs, free, table_gen, cap_mask, .. } = self;
+        let (stream, channel, st) = (&*stream, &channels[s], &mut subs[s]);
+        wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
+            if stream.header().control.table_gen.load(Acquire) != *table_gen {
+                return true; // detached or credits changed: let the caller retry
+            }
+            if st.held < st.credits {
+                return true;
+            }
+            drain_returns(stream, channel, st, free, s, *cap_mask);
+            st.held < st.credits
+        })
+    }
+}
+
+impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
+    fn drop(&mut self) {
+        // Finish any detach the owner asked for: only a writer may.
+        self.sync_table();
+        let ctl = &self.stream.header().control;
+        ctl.publisher_pid.store(0, Relaxed);
+        ctl.dirty.store(0, Relaxed);
+        // Release pairs with the next writer's Acquire CAS in `attach` or
+        // `owner::reclaim_detached`.
+        ctl.writer.store(WRITER_NONE, Release);
+    }
+}
+
+/// Reads subscriber `s`'s return ring into the free list.
+fn drain_returns<S: StreamMem, C: ChannelMem>(
+    stream: &S,
+    channel: &C,
+    st: &mut SubState,
+    free: &mut Vec<u32>,
+    s: usize,
+    cap_mask: u64,
+) {
+    let ch = channel.header();
+    // Acquire pairs with the subscriber's Release store of `tail` in
+    // `SubCore::release`: the slot numbers before it are visible.
+    let tail = ch.tail.load(Acquire);
+    let n = tail.wrapping_sub(st.ret_head);
+    if n == 0 {
+        return;
+    }
+    if n > cap_mask + 1 {
+        // The subscriber scribbled over its tail: skip what it claims.
+        fault(stream, st, s);
+    } else {
+        let ring = channel.returns();
+        for pos in st.ret_head..tail {
+            let slot = ring[(pos & cap_mask) as usize].load(Relaxed);
+            if !take_back(stream, st, s, slot, |x| free.push(x)) {
+                fault(stream, st, s);
+            }
+        }
+    }
+    st.ret_head = tail;
+    // Release pairs with the subscriber's Acquire load of `ret_head` when
+    // its return ring looks full.
+    ch.ret_head.store(tail, Release);
+}
+
+/// Clears subscriber `s`'s bit on `slot`, calling `on_free` if no one else
+/// holds the slot. Returns false (changing nothing) if `slot` is out of
+/// range or `s` does not hold it.
+#[inline]
+fn take_back<S: StreamMem>(stream: &S, st: &mut SubState, s: usize, slot: u32, on_free: impl FnOnce(u32)) -> bool {
+    if slot >= stream.layout().geometry.slot_count {
+        return false;
+    }
+    let mask = stream.mask(slot);
+    let (w, bit) = (s / 64, 1u64 << (s % 64));
+    let word = mask[w].load(Relaxed);
+    if word & bit == 0 {
+        return false;
+    }
+    mask[w].store(word & !bit, Relaxed);
+    st.held -= 1;
+    if word == bit && mask.iter().all(|m| m.load(Relaxed) == 0) {
+        on_free(slot);
+    }
+    true
+}
+
+#[cold]
+fn fault<S: StreamMem>(stream: &S, st: &mut SubState, s: usize) {
+    st.faults += 1;
+    stream.record(s).counters.faults.store(st.faults, Relaxed);
+}
+
+/// Clears subscriber `s`'s bit from every slot, calling `on_free` for each
+/// slot no one holds any more; returns the number of bits cleared. Only the
+/// writer may call it.
+pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_free: impl FnMut(u32)) -> u32 {
+    let (w, bit) = (s / 64, 1u64 << (s % 64));
+    let mut cleared = 0;
+    for slot in 0..stream.layout().geometry.slot_count {
+        let mask = stream.mask(slot);
+        let word = mask[w].load(Relaxed);
+        if word & bit != 0 {
+            mask[w].store(word & !bit, Relaxed);
+            cleared += 1;
+            if mask.iter().all(|m| m.load(Relaxed) == 0) {
+                on_free(slot);
+            }
+        }
+    }
+    cleared
+}
+
+/// Undoes a delivery cut short by the death of the previous writer. Only
+/// the writer may call it, before relying on masks or rings.
+///
+/// The dead publisher may have set subscribers' bits on the in-flight slot
+/// without publishing the ring entry: those bits would never be returned.
+/// A subscriber whose last entry (or the one after it, stamped but not yet
+/// counted) carries the in-flight slot and sequence number got the frame;
+/// for every other the bit is cleared.
+pub(crate) fn recover<S: StreamMem>(stream: &S) {
+    let g = stream.layout().geometry;
+    let cap_mask = u64::from(g.queue_capacity) - 1;
+    let p = &stream.header().publisher;
+    let slot = p.inflight_slot.load(Relaxed);
+    let seq = p.inflight_seq.load(Relaxed);
+    if slot < g.slot_count {
+        let mut delivered_any = false;
+        for s in 0..g.max_subscribers as usize {
+            let (w, bit) = (s / 64, 1u64 << (s % 64));
+            let word = stream.mask(slot)[w].load(Relaxed);
+            if word & bit == 0 {
+                continue;
+            }
+            let counters = &stream.record(s).counters;
+            let pushed = counters.pushed.load(Relaxed);
+            let ring = stream.ring(s);
+            let carries = |pos: u64| {
+                let e = &ring[(pos & cap_mask) as usize];
+                e.stamp.load(Relaxed) == pos + 1 && e.slot.load(Relaxed) == slot && e.seq.load(Relaxed) == seq
+            };
+            if carries(pushed) {
+                counters.pushed.store(pushed + 1, Relaxed);
+                delivered_any = true;
+            } else if pushed > 0 && carries(pushed - 1) {
+                delivered_any = true;
+            } else {
+                stream.mask(slot)[w].store(word & !bit, Relaxed);
+            }
+        }
+        if delivered_any && p.published.load(Relaxed) == seq {
+            p.published.store(seq + 1, Relaxed);
+        }
+        tracing::debug!(slot, seq, delivered_any, "recovered an interrupted delivery");
+    }
+    p.inflight_slot.store(NO_SLOT, Relaxed);
+    p.loaned.store(0, Relaxed);
+}
+
+#[cfg(not(loom))]
+pub use api::{OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
+
+#[cfg(not(loom))]
+mod api {
+    use std::os::fd::BorrowedFd;
+    use std::time::{Duration, Instant};
+
+    use super::{AttachRefusal, CommitRefusal, LoanError, PubCore, SendInfo};
+    use crate::platform;
+    use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
+    use crate::shm::wait::Backoff;
+
+    /// How long a blocked `send_timeout` polls before sleeping.
+    const PUBLISHER_SPIN: Duration = Duration::from_micros(20);
+
+    /// Why a publisher could not be opened.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum OpenPublisherError {
+        /// A segment file could not be mapped or is invalid.
+        #[error(transparent)]
+        Map(#[from] MapError),
+        /// The data file descriptor is read-only.
+        #[error("the stream's data file was passed read-only; a publisher needs it read-write")]
+        ReadOnly,
+        /// Not one channel file per subscriber index.
+        #[error("expected {expected} channel files, got {got}")]
+        ChannelCount {
+            /// The stream's subscriber capacity.
+            expected: usize,
+            /// Files passed.
+            got: usize,
+        },
+        /// Another publisher is attached: a stream has one at a time.
+        #[error("stream already has a publisher (pid {pid})")]
+        PublisherExists {
+            /// Its process id.
+            pid: u32,
+        },
+        /// The owner kept the stream busy reclaiming slots for too long.
+        #[error("stream is busy with reclamation; try again")]
+        Busy,
+        /// The owner closed the stream.
+        #[error("the stream is closed")]
+        Closed,
+    }
+
+    /// Why a frame was not sent.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum SendError {
+        /// A lossless subscriber has no credit left: nothing was sent to
+        /// anyone. Retry later, or use `send_timeout`.
+        #[error("lossless subscriber #{subscriber} has no room")]
+        WouldBlock {
+            /// Index of the subscriber that blocked.
+            subscriber: u32,
+        },
+        /// `send_timeout` waited its whole timeout for a lossless subscriber.
+        #[error("timed out waiting for a lossless subscriber to make room")]
+        Timeout,
+        /// The payload does not fit in a slot.
+        #[error("frame of {len} bytes does not fit the {slot_size}-byte slots")]
+        TooLarge {
+            /// Bytes offered.
+            len: usize,
+            /// The stream's slot size.
+            slot_size: usize,
+        },
+        /// No slot could be loaned.
+        #[error(transparent)]
+        Loan(#[from] LoanError),
+        /// The owner closed the stream.
+        #[error("the stream is closed")]
+        Closed,
+    }
+
+    /// A frame that could not be sent, handed back with the reason.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{error}")]
+    pub struct Unsent<'p> {
+        /// Why it was not sent.
+        pub error: SendError,
+        /// The frame, still loaned: send it again later or drop it.
+        pub sample: SampleMut<'p>,
+    }
+
+    /// The publishing end of a stream. One per stream at a time.
+    ///
+    /// `Send` but not `Sync`: move it to the thread that publishes.
+    #[derive(Debug)]
+    pub struct Publisher {
+        core: PubCore<StreamMap, ChannelMap>,
+    }
+
+    impl Publisher {
+        /// Attaches as the publisher of the stream whose data file (opened
+        /// read-write) and channel files (one per subscriber index, in
+        /// order) are given.
+        ///
+        /// # Errors
+        /// [`OpenPublisherError`] if the files are not a valid stream, the
+        /// data file is read-only, another publisher is attached or the
+        /// stream is closed.
+        pub fn open(data: BorrowedFd<'_>, channels: &[BorrowedFd<'_>]) -> Result<Self, OpenPublisherError> {
+            if !platform::is_writable(data).map_err(MapError::Io)? {
+                return Err(OpenPublisherError::ReadOnly);
+            }
+            let stream = StreamMap::open(data, true)?;
+            let g = stream.layout().geometry;
+            if channels.len() != g.max_subscribers as usize {
+                return Err(OpenPublisherError::ChannelCount {
+                    expected: g.max_subscribers as usize,
+                    got: channels.len(),
+                });
+            }
+            let maps = channels
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| ChannelMap::open(*fd, i as u32, g.queue_capacity, stream.flags()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let core = PubCore::attach(stream, maps, platform::current_pid()).map_err(|r| match r {
+                AttachRefusal::Closed => OpenPublisherError::Closed,
+                AttachRefusal::Busy => OpenPublisherError::Busy,
+                AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
+            })?;
+            Ok(Self { core })
+        }
+
+        /// Bytes per slot: the largest frame.
+        pub fn slot_size(&self) -> usize {
+            self.core.stream().layout().geometry.slot_size as usize
+        }
+
+        /// Sequence number the next frame will get.
+        pub fn next_seq(&self) -> u64 {
+            self.core.next_seq()
+        }
+
+        /// Number of subscribers currently attached (as of the last loan or send).
+        pub fn subscriber_count(&self) -> usize {
+            self.core.subscriber_count()
+        }
+
+        /// Loans a slot to write a frame in place; send it with
+        /// [`SampleMut::send`]. Dropping the sample unsent frees the slot.
+        ///
+        /// # Errors
+        /// [`LoanError::Closed`], or [`LoanError::PoolExhausted`] if
+        /// subscribers hold more than their credits.
+        ///
+        /// # Examples
+        /// ```no_run
+        /// # fn demo(publisher: &mut memsock_proto::shm::Publisher) -> Result<(), Box<dyn std::error::Error + '_>> {
+        /// let mut sample = publisher.loan()?;
+        /// sample.as_mut_slice()[..5].copy_from_slice(b"hello");
+        /// sample.set_len(5);
+        /// sample.send()?;
+        /// # Ok(()) }
+        /// ```
+        #[inline]
+        pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
+            let slot = self.core.loan()?;
+            let ptr = self.core.stream().slot_ptr(slot);
+            Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
+        }
+
+        /// Copies `payload` into a slot and sends it.
+        ///
+        /// # Errors
+        /// [`SendError::TooLarge`], a loan error, [`SendError::WouldBlock`]
+        /// if a lossless subscriber is full, or [`SendError::Closed`].
+        #[inline]
+        pub fn send(&mut self, payload: &[u8]) -> Result<SendInfo, SendError> {
+            self.copy_in(payload)?.send().map_err(|u| u.error)
+        }
+
+        /// Like [`send`](Self::send), but waits up to `timeout` for full
+        /// lossless subscribers.
+        ///
+        /// # Errors
+        /// As [`send`](Self::send), with [`SendError::Timeout`] instead of
+        /// `WouldBlock`.
+        pub fn send_timeout(&mut self, payload: &[u8], timeout: Duration) -> Result<SendInfo, SendError> {
+            self.copy_in(payload)?.send_timeout(timeout).map_err(|u| u.error)
+        }
+
+        fn copy_in(&mut self, payload: &[u8]) -> Result<SampleMut<'_>, SendError> {
+            let slot_size = self.slot_size();
+            if payload.len() > slot_size {
+                return Err(SendError::TooLarge { len: payload.len(), slot_size });
+            }
+            let mut sample = self.loan().map_err(|e| match e {
+                LoanError::Closed => SendError::Closed,
+                e => SendError::Loan(e),
+            })?;
+            sample.as_mut_slice()[..payload.len()].copy_from_slice(payload);
+            sample.len = payload.len() as u32;
+            Ok(sample)
+        }
+    }
+
+    /// A loaned slot being written by the publisher.
+    ///
+    /// Derefs to the payload written so far (`len` bytes); write through
+    /// [`as_mut_slice`](Self::as_mut_slice) and [`set_len`](Self::set_len).
+    #[derive(Debug)]
+    pub struct SampleMut<'p> {
+        publisher: &'p mut Publisher,
+        slot: u32,
+        ptr: *mut u8,
+        len: u32,
+    }
+
+    impl<'p> SampleMut<'p> {
+        /// The whole slot, to write the frame into.
+        #[inline]
+        pub fn as_mut_slice(&mut self) -> &mut [u8] {
+            // SAFETY: `ptr` is the start of a loaned slot of `capacity()`
+            // bytes (StreamMap::slot_ptr). While loaned the slot is in no
+            // subscriber's queue, subscribers map the pool read-only, and
+            // the `&mut self` borrow makes this the only reference.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.capacity()) }
+        }
+
+        /// Sets the frame length.
+        ///
+        /// # Panics
+        /// If `len` exceeds [`capacity`](Self::capacity).
+        #[inline]
+        pub fn set_len(&mut self, len: usize) {
+            assert!(len <= self.capacity(), "frame length {len} exceeds the slot size {}", self.capacity());
+            self.len = len as u32;
+        }
+
+        /// Bytes in a slot.
+        #[inline]
+        pub fn capacity(&self) -> usize {
+            self.publisher.slot_size()
+        }
+
+        /// Sends the frame to every subscriber.
+        ///
+        /// # Errors
+        /// [`SendError::WouldBlock`] if a lossless subscriber is full, or
+        /// [`SendError::Closed`]; the sample comes back in [`Unsent`].
+        #[inline]
+        pub fn send(self) -> Result<SendInfo, Unsent<'p>> {
+            let ts = platform::now_ns();
+            match self.publisher.core.commit(self.slot, self.len, ts) {
+                Ok(info) => {
+                    std::mem::forget(self);
+                    Ok(info)
+                }
+                Err(refusal) => Err(self.unsent(refusal)),
+            }
+        }
+
+        /// Sends the frame, waiting up to `timeout` for full lossless
+        /// subscribers.
+        ///
+        /// # Errors
+        /// [`SendError::Timeout`] or [`SendError::Closed`], with the sample.
+        pub fn send_timeout(self, timeout: Duration) -> Result<SendInfo, Unsent<'p>> {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let ts = platform::now_ns();
+                match self.publisher.core.commit(self.slot, self.len, ts) {
+                    Ok(info) => {
+                        std::mem::forget(self);
+                        return Ok(info);
+                    }
+                    Err(CommitRefusal::WouldBlock { subscriber }) => {
+                        let backoff = Backoff { spin: PUBLISHER_SPIN, park: true };
+                        if !self.publisher.core.wait_for_room(subscriber as usize, backoff, Some(deadline)) {
+                            return Err(Unsent { error: SendError::Timeout, sample: self });
+                        }
+                    }
+                    Err(refusal) => return Err(self.unsent(refusal)),
+                }
+            }
+        }
+
+        fn unsent(self, refusal: CommitRefusal) -> Unsent<'p> {
+            let error = match refusal {
+                CommitRefusal::WouldBlock { subscriber } => SendError::WouldBlock { subscriber },
+                CommitRefusal::Closed => SendError::Closed,
+            };
+            Unsent { error, sample: self }
+        }
+    }
+
+    impl std::ops::Deref for SampleMut<'_> {
+        type Target = [u8];
+        #[inline]
+        fn deref(&self) -> &[u8] {
+            // SAFETY: as in `as_mut_slice`; `len <= capacity()`.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+        }
+    }
+
+    impl Drop for SampleMut<'_> {
+        fn drop(&mut self) {
+            self.publisher.core.abandon(self.slot);
+        }
+    }
+
+    // SAFETY: the raw pointer is into the publisher's mapping, which the
+    // `&mut Publisher` keeps alive; the sample may move with it.
+    unsafe impl Send for SampleMut<'_> {}
+}

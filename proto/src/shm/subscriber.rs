@@ -1,0 +1,585 @@
+//! The subscriber side: taking frames from the delivery ring, handing slots
+//! back through the return ring, waiting, and the checks that keep a bad
+//! peer from causing more than an error.
+//!
+//! # Algorithm
+//!
+//! The subscriber polls the ring entry at its `head`: the entry is ready
+//! when its `stamp` equals `head + 1` (the publisher stores it last, with
+//! `Release`). It reads the entry, then advances `head` — with a plain
+//! `Release` store, or for `KeepLatest` with a compare-and-swap, because the
+//! publisher may be evicting that very entry; losing the CAS means the entry
+//! was evicted and the subscriber retries at the new head. Polling the entry
+//! rather than a separate tail index costs one cache miss per frame instead
+//! of two.
+//!
+//! The entry cannot be overwritten while it is being read: the publisher
+//! reuses ring position `p` for `p + capacity` only after the subscriber has
+//! returned a slot taken at or after `p` (held ≤ credits ≤ capacity), or,
+//! under `KeepLatest`, after winning the CAS on `head`, which the reader then
+//! loses.
+//!
+//! Everything read from shared memory — slot numbers, lengths, stamps — is
+//! checked before use, so a faulty publisher yields [`TryRecvError::Corrupt`],
+//! never an out-of-bounds access.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use super::layout::{OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE};
+use super::mem::{ChannelMem, StreamMem};
+use super::wait::{self, Backoff};
+use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// A frame taken from the ring: where it is and what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// Pool slot holding the payload.
+    pub slot: u32,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// Stream sequence number.
+    pub seq: u64,
+    /// Publish time, nanoseconds on the monotonic clock.
+    pub timestamp_ns: u64,
+}
+
+/// Why [`try_recv`](crate::shm::Subscriber::try_recv) returned no frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryRecvError {
+    /// Nothing is queued.
+    #[error("no frame is queued")]
+    Empty,
+    /// The subscriber already holds as many samples as it has credits.
+    #[error("holding {held} samples with {credits} credits: release one before receiving more")]
+    CreditsExhausted {
+        /// Samples currently borrowed.
+        held: u32,
+        /// The subscriber's credits.
+        credits: u32,
+    },
+    /// The owner detached this subscriber; its queued frames are gone.
+    #[error("the subscriber was detached from the stream")]
+    Detached,
+    /// The owner closed the stream and every queued frame has been received.
+    #[error("the stream is closed")]
+    Closed,
+    /// The shared memory holds something the protocol does not allow.
+    #[error("corrupt stream: {0}")]
+    Corrupt(&'static str),
+}
+
+/// Why a blocking receive returned no frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// `recv_timeout` waited its whole timeout.
+    #[error("timed out waiting for a frame")]
+    Timeout,
+    /// The subscriber already holds as many samples as it has credits.
+    #[error("holding {held} samples with {credits} credits: release one before receiving more")]
+    CreditsExhausted {
+        /// Samples currently borrowed.
+        held: u32,
+        /// The subscriber's credits.
+        credits: u32,
+    },
+    /// The owner detached this subscriber.
+    #[error("the subscriber was detached from the stream")]
+    Detached,
+    /// The owner closed the stream and every queued frame has been received.
+    #[error("the stream is closed")]
+    Closed,
+    /// The shared memory holds something the protocol does not allow.
+    #[error("corrupt stream: {0}")]
+    Corrupt(&'static str),
+}
+
+impl From<TryRecvError> for RecvError {
+    fn from(e: TryRecvError) -> Self {
+        match e {
+            TryRecvError::Empty => RecvError::Timeout,
+            TryRecvError::CreditsExhausted { held, credits } => RecvError::CreditsExhausted { held, credits },
+            TryRecvError::Detached => RecvError::Detached,
+            TryRecvError::Closed => RecvError::Closed,
+            TryRecvError::Corrupt(what) => RecvError::Corrupt(what),
+        }
+    }
+}
+
+/// The subscriber algorithm over any memory implementing the layout.
+///
+/// Not `Sync`: one thread receives (samples may be released from the
+/// same thread only; interior mutability through `Cell`).
+#[derive(Debug)]
+pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
+    stream: S,
+    channel: C,
+    index: usize,
+    generation: u64,
+    policy: OverflowPolicy,
+    backoff: Backoff,
+    cap_mask: u64,
+    /// Next position to take (own copy; `KeepLatest` reads the shared one).
+    head: Cell<u64>,
+    /// Next return-ring position to write, and the last publisher
+    /// `ret_head` seen.
+    ret_tail: Cell<u64>,
+    ret_head_seen: Cell<u64>,
+    /// Samples currently borrowed.
+    borrowed: Cell<u32>,
+    /// Protocol violations this side has seen.
+    faults: Cell<u64>,
+}
+
+/// Why the core could not attach as a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubAttachRefusal {
+    /// The index is not active, or active for another generation.
+    NotAttached,
+}
+
+impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
+    /// Attaches to subscriber index `index` of generation `generation`,
+    /// which the owner set up.
+    pub(crate) fn attach(
+        stream: S,
+        channel: C,
+        index: usize,
+        generation: u64,
+        backoff: Backoff,
+    ) -> Result<Self, SubAttachRefusal> {
+        let g = stream.layout().geometry;
+        if index >= g.max_subscribers as usize {
+            return Err(SubAttachRefusal::NotAttached);
+        }
+        let cfg = &stream.record(index).config;
+        // Acquire pairs with the owner's Release store of SUB_ACTIVE.
+        if cfg.state.load(Acquire) != SUB_ACTIVE || cfg.generation.load(Relaxed) != generation {
+            return Err(SubAttachRefusal::NotAttached);
+        }
+        let policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
+        let ch = channel.header();
+        let this = Self {
+            index,
+            generation,
+            policy,
+            backoff,
+            cap_mask: u64::from(g.queue_capacity) - 1,
+            head: Cell::new(ch.head.load(Acquire)),
+            ret_tail: Cell::new(ch.tail.load(Relaxed)),
+            ret_head_seen: Cell::new(ch.ret_head.load(Acquire)),
+            borrowed: Cell::new(0),
+            faults: Cell::new(0),
+            stream,
+            channel,
+        };
+        Ok(this)
+    }
+
+    /// The stream memory.
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// This subscriber's index in the stream.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// This subscriber's overflow policy.
+    pub(crate) fn policy(&self) -> OverflowPolicy {
+        self.policy
+    }
+
+    /// Samples currently borrowed.
+    pub(crate) fn borrowed(&self) -> u32 {
+        self.borrowed.get()
+    }
+
+    /// The subscriber's current credits.
+    pub(crate) fn credits(&self) -> u32 {
+        self.stream.record(self.index).config.credits.load(Relaxed)
+    }
+
+    /// Protocol violations this side has seen.
+    pub(crate) fn faults(&self) -> u64 {
+        self.faults.get()
+    }
+
+    /// Whether the owner still has this subscriber attached.
+    #[inline]
+    fn attached(&self) -> bool {
+        let cfg = &self.stream.record(self.index).config;
+        // Acquire pairs with the owner's Release store of the state.
+        cfg.state.load(Acquire) == SUB_ACTIVE && cfg.generation.load(Relaxed) == self.generation
+    }
+
+    /// Where the next frame will be: the shared head under `KeepLatest`,
+    /// which the publisher may move, else our own copy.
+    #[inline]
+    fn current_head(&self) -> u64 {
+        if self.policy == OverflowPolicy::KeepLatest {
+            // Acquire pairs with the publisher's AcqRel CAS in `evict_oldest`.
+            self.channel.header().head.load(Acquire)
+        } else {
+            self.head.get()
+        }
+    }
+
+    /// Whether a frame is ready to take (for waiting).
+    #[inline]
+    fn ready(&self) -> bool {
+        let head = self.current_head();
+        let e = &self.stream.ring(self.index)[(head & self.cap_mask) as usize];
+        // Acquire pairs with the publisher's Release store of `stamp` in
+        // `push`. A stamp at or past `head + 1` is a frame (or, under
+        // KeepLatest, an eviction to catch up with); older ones are stale.
+        let ahead = e.stamp.load(Acquire).wrapping_sub(head + 1) as i64;
+        ahead >= 0 || !self.attached()
+    }
+
+    /// Takes the next frame, if one is queued.
+    #[inline]
+    pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
+        if !self.attached() {
+            return Err(TryRecvError::Detached);
+        }
+        let credits = self.credits();
+        if self.borrowed.get() >= credits {
+            return Err(TryRecvError::CreditsExhausted { held: self.borrowed.get(), credits });
+        }
+        let ring = self.stream.ring(self.index);
+        let ch = self.channel.header();
+        let mut head = self.current_head();
+        // Under KeepLatest every retry means the publisher evicted an entry;
+        // bound the loop so a hostile head cannot spin us forever.
+        for _ in 0..=self.cap_mask + 64 {
+            let e = &ring[(head & self.cap_mask) as usize];
+            // Acquire pairs with the publisher's Release store of `stamp` in
+            // `push`: the entry's fields are complete.
+            let stamp = e.stamp.load(Acquire);
+            if stamp != head + 1 {
+                let ahead = stamp.wrapping_sub(head + 1) as i64;
+                if ahead > 0 && self.policy == OverflowPolicy::KeepLatest {
+                    // Overwritten after an eviction: find the new head.
+                    head = ch.head.load(Acquire);
+                    continue;
+                }
+                if ahead > 0 {
+                    return Err(self.corrupt("the publisher overran the queue"));
+                }
+                match self.empty() {
+                    // Closing synchronised us with everything published
+                    // before it: the entry may be ready after all.
+                    TryRecvError::Closed if e.stamp.load(Acquire).wrapping_sub(head + 1) as i64 >= 0 => continue,
+                    err => return Err(err),
+                }
+            }
+            let info = FrameInfo {
+                slot: e.slot.load(Relaxed),
+                len: e.len.load(Relaxed),
+                seq: e.seq.load(Relaxed),
+                timestamp_ns: e.timestamp_ns.load(Relaxed),
+            };
+            if self.policy == OverflowPolicy::KeepLatest {
+                // AcqRel pairs with the publisher's CAS in `evict_oldest`:
+                // whoever moves `head` past this entry owns it. Losing means
+                // it was evicted (and the fields above may be torn).
+                if let Err(now) = ch.head.compare_exchange(head, head + 1, AcqRel, Acquire) {
+                    head = now;
+                    continue;
+                }
+            } else {
+                // Release pairs with the publisher's and owner's Acquire
+                // loads of `head` (statistics, eviction).
+                ch.head.store(head + 1, Release);
+            }
+            self.head.set(head + 1);
+            let g = self.stream.layout().geometry;
+            if info.slot >= g.slot_count {
+                return Err(self.corrupt("slot number out of range"));
+            }
+            self.borrowed.set(self.borrowed.get() + 1);
+            if info.len > g.slot_size {
+                self.release(info.slot);
+                return Err(self.corrupt("frame length exceeds the slot size"));
+            }
+            return Ok(info);
+        }
+        Err(TryRecvError::Empty)
+    }
+
+    #[cold]
+    fn empty(&self) -> TryRecvError {
+        if !self.attached() {
+            TryRecvError::Detached
+        } else if self.stream.header().control.state.load(Acquire) == STREAM_CLOSED {
+            // Acquire pairs with the owner's Release store in `close`: frames
+            // published before it are visible from here on (the caller
+            // re-checks the entry before reporting `Closed`).
+            TryRecvError::Closed
+        } else {
+            TryRecvError::Empty
+        }
+    }
+
+    #[cold]
+    fn corrupt(&self, what: &'static str) -> TryRecvError {
+        self.faults.set(self.faults.get() + 1);
+        TryRecvError::Corrupt(what)
+    }
+
+    /// Waits for the next frame until `deadline` (forever if `None`).
+    pub(crate) fn take(&self, deadline: Option<Instant>) -> Result<FrameInfo, RecvError> {
+        loop {
+            match self.try_take() {
+                Err(TryRecvError::Empty) => {}
+                other => return other.map_err(RecvError::from),
+            }
+            let word = &self.channel.header().waiting;
+            let closed = || self.stream.header().control.state.load(Acquire) == STREAM_CLOSED;
+            if !wait::wait_until(word, self.backoff, deadline, || self.ready() || closed()) {
+                return Err(RecvError::Timeout);
+            }
+        }
+    }
+
+    /// Hands `slot` back to the publisher.
+    #[inline]
+    pub(crate) fn release(&self, slot: u32) {
+        self.borrowed.set(self.borrowed.get() - 1);
+        if !self.attached() {
+            // The owner reclaimed everything we held; the channel may belong
+            // to somebody else soon.
+            return;
+        }
+        let ch = self.channel.header();
+        let tail = self.ret_tail.get();
+        if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
+            // Acquire pairs with the publisher's Release store of
+            // `ret_head` in `drain_returns`.
+            self.ret_head_seen.set(ch.ret_head.load(Acquire));
+            if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
+                // Cannot happen while we hold at most `credits` slots: the
+                // publisher reads the ring before giving us more.
+                self.faults.set(self.faults.get() + 1);
+                return;
+            }
+        }
+        self.channel.returns()[(tail & self.cap_mask) as usize].store(slot, Relaxed);
+        // Release pairs with the publisher's Acquire load of `tail` in
+        // `drain_returns`: the slot number is visible with it.
+        ch.tail.store(tail + 1, Release);
+        self.ret_tail.set(tail + 1);
+        if self.policy == OverflowPolicy::Lossless {
+            // A publisher may be asleep waiting for this very slot.
+            wait::fence_before_wake();
+            wait::wake_if_waiting(&ch.pub_waiting);
+        }
+    }
+}
+
+#[cfg(not(loom))]
+pub use api::{OpenSubscriberError, Sample, Subscriber};
+
+#[cfg(not(loom))]
+mod api {
+    use std::os::fd::BorrowedFd;
+    use std::time::{Duration, Instant};
+
+    use super::{FrameInfo, RecvError, SubAttachRefusal, SubCore, TryRecvError};
+    use crate::shm::layout::{OverflowPolicy, WaitStrategy};
+    use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
+    use crate::shm::owner::SubscriberTicket;
+    use crate::shm::wait::Backoff;
+
+    /// Why a subscriber could not be opened.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum OpenSubscriberError {
+        /// A segment file could not be mapped or is invalid.
+        #[error(transparent)]
+        Map(#[from] MapError),
+        /// The ticket does not match an attached subscriber of this stream.
+        #[error("subscriber #{index} (generation {generation}) is not attached to this stream")]
+        NotAttached {
+            /// Ticket index.
+            index: u32,
+            /// Ticket generation.
+            generation: u64,
+        },
+    }
+
+    /// The receiving end of a stream, created by the owner with
+    /// [`StreamSegment::add_subscriber`](crate::shm::StreamSegment::add_subscriber).
+    ///
+    /// `Send` but not `Sync`: samples are released on the thread that receives.
+    #[derive(Debug)]
+    pub struct Subscriber {
+        core: SubCore<StreamMap, ChannelMap>,
+        wait: WaitStrategy,
+    }
+
+    pub(crate) fn backoff(wait: WaitStrategy) -> Backoff {
+        match wait {
+            WaitStrategy::Spin => Backoff { spin: Duration::MAX, park: false },
+            WaitStrategy::SpinThenPark { spin_us } => {
+                Backoff { spin: Duration::from_micros(spin_us.into()), park: true }
+            }
+            WaitStrategy::Park => Backoff { spin: Duration::ZERO, park: true },
+        }
+    }
+
+    impl Subscriber {
+        /// Opens subscriber `ticket` from the stream's data file (read-only
+        /// is enough, and what a subscriber should be given) and the
+        /// subscriber's own channel file.
+        ///
+        /// # Errors
+        /// [`OpenSubscriberError`] if a file is invalid or the ticket is stale.
+        pub fn open(
+            data: BorrowedFd<'_>,
+            channel: BorrowedFd<'_>,
+            ticket: SubscriberTicket,
+        ) -> Result<Self, OpenSubscriberError> {
+            let stream = StreamMap::open(data, false)?;
+            let g = stream.layout().geometry;
+            let not_attached = OpenSubscriberError::NotAttached { index: ticket.index, generation: ticket.generation };
+            if ticket.index >= g.max_subscribers {
+                return Err(not_attached);
+            }
+            let channel = ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?;
+            let core = SubCore::attach(stream, channel, ticket.index as usize, ticket.generation, backoff(ticket.wait))
+                .map_err(|SubAttachRefusal::NotAttached| not_attached)?;
+            Ok(Self { core, wait: ticket.wait })
+        }
+
+        /// Takes the next frame if one is queued.
+        ///
+        /// # Errors
+        /// [`TryRecvError::Empty`] if none is, or another [`TryRecvError`].
+        #[inline]
+        pub fn try_recv(&self) -> Result<Sample<'_>, TryRecvError> {
+            self.core.try_take().map(|info| self.sample(info))
+        }
+
+        /// Waits for the next frame, as the subscriber's [`WaitStrategy`] says.
+        ///
+        /// # Errors
+        /// Any [`RecvError`] but `Timeout`.
+        ///
+        /// # Examples
+        /// ```no_run
+        /// # fn demo(subscriber: &memsock_proto::shm::Subscriber) -> Result<(), memsock_proto::shm::RecvError> {
+        /// let sample = subscriber.recv()?;
+        /// println!("frame {} of {} bytes", sample.seq(), sample.len());
+        /// # Ok(()) }
+        /// ```
+        #[inline]
+        pub fn recv(&self) -> Result<Sample<'_>, RecvError> {
+            self.core.take(None).map(|info| self.sample(info))
+        }
+
+        /// Waits up to `timeout` for the next frame.
+        ///
+        /// # Errors
+        /// [`RecvError::Timeout`], or another [`RecvError`].
+        #[inline]
+        pub fn recv_timeout(&self, timeout: Duration) -> Result<Sample<'_>, RecvError> {
+            self.core.take(Some(Instant::now() + timeout)).map(|info| self.sample(info))
+        }
+
+        #[inline]
+        fn sample(&self, info: FrameInfo) -> Sample<'_> {
+            Sample { subscriber: self, ptr: self.core.stream().slot_ptr(info.slot), info }
+        }
+
+        /// This subscriber's index in the stream.
+        pub fn index(&self) -> u32 {
+            self.core.index() as u32
+        }
+
+        /// The overflow policy the subscriber was created with.
+        pub fn policy(&self) -> OverflowPolicy {
+            self.core.policy()
+        }
+
+        /// How blocking receives wait.
+        pub fn wait_strategy(&self) -> WaitStrategy {
+            self.wait
+        }
+
+        /// Current credits: the most samples it may hold, queued plus borrowed.
+        pub fn credits(&self) -> u32 {
+            self.core.credits()
+        }
+
+        /// Samples currently borrowed.
+        pub fn borrowed(&self) -> u32 {
+            self.core.borrowed()
+        }
+
+        /// Protocol violations this subscriber has seen from its peers.
+        pub fn faults(&self) -> u64 {
+            self.core.faults()
+        }
+
+        /// Bytes per slot: the largest frame.
+        pub fn slot_size(&self) -> usize {
+            self.core.stream().layout().geometry.slot_size as usize
+        }
+    }
+
+    /// A received frame: derefs to its bytes, read in place in shared memory.
+    /// The slot goes back to the publisher when the sample is dropped.
+    #[derive(Debug)]
+    pub struct Sample<'s> {
+        subscriber: &'s Subscriber,
+        ptr: *const u8,
+        info: FrameInfo,
+    }
+
+    impl Sample<'_> {
+        /// Stream sequence number; a jump shows frames this subscriber lost.
+        #[inline]
+        pub fn seq(&self) -> u64 {
+            self.info.seq
+        }
+
+        /// When the frame was sent: nanoseconds on the monotonic clock
+        /// (`CLOCK_MONOTONIC`, comparable across processes).
+        #[inline]
+        pub fn timestamp_ns(&self) -> u64 {
+            self.info.timestamp_ns
+        }
+
+        /// Where and what the frame is.
+        #[inline]
+        pub fn info(&self) -> FrameInfo {
+            self.info
+        }
+    }
+
+    impl std::ops::Deref for Sample<'_> {
+        type Target = [u8];
+        #[inline]
+        fn deref(&self) -> &[u8] {
+            // SAFETY: `ptr` is the start of slot `info.slot` in the
+            // subscriber's read-only mapping (StreamMap::slot_ptr checked
+            // the index) and `info.len <= slot_size` was checked in
+            // `try_take`. The slot carries this subscriber's holder bit until
+            // the sample is dropped, so the publisher does not reuse it
+            // meanwhile.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
+        }
+    }
+
+    impl Drop for Sample<'_> {
+        #[inline]
+        fn drop(&mut self) {
+            self.subscriber.core.release(self.info.slot);
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! In-process tests of the data plane on real `memfd` segments, and a
+//! proptest of the algorithms against a simple model.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::layout::{Geometry, OverflowPolicy, WaitStrategy};
+use super::mem::heap::{HeapChannel, HeapStream};
+use super::mem::{ChannelMem, StreamMem};
+use super::owner::OwnerCore;
+use super::publisher::{CommitRefusal, PubCore};
+use super::subscriber::SubCore;
+use super::wait::Backoff;
+use super::*;
+use crate::primitive::Ordering::Relaxed;
+
+fn segment(slot_size: u32, slot_count: u32) -> StreamSegment {
+    StreamSegment::create("test", &StreamConfig::new(slot_size, slot_count)).unwrap()
+}
+
+fn opts(credits: u32, policy: OverflowPolicy) -> SubscriberOptions {
+    SubscriberOptions { credits, policy, wait: WaitStrategy::Park }
+}
+
+#[test]
+fn frame_round_trip_carries_bytes_seq_and_timestamp() {
+    let mut seg = segment(64, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let before = crate::platform::now_ns();
+    let info = publisher.send(b"hello").unwrap();
+    assert_eq!((info.seq, info.delivered, info.dropped), (0, 1, 0));
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice()[..3].copy_from_slice(b"abc");
+    sample.set_len(3);
+    assert_eq!(&*sample, b"abc");
+    sample.send().unwrap();
+
+    let a = sub.try_recv().unwrap();
+    assert_eq!((&*a, a.seq()), (&b"hello"[..], 0));
+    assert!(a.timestamp_ns() >= before && a.timestamp_ns() <= crate::platform::now_ns());
+    let b = sub.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!((&*b, b.seq()), (&b"abc"[..], 1));
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    assert_eq!(sub.recv_timeout(Duration::from_millis(5)).unwrap_err(), RecvError::Timeout);
+    assert!(matches!(publisher.send(&[0; 65]), Err(SendError::TooLarge { len: 65, slot_size: 64 })));
+}
+
+#[test]
+fn unwanted_frames_and_abandoned_loans_free_their_slot_at_once() {
+    let seg = segment(16, 2);
+    let mut publisher = seg.open_publisher().unwrap();
+    for _ in 0..10 {
+        let info = publisher.send(b"x").unwrap();
+        assert_eq!(info.delivered, 0);
+        drop(publisher.loan().unwrap());
+    }
+    assert_eq!(seg.stats().free_slots, 2);
+    assert_eq!(seg.stats().published, 10);
+}
+
+#[test]
+fn fan_out_reaches_every_subscriber_and_reuses_a_slot_only_after_all_release() {
+    let mut seg = StreamSegment::create("fan", &StreamConfig { max_subscribers: 40, ..StreamConfig::new(8, 41) }).unwrap();
+    let subs: Vec<_> = (0..40).map(|_| seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap()).collect();
+    let mut publisher = seg.open_publisher().unwrap();
+    assert_eq!(publisher.send(b"one").unwrap().delivered, 40);
+    let mut samples: Vec<_> = subs.iter().map(|s| s.try_recv().unwrap()).collect();
+    let slot = samples[0].info().slot;
+    assert!(samples.iter().all(|s| s.info().slot == slot && &**s == b"one"));
+    // Every subscriber but the last lets go: the slot stays held.
+    let last = samples.pop().unwrap();
+    drop(samples);
+    assert_eq!(subs[39].try_recv().unwrap_err(), TryRecvError::CreditsExhausted { held: 1, credits: 1 });
+    for i in 0..100u8 {
+        // 39 subscribers get these; the 40th has no credit and drops them.
+        let mut s = publisher.loan().unwrap();
+        s.as_mut_slice()[0] = i;
+        s.set_len(1);
+        assert_eq!(s.send().unwrap().dropped, 1);
+        for sub in &subs[..39] {
+            let got = sub.try_recv().unwrap();
+            assert_eq!(*got, [i]);
+            assert_ne!(got.info().slot, slot, "slot reused while subscriber 39 holds it");
+        }
+    }
+    assert_eq!(&*last, b"one");
+    assert_eq!(seg.stats().subscribers[39].dropped, 100);
+}
+
+#[test]
+fn drop_newest_counts_what_it_drops() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..5u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    assert_eq!(*sub.try_recv().unwrap(), [0]);
+    assert_eq!(*sub.try_recv().unwrap(), [1]);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    let st = &seg.stats().subscribers[0];
+    assert_eq!((st.delivered, st.dropped, st.evicted), (2, 3, 0));
+}
+
+#[test]
+fn keep_latest_evicts_the_oldest_queued_frame() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(3, OverflowPolicy::KeepLatest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..10u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    let got: Vec<u8> = (0..3).map(|_| sub.try_recv().unwrap()[0]).collect();
+    assert_eq!(got, [7, 8, 9]);
+    let st = &seg.stats().subscribers[0];
+    assert_eq!((st.delivered, st.dropped, st.evicted), (3, 7, 7));
+}
+
+#[test]
+fn keep_latest_with_everything_borrowed_drops_the_new_frame() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::KeepLatest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(&[1]).unwrap();
+    publisher.send(&[2]).unwrap();
+    let a = sub.try_recv().unwrap();
+    let b = sub.try_recv().unwrap();
+    assert_eq!(publisher.send(&[3]).unwrap().dropped, 1);
+    assert_eq!((a[0], b[0]), (1, 2));
+    drop((a, b));
+    publisher.send(&[4]).unwrap();
+    assert_eq!(*sub.try_recv().unwrap(), [4]);
+}
+
+#[test]
+fn lossless_blocks_the_publisher_instead_of_dropping() {
+    let mut seg = segment(8, 8);
+    let lossless = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let lossy = seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(&[0]).unwrap();
+    publisher.send(&[1]).unwrap();
+    assert_eq!(publisher.send(&[2]), Err(SendError::WouldBlock { subscriber: 0 }));
+    assert_eq!(publisher.send_timeout(&[2], Duration::from_millis(10)), Err(SendError::Timeout));
+    // Nothing was half-sent: the lossy subscriber saw only the first frame.
+    assert_eq!(*lossy.try_recv().unwrap(), [0]);
+    assert_eq!(lossy.try_recv().unwrap_err(), TryRecvError::Empty);
+
+    let lossless = std::thread::scope(|scope| {
+        let h = scope.spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(*lossless.try_recv().unwrap(), [0]);
+            lossless
+        });
+        let info = publisher.send_timeout(&[2], Duration::from_secs(10)).unwrap();
+        assert_eq!(info.seq, 2);
+        h.join().unwrap()
+    });
+    assert_eq!(*lossless.try_recv().unwrap(), [1]);
+    assert_eq!(*lossless.try_recv().unwrap(), [2]);
+    assert_eq!(seg.stats().subscribers[0].dropped, 0);
+}
+
+#[test]
+fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
+    let mut seg = segment(8, 10);
+    let a = seg.open_subscriber(&opts(6, OverflowPolicy::DropNewest)).unwrap();
+    let err = seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap_err();
+    assert_eq!(
+        err,
+        AddSubscriberError::CreditsRefused { requested: 4, available: 3, slot_count: 10, committed: 6 }
+    );
+    assert!(err.to_string().contains("cannot grant 4 credits: 3 of 10 slots"));
+    assert_eq!(
+        seg.add_subscriber(&opts(0, OverflowPolicy::DropNewest), 1).unwrap_err(),
+        AddSubscriberError::CreditsOutOfRange { credits: 0, max: 16 }
+    );
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..8u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    let held: Vec<_> = (0..6).map(|_| a.try_recv().unwrap()).collect();
+    assert_eq!(a.try_recv().unwrap_err(), TryRecvError::CreditsExhausted { held: 6, credits: 6 });
+    assert_eq!(a.recv().unwrap_err(), RecvError::CreditsExhausted { held: 6, credits: 6 });
+
+    // Lowering credits below what it holds: the extra stays reserved.
+    seg.set_credits(0, 2).unwrap();
+    assert!(matches!(
+        seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1),
+        Err(AddSubscriberError::CreditsRefused { committed: 6, .. })
+    ));
+    drop(held);
+    publisher.send(&[9]).unwrap(); // reads the returns
+    seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap();
+    assert!(matches!(seg.set_credits(0, 6), Err(SubscriberOpError::Credits(_))));
+    assert_eq!(seg.set_credits(7, 1), Err(SubscriberOpError::NotAttached(7)));
+}
+
+#[test]
+fn detach_returns_queued_and_borrowed_slots() {
+    let mut seg = segment(8, 8);
+    let gone = seg.open_subscriber(&opts(5, OverflowPolicy::DropNewest)).unwrap();
+    let stay = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..5u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    let borrowed = (gone.try_recv().unwrap(), gone.try_recv().unwrap());
+    assert_eq!(seg.stats().free_slots, 3);
+    seg.remove_subscriber(gone.index()).unwrap();
+    assert_eq!(gone.try_recv().unwrap_err(), TryRecvError::Detached);
+    drop(borrowed); // released after detach: ignored, no fault anywhere
+    // The publisher reclaims on its next send; `stay` keeps its two frames.
+    publisher.send(&[5]).unwrap();
+    let stats = seg.stats();
+    assert_eq!(stats.subscribers.len(), 1);
+    assert_eq!(stats.free_slots, 8 - 2);
+    assert_eq!(*stay.try_recv().unwrap(), [0]);
+    assert_eq!(stats.subscribers[0].faults, 0);
+    // Its index can be reused: a new subscriber starts with an empty queue.
+    let again = seg.open_subscriber(&opts(5, OverflowPolicy::DropNewest)).unwrap();
+    assert_eq!(again.try_recv().unwrap_err(), TryRecvError::Empty);
+    publisher.send(&[6]).unwrap();
+    assert_eq!(*again.try_recv().unwrap(), [6]);
+}
+
+#[test]
+fn detach_without_publisher_reclaims_at_once() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(5, OverflowPolicy::DropNewest)).unwrap();
+    {
+        let mut publisher = seg.open_publisher().unwrap();
+        for i in 0..4u8 {
+            publisher.send(&[i]).unwrap();
+        }
+    }
+    let _s = sub.try_recv().unwrap();
+    assert_eq!(seg.stats().free_slots, 4);
+    seg.remove_subscriber(sub.index()).unwrap();
+    assert_eq!(seg.stats().free_slots, 8);
+}
+
+#[test]
+fn publisher_is_exclusive_and_can_be_taken_over_after_it_dies() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::Lossless)).unwrap();
+    let mut first = seg.open_publisher().unwrap();
+    assert!(matches!(seg.open_publisher(), Err(OpenPublisherError::PublisherExists { .. })));
+    first.send(&[1]).unwrap();
+    first.send(&[2]).unwrap();
+    // Die without cleaning up: the lease ends, the owner hands the role on.
+    std::mem::forget(first);
+    seg.publisher_gone();
+    let mut second = seg.open_publisher().unwrap();
+    assert_eq!(second.next_seq(), 2);
+    second.send(&[3]).unwrap();
+    let got: Vec<(u64, u8)> = (0..3).map(|_| sub.try_recv().map(|s| (s.seq(), s[0])).unwrap()).collect();
+    assert_eq!(got, [(0, 1), (1, 2), (2, 3)]);
+}
+
+#[test]
+fn subscribers_get_the_pool_read_only() {
+    let seg = segment(8, 4);
+    let ro = seg.read_only_data_fd().unwrap();
+    assert!(!crate::platform::is_writable(ro.as_fd()).unwrap());
+    assert!(matches!(Publisher::open(ro.as_fd(), &seg.channel_fds()), Err(OpenPublisherError::ReadOnly)));
+    let err = memmap2::MmapOptions::new().len(4096).map_raw(std::os::fd::AsRawFd::as_raw_fd(&ro));
+    assert_eq!(err.unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+}
+
+#[test]
+fn stale_tickets_and_wrong_files_are_refused() {
+    let mut seg = segment(8, 4);
+    let t = seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1).unwrap();
+    let ro = seg.read_only_data_fd().unwrap();
+    // Another subscriber's channel.
+    let t2 = seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1).unwrap();
+    assert!(Subscriber::open(ro.as_fd(), seg.channel_fd(t2.index), t).is_err());
+    seg.remove_subscriber(t.index).unwrap();
+    assert!(matches!(
+        Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t),
+        Err(OpenSubscriberError::NotAttached { .. })
+    ));
+    // A channel file is not a data file.
+    assert!(matches!(Subscriber::open(seg.channel_fd(0), seg.channel_fd(0), t2), Err(OpenSubscriberError::Map(_))));
+}
+
+#[test]
+fn blocking_receive_is_woken_by_the_publisher() {
+    for wait in [WaitStrategy::Park, WaitStrategy::SpinThenPark { spin_us: 10 }, WaitStrategy::Spin] {
+        let mut seg = segment(8, 8);
+        let sub = seg.open_subscriber(&SubscriberOptions { credits: 4, policy: OverflowPolicy::Lossless, wait }).unwrap();
+        let mut publisher = seg.open_publisher().unwrap();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for i in 0..50u8 {
+                    std::thread::sleep(Duration::from_micros(200));
+                    publisher.send_timeout(&[i], Duration::from_secs(60)).unwrap();
+                }
+            });
+            for i in 0..50u8 {
+                assert_eq!(*sub.recv().unwrap(), [i], "{wait:?}");
+            }
+        });
+    }
+}
+
+#[test]
+fn close_wakes_and_ends_everyone() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(&[1]).unwrap();
+    std::thread::scope(|scope| {
+        let h = scope.spawn(move || {
+            let first = sub.recv().map(|s| s[0]);
+            (first, sub.recv().map(|s| s[0]))
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        seg.close();
+        assert_eq!(h.join().unwrap(), (Ok(1), Err(RecvError::Closed)));
+    });
+    assert_eq!(publisher.send(&[2]), Err(SendError::Closed));
+    assert!(matches!(publisher.loan(), Err(LoanError::Closed)));
+}
+
+#[test]
+fn hostile_returns_are_counted_and_change_nothing() {
+    let mut seg = segment(8, 8);
+    let honest = seg.open_subscriber(&opts(3, OverflowPolicy::DropNewest)).unwrap();
+    let bad = seg.open_subscriber(&opts(3, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(&[7]).unwrap();
+    let keep = honest.try_recv().unwrap();
+    let slot = keep.info().slot;
+    let ch = ChannelMap::open(seg.channel_fd(bad.index()), bad.index(), seg.geometry().queue_capacity, 0).unwrap();
+    let h = ch.header();
+    // Return: an out-of-range slot, a slot it never held, the honest
+    // subscriber's slot twice.
+    for (i, s) in [u32::MAX, 5, slot, slot].into_iter().enumerate() {
+        ch.returns()[i].store(s, Relaxed);
+    }
+    h.tail.store(4, Relaxed);
+    publisher.send(&[8]).unwrap();
+    publisher.send(&[9]).unwrap();
+    // The first return of `slot` was legitimate (it was queued for `bad`),
+    // the rest are faults.
+    publisher.send(&[10]).unwrap(); // `bad` is full now: its returns are read
+    let stats = seg.stats();
+    assert!(stats.subscribers[1].faults >= 3, "{stats:?}");
+    assert_eq!(stats.subscribers[0].faults, 0);
+    // The honest subscriber's slot was not recycled under it.
+    assert_eq!(&*keep, [7]);
+    assert_eq!(*honest.try_recv().unwrap(), [8]);
+    // A tail far ahead is a fault too, and nothing breaks.
+    h.tail.store(1 << 40, Relaxed);
+    for i in 0..20u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    assert!(seg.stats().subscribers[1].faults >= 4);
+    assert_eq!(&*keep, [7]);
+}
+
+// ---------------------------------------------------------------------------
+// Model-based test of the algorithms (single-threaded, heap memory).
+
+#[derive(Debug, Clone)]
+enum Op {
+    Send,
+    Take(usize),
+    Release(usize, usize),
+    Attach(u32, OverflowPolicy),
+    Detach(usize),
+    SetCredits(usize, u32),
+}
+
+fn policy() -> impl Strategy<Value = OverflowPolicy> {
+    prop_oneof![Just(OverflowPolicy::DropNewest), Just(OverflowPolicy::KeepLatest), Just(OverflowPolicy::Lossless)]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => Just(Op::Send),
+        5 => (0..4usize).prop_map(Op::Take),
+        4 => (0..4usize, 0..8usize).prop_map(|(s, k)| Op::Release(s, k)),
+        1 => (1..6u32, policy()).prop_map(|(c, p)| Op::Attach(c, p)),
+        1 => (0..4usize).prop_map(Op::Detach),
+        1 => (0..4usize, 1..6u32).prop_map(|(s, c)| Op::SetCredits(s, c)),
+    ]
+}
+
+/// What a subscriber should see, by the rules of its policy.
+#[derive(Debug)]
+struct ModelSub {
+    policy: OverflowPolicy,
+    credits: u32,
+    queue: VecDeque<u64>,
+    borrowed: Vec<(u64, u32)>,
+    delivered: u64,
+    dropped: u64,
+}
+
+type Core<T> = std::sync::Arc<T>;
+
+struct Harness {
+    owner: OwnerCore<Core<HeapStream>, Core<HeapChannel>>,
+    publisher: PubCore<Core<HeapStream>, Core<HeapChannel>>,
+    stream: Core<HeapStream>,
+    channels: Vec<Core<HeapChannel>>,
+    subs: HashMap<usize, (SubCore<Core<HeapStream>, Core<HeapChannel>>, ModelSub)>,
+    /// Which seq each slot carries while anybody holds it.
+    slot_of_seq: HashMap<u64, u32>,
+    next_seq: u64,
+}
+
+impl Harness {
+    fn new(geometry: Geometry) -> Self {
+        let stream = Core::new(HeapStream::new(geometry));
+        let channels: Vec<_> = (0..geometry.max_subscribers)
+            .map(|i| Core::new(HeapChannel::new(i, geometry.queue_capacity)))
+            .collect();
+        let owner = OwnerCore::new(stream.clone(), channels.clone());
+        let publisher = PubCore::attach(stream.clone(), channels.clone(), 1).unwrap();
+        Self { owner, publisher, stream, channels, subs: HashMap::new(), slot_of_seq: HashMap::new(), next_seq: 0 }
+    }
+
+    fn held_slots(&self) -> HashMap<u32, ()> {
+        let mut held = HashMap::new();
+        for (_, m) in self.subs.values() {
+            for seq in &m.queue {
+                held.insert(self.slot_of_seq[seq], ());
+            }
+            for (_, slot) in &m.borrowed {
+                held.insert(*slot, ());
+            }
+        }
+        held
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Send => {
+                let slot = self.publisher.loan().expect("a loan never fails while credits are kept");
+                assert!(!self.held_slots().contains_key(&slot), "loaned slot {slot} is still held");
+                let full_lossless = self.subs.iter().find(|(_, (_, m))| {
+                    m.policy == OverflowPolicy::Lossless && m.queue.len() + m.borrowed.len() >= m.credits as usize
+                });
+                let expect_block = full_lossless.map(|(&s, _)| s);
+                match self.publisher.commit(slot, 1, 0) {
+                    Err(CommitRefusal::WouldBlock { subscriber }) => {
+                        assert_eq!(Some(subscriber as usize), expect_block.map(|_| subscriber as usize));
+                        assert!(expect_block.is_some(), "unexpected WouldBlock");
+                        self.publisher.abandon(slot);
+                        return;
+                    }
+                    Err(CommitRefusal::Closed) => unreachable!(),
+                    Ok(info) => {
+                        assert!(expect_block.is_none(), "send should have blocked on {expect_block:?}");
+                        assert_eq!(info.seq, self.next_seq);
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        self.slot_of_seq.insert(seq, slot);
+                        let mut delivered = 0;
+                        for (_, m) in self.subs.values_mut() {
+                            if m.policy == OverflowPolicy::KeepLatest {
+                                while m.queue.len() + m.borrowed.len() >= m.credits as usize && !m.queue.is_empty() {
+                                    m.queue.pop_front();
+                                    m.dropped += 1;
+                                }
+                            }
+                            if m.queue.len() + m.borrowed.len() < m.credits as usize {
+                                m.queue.push_back(seq);
+                                delivered += 1;
+                            } else {
+                                m.dropped += 1;
+                            }
+                        }
+                        assert_eq!(info.delivered, delivered);
+                    }
+                }
+            }
+            Op::Take(k) => {
+                let Some(s) = self.nth_sub(k) else { return };
+                let (core, m) = self.subs.get_mut(&s).unwrap();
+                let got = core.try_take();
+                if m.borrowed.len() >= m.credits as usize {
+                    assert!(matches!(got, Err(TryRecvError::CreditsExhausted { .. })), "{got:?}");
+                } else if let Some(seq) = m.queue.pop_front() {
+                    let info = got.unwrap();
+                    assert_eq!((info.seq, info.slot), (seq, self.slot_of_seq[&seq]));
+                    m.borrowed.push((seq, info.slot));
+                    m.delivered += 1;
+                } else {
+                    assert_eq!(got, Err(TryRecvError::Empty));
+                }
+            }
+            Op::Release(k, i) => {
+                let Some(s) = self.nth_sub(k) else { return };
+                let (core, m) = self.subs.get_mut(&s).unwrap();
+                if !m.borrowed.is_empty() {
+                    let (_, slot) = m.borrowed.remove(i % m.borrowed.len());
+                    core.release(slot);
+                }
+            }
+            Op::Attach(credits, policy) => {
+                let o = SubscriberOptions { credits, policy, wait: WaitStrategy::Park };
+                let Ok(t) = self.owner.add(&o, 1) else { return };
+                let s = t.index as usize;
+                let core = SubCore::attach(
+                    self.stream.clone(),
+                    self.channels[s].clone(),
+                    s,
+                    t.generation,
+                    Backoff { spin: Duration::ZERO, park: true },
+                )
+                .unwrap();
+                let model = ModelSub { policy, credits, queue: VecDeque::new(), borrowed: vec![], delivered: 0, dropped: 0 };
+                self.subs.insert(s, (core, model));
+            }
+            Op::Detach(k) => {
+                let Some(s) = self.nth_sub(k) else { return };
+                self.owner.remove(s as u32).unwrap();
+                let (core, _) = self.subs.remove(&s).unwrap();
+                assert_eq!(core.try_take(), Err(TryRecvError::Detached));
+            }
+            Op::SetCredits(k, credits) => {
+                let Some(s) = self.nth_sub(k) else { return };
+                if self.owner.set_credits(s as u32, credits).is_ok() {
+                    self.subs.get_mut(&s).unwrap().1.credits = credits;
+                }
+            }
+        }
+    }
+
+    fn nth_sub(&self, k: usize) -> Option<usize> {
+        let mut keys: Vec<_> = self.subs.keys().copied().collect();
+        keys.sort_unstable();
+        (!keys.is_empty()).then(|| keys[k % keys.len()])
+    }
+
+    fn check_counters(&self) {
+        let stats = self.owner.stats(0);
+        assert_eq!(stats.published, self.next_seq);
+        for st in stats.subscribers.iter().filter(|st| !st.detaching) {
+            let (_, m) = &self.subs[&(st.index as usize)];
+            assert_eq!((st.delivered, st.dropped, st.queued), (m.delivered, m.dropped, m.queue.len() as u64));
+        }
+        // Every slot is free, loaned, or held by someone the model knows of.
+        let held = self.held_slots().len() as u32;
+        let g = self.stream.layout().geometry;
+        let used = (0..g.slot_count).filter(|&x| self.stream.mask(x).iter().any(|w| w.load(Relaxed) != 0)).count();
+        assert!(used as u32 >= held);
+        let _ = &self.channels[0].header();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn algorithms_match_the_model(ops in proptest::collection::vec(op(), 1..300)) {
+        let mut h = Harness::new(Geometry { slot_size: 8, slot_count: 12, max_subscribers: 4, queue_capacity: 8 });
+        for op in ops {
+            h.apply(op);
+            h.check_counters();
+        }
+        // Everyone lets go and leaves: the whole pool comes back.
+        let keys: Vec<_> = h.subs.keys().copied().collect();
+        for s in keys {
+            h.owner.remove(s as u32).unwrap();
+            h.subs.remove(&s);
+        }
+        let slot = h.publisher.loan().unwrap();
+        h.publisher.abandon(slot);
+        prop_assert_eq!(h.owner.stats(0).free_slots, 12);
+    }
+}
