@@ -7,6 +7,8 @@
 //! which re-exports what they need.
 
 #![deny(missing_docs)]
+// A loom build compiles the algorithms without the mapped-file front end.
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 pub mod platform;
 mod primitive;

@@ -20,6 +20,9 @@ pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// `/proc/sys/vm/nr_hugepages`, and the reservation is only checked when the
 /// file is first mapped, so callers map it at once and fall back on failure.
 ///
+/// The file's mode is set to 0400, so the read-only descriptors made by
+/// [`reopen_read_only`] cannot be turned back into writable ones.
+///
 /// The file is sealed against shrinking and growing: a peer holding a
 /// writable descriptor cannot truncate it under the others (which would turn
 /// their next access into `SIGBUS`).
@@ -33,6 +36,11 @@ pub fn create_shared_file(name: &str, len: u64, huge_pages: bool) -> io::Result<
     }
     let fd = rustix::fs::memfd_create(name, flags)?;
     rustix::fs::ftruncate(&fd, len)?;
+    // Owner read-only. Descriptors already open keep their mode, but a
+    // read-only one handed to a subscriber can no longer be re-opened
+    // read-write through /proc/self/fd (a memfd is created 0777, which would
+    // allow exactly that). Processes with CAP_DAC_OVERRIDE are not stopped.
+    rustix::fs::fchmod(&fd, Mode::RUSR)?;
     // hugetlbfs does not support sealing beyond F_SEAL_SEAL on older kernels;
     // it cannot be resized by a peer anyway (sizes are page-granular and the
     // reservation is fixed), so a refusal there is not an error.
@@ -112,6 +120,15 @@ pub fn futex_wake(word: &AtomicU32) {
 pub fn now_ns() -> u64 {
     let t = rustix::time::clock_gettime(ClockId::Monotonic);
     (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
+}
+
+/// Whether a process with this id exists (it may belong to another user).
+pub fn process_alive(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
 }
 
 /// The calling process's id.

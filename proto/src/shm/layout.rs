@@ -219,6 +219,9 @@ pub struct PublisherState {
     pub inflight_slot: AtomicU32,
     /// Slots currently loaned by the publisher (0 or 1).
     pub loaned: AtomicU32,
+    /// The last `table_gen` the publisher has applied: until it catches up
+    /// with a lowering of credits, the owner keeps counting the old ones.
+    pub applied_gen: AtomicU64,
 }
 
 /// The first bytes of a data file.
@@ -267,6 +270,10 @@ pub struct SubscriberCounters {
     /// Protocol violations seen from this subscriber (bad returns, a
     /// corrupted head or return ring).
     pub faults: AtomicU64,
+    /// Next return-ring position the publisher will read. Kept here, where
+    /// only the writer writes, and stored before each return is applied: a
+    /// publisher that dies mid-way never has a return applied twice.
+    pub ret_read: AtomicU64,
 }
 
 /// One subscriber index of the table in the data file.
@@ -309,7 +316,9 @@ pub struct ChannelIdent {
     pub index: AtomicU32,
     /// Entries in the return ring (the stream's queue capacity).
     pub capacity: AtomicU32,
-    _reserved: AtomicU32,
+    /// Set by the first `Subscriber::open` of this generation, so a ticket
+    /// opens one handle only.
+    pub claimed: AtomicU32,
     /// The subscriber generation the channel was last reset for.
     pub generation: AtomicU64,
 }
@@ -329,7 +338,8 @@ pub struct ChannelHeader {
     pub waiting: Line<AtomicU32>,
     /// Return ring tail: subscriber-written.
     pub tail: Line<AtomicU64>,
-    /// Return ring head: publisher-written.
+    /// Return ring head: publisher-written, for the subscriber's flow
+    /// control only (the publisher's own copy is `SubscriberCounters::ret_read`).
     pub ret_head: Line<AtomicU64>,
     /// Futex word: the publisher sets 1 before sleeping on a full lossless
     /// subscriber; the subscriber clears it and wakes the publisher.

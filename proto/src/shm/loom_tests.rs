@@ -71,7 +71,7 @@ fn publish_then_close(mut owner: Owner, payload: Arc<Payload>, frames: u64) {
                 Err(CommitRefusal::WouldBlock { subscriber }) => {
                     assert!(p.wait_for_room(subscriber as usize, PARK, None));
                 }
-                Err(CommitRefusal::Closed) => unreachable!(),
+                Err(refusal) => panic!("{refusal:?}"),
             }
         }
     }
@@ -178,5 +178,29 @@ fn loom_detach_during_sends_reclaims_every_slot() {
             assert_eq!(s.mask(slot)[0].load(Relaxed), 0, "slot {slot} leaked");
         }
         assert_eq!(owner.stats(0).free_slots, 3);
+    });
+}
+
+#[test]
+fn loom_removing_a_full_lossless_subscriber_wakes_the_publisher() {
+    model(|| {
+        let (mut owner, tickets, _payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let stream = owner.stream().clone();
+        let channels = owner.channels().to_vec();
+        let t = loom::thread::spawn(move || {
+            let mut p = PubCore::attach(stream, channels, 1).unwrap();
+            for _ in 0..2 {
+                let slot = p.loan().unwrap();
+                // The second frame blocks until the subscriber is removed;
+                // a lost wake-up would leave this thread asleep for ever.
+                while let Err(CommitRefusal::WouldBlock { subscriber }) = p.commit(slot, 1, 0) {
+                    assert!(p.wait_for_room(subscriber as usize, PARK, None));
+                }
+            }
+        });
+        owner.remove(tickets[0].0 as u32).unwrap();
+        t.join().unwrap();
+        owner.reclaim_detached();
+        assert_eq!(owner.stats(0).free_slots, 2);
     });
 }

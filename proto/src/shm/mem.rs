@@ -135,8 +135,12 @@ mod mapped {
                 return Err(LayoutError::Inconsistent("file is shorter than a header").into());
             }
             // Read the header through a small mapping first: the flags say
-            // how the whole file is to be mapped.
-            let probe = MmapOptions::new().len(std::mem::size_of::<StreamHeader>()).map_raw_read_only(fd.as_raw_fd())?;
+            // how the whole file is to be mapped. It spans one of the file's
+            // pages (2 MiB on hugetlbfs, where shorter unmaps would fail).
+            let page = (rustix::fs::fstat(fd).map_err(std::io::Error::from)?.st_blksize as usize)
+                .max(std::mem::size_of::<StreamHeader>())
+                .min(file_len as usize);
+            let probe = MmapOptions::new().len(page).map_raw_read_only(fd.as_raw_fd())?;
             // SAFETY: the probe mapping is at least one header long and page
             // aligned; the header consists of atomics, valid for any bytes.
             let header = unsafe { &*(probe.as_ptr() as *const StreamHeader) };
@@ -232,14 +236,23 @@ mod mapped {
     unsafe impl Sync for ChannelMap {}
 
     impl ChannelMap {
-        /// Maps a channel file read-write, checking that it is the channel of
-        /// subscriber `index` in a stream of the given queue capacity.
-        pub(crate) fn open(fd: BorrowedFd<'_>, index: u32, capacity: u32, flags: u32) -> Result<Self, MapError> {
+        /// Maps a channel file read-write for the publisher. Only the size is
+        /// checked: everything else in the file is the subscriber's to write
+        /// (and possibly scribble over), so nothing in it may stop a
+        /// publisher from attaching.
+        pub(crate) fn open_for_publisher(fd: BorrowedFd<'_>, capacity: u32, flags: u32) -> Result<Self, MapError> {
             let len = channel_len(capacity);
             if platform::file_len(fd)? < len as u64 {
                 return Err(LayoutError::Inconsistent("channel file is too short").into());
             }
-            let this = Self { map: map_file(fd, len, true, flags & !FLAG_HUGE_PAGES)?, capacity };
+            Ok(Self { map: map_file(fd, len, true, flags & !FLAG_HUGE_PAGES)?, capacity })
+        }
+
+        /// Maps a channel file read-write for its subscriber, checking that
+        /// it is the channel of subscriber `index` in a stream of the given
+        /// queue capacity.
+        pub(crate) fn open(fd: BorrowedFd<'_>, index: u32, capacity: u32, flags: u32) -> Result<Self, MapError> {
+            let this = Self::open_for_publisher(fd, capacity, flags)?;
             let id = &this.header().ident;
             // Acquire pairs with the Release store of `version` in `create`.
             match id.version.load(Ordering::Acquire) {

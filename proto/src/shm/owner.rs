@@ -10,8 +10,9 @@
 //! publisher is attached.
 
 use super::layout::{
-    Geometry, LayoutError, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING,
-    SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS,
+    STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
+    WaitStrategy,
 };
 use super::mem::{ChannelMem, StreamMem};
 use super::publisher::{clear_subscriber_bits, recover};
@@ -156,26 +157,32 @@ pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
     /// Where the search for a free index starts: indices are reused as
     /// late as possible, which keeps stale handles from meeting new peers.
     cursor: usize,
+    /// Per index: credits in force before they were lowered, and the
+    /// `table_gen` that lowered them. Until the publisher has applied that
+    /// generation it may still deliver by the old credits.
+    lowered: Vec<Option<(u32, u64)>>,
 }
 
 impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
         assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
-        Self { stream, channels, cursor: 0 }
+        let n = channels.len();
+        Self { stream, channels, cursor: 0, lowered: vec![None; n] }
     }
 
     pub(crate) fn stream(&self) -> &S {
         &self.stream
     }
 
-    #[cfg(any(test, loom))]
+    #[cfg(loom)]
     pub(crate) fn channels(&self) -> &[C] {
         &self.channels
     }
 
-    fn bump_table(&self) {
+    /// Announces a change of the subscriber table; returns the new generation.
+    fn bump_table(&self) -> u64 {
         // Release pairs with the publisher's Acquire load in `sync_table`.
-        self.stream.header().control.table_gen.fetch_add(1, Release);
+        self.stream.header().control.table_gen.fetch_add(1, Release) + 1
     }
 
     /// Slots each subscriber index holds (bits set in the masks).
@@ -201,15 +208,23 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// larger of its credits and what it holds now (after lowered credits
     /// it may hold more until it releases).
     fn committed(&self, except: Option<usize>) -> u64 {
+        let header = self.stream.header();
+        // Acquire pairs with the publisher's Release store in `sync_table_slow`.
+        let applied = header.publisher.applied_gen.load(Acquire);
+        let publisher_attached = header.control.writer.load(Acquire) == WRITER_PUBLISHER;
         let held = self.held_per_subscriber();
         (0..held.len())
             .filter(|&s| Some(s) != except)
             .map(|s| {
                 let cfg = &self.stream.record(s).config;
-                match cfg.state.load(Acquire) {
-                    SUB_FREE => 0,
-                    _ => u64::from(cfg.credits.load(Relaxed).max(held[s])),
+                if cfg.state.load(Acquire) == SUB_FREE {
+                    return 0;
                 }
+                let pending = match self.lowered[s] {
+                    Some((old, lowered_at)) if publisher_attached && applied < lowered_at => old,
+                    _ => 0,
+                };
+                u64::from(cfg.credits.load(Relaxed).max(held[s]).max(pending))
             })
             .sum()
     }
@@ -239,11 +254,21 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         self.reclaim_detached();
         let n = self.channels.len();
+        let me = crate::platform::current_pid();
         let index = (0..n)
             .map(|i| (self.cursor + i) % n)
-            // Acquire pairs with the Release store of SUB_FREE by whoever
-            // reclaimed the index: its mask changes are visible.
-            .find(|&s| self.stream.record(s).config.state.load(Acquire) == SUB_FREE)
+            .find(|&s| {
+                let cfg = &self.stream.record(s).config;
+                // Acquire pairs with the Release store of SUB_FREE by whoever
+                // reclaimed the index: its mask changes are visible.
+                cfg.state.load(Acquire) == SUB_FREE && {
+                    // A process that was removed but still lives keeps its
+                    // mapping of this channel: do not hand the channel to
+                    // somebody else while it could still write there.
+                    let pid = cfg.pid.load(Relaxed);
+                    pid == 0 || pid == me || !crate::platform::process_alive(pid)
+                }
+            })
             .ok_or(AddSubscriberError::Full { max: n as u32 })?;
         self.check_credits(opts.credits, None)?;
 
@@ -253,18 +278,31 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             e.stamp.store(0, Relaxed);
         }
         let counters = &self.stream.record(index).counters;
-        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults] {
+        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.ret_read] {
             c.store(0, Relaxed);
         }
         let cfg = &self.stream.record(index).config;
         let generation = cfg.generation.load(Relaxed) + 1;
+        // The previous subscriber could write anything in the channel:
+        // rewrite all of it.
         let ch = self.channels[index].header();
+        let id = &ch.ident;
+        id.magic.store(CHANNEL_MAGIC, Relaxed);
+        id.index.store(index as u32, Relaxed);
+        id.capacity.store(self.stream.layout().geometry.queue_capacity, Relaxed);
+        id.claimed.store(0, Relaxed);
+        id.generation.store(generation, Relaxed);
         for c in [&ch.head, &ch.tail, &ch.ret_head] {
             c.store(0, Relaxed);
         }
         ch.waiting.store(0, Relaxed);
         ch.pub_waiting.store(0, Relaxed);
-        ch.ident.generation.store(generation, Relaxed);
+        for r in self.channels[index].returns() {
+            r.store(NO_SLOT, Relaxed);
+        }
+        // Release pairs with the subscriber's Acquire load in `ChannelMap::open`.
+        id.version.store(LAYOUT_VERSION, Release);
+        self.lowered[index] = None;
 
         cfg.policy.store(opts.policy as u32, Relaxed);
         cfg.credits.store(opts.credits, Relaxed);
@@ -292,8 +330,13 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     pub(crate) fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
         let s = self.active_index(index)?;
         self.check_credits(credits, Some(s))?;
-        self.stream.record(s).config.credits.store(credits, Relaxed);
-        self.bump_table();
+        let cfg = &self.stream.record(s).config;
+        let old = cfg.credits.swap(credits, Relaxed);
+        let gen_now = self.bump_table();
+        if credits < old {
+            let before = self.lowered[s].map_or(old, |(o, _)| o.max(old));
+            self.lowered[s] = Some((before, gen_now));
+        }
         // A publisher blocked on this lossless subscriber re-reads credits.
         wait::wake(&self.channels[s].header().pub_waiting);
         Ok(())
@@ -346,6 +389,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Acquire, Relaxed).is_ok() {
             ctl.publisher_pid.store(0, Relaxed);
         }
+        // Should the old publisher still be alive, it notices on its next
+        // loan or send that it no longer holds the role, and stops.
+        self.bump_table();
+        self.lowered.fill(None);
         self.reclaim_detached();
     }
 
@@ -640,6 +687,12 @@ mod api {
         /// and borrowed slots go back to the pool (at once if no publisher
         /// is attached, else at the publisher's next loan or send).
         ///
+        /// Call it once the subscriber has gone — its process ended or it
+        /// dropped its [`Subscriber`] — as the broker does when a lease ends:
+        /// samples a live subscriber still holds would be reused under it.
+        /// The index is not handed to a new subscriber while the process
+        /// given at [`add_subscriber`](Self::add_subscriber) still runs.
+        ///
         /// # Errors
         /// [`SubscriberOpError::NotAttached`].
         pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
@@ -647,7 +700,8 @@ mod api {
         }
 
         /// Tells the stream its publisher is gone (its process exited or its
-        /// lease ended): another publisher may attach and continue.
+        /// lease ended): another publisher may attach and continue. A
+        /// publisher still alive after this gets `Replaced` errors.
         pub fn publisher_gone(&mut self) {
             self.core.publisher_gone();
         }

@@ -138,6 +138,8 @@ pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
 pub(crate) enum SubAttachRefusal {
     /// The index is not active, or active for another generation.
     NotAttached,
+    /// The ticket was already opened once.
+    AlreadyOpen,
 }
 
 impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
@@ -161,6 +163,10 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         }
         let policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
         let ch = channel.header();
+        // One handle per ticket: two would hand the same slots back twice.
+        if ch.ident.claimed.compare_exchange(0, 1, AcqRel, Relaxed).is_err() {
+            return Err(SubAttachRefusal::AlreadyOpen);
+        }
         let this = Self {
             index,
             generation,
@@ -236,7 +242,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // Acquire pairs with the publisher's Release store of `stamp` in
         // `push`. A stamp at or past `head + 1` is a frame (or, under
         // KeepLatest, an eviction to catch up with); older ones are stale.
-        let ahead = e.stamp.load(Acquire).wrapping_sub(head + 1) as i64;
+        let ahead = e.stamp.load(Acquire).wrapping_sub(head.wrapping_add(1)) as i64;
         ahead >= 0 || !self.attached()
     }
 
@@ -260,8 +266,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             // Acquire pairs with the publisher's Release store of `stamp` in
             // `push`: the entry's fields are complete.
             let stamp = e.stamp.load(Acquire);
-            if stamp != head + 1 {
-                let ahead = stamp.wrapping_sub(head + 1) as i64;
+            let next = head.wrapping_add(1);
+            if stamp != next {
+                let ahead = stamp.wrapping_sub(next) as i64;
                 if ahead > 0 && self.policy == OverflowPolicy::KeepLatest {
                     // Overwritten after an eviction: find the new head.
                     head = ch.head.load(Acquire);
@@ -273,7 +280,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 match self.empty() {
                     // Closing synchronised us with everything published
                     // before it: the entry may be ready after all.
-                    TryRecvError::Closed if e.stamp.load(Acquire).wrapping_sub(head + 1) as i64 >= 0 => continue,
+                    TryRecvError::Closed if e.stamp.load(Acquire).wrapping_sub(next) as i64 >= 0 => continue,
                     err => return Err(err),
                 }
             }
@@ -287,16 +294,16 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 // AcqRel pairs with the publisher's CAS in `evict_oldest`:
                 // whoever moves `head` past this entry owns it. Losing means
                 // it was evicted (and the fields above may be torn).
-                if let Err(now) = ch.head.compare_exchange(head, head + 1, AcqRel, Acquire) {
+                if let Err(now) = ch.head.compare_exchange(head, next, AcqRel, Acquire) {
                     head = now;
                     continue;
                 }
             } else {
                 // Release pairs with the publisher's and owner's Acquire
                 // loads of `head` (statistics, eviction).
-                ch.head.store(head + 1, Release);
+                ch.head.store(next, Release);
             }
-            self.head.set(head + 1);
+            self.head.set(next);
             let g = self.stream.layout().geometry;
             if info.slot >= g.slot_count {
                 return Err(self.corrupt("slot number out of range"));
@@ -371,8 +378,8 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         self.channel.returns()[(tail & self.cap_mask) as usize].store(slot, Relaxed);
         // Release pairs with the publisher's Acquire load of `tail` in
         // `drain_returns`: the slot number is visible with it.
-        ch.tail.store(tail + 1, Release);
-        self.ret_tail.set(tail + 1);
+        ch.tail.store(tail.wrapping_add(1), Release);
+        self.ret_tail.set(tail.wrapping_add(1));
         if self.policy == OverflowPolicy::Lossless {
             // A publisher may be asleep waiting for this very slot.
             wait::fence_before_wake();
@@ -410,6 +417,9 @@ mod api {
             /// Ticket generation.
             generation: u64,
         },
+        /// The ticket was already used to open a subscriber.
+        #[error("subscriber #{0} is already open: a ticket opens one subscriber")]
+        AlreadyOpen(u32),
     }
 
     /// The receiving end of a stream, created by the owner with
@@ -452,7 +462,10 @@ mod api {
             }
             let channel = ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?;
             let core = SubCore::attach(stream, channel, ticket.index as usize, ticket.generation, backoff(ticket.wait))
-                .map_err(|SubAttachRefusal::NotAttached| not_attached)?;
+                .map_err(|refusal| match refusal {
+                    SubAttachRefusal::NotAttached => not_attached,
+                    SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
+                })?;
             Ok(Self { core, wait: ticket.wait })
         }
 
@@ -488,7 +501,7 @@ mod api {
         /// [`RecvError::Timeout`], or another [`RecvError`].
         #[inline]
         pub fn recv_timeout(&self, timeout: Duration) -> Result<Sample<'_>, RecvError> {
-            self.core.take(Some(Instant::now() + timeout)).map(|info| self.sample(info))
+            self.core.take(Instant::now().checked_add(timeout)).map(|info| self.sample(info))
         }
 
         #[inline]
@@ -570,8 +583,10 @@ mod api {
             // subscriber's read-only mapping (StreamMap::slot_ptr checked
             // the index) and `info.len <= slot_size` was checked in
             // `try_take`. The slot carries this subscriber's holder bit until
-            // the sample is dropped, so the publisher does not reuse it
-            // meanwhile.
+            // the sample is dropped, so a publisher keeping the protocol does
+            // not write it meanwhile. (The owner clears the bit only when it
+            // removes the subscriber, which it does once the subscriber has
+            // gone: see `StreamSegment::remove_subscriber`.)
             unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
         }
     }

@@ -267,6 +267,9 @@ fn subscribers_get_the_pool_read_only() {
     let seg = segment(8, 4);
     let ro = seg.read_only_data_fd().unwrap();
     assert!(!crate::platform::is_writable(ro.as_fd()).unwrap());
+    // Mode 0400: an unprivileged holder of `ro` cannot re-open it writable
+    // through /proc/self/fd.
+    assert_eq!(rustix::fs::fstat(&ro).unwrap().st_mode & 0o777, 0o400);
     assert!(matches!(Publisher::open(ro.as_fd(), &seg.channel_fds()), Err(OpenPublisherError::ReadOnly)));
     let err = memmap2::MmapOptions::new().len(4096).map_raw(std::os::fd::AsRawFd::as_raw_fd(&ro));
     assert_eq!(err.unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
@@ -347,11 +350,18 @@ fn hostile_returns_are_counted_and_change_nothing() {
     h.tail.store(4, Relaxed);
     publisher.send(&[8]).unwrap();
     publisher.send(&[9]).unwrap();
-    // The first return of `slot` was legitimate (it was queued for `bad`),
-    // the rest are faults.
+    // More returns than the one slot it holds: the batch is refused.
     publisher.send(&[10]).unwrap(); // `bad` is full now: its returns are read
     let stats = seg.stats();
-    assert!(stats.subscribers[1].faults >= 3, "{stats:?}");
+    assert!(stats.subscribers[1].faults >= 1, "{stats:?}");
+    // Returns of slots it does not hold, one at a time, are refused singly.
+    let tail = h.tail.load(Relaxed);
+    for (i, s) in [u32::MAX, 6].into_iter().enumerate() {
+        ch.returns()[(tail as usize + i) % 8].store(s, Relaxed);
+    }
+    h.tail.store(tail + 2, Relaxed);
+    publisher.send(&[11]).unwrap();
+    assert!(seg.stats().subscribers[1].faults >= 3, "{:?}", seg.stats());
     assert_eq!(stats.subscribers[0].faults, 0);
     // The honest subscriber's slot was not recycled under it.
     assert_eq!(&*keep, [7]);
@@ -363,6 +373,7 @@ fn hostile_returns_are_counted_and_change_nothing() {
     }
     assert!(seg.stats().subscribers[1].faults >= 4);
     assert_eq!(&*keep, [7]);
+    assert_eq!(seg.stats().subscribers[0].faults, 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -405,13 +416,14 @@ struct ModelSub {
 }
 
 type Core<T> = std::sync::Arc<T>;
+type HeapSub = SubCore<Core<HeapStream>, Core<HeapChannel>>;
 
 struct Harness {
     owner: OwnerCore<Core<HeapStream>, Core<HeapChannel>>,
     publisher: PubCore<Core<HeapStream>, Core<HeapChannel>>,
     stream: Core<HeapStream>,
     channels: Vec<Core<HeapChannel>>,
-    subs: HashMap<usize, (SubCore<Core<HeapStream>, Core<HeapChannel>>, ModelSub)>,
+    subs: HashMap<usize, (HeapSub, ModelSub)>,
     /// Which seq each slot carries while anybody holds it.
     slot_of_seq: HashMap<u64, u32>,
     next_seq: u64,
@@ -455,9 +467,8 @@ impl Harness {
                         assert_eq!(Some(subscriber as usize), expect_block.map(|_| subscriber as usize));
                         assert!(expect_block.is_some(), "unexpected WouldBlock");
                         self.publisher.abandon(slot);
-                        return;
                     }
-                    Err(CommitRefusal::Closed) => unreachable!(),
+                    Err(refusal @ (CommitRefusal::Closed | CommitRefusal::Replaced)) => panic!("{refusal:?}"),
                     Ok(info) => {
                         assert!(expect_block.is_none(), "send should have blocked on {expect_block:?}");
                         assert_eq!(info.seq, self.next_seq);
@@ -578,4 +589,99 @@ proptest! {
         h.publisher.abandon(slot);
         prop_assert_eq!(h.owner.stats(0).free_slots, 12);
     }
+}
+
+#[test]
+fn a_ticket_opens_one_subscriber_only() {
+    let mut seg = segment(8, 4);
+    let t = seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1).unwrap();
+    let ro = seg.read_only_data_fd().unwrap();
+    let _first = Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t).unwrap();
+    assert!(matches!(
+        Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t),
+        Err(OpenSubscriberError::AlreadyOpen(0))
+    ));
+}
+
+#[test]
+fn a_scribbled_channel_does_not_stop_the_next_publisher() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let len = crate::platform::file_len(seg.channel_fd(0)).unwrap() as usize;
+    let raw = memmap2::MmapOptions::new().len(len).map_raw(std::os::fd::AsRawFd::as_raw_fd(&seg.channel_fd(0))).unwrap();
+    // SAFETY: test-only scribbling over a mapping we own, with no Rust
+    // references into it held across the write.
+    unsafe { std::ptr::write_bytes(raw.as_mut_ptr(), 0xee, 128) };
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(&[1]).unwrap();
+    assert_eq!(*sub.try_recv().unwrap(), [1]);
+    // The owner rewrites a reused channel completely.
+    drop(sub);
+    seg.remove_subscriber(0).unwrap();
+    publisher.send(&[0]).unwrap(); // the publisher reclaims index 0
+    let again = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    publisher.send(&[2]).unwrap();
+    assert_eq!(*again.try_recv().unwrap(), [2]);
+}
+
+#[test]
+fn a_publisher_declared_gone_cannot_publish_any_more() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut old = seg.open_publisher().unwrap();
+    old.send(&[1]).unwrap();
+    seg.publisher_gone();
+    let mut new = seg.open_publisher().unwrap();
+    assert_eq!(old.send(&[9]), Err(SendError::Replaced));
+    assert!(matches!(old.loan(), Err(LoanError::Replaced)));
+    drop(old); // must not release the role its successor holds
+    new.send(&[2]).unwrap();
+    assert!(matches!(seg.open_publisher(), Err(OpenPublisherError::PublisherExists { .. })));
+    let got: Vec<u8> = (0..2).map(|_| sub.try_recv().unwrap()[0]).collect();
+    assert_eq!(got, [1, 2]);
+}
+
+#[test]
+fn endless_timeouts_are_accepted() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send_timeout(&[1], Duration::MAX).unwrap();
+    assert_eq!(*sub.recv_timeout(Duration::MAX).unwrap(), [1]);
+}
+
+#[test]
+fn a_keep_latest_head_scribbled_to_the_limit_harms_nobody_else() {
+    let mut seg = segment(8, 8);
+    let honest = seg.open_subscriber(&opts(3, OverflowPolicy::Lossless)).unwrap();
+    let bad = seg.open_subscriber(&opts(2, OverflowPolicy::KeepLatest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let ch = ChannelMap::open_for_publisher(seg.channel_fd(bad.index()), seg.geometry().queue_capacity, 0).unwrap();
+    for (i, head) in [u64::MAX, u64::MAX - 1, 1 << 63, 3].into_iter().enumerate() {
+        ch.header().head.store(head, Relaxed);
+        for j in 0..3u8 {
+            publisher.send(&[i as u8 * 10 + j]).unwrap();
+        }
+        for j in 0..3u8 {
+            assert_eq!(*honest.try_recv().unwrap(), [i as u8 * 10 + j]);
+        }
+    }
+    assert!(seg.stats().subscribers[1].faults > 0);
+    assert_eq!(seg.stats().subscribers[0].faults, 0);
+}
+
+#[test]
+fn lowered_credits_count_until_the_publisher_applies_them() {
+    let mut seg = segment(8, 10);
+    let a = seg.open_subscriber(&opts(6, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    seg.set_credits(a.index(), 2).unwrap();
+    // The publisher has not seen the change: it may still fill 6 for `a`.
+    assert!(matches!(
+        seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1),
+        Err(AddSubscriberError::CreditsRefused { committed: 6, .. })
+    ));
+    publisher.send(&[1]).unwrap(); // applies the new credits
+    seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap();
+    assert_eq!(*a.try_recv().unwrap(), [1]);
 }

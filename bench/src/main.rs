@@ -1,0 +1,181 @@
+//! memsock's cross-process benchmark runner.
+//!
+//! `memsock-bench dataplane [--json]` measures streams between separate
+//! processes and, in the same run, the references they are judged against
+//! (memcpy, a minimal SPSC ring, cache-line and futex ping-pong), then
+//! prints a table (or one JSON object per line) and the target ratios.
+//! Spinning cases pin the two processes to CPUs 0 and 1; run one benchmark
+//! at a time.
+
+mod reference;
+mod stream;
+mod sys;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use stream::Case;
+
+#[derive(Parser)]
+#[command(name = "memsock-bench", about = "memsock benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Streams between processes, with memcpy, a minimal ring and
+    /// ping-pong references measured in the same run.
+    Dataplane {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Multiplies every message count (e.g. 0.1 for a quick look).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// (internal) A child process of a measurement.
+    #[command(hide = true)]
+    Child,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Dataplane { json, scale } => dataplane(json, scale),
+        Command::Child => child(),
+    }
+}
+
+fn child() -> Result<()> {
+    let spec: Value = serde_json::from_str(&std::env::var(sys::CHILD_ENV)?)?;
+    match spec["role"].as_str() {
+        Some("ring_consumer") => reference::ring_consumer(&spec),
+        Some("pong") => reference::pong(&spec),
+        Some("stream_publisher") => stream::publisher_child(&spec),
+        Some("stream_subscriber") => stream::subscriber_child(&spec),
+        other => bail!("unknown child role {other:?}"),
+    }
+}
+
+fn dataplane(json_out: bool, scale: f64) -> Result<()> {
+    let n = |count: f64| ((count * scale) as u64).max(100);
+    let mut lines: Vec<Value> = Vec::new();
+    let emit = |v: Value, lines: &mut Vec<Value>| {
+        if json_out {
+            println!("{v}");
+        } else {
+            eprintln!("  measured {}", describe(&v));
+        }
+        lines.push(v);
+    };
+    for size in [64usize, 1_153_434] {
+        emit(reference::memcpy(size, n(4e9) as usize), &mut lines);
+    }
+    emit(reference::reference_ring(n(20e6))?, &mut lines);
+    emit(reference::cacheline(n(1e6))?, &mut lines);
+    emit(reference::futex(n(40e3) as u32)?, &mut lines);
+    for size in [64usize, 1_153_434] {
+        let (count, lat_count) = if size == 64 { (n(20e6), n(20e3)) } else { (n(8e3), n(2e3)) };
+        for (subscribers, spin) in [(1, true), (1, false), (4, false)] {
+            let count = if subscribers == 4 { count / 2 } else { count };
+            let case = Case { size, subscribers, spin, count, lat_count };
+            emit(stream::run(case)?, &mut lines);
+        }
+    }
+    let targets = targets(&lines);
+    if json_out {
+        println!("{targets}");
+    } else {
+        print_table(&lines, &targets);
+    }
+    Ok(())
+}
+
+fn find(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
+    lines.iter().find(|v| pred(v))
+}
+
+fn stream_line<'a>(lines: &'a [Value], size: u64, subs: u64, wait: &str) -> Option<&'a Value> {
+    find(lines, |v| v["case"] == "stream" && v["size"] == size && v["subscribers"] == subs && v["wait"] == wait)
+}
+
+fn num(v: Option<&Value>, key: &str) -> f64 {
+    v.and_then(|v| v[key].as_f64()).unwrap_or(f64::NAN)
+}
+
+/// The targets, as ratios of figures from this run.
+fn targets(lines: &[Value]) -> Value {
+    let reference_ring = num(find(lines, |v| v["case"] == "reference_ring"), "msgs_per_s");
+    let memcpy_big = num(find(lines, |v| v["case"] == "memcpy" && v["size"] == 1_153_434), "gbytes_per_s");
+    let cacheline = num(find(lines, |v| v["case"] == "cacheline"), "one_way_ns");
+    let futex = num(find(lines, |v| v["case"] == "futex"), "one_way_ns");
+    let s = |size, subs, wait, key| num(stream_line(lines, size, subs, wait), key);
+    let max_minflt = lines
+        .iter()
+        .filter(|v| v["case"] == "stream")
+        .map(|v| v["minflt_per_msg"].as_f64().unwrap_or(f64::NAN))
+        .fold(0.0, f64::max);
+    json!({
+        "case": "targets",
+        "small_spin_vs_reference_ring": s(64, 1, "spin", "msgs_per_s") / reference_ring,
+        "big_spin_vs_memcpy": s(1_153_434, 1, "spin", "gbytes_per_s") / memcpy_big,
+        "big_block_vs_memcpy": s(1_153_434, 1, "block", "gbytes_per_s") / memcpy_big,
+        "small_spin_p50_vs_cacheline": s(64, 1, "spin", "lat_p50_ns") / cacheline,
+        "small_block_p50_vs_futex": s(64, 1, "block", "lat_p50_ns") / futex,
+        "small_pub_cpu_4_vs_1": s(64, 4, "block", "pub_cpu_ns_per_msg") / s(64, 1, "block", "pub_cpu_ns_per_msg"),
+        "big_pub_cpu_4_vs_1": s(1_153_434, 4, "block", "pub_cpu_ns_per_msg") / s(1_153_434, 1, "block", "pub_cpu_ns_per_msg"),
+        "max_minflt_per_msg": max_minflt,
+    })
+}
+
+fn describe(v: &Value) -> String {
+    match v["case"].as_str() {
+        Some("stream") => format!("stream {} B × {} {}", v["size"], v["subscribers"], v["wait"].as_str().unwrap_or("")),
+        Some(c) => format!("{c} {}", if v["size"].is_null() { String::new() } else { format!("{} B", v["size"]) }),
+        None => v.to_string(),
+    }
+}
+
+fn print_table(lines: &[Value], targets: &Value) {
+    let f = |v: &Value, k: &str, scale: f64, prec: usize| match v[k].as_f64() {
+        Some(x) => format!("{:.*}", prec, x / scale),
+        None => "-".into(),
+    };
+    println!(
+        "{:<16} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+        "case", "size", "subs", "wait", "Mmsg/s", "GB/s", "p50 ns", "p99 ns", "pub ns/msg", "minflt/msg"
+    );
+    for v in lines {
+        let case = v["case"].as_str().unwrap_or("?");
+        let oneway = f(v, "one_way_ns", 1.0, 1);
+        println!(
+            "{:<16} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+            case,
+            v["size"].as_u64().map_or("-".into(), |s| s.to_string()),
+            v["subscribers"].as_u64().map_or("-".into(), |s| s.to_string()),
+            v["wait"].as_str().unwrap_or("-"),
+            f(v, "msgs_per_s", 1e6, 2),
+            f(v, "gbytes_per_s", 1.0, 2),
+            if case == "stream" { f(v, "lat_p50_ns", 1.0, 0) } else { oneway.clone() },
+            f(v, "lat_p99_ns", 1.0, 0),
+            f(v, "pub_cpu_ns_per_msg", 1.0, 1),
+            f(v, "minflt_per_msg", 1.0, 5),
+        );
+    }
+    println!("\ntargets (ratios within this run):");
+    let rows = [
+        ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring", ">= 0.5"),
+        ("big_spin_vs_memcpy", "1.1 MB spin GB/s ÷ memcpy", ">= 0.9"),
+        ("big_block_vs_memcpy", "1.1 MB block GB/s ÷ memcpy", ">= 0.9"),
+        ("small_spin_p50_vs_cacheline", "64 B spin p50 ÷ cache-line one-way", "<= 2"),
+        ("small_block_p50_vs_futex", "64 B block p50 ÷ futex one-way", "<= 1.2"),
+        ("small_pub_cpu_4_vs_1", "64 B block publisher CPU, 4 subs ÷ 1", "<= 2"),
+        ("big_pub_cpu_4_vs_1", "1.1 MB block publisher CPU, 4 subs ÷ 1", "<= 2"),
+        ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
+    ];
+    for (key, what, goal) in rows {
+        println!("  {what:<42} {:>9.4}   target {goal}", targets[key].as_f64().unwrap_or(f64::NAN));
+    }
+}

@@ -1,0 +1,194 @@
+//! The reference figures every memsock number is compared with, measured
+//! in the same run: memcpy, a minimal two-process SPSC ring, a cache-line
+//! ping-pong and a futex ping-pong.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Result;
+use memsock_proto::platform::{futex_wait, futex_wake};
+use serde_json::{Value, json};
+
+use crate::sys::{ChildProc, Region, inherited_fds, pin, report};
+
+/// One value on its own 128-byte line.
+#[repr(C, align(128))]
+struct Line<T>(T);
+
+/// Single-threaded copy between two buffers.
+pub fn memcpy(size: usize, bytes_total: usize) -> Value {
+    let src = vec![0x5au8; size];
+    let mut dst = vec![0u8; size];
+    let rounds = (bytes_total / size).max(1);
+    dst.copy_from_slice(&src); // fault both in
+    let start = Instant::now();
+    for _ in 0..rounds {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    json!({"case": "memcpy", "size": size, "gbytes_per_s": (size * rounds) as f64 / secs / 1e9})
+}
+
+/// A minimal SPSC ring of 64-byte messages: no pool, no fan-out, spin.
+const RING_SLOTS: usize = 1024;
+
+#[repr(C)]
+struct Ring {
+    /// Next message the consumer reads.
+    head: Line<AtomicU64>,
+    /// Next message the producer writes.
+    tail: Line<AtomicU64>,
+    slots: [[u8; 64]; RING_SLOTS],
+}
+
+/// The ring's producer runs here, its consumer in a child process.
+pub fn reference_ring(count: u64) -> Result<Value> {
+    let region = Region::create(std::mem::size_of::<Ring>())?;
+    let (mut child, _) = ChildProc::spawn(&json!({"role": "ring_consumer", "count": count}), &[region.fd()])?;
+    child.read()?; // ready
+    pin(0);
+    // SAFETY: `Ring` is atomics and bytes, smaller than the region.
+    let ring = unsafe { region.get::<Ring>() };
+    let slots = ring.slots.as_ptr() as *mut [u8; 64];
+    let mut msg = [0x5au8; 64];
+    let (mut tail, mut head_seen) = (0u64, 0u64);
+    for seq in 0..count {
+        while tail - head_seen == RING_SLOTS as u64 {
+            // Acquire pairs with the consumer's Release store of `head`.
+            head_seen = ring.head.0.load(Ordering::Acquire);
+            std::hint::spin_loop();
+        }
+        msg[..8].copy_from_slice(&seq.to_le_bytes());
+        // SAFETY: slot `tail % RING_SLOTS` is free (tail - head < slots) and
+        // only the producer writes slots.
+        unsafe { std::ptr::write_volatile(slots.add(tail as usize % RING_SLOTS), msg) };
+        tail += 1;
+        // Release pairs with the consumer's Acquire load of `tail`.
+        ring.tail.0.store(tail, Ordering::Release);
+    }
+    let r = child.finish()?;
+    let secs = r["elapsed_ns"].as_f64().unwrap_or(f64::NAN) / 1e9;
+    Ok(json!({"case": "reference_ring", "size": 64, "msgs_per_s": count as f64 / secs}))
+}
+
+/// Child side of [`reference_ring`].
+pub fn ring_consumer(spec: &Value) -> Result<()> {
+    let count = spec["count"].as_u64().unwrap_or(0);
+    let fd = inherited_fds(spec).pop().expect("ring fd");
+    let region = Region::map(fd, std::mem::size_of::<Ring>())?;
+    // SAFETY: as in the producer.
+    let ring = unsafe { region.get::<Ring>() };
+    let slots = ring.slots.as_ptr();
+    pin(1);
+    report(&json!({"ready": true}));
+    let (mut head, mut tail_seen) = (0u64, 0u64);
+    let mut start = None;
+    let mut check = 0u64;
+    while head < count {
+        while head == tail_seen {
+            // Acquire pairs with the producer's Release store of `tail`.
+            tail_seen = ring.tail.0.load(Ordering::Acquire);
+            std::hint::spin_loop();
+        }
+        start.get_or_insert_with(Instant::now);
+        // SAFETY: slot `head % RING_SLOTS` was published (head < tail) and
+        // is not rewritten before `head` moves past it.
+        let msg: [u8; 64] = unsafe { std::ptr::read_volatile(slots.add(head as usize % RING_SLOTS)) };
+        let seq = u64::from_le_bytes(msg[..8].try_into().unwrap());
+        assert_eq!(seq, head, "reference ring lost a message");
+        check = check.wrapping_add(crate::stream::fold(&msg));
+        head += 1;
+        // Release pairs with the producer's Acquire load of `head`.
+        ring.head.0.store(head, Ordering::Release);
+    }
+    black_box(check);
+    let ns = start.map_or(0, |s| s.elapsed().as_nanos() as u64);
+    report(&json!({"elapsed_ns": ns}));
+    Ok(())
+}
+
+#[repr(C)]
+struct PingPong {
+    ping: Line<AtomicU64>,
+    pong: Line<AtomicU64>,
+    ping32: Line<AtomicU32>,
+    pong32: Line<AtomicU32>,
+}
+
+/// Half the round trip of a cache line bounced between two processes.
+pub fn cacheline(rounds: u64) -> Result<Value> {
+    let region = Region::create(std::mem::size_of::<PingPong>())?;
+    let (mut child, _) = ChildProc::spawn(&json!({"role": "pong", "rounds": rounds, "futex": false}), &[region.fd()])?;
+    child.read()?;
+    pin(0);
+    // SAFETY: atomics only, smaller than the region.
+    let pp = unsafe { region.get::<PingPong>() };
+    let start = Instant::now();
+    for i in 1..=rounds {
+        pp.ping.0.store(i, Ordering::Release);
+        while pp.pong.0.load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64;
+    child.finish()?;
+    Ok(json!({"case": "cacheline", "one_way_ns": ns / (2 * rounds) as f64}))
+}
+
+/// Half the round trip of a futex wake between two sleeping processes.
+pub fn futex(rounds: u32) -> Result<Value> {
+    let region = Region::create(std::mem::size_of::<PingPong>())?;
+    let (mut child, _) = ChildProc::spawn(&json!({"role": "pong", "rounds": rounds, "futex": true}), &[region.fd()])?;
+    child.read()?;
+    // SAFETY: atomics only, smaller than the region.
+    let pp = unsafe { region.get::<PingPong>() };
+    let start = Instant::now();
+    for i in 1..=rounds {
+        pp.ping32.0.store(i, Ordering::Release);
+        futex_wake(&pp.ping32.0);
+        wait_for(&pp.pong32.0, i);
+    }
+    let ns = start.elapsed().as_nanos() as f64;
+    child.finish()?;
+    Ok(json!({"case": "futex", "one_way_ns": ns / (2 * rounds) as f64}))
+}
+
+fn wait_for(word: &AtomicU32, value: u32) {
+    loop {
+        let now = word.load(Ordering::Acquire);
+        if now == value {
+            return;
+        }
+        futex_wait(word, now, None);
+    }
+}
+
+/// Child side of [`cacheline`] and [`futex`].
+pub fn pong(spec: &Value) -> Result<()> {
+    let rounds = spec["rounds"].as_u64().unwrap_or(0);
+    let fd = inherited_fds(spec).pop().expect("region fd");
+    let region = Region::map(fd, std::mem::size_of::<PingPong>())?;
+    // SAFETY: as in the parent.
+    let pp = unsafe { region.get::<PingPong>() };
+    if spec["futex"].as_bool() == Some(true) {
+        report(&json!({"ready": true}));
+        for i in 1..=rounds as u32 {
+            wait_for(&pp.ping32.0, i);
+            pp.pong32.0.store(i, Ordering::Release);
+            futex_wake(&pp.pong32.0);
+        }
+    } else {
+        pin(1);
+        report(&json!({"ready": true}));
+        for i in 1..=rounds {
+            while pp.ping.0.load(Ordering::Acquire) != i {
+                std::hint::spin_loop();
+            }
+            pp.pong.0.store(i, Ordering::Release);
+        }
+    }
+    report(&json!({"done": true}));
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! memsock streams across processes: the owner here, the publisher and
+//! each subscriber in a child process.
+//!
+//! Each case runs two phases. Throughput: the publisher sends `count`
+//! frames as fast as lossless subscribers take them (it spins or sleeps on
+//! back-pressure, as the wait mode says); every frame is written whole by
+//! the publisher and read whole by each subscriber. Latency: `lat_count`
+//! frames sent at a fixed interval, each subscriber timing receive time
+//! minus publish timestamp.
+
+use std::hint::black_box;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use memsock::{
+    OverflowPolicy, Publisher, SendError, StreamConfig, StreamSegment, Subscriber, SubscriberOptions,
+    SubscriberTicket, WaitStrategy,
+};
+use serde_json::{Value, json};
+
+use crate::sys::{ChildProc, inherited_fds, pin, quantile, report, usage};
+
+/// One stream measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// Frame size in bytes.
+    pub size: usize,
+    /// Number of subscriber processes.
+    pub subscribers: u32,
+    /// Spin (true) or spin-then-park.
+    pub spin: bool,
+    /// Frames in the throughput phase.
+    pub count: u64,
+    /// Frames in the latency phase.
+    pub lat_count: u64,
+}
+
+impl Case {
+    fn wait(&self) -> WaitStrategy {
+        if self.spin { WaitStrategy::Spin } else { WaitStrategy::default() }
+    }
+
+    /// Interval between latency-phase frames: long enough for the
+    /// subscribers to be idle (and, when blocking, asleep) at each frame.
+    fn interval(&self) -> Duration {
+        let read = Duration::from_nanos((self.size as u64 / 8).max(1)); // ~8 B/ns reading
+        let idle = if self.spin { Duration::from_micros(20) } else { Duration::from_micros(300) };
+        idle.max(read * 4)
+    }
+}
+
+/// Folds a frame's bytes into a checksum: how benchmarks "read it whole".
+#[inline]
+pub fn fold(bytes: &[u8]) -> u64 {
+    let mut acc = [0u64; 4];
+    let mut chunks = bytes.chunks_exact(32);
+    for c in &mut chunks {
+        for (a, w) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()));
+        }
+    }
+    let tail = chunks.remainder().iter().fold(0u64, |a, &b| a.wrapping_add(u64::from(b)));
+    acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
+/// Writes frame `seq` into `buf` whole: a fill plus the sequence number.
+#[inline]
+fn write_frame(buf: &mut [u8], seq: u64) {
+    if buf.len() > 64 {
+        buf.fill(seq as u8);
+    } else {
+        let mut msg = [0x5au8; 64];
+        msg[..8].copy_from_slice(&seq.to_le_bytes());
+        buf.copy_from_slice(&msg[..buf.len()]);
+    }
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+fn wait_name(spin: bool) -> &'static str {
+    if spin { "spin" } else { "block" }
+}
+
+/// Runs one case.
+pub fn run(case: Case) -> Result<Value> {
+    let credits = if case.size > 4096 { 4 } else { 256 };
+    let slots = credits * case.subscribers + 1 + 2;
+    let mut config = StreamConfig::new(case.size as u32, slots);
+    config.max_subscribers = case.subscribers.max(4);
+    let mut seg = StreamSegment::create("bench", &config)?;
+    let spec = |role: &str| {
+        json!({
+            "role": role, "size": case.size, "count": case.count, "lat_count": case.lat_count,
+            "spin": case.spin, "interval_ns": case.interval().as_nanos() as u64,
+        })
+    };
+    let mut subs = Vec::new();
+    for _ in 0..case.subscribers {
+        let opts = SubscriberOptions { credits, policy: OverflowPolicy::Lossless, wait: case.wait() };
+        let t = seg.add_subscriber(&opts, 0)?;
+        let mut s = spec("stream_subscriber");
+        s["index"] = t.index.into();
+        s["generation"] = t.generation.into();
+        s["cpu"] = if case.spin && case.subscribers == 1 { 1.into() } else { Value::Null };
+        let ro = seg.read_only_data_fd()?;
+        let (child, _) = ChildProc::spawn(&s, &[ro.as_fd(), seg.channel_fd(t.index)])?;
+        subs.push(child);
+    }
+    for s in &mut subs {
+        s.read().context("subscriber ready")?;
+    }
+    let mut fds = vec![seg.data_fd()];
+    fds.extend(seg.channel_fds());
+    let mut p = spec("stream_publisher");
+    p["cpu"] = if case.spin && case.subscribers == 1 { 0.into() } else { Value::Null };
+    let (publisher, _) = ChildProc::spawn(&p, &fds)?;
+    let pub_result = publisher.finish()?;
+    let mut results = Vec::new();
+    for s in subs {
+        results.push(s.finish()?);
+    }
+    let stats = seg.stats();
+    if stats.subscribers.iter().any(|s| s.dropped != 0 || s.faults != 0) {
+        bail!("lossless subscribers lost frames or saw faults: {stats:?}");
+    }
+
+    let elapsed = results.iter().map(|r| r["elapsed_ns"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
+    let msgs_per_s = case.count as f64 / (elapsed / 1e9);
+    let p50 = results.iter().map(|r| r["lat_p50_ns"].as_u64().unwrap_or(0)).max().unwrap_or(0);
+    let p99 = results.iter().map(|r| r["lat_p99_ns"].as_u64().unwrap_or(0)).max().unwrap_or(0);
+    let total = (case.count + case.lat_count) as f64;
+    let minflt: u64 = pub_result["minflt"].as_u64().unwrap_or(0) + results.iter().map(|r| r["minflt"].as_u64().unwrap_or(0)).sum::<u64>();
+    Ok(json!({
+        "case": "stream",
+        "size": case.size,
+        "subscribers": case.subscribers,
+        "wait": wait_name(case.spin),
+        "msgs_per_s": msgs_per_s,
+        "gbytes_per_s": msgs_per_s * case.size as f64 / 1e9,
+        "lat_p50_ns": p50,
+        "lat_p99_ns": p99,
+        "pub_cpu_ns_per_msg": pub_result["cpu_ns"].as_f64().unwrap_or(f64::NAN) / case.count as f64,
+        "minflt_per_msg": minflt as f64 / total,
+    }))
+}
+
+/// Child: the publisher.
+pub fn publisher_child(spec: &Value) -> Result<()> {
+    let size = spec["size"].as_u64().unwrap_or(64) as usize;
+    let count = spec["count"].as_u64().unwrap_or(0);
+    let lat_count = spec["lat_count"].as_u64().unwrap_or(0);
+    let spin = spec["spin"].as_bool().unwrap_or(true);
+    let interval = Duration::from_nanos(spec["interval_ns"].as_u64().unwrap_or(10_000));
+    if let Some(cpu) = spec["cpu"].as_u64() {
+        pin(cpu as usize);
+    }
+    let fds = inherited_fds(spec);
+    let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+    let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
+
+    let (cpu0, flt0) = usage();
+    for seq in 0..count {
+        send_one(&mut publisher, size, seq, spin)?;
+    }
+    let (cpu1, _) = usage();
+    for seq in count..count + lat_count {
+        let next = Instant::now() + interval;
+        while Instant::now() < next {
+            std::hint::spin_loop();
+        }
+        send_one(&mut publisher, size, seq, spin)?;
+    }
+    let (_, flt1) = usage();
+    report(&json!({"cpu_ns": cpu1 - cpu0, "minflt": flt1 - flt0}));
+    Ok(())
+}
+
+#[inline]
+fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Result<()> {
+    let mut sample = publisher.loan()?;
+    write_frame(&mut sample.as_mut_slice()[..size], seq);
+    sample.set_len(size);
+    if !spin {
+        sample.send_timeout(Duration::from_secs(30))?;
+        return Ok(());
+    }
+    loop {
+        match sample.try_send() {
+            Ok(_) => return Ok(()),
+            Err(unsent) if matches!(unsent.error, SendError::WouldBlock { .. }) => {
+                sample = unsent.sample;
+                std::hint::spin_loop();
+            }
+            Err(unsent) => return Err(unsent.error.into()),
+        }
+    }
+}
+
+/// Child: one subscriber.
+pub fn subscriber_child(spec: &Value) -> Result<()> {
+    let size = spec["size"].as_u64().unwrap_or(64) as usize;
+    let count = spec["count"].as_u64().unwrap_or(0);
+    let lat_count = spec["lat_count"].as_u64().unwrap_or(0);
+    let spin = spec["spin"].as_bool().unwrap_or(true);
+    if let Some(cpu) = spec["cpu"].as_u64() {
+        pin(cpu as usize);
+    }
+    let fds = inherited_fds(spec);
+    let ticket = SubscriberTicket {
+        index: spec["index"].as_u64().unwrap_or(0) as u32,
+        generation: spec["generation"].as_u64().unwrap_or(0),
+        wait: if spin { WaitStrategy::Spin } else { WaitStrategy::default() },
+    };
+    let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket)?;
+    let mut lat = Vec::with_capacity(lat_count as usize);
+    report(&json!({"ready": true}));
+
+    let (_, flt0) = usage();
+    let mut check = 0u64;
+    let mut start = None;
+    let mut elapsed = Duration::ZERO;
+    for expect in 0..count + lat_count {
+        let sample = sub.recv()?;
+        let now = memsock::now_ns();
+        start.get_or_insert_with(Instant::now);
+        if sample.seq() != expect || sample.len() != size {
+            bail!("expected frame {expect} of {size} bytes, got {} of {}", sample.seq(), sample.len());
+        }
+        check = check.wrapping_add(fold(&sample));
+        if u64::from_le_bytes(sample[..8].try_into().unwrap()) != expect {
+            bail!("frame {expect} carries the wrong payload");
+        }
+        if expect >= count {
+            lat.push(now.saturating_sub(sample.timestamp_ns()));
+        }
+        drop(sample);
+        if expect + 1 == count {
+            elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+        }
+    }
+    black_box(check);
+    let (_, flt1) = usage();
+    report(&json!({
+        "elapsed_ns": elapsed.as_nanos() as u64,
+        "lat_p50_ns": quantile(&mut lat, 0.5),
+        "lat_p99_ns": quantile(&mut lat, 0.99),
+        "minflt": flt1 - flt0,
+    }));
+    Ok(())
+}

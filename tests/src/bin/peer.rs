@@ -1,0 +1,223 @@
+//! A peer process for memsock's cross-process tests: a publisher, a
+//! (possibly slow, leaving or hanging) subscriber, or a hostile subscriber
+//! that abuses its channel. Its role and parameters come as JSON in
+//! `MEMSOCK_TEST_PEER`, its stream files as inherited descriptors; it
+//! reports JSON lines on stdout, the last one `{"report": ...}`.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use memsock::{Publisher, RecvError, SendError, Subscriber, SubscriberTicket, TryRecvError, WaitStrategy};
+use memsock_proto::shm::layout::ChannelHeader;
+use memsock_tests::{PEER_ENV, check_frame, fill_frame, frame_len, inherited_fds, mix};
+use serde_json::{Value, json};
+
+fn say(v: Value) {
+    println!("{v}");
+}
+
+fn main() -> Result<()> {
+    let spec: Value = serde_json::from_str(&std::env::var(PEER_ENV).context("run by the tests only")?)?;
+    match spec["role"].as_str() {
+        Some("publisher") => publisher(&spec),
+        Some("subscriber") => subscriber(&spec),
+        Some("hostile") => hostile(&spec),
+        other => bail!("unknown role {other:?}"),
+    }
+}
+
+fn u(spec: &Value, key: &str, default: u64) -> u64 {
+    spec[key].as_u64().unwrap_or(default)
+}
+
+/// Sends `count` frames (forever if 0) until the stream closes.
+fn publisher(spec: &Value) -> Result<()> {
+    let fds = inherited_fds(spec);
+    let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+    let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
+    let slot_size = publisher.slot_size();
+    let count = u(spec, "count", 0);
+    let pace = Duration::from_nanos(u(spec, "pace_ns", 0));
+    let every = u(spec, "report_every", 0);
+    say(json!({"ready": true}));
+    let (mut sent, mut timeouts) = (0u64, 0u64);
+    let mut seq = publisher.next_seq();
+    while count == 0 || sent < count {
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
+        let mut sample = publisher.loan()?;
+        let len = frame_len(seq, slot_size);
+        fill_frame(seq, &mut sample.as_mut_slice()[..len]);
+        sample.set_len(len);
+        loop {
+            match sample.try_send_timeout(Duration::from_secs(1)) {
+                Ok(info) => {
+                    assert_eq!(info.seq, seq, "sequence numbers are consecutive");
+                    break;
+                }
+                Err(unsent) if unsent.error == SendError::Timeout => {
+                    timeouts += 1;
+                    sample = unsent.sample;
+                }
+                Err(unsent) if unsent.error == SendError::Closed => {
+                    say(json!({"report": {"sent": sent, "timeouts": timeouts, "closed": true}}));
+                    return Ok(());
+                }
+                Err(unsent) => return Err(unsent.error.into()),
+            }
+        }
+        sent += 1;
+        seq += 1;
+        if every != 0 && sent % every == 0 {
+            say(json!({"sent": sent}));
+        }
+    }
+    say(json!({"report": {"sent": sent, "timeouts": timeouts, "closed": false}}));
+    Ok(())
+}
+
+fn ticket(spec: &Value) -> SubscriberTicket {
+    SubscriberTicket {
+        index: u(spec, "index", 0) as u32,
+        generation: u(spec, "generation", 0),
+        wait: match spec["wait"].as_str() {
+            Some("spin") => WaitStrategy::Spin,
+            Some("park") => WaitStrategy::Park,
+            _ => WaitStrategy::default(),
+        },
+    }
+}
+
+/// Receives and checks every frame until the stream closes, it is
+/// detached, or `max_frames` arrived; or takes `hold` frames and hangs.
+fn subscriber(spec: &Value) -> Result<()> {
+    let fds = inherited_fds(spec);
+    let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket(spec))?;
+    let slot_size = sub.slot_size();
+    let max_frames = u(spec, "max_frames", 0);
+    let hold = u(spec, "hold", 0);
+    let slow = Duration::from_micros(u(spec, "slow_us", 0));
+    let slow_every = u(spec, "slow_every", 1).max(1);
+    let mut scratch = vec![0u8; slot_size];
+    say(json!({"ready": true}));
+
+    if hold > 0 {
+        let held: Vec<_> = (0..hold).map(|_| sub.recv()).collect::<Result<_, _>>()?;
+        say(json!({"holding": held.len()}));
+        loop {
+            std::thread::park(); // until SIGKILL
+        }
+    }
+
+    let (mut received, mut missing, mut bad) = (0u64, 0u64, 0u64);
+    let (mut first, mut last) = (None, None::<u64>);
+    let end = loop {
+        if max_frames != 0 && received == max_frames {
+            break "max";
+        }
+        let sample = match sub.recv_timeout(Duration::from_secs(60)) {
+            Ok(s) => s,
+            Err(RecvError::Closed) => break "closed",
+            Err(RecvError::Detached) => break "detached",
+            Err(e) => bail!("receive failed after {received} frames: {e}"),
+        };
+        let seq = sample.seq();
+        if let Some(prev) = last {
+            if seq <= prev {
+                bail!("sequence went from {prev} to {seq}");
+            }
+            missing += seq - prev - 1;
+        }
+        first.get_or_insert(seq);
+        last = Some(seq);
+        if !check_frame(seq, slot_size, &sample, &mut scratch) {
+            bad += 1;
+        }
+        received += 1;
+        drop(sample);
+        if !slow.is_zero() && received % slow_every == 0 {
+            std::thread::sleep(slow);
+        }
+    };
+    say(json!({"report": {
+        "received": received, "missing": missing, "bad": bad,
+        "first": first, "last": last, "end": end, "faults": sub.faults(),
+    }}));
+    Ok(())
+}
+
+/// A subscriber that does, at random, everything a buggy or hostile one
+/// could to its own channel, for `duration_ms` or until the stream closes.
+fn hostile(spec: &Value) -> Result<()> {
+    let fds = inherited_fds(spec);
+    let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket(spec))?;
+    let capacity = u(spec, "queue_capacity", 1) as usize;
+    let slot_count = u(spec, "slot_count", 1);
+    let len = rustix::fs::fstat(&fds[1])?.st_size as usize;
+    let map = memmap2::MmapOptions::new().len(len).map_raw(fds[1].as_raw_fd())?;
+    // SAFETY: the channel file starts with a `ChannelHeader` (atomics only,
+    // valid for any bytes); the mapping is page aligned and outlives `ch`.
+    let ch = unsafe { &*(map.as_ptr() as *const ChannelHeader) };
+    let ret_base = std::mem::size_of::<ChannelHeader>();
+    let word = |offset: usize| -> &AtomicU64 {
+        // SAFETY: callers pass 8-aligned offsets inside the mapping; an
+        // atomic is valid for any bytes.
+        unsafe { &*(map.as_ptr().add(offset) as *const AtomicU64) }
+    };
+    let deadline = Instant::now() + Duration::from_millis(u(spec, "duration_ms", 2000));
+    let mut rng = u(spec, "seed", 1);
+    let mut next = || {
+        rng = mix(rng);
+        rng
+    };
+    say(json!({"ready": true}));
+    let (mut actions, mut errors) = (0u64, 0u64);
+    let mut held = Vec::new();
+    let mut last_slot = 0u32;
+    while Instant::now() < deadline {
+        actions += 1;
+        let r = next();
+        match r % 10 {
+            0..=3 => match sub.try_recv() {
+                Ok(s) => {
+                    last_slot = s.info().slot;
+                    if held.len() < 2 && r & 0x100 != 0 {
+                        held.push(s);
+                    }
+                }
+                Err(TryRecvError::Closed) => break,
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(_) => {
+                    errors += 1;
+                    held.clear();
+                }
+            },
+            4 => {
+                // Return the slot it last had once more, and a random one.
+                for slot in [last_slot, (next() % (2 * slot_count)) as u32] {
+                    let tail = ch.tail.load(Relaxed);
+                    word((ret_base + (tail as usize % capacity) * 4) & !7).store(u64::from(slot) * 0x1_0000_0001, Relaxed);
+                    ch.tail.store(tail + 1, Relaxed);
+                }
+            }
+            5 => ch.tail.store(next(), Relaxed),
+            6 => ch.head.store(ch.head.load(Relaxed).wrapping_add(next() % 5).wrapping_sub(2), Relaxed),
+            7 => {
+                ch.waiting.store(1, Relaxed);
+                ch.pub_waiting.store(next() as u32, Relaxed);
+            }
+            8 => {
+                // Scribble anywhere in its channel, header included.
+                let offset = (next() as usize % (len / 8)) * 8;
+                word(offset).store(next(), Relaxed);
+            }
+            _ => held.clear(),
+        }
+    }
+    drop(held);
+    say(json!({"report": {"actions": actions, "errors": errors}}));
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Support for memsock's cross-process tests: deterministic frame contents
+//! that a receiver can check byte for byte, and peer processes started
+//! with inherited descriptors that report JSON lines.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Environment variable carrying a peer's role and parameters (JSON).
+pub const PEER_ENV: &str = "MEMSOCK_TEST_PEER";
+
+/// SplitMix64: a fast, well-mixed sequence, so every frame's bytes differ.
+#[inline]
+pub fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Length of frame `seq`: 1 ..= `slot_size`, pseudo-random.
+#[inline]
+pub fn frame_len(seq: u64, slot_size: usize) -> usize {
+    1 + (mix(seq ^ 0xa5a5) % slot_size as u64) as usize
+}
+
+/// Fills `buf` with frame `seq`'s contents.
+#[inline]
+pub fn fill_frame(seq: u64, buf: &mut [u8]) {
+    let mut state = mix(seq);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        state = mix(state);
+        c.copy_from_slice(&state.to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    let last = mix(state).to_le_bytes();
+    rest.copy_from_slice(&last[..rest.len()]);
+}
+
+/// Whether `bytes` are exactly frame `seq` for a stream of `slot_size`.
+pub fn check_frame(seq: u64, slot_size: usize, bytes: &[u8], scratch: &mut [u8]) -> bool {
+    let len = frame_len(seq, slot_size);
+    if bytes.len() != len {
+        return false;
+    }
+    fill_frame(seq, &mut scratch[..len]);
+    bytes == &scratch[..len]
+}
+
+/// A peer process and its report channel.
+#[derive(Debug)]
+pub struct Peer {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    /// Starts the peer binary `exe` with `spec` (which names its `"role"`),
+    /// letting it inherit `fds`; their numbers are added to the spec.
+    pub fn spawn(exe: &str, spec: &Value, fds: &[BorrowedFd<'_>]) -> Result<Self> {
+        // Duplicates without close-on-exec are inherited by this child only
+        // (they are closed here once it has started).
+        let dups: Vec<OwnedFd> = fds.iter().map(rustix::io::dup).collect::<Result<_, _>>()?;
+        let mut spec = spec.clone();
+        spec["fds"] = dups.iter().map(|fd| fd.as_raw_fd()).collect::<Vec<_>>().into();
+        let mut child = Command::new(exe)
+            .env(PEER_ENV, spec.to_string())
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {exe}"))?;
+        drop(dups);
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self { child, out })
+    }
+
+    /// The peer's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next JSON line the peer reports.
+    pub fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.out.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            bail!("peer {} ended without reporting ({status})", self.child.id());
+        }
+        serde_json::from_str(line.trim()).with_context(|| format!("peer said {line:?}"))
+    }
+
+    /// Reads lines until one has `key`.
+    pub fn read_until(&mut self, key: &str) -> Result<Value> {
+        loop {
+            let v = self.read()?;
+            if !v[key].is_null() {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Waits for the peer to exit successfully and returns its final report.
+    pub fn finish(mut self) -> Result<Value> {
+        let report = self.read_until("report")?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("peer failed ({status}): {report}");
+        }
+        Ok(report["report"].clone())
+    }
+
+    /// Kills the peer with SIGKILL and reaps it.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Whether the peer has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Peer {
+    /// A peer still running when its test gives up is killed, so that no
+    /// process outlives a failed test.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// In a peer: the descriptors the parent passed, in order.
+pub fn inherited_fds(spec: &Value) -> Vec<OwnedFd> {
+    spec["fds"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    let fd = n.as_i64().expect("descriptor number") as RawFd;
+                    // SAFETY: the parent duplicated these descriptors for this
+                    // process alone and passed each number once.
+                    unsafe { OwnedFd::from_raw_fd(fd) }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `cond` every millisecond until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cond()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_deterministic_and_distinct() {
+        let mut a = vec![0; 300];
+        let mut b = vec![0; 300];
+        for seq in 0..100 {
+            let len = frame_len(seq, 300);
+            assert!((1..=300).contains(&len));
+            fill_frame(seq, &mut a[..len]);
+            assert!(check_frame(seq, 300, &a[..len], &mut b));
+            assert!(!check_frame(seq + 1, 300, &a[..len], &mut b));
+        }
+    }
+}
