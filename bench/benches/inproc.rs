@@ -28,7 +28,9 @@ fn bench(c: &mut Criterion) {
     drop(publisher);
 
     // Send, receive and release through the queue of one and four subscribers.
-    for (n, policy) in [(1, OverflowPolicy::DropNewest), (4, OverflowPolicy::DropNewest), (1, OverflowPolicy::KeepLatest)] {
+    for (n, policy) in
+        [(1, OverflowPolicy::DropNewest), (4, OverflowPolicy::DropNewest), (1, OverflowPolicy::KeepLatest)]
+    {
         let mut seg = StreamSegment::create("bench", &StreamConfig::new(64, 64 * n + 8)).unwrap();
         let subs: Vec<_> = (0..n).map(|_| seg.open_subscriber(&opts(policy)).unwrap()).collect();
         let mut publisher = seg.open_publisher().unwrap();

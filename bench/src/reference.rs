@@ -31,56 +31,69 @@ pub fn memcpy(size: usize, bytes_total: usize) -> Value {
     json!({"case": "memcpy", "size": size, "gbytes_per_s": (size * rounds) as f64 / secs / 1e9})
 }
 
-/// A minimal SPSC ring of 64-byte messages: no pool, no fan-out, spin.
-const RING_SLOTS: usize = 1024;
-
+/// A minimal SPSC ring: no pool, no fan-out, no policies, spin. Frames of
+/// `size` bytes are written whole by the producer and read whole by the
+/// consumer, exactly as in the stream cases, so that the two compare.
 #[repr(C)]
-struct Ring {
-    /// Next message the consumer reads.
+struct RingHeader {
+    /// Next frame the consumer reads.
     head: Line<AtomicU64>,
-    /// Next message the producer writes.
+    /// Next frame the producer writes.
     tail: Line<AtomicU64>,
-    slots: [[u8; 64]; RING_SLOTS],
 }
 
-/// The ring's producer runs here, its consumer in a child process.
-pub fn reference_ring(count: u64) -> Result<Value> {
-    let region = Region::create(std::mem::size_of::<Ring>())?;
-    let (mut child, _) = ChildProc::spawn(&json!({"role": "ring_consumer", "count": count}), &[region.fd()])?;
+/// Ring geometry for a frame size: slot count and slot stride.
+fn ring_geometry(size: usize) -> (usize, usize) {
+    if size <= 64 { (1024, 64) } else { (8, size.div_ceil(4096) * 4096) }
+}
+
+fn ring_len(size: usize) -> usize {
+    let (slots, stride) = ring_geometry(size);
+    4096 + slots * stride
+}
+
+/// The ring's producer runs here, its consumer in a child process; the
+/// two are pinned to CPUs 0 and 1 like the one-subscriber stream cases.
+pub fn reference_ring(size: usize, count: u64) -> Result<Value> {
+    let region = Region::create(ring_len(size))?;
+    let spec = json!({"role": "ring_consumer", "count": count, "size": size});
+    let (mut child, _) = ChildProc::spawn(&spec, &[region.fd()])?;
     child.read()?; // ready
     pin(0);
-    // SAFETY: `Ring` is atomics and bytes, smaller than the region.
-    let ring = unsafe { region.get::<Ring>() };
-    let slots = ring.slots.as_ptr() as *mut [u8; 64];
-    let mut msg = [0x5au8; 64];
+    let (slots, stride) = ring_geometry(size);
+    // SAFETY: the header is atomics only, at the start of the region.
+    let ring = unsafe { region.get::<RingHeader>() };
     let (mut tail, mut head_seen) = (0u64, 0u64);
     for seq in 0..count {
-        while tail - head_seen == RING_SLOTS as u64 {
+        while tail - head_seen == slots as u64 {
             // Acquire pairs with the consumer's Release store of `head`.
             head_seen = ring.head.0.load(Ordering::Acquire);
             std::hint::spin_loop();
         }
-        msg[..8].copy_from_slice(&seq.to_le_bytes());
-        // SAFETY: slot `tail % RING_SLOTS` is free (tail - head < slots) and
-        // only the producer writes slots.
-        unsafe { std::ptr::write_volatile(slots.add(tail as usize % RING_SLOTS), msg) };
+        // SAFETY: slot `tail % slots` is free (tail - head < slots), lies
+        // within the region, and only the producer writes slots.
+        let frame = unsafe { region.bytes_mut(4096 + (tail as usize % slots) * stride, size) };
+        crate::stream::write_frame(frame, seq);
         tail += 1;
         // Release pairs with the consumer's Acquire load of `tail`.
         ring.tail.0.store(tail, Ordering::Release);
     }
     let r = child.finish()?;
     let secs = r["elapsed_ns"].as_f64().unwrap_or(f64::NAN) / 1e9;
-    Ok(json!({"case": "reference_ring", "size": 64, "msgs_per_s": count as f64 / secs}))
+    let msgs_per_s = count as f64 / secs;
+    Ok(json!({"case": "reference_ring", "size": size, "msgs_per_s": msgs_per_s,
+              "gbytes_per_s": msgs_per_s * size as f64 / 1e9}))
 }
 
 /// Child side of [`reference_ring`].
 pub fn ring_consumer(spec: &Value) -> Result<()> {
     let count = spec["count"].as_u64().unwrap_or(0);
+    let size = spec["size"].as_u64().unwrap_or(64) as usize;
     let fd = inherited_fds(spec).pop().expect("ring fd");
-    let region = Region::map(fd, std::mem::size_of::<Ring>())?;
+    let region = Region::map(fd, ring_len(size))?;
+    let (slots, stride) = ring_geometry(size);
     // SAFETY: as in the producer.
-    let ring = unsafe { region.get::<Ring>() };
-    let slots = ring.slots.as_ptr();
+    let ring = unsafe { region.get::<RingHeader>() };
     pin(1);
     report(&json!({"ready": true}));
     let (mut head, mut tail_seen) = (0u64, 0u64);
@@ -93,12 +106,12 @@ pub fn ring_consumer(spec: &Value) -> Result<()> {
             std::hint::spin_loop();
         }
         start.get_or_insert_with(Instant::now);
-        // SAFETY: slot `head % RING_SLOTS` was published (head < tail) and
-        // is not rewritten before `head` moves past it.
-        let msg: [u8; 64] = unsafe { std::ptr::read_volatile(slots.add(head as usize % RING_SLOTS)) };
-        let seq = u64::from_le_bytes(msg[..8].try_into().unwrap());
-        assert_eq!(seq, head, "reference ring lost a message");
-        check = check.wrapping_add(crate::stream::fold(&msg));
+        // SAFETY: frame `head` was published (head < tail) and is not
+        // rewritten before `head` moves past it.
+        let frame = unsafe { region.bytes(4096 + (head as usize % slots) * stride, size) };
+        let seq = u64::from_le_bytes(frame[..8].try_into().unwrap());
+        assert_eq!(seq, head, "reference ring lost a frame");
+        check = check.wrapping_add(crate::stream::fold(frame));
         head += 1;
         // Release pairs with the producer's Acquire load of `head`.
         ring.head.0.store(head, Ordering::Release);
@@ -137,11 +150,16 @@ pub fn cacheline(rounds: u64) -> Result<Value> {
     Ok(json!({"case": "cacheline", "one_way_ns": ns / (2 * rounds) as f64}))
 }
 
-/// Half the round trip of a futex wake between two sleeping processes.
+/// Half the round trip of a futex wake between two sleeping processes,
+/// pinned to CPUs 0 and 1 like the one-subscriber stream cases. (Left to
+/// the scheduler, the two often share one CPU, where a wake is a local
+/// context switch — on this kind of VM ~20× cheaper than waking another
+/// CPU — and the comparison with a pinned stream would be meaningless.)
 pub fn futex(rounds: u32) -> Result<Value> {
     let region = Region::create(std::mem::size_of::<PingPong>())?;
     let (mut child, _) = ChildProc::spawn(&json!({"role": "pong", "rounds": rounds, "futex": true}), &[region.fd()])?;
     child.read()?;
+    pin(0);
     // SAFETY: atomics only, smaller than the region.
     let pp = unsafe { region.get::<PingPong>() };
     let start = Instant::now();
@@ -172,6 +190,7 @@ pub fn pong(spec: &Value) -> Result<()> {
     let region = Region::map(fd, std::mem::size_of::<PingPong>())?;
     // SAFETY: as in the parent.
     let pp = unsafe { region.get::<PingPong>() };
+    pin(1);
     if spec["futex"].as_bool() == Some(true) {
         report(&json!({"ready": true}));
         for i in 1..=rounds as u32 {
@@ -180,7 +199,6 @@ pub fn pong(spec: &Value) -> Result<()> {
             futex_wake(&pp.pong32.0);
         }
     } else {
-        pin(1);
         report(&json!({"ready": true}));
         for i in 1..=rounds {
             while pp.ping.0.load(Ordering::Acquire) != i {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use memsock::{
-    OverflowPolicy, Publisher, SendError, StreamConfig, StreamSegment, Subscriber, SubscriberOptions,
-    SubscriberTicket, WaitStrategy,
+    OverflowPolicy, Publisher, SendError, StreamConfig, StreamSegment, Subscriber, SubscriberOptions, SubscriberTicket,
+    WaitStrategy,
 };
 use serde_json::{Value, json};
 
@@ -34,19 +34,38 @@ pub struct Case {
     pub count: u64,
     /// Frames in the latency phase.
     pub lat_count: u64,
+    /// Ask for a huge-page pool.
+    pub huge_pages: bool,
 }
 
 impl Case {
+    /// The case's name.
+    pub fn describe(&self) -> String {
+        describe(self.size, self.subscribers, self.spin)
+    }
+
     fn wait(&self) -> WaitStrategy {
         if self.spin { WaitStrategy::Spin } else { WaitStrategy::default() }
     }
 
     /// Interval between latency-phase frames: long enough for the
-    /// subscribers to be idle (and, when blocking, asleep) at each frame.
+    /// subscribers to be idle at each frame and, when blocking, asleep in
+    /// the kernel — past their spin phase by 30 µs, a sleep as short as the
+    /// futex reference's, so both are measured in the same regime.
     fn interval(&self) -> Duration {
-        let read = Duration::from_nanos((self.size as u64 / 8).max(1)); // ~8 B/ns reading
-        let idle = if self.spin { Duration::from_micros(20) } else { Duration::from_micros(300) };
-        idle.max(read * 4)
+        let read = Duration::from_nanos((self.size as u64 / 4).max(1)); // reading at ≥ 4 B/ns
+        let idle = match self.wait() {
+            WaitStrategy::SpinThenPark { spin_us } => Duration::from_micros(u64::from(spin_us) + 30),
+            _ => Duration::from_micros(20),
+        };
+        idle.max(read * 2)
+    }
+
+    /// CPUs for the publisher and the subscriber: with one subscriber, one
+    /// core each (as a latency-minded deployment would pin them); with more
+    /// processes than cores, wherever the scheduler puts them.
+    fn cpus(&self) -> (Value, Value) {
+        if self.subscribers == 1 { (0.into(), 1.into()) } else { (Value::Null, Value::Null) }
     }
 }
 
@@ -66,7 +85,7 @@ pub fn fold(bytes: &[u8]) -> u64 {
 
 /// Writes frame `seq` into `buf` whole: a fill plus the sequence number.
 #[inline]
-fn write_frame(buf: &mut [u8], seq: u64) {
+pub fn write_frame(buf: &mut [u8], seq: u64) {
     if buf.len() > 64 {
         buf.fill(seq as u8);
     } else {
@@ -75,6 +94,11 @@ fn write_frame(buf: &mut [u8], seq: u64) {
         buf.copy_from_slice(&msg[..buf.len()]);
     }
     buf[..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// How a case is named in the table and in `--only`.
+pub fn describe(size: usize, subscribers: u32, spin: bool) -> String {
+    format!("stream {size} B × {subscribers} {}", wait_name(spin))
 }
 
 fn wait_name(spin: bool) -> &'static str {
@@ -87,6 +111,7 @@ pub fn run(case: Case) -> Result<Value> {
     let slots = credits * case.subscribers + 1 + 2;
     let mut config = StreamConfig::new(case.size as u32, slots);
     config.max_subscribers = case.subscribers.max(4);
+    config.huge_pages = case.huge_pages;
     let mut seg = StreamSegment::create("bench", &config)?;
     let spec = |role: &str| {
         json!({
@@ -101,7 +126,7 @@ pub fn run(case: Case) -> Result<Value> {
         let mut s = spec("stream_subscriber");
         s["index"] = t.index.into();
         s["generation"] = t.generation.into();
-        s["cpu"] = if case.spin && case.subscribers == 1 { 1.into() } else { Value::Null };
+        s["cpu"] = case.cpus().1;
         let ro = seg.read_only_data_fd()?;
         let (child, _) = ChildProc::spawn(&s, &[ro.as_fd(), seg.channel_fd(t.index)])?;
         subs.push(child);
@@ -112,9 +137,12 @@ pub fn run(case: Case) -> Result<Value> {
     let mut fds = vec![seg.data_fd()];
     fds.extend(seg.channel_fds());
     let mut p = spec("stream_publisher");
-    p["cpu"] = if case.spin && case.subscribers == 1 { 0.into() } else { Value::Null };
+    p["cpu"] = case.cpus().0;
     let (publisher, _) = ChildProc::spawn(&p, &fds)?;
     let pub_result = publisher.finish()?;
+    if std::env::var_os("MEMSOCK_BENCH_DEBUG").is_some() {
+        eprintln!("publisher: {pub_result}");
+    }
     let mut results = Vec::new();
     for s in subs {
         results.push(s.finish()?);
@@ -129,7 +157,8 @@ pub fn run(case: Case) -> Result<Value> {
     let p50 = results.iter().map(|r| r["lat_p50_ns"].as_u64().unwrap_or(0)).max().unwrap_or(0);
     let p99 = results.iter().map(|r| r["lat_p99_ns"].as_u64().unwrap_or(0)).max().unwrap_or(0);
     let total = (case.count + case.lat_count) as f64;
-    let minflt: u64 = pub_result["minflt"].as_u64().unwrap_or(0) + results.iter().map(|r| r["minflt"].as_u64().unwrap_or(0)).sum::<u64>();
+    let minflt: u64 = pub_result["minflt"].as_u64().unwrap_or(0)
+        + results.iter().map(|r| r["minflt"].as_u64().unwrap_or(0)).sum::<u64>();
     Ok(json!({
         "case": "stream",
         "size": case.size,
@@ -140,7 +169,7 @@ pub fn run(case: Case) -> Result<Value> {
         "lat_p50_ns": p50,
         "lat_p99_ns": p99,
         "pub_cpu_ns_per_msg": pub_result["cpu_ns"].as_f64().unwrap_or(f64::NAN) / case.count as f64,
-        "minflt_per_msg": minflt as f64 / total,
+        "minflt_per_msg": minflt as f64 / (total - 1.0),
     }))
 }
 
@@ -158,8 +187,10 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
     let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
 
+    // Faults are counted from after the first frame: the steady state.
+    send_one(&mut publisher, size, 0, spin)?;
     let (cpu0, flt0) = usage();
-    for seq in 0..count {
+    for seq in 1..count {
         send_one(&mut publisher, size, seq, spin)?;
     }
     let (cpu1, _) = usage();
@@ -171,9 +202,15 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
         send_one(&mut publisher, size, seq, spin)?;
     }
     let (_, flt1) = usage();
-    report(&json!({"cpu_ns": cpu1 - cpu0, "minflt": flt1 - flt0}));
+    report(&json!({
+        "cpu_ns": (cpu1 - cpu0) as f64 * count as f64 / (count - 1).max(1) as f64,
+        "minflt": flt1 - flt0,
+        "blocked": BLOCKED.load(std::sync::atomic::Ordering::Relaxed),
+    }));
     Ok(())
 }
+
+static BLOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[inline]
 fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Result<()> {
@@ -189,6 +226,7 @@ fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Res
             Ok(_) => return Ok(()),
             Err(unsent) if matches!(unsent.error, SendError::WouldBlock { .. }) => {
                 sample = unsent.sample;
+                BLOCKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 std::hint::spin_loop();
             }
             Err(unsent) => return Err(unsent.error.into()),
@@ -215,14 +253,17 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
     let mut lat = Vec::with_capacity(lat_count as usize);
     report(&json!({"ready": true}));
 
-    let (_, flt0) = usage();
+    let mut flt0 = 0;
     let mut check = 0u64;
-    let mut start = None;
+    let mut start: Option<Instant> = None;
     let mut elapsed = Duration::ZERO;
     for expect in 0..count + lat_count {
         let sample = sub.recv()?;
-        let now = memsock::now_ns();
-        start.get_or_insert_with(Instant::now);
+        // Latency-phase frames only: the clock costs ~25 ns a read.
+        let now = if expect >= count { memsock::now_ns() } else { 0 };
+        if expect == 0 {
+            start = Some(Instant::now());
+        }
         if sample.seq() != expect || sample.len() != size {
             bail!("expected frame {expect} of {size} bytes, got {} of {}", sample.seq(), sample.len());
         }
@@ -234,6 +275,9 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
             lat.push(now.saturating_sub(sample.timestamp_ns()));
         }
         drop(sample);
+        if expect == 0 {
+            flt0 = usage().1; // faults are counted from after the first frame
+        }
         if expect + 1 == count {
             elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
         }

@@ -151,4 +151,25 @@ impl Region {
         // is page aligned and lives as long as `self`.
         unsafe { &*(self.map.as_ptr() as *const T) }
     }
+
+    /// `len` bytes at `offset`, to read.
+    ///
+    /// # Safety
+    /// The range must lie in the region and no one may write it meanwhile.
+    pub unsafe fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.map.len());
+        // SAFETY: in bounds (checked); the caller excludes writers.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
+    }
+
+    /// `len` bytes at `offset`, to write.
+    ///
+    /// # Safety
+    /// The range must lie in the region and no one else may access it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.map.len());
+        // SAFETY: in bounds (checked); the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset), len) }
+    }
 }

@@ -40,9 +40,9 @@
 
 pub use memsock_proto::shm::{
     AddSubscriberError, CreateError, FrameInfo, Geometry, LoanError, OpenLocalError, OpenPublisherError,
-    OpenSubscriberError, OverflowPolicy, Publisher, RecvError, Sample, SampleMut, SendError, SendInfo,
-    StreamConfig, StreamSegment, StreamStats, Subscriber, SubscriberOpError, SubscriberOptions,
-    SubscriberStats, SubscriberTicket, TryRecvError, Unsent, WaitStrategy,
+    OpenSubscriberError, OverflowPolicy, Publisher, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
+    StreamSegment, StreamStats, Subscriber, SubscriberOpError, SubscriberOptions, SubscriberStats, SubscriberTicket,
+    TryRecvError, Unsent, WaitStrategy,
 };
 
 /// Nanoseconds on the monotonic clock: the clock of [`Sample::timestamp_ns`].

@@ -151,9 +151,8 @@ fn slots_of_a_killed_subscriber_come_back_after_reclamation() -> Result<()> {
     let (mut victim, tv) = start_subscriber(&mut seg, "subscriber", 6, OverflowPolicy::Lossless, json!({"hold": 3}))?;
     let publisher = start_publisher(&seg, json!({"count": 0}))?;
     victim.read_until("holding")?;
-    let victim_holds = |seg: &StreamSegment| {
-        seg.stats().subscribers.iter().find(|s| s.index == tv.index).map(|s| (s.held, s.queued))
-    };
+    let victim_holds =
+        |seg: &StreamSegment| seg.stats().subscribers.iter().find(|s| s.index == tv.index).map(|s| (s.held, s.queued));
     assert!(eventually(Duration::from_secs(10), || victim_holds(&seg) == Some((6, 3))), "{:?}", seg.stats());
     let stalled = seg.stats().published;
     std::thread::sleep(Duration::from_millis(50));
@@ -180,7 +179,9 @@ fn hostile_subscribers_do_not_disturb_the_publisher_or_others() -> Result<()> {
     let mut seg = stream("hostile", 256, 64);
     let (good, tg) = start_subscriber(&mut seg, "subscriber", 8, OverflowPolicy::Lossless, json!({}))?;
     let mut hostiles = Vec::new();
-    for (i, policy) in [OverflowPolicy::DropNewest, OverflowPolicy::KeepLatest, OverflowPolicy::DropNewest].into_iter().enumerate() {
+    for (i, policy) in
+        [OverflowPolicy::DropNewest, OverflowPolicy::KeepLatest, OverflowPolicy::DropNewest].into_iter().enumerate()
+    {
         hostiles.push(start_subscriber(&mut seg, "hostile", 8, policy, json!({"duration_ms": 3000, "seed": 7 + i}))?);
     }
     let publisher = start_publisher(&seg, json!({"count": 0}))?;

@@ -98,10 +98,8 @@ pub fn set_inheritable(fd: impl AsFd) -> io::Result<()> {
 /// (no `FUTEX_PRIVATE_FLAG`), so a waker in another process mapping the same
 /// file finds it.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|d| Timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: i64::from(d.subsec_nanos()),
-    });
+    let ts = timeout
+        .map(|d| Timespec { tv_sec: d.as_secs().min(i64::MAX as u64) as i64, tv_nsec: i64::from(d.subsec_nanos()) });
     // EAGAIN (value changed), ETIMEDOUT and EINTR all mean "re-check".
     let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
 }
@@ -110,6 +108,36 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 pub fn futex_wake(word: &AtomicU32) {
     // Only EFAULT is possible here, and `word` is a valid reference.
     let _ = futex::wake(word, futex::Flags::empty(), u32::MAX);
+}
+
+/// Asks the CPU to fetch the cache line at `addr` for writing, ahead of
+/// time: the publisher uses it on slots and ring entries it will write a
+/// few frames later, so that taking the lines back from the subscribers'
+/// caches overlaps with other work instead of stalling its stores.
+#[inline(always)]
+pub fn prefetch_for_write(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address,
+    // and changes no architectural state. (CPUs without PREFETCHW execute
+    // it as a no-op.)
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) addr, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
+/// Asks the CPU to fetch the cache line at `addr` for reading, ahead of time.
+#[inline(always)]
+pub fn prefetch_for_read(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address,
+    // and changes no architectural state.
+    unsafe {
+        std::arch::asm!("prefetcht0 [{0}]", in(reg) addr, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }
 
 /// Nanoseconds on the monotonic clock, the clock of every frame timestamp.

@@ -213,12 +213,11 @@ pub struct PublisherState {
     pub bytes: AtomicU64,
     /// Sequence number of the frame being delivered right now.
     pub inflight_seq: AtomicU64,
-    /// Slot being delivered right now, [`NO_SLOT`] otherwise (recovery uses
-    /// it and `inflight_seq` to undo a delivery cut short by the
-    /// publisher's death).
+    /// Slot of the frame `inflight_seq`. While `published` has not passed
+    /// `inflight_seq`, that frame's delivery is under way (or was cut short
+    /// by the publisher's death, which recovery then completes).
     pub inflight_slot: AtomicU32,
-    /// Slots currently loaned by the publisher (0 or 1).
-    pub loaned: AtomicU32,
+    _reserved: AtomicU32,
     /// The last `table_gen` the publisher has applied: until it catches up
     /// with a lowering of credits, the owner keeps counting the old ones.
     pub applied_gen: AtomicU64,
@@ -287,21 +286,38 @@ pub struct SubscriberRecord {
 }
 
 /// One queued frame in a subscriber's delivery ring (publisher-written,
-/// read-only to the subscriber).
+/// read-only to the subscriber). Two share a cache line.
 #[derive(Debug, Default)]
 #[repr(C, align(32))]
 pub struct Entry {
-    /// `position + 1` once the entry for queue position `position` is
-    /// complete: stored last with `Release`.
-    pub stamp: AtomicU64,
+    /// [`entry`]`(position, slot)`: the low 32 bits of `position + 1` (the
+    /// stamp: the entry is complete when it matches) above the slot number.
+    /// Stored last, with `Release`.
+    pub word: AtomicU64,
     /// Stream sequence number of the frame.
     pub seq: AtomicU64,
     /// Publish time, nanoseconds on the monotonic clock.
     pub timestamp_ns: AtomicU64,
-    /// Pool slot holding the payload.
-    pub slot: AtomicU32,
     /// Payload length in bytes.
     pub len: AtomicU32,
+}
+
+/// The word of the ring entry for queue position `position` holding `slot`.
+#[inline]
+pub const fn entry(position: u64, slot: u32) -> u64 {
+    ((position.wrapping_add(1) & 0xffff_ffff) << 32) | slot as u64
+}
+
+/// The stamp a ready entry for `position` carries.
+#[inline]
+pub const fn entry_stamp(position: u64) -> u32 {
+    position.wrapping_add(1) as u32
+}
+
+/// Splits an entry into (stamp, slot).
+#[inline]
+pub const fn split_entry(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
 }
 
 /// Immutable description of a channel, written by the owner at attach.
@@ -353,7 +369,7 @@ const _: () = {
     assert!(size_of::<StreamHeader>() == 3 * LINE);
     assert!(size_of::<SubscriberConfig>() == 40);
     assert!(size_of::<SubscriberRecord>() == 2 * LINE);
-    assert!(size_of::<Entry>() == 32 && align_of::<Entry>() == 32);
+    assert!(size_of::<Entry>() == 32 && std::mem::align_of::<Entry>() == 32);
     assert!(size_of::<ChannelHeader>() == 6 * LINE);
     assert!(size_of::<AtomicU64>() == 8 && size_of::<AtomicU32>() == 4);
 };
@@ -426,12 +442,7 @@ impl Geometry {
             if (min..=max).contains(&value) {
                 Ok(())
             } else {
-                Err(LayoutError::OutOfRange {
-                    field,
-                    value: value.into(),
-                    min: min.into(),
-                    max: max.into(),
-                })
+                Err(LayoutError::OutOfRange { field, value: value.into(), min: min.into(), max: max.into() })
             }
         }
         range("slot_size", self.slot_size, 1, MAX_SLOT_SIZE)?;
@@ -482,9 +493,9 @@ impl Layout {
         let masks_offset = round_up(rings_offset + subs * round_up(ring_bytes, LINE), LINE);
         let masks_bytes = g.slot_count as usize * g.mask_words() * size_of::<u64>();
         let pool_offset = round_up(masks_offset + masks_bytes, page);
-        // Small slots are spaced a line apart so that writing one slot never
-        // touches the line a subscriber is reading from the previous one;
-        // large ones start on a page so copies run aligned.
+        // Slots start on a 128-byte boundary, so that writing one never
+        // touches a line pair a subscriber is reading from the previous one;
+        // large ones on a page, so that copies run aligned.
         let align = if g.slot_size as usize >= 16 * PAGE { PAGE } else { LINE };
         let slot_stride = round_up(g.slot_size as usize, align);
         let pool_bytes = (slot_stride as u64) * u64::from(g.slot_count);

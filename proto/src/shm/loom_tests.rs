@@ -13,8 +13,8 @@ use std::sync::Arc;
 use loom::cell::UnsafeCell;
 
 use super::layout::{Geometry, OverflowPolicy, WaitStrategy};
-use super::mem::heap::{HeapChannel, HeapStream};
 use super::mem::StreamMem;
+use super::mem::heap::{HeapChannel, HeapStream};
 use super::owner::{OwnerCore, SubscriberOptions};
 use super::publisher::{CommitRefusal, PubCore};
 use super::subscriber::{RecvError, SubCore};
@@ -32,7 +32,11 @@ const PARK: Backoff = Backoff { spin: std::time::Duration::ZERO, park: true };
 
 type Owner = OwnerCore<Arc<HeapStream>, Arc<HeapChannel>>;
 
-fn setup(slot_count: u32, queue_capacity: u32, subs: &[(u32, OverflowPolicy)]) -> (Owner, Vec<(usize, u64)>, Arc<Payload>) {
+fn setup(
+    slot_count: u32,
+    queue_capacity: u32,
+    subs: &[(u32, OverflowPolicy)],
+) -> (Owner, Vec<(usize, u64)>, Arc<Payload>) {
     let g = Geometry { slot_size: 8, slot_count, max_subscribers: subs.len() as u32, queue_capacity };
     let stream = Arc::new(HeapStream::new(g));
     let channels: Vec<_> = (0..g.max_subscribers).map(|i| Arc::new(HeapChannel::new(i, queue_capacity))).collect();
@@ -86,7 +90,12 @@ fn unsafe_write(v: *mut u64, value: u64) {
 }
 
 /// Receives until the stream closes; returns the sequence numbers seen.
-fn receive_all(owner_stream: Arc<HeapStream>, channel: Arc<HeapChannel>, (index, generation): (usize, u64), payload: Arc<Payload>) -> Vec<u64> {
+fn receive_all(
+    owner_stream: Arc<HeapStream>,
+    channel: Arc<HeapChannel>,
+    (index, generation): (usize, u64),
+    payload: Arc<Payload>,
+) -> Vec<u64> {
     let sub = SubCore::attach(owner_stream, channel, index, generation, PARK).unwrap();
     let mut seen = Vec::new();
     loop {

@@ -12,8 +12,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::layout::{
-    CHANNEL_MAGIC, ChannelHeader, Entry, FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT,
-    LAYOUT_VERSION, Layout, LayoutError, StreamHeader, SubscriberRecord, channel_len,
+    CHANNEL_MAGIC, ChannelHeader, Entry, FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, LAYOUT_VERSION, Layout,
+    LayoutError, StreamHeader, SubscriberRecord, channel_len,
 };
 use crate::platform;
 use crate::primitive::{AtomicU32, AtomicU64, Ordering};
@@ -30,6 +30,10 @@ pub(crate) trait StreamMem {
     fn ring(&self, index: usize) -> &[Entry];
     /// Slot `slot`'s holder mask. Panics if `slot` is out of range.
     fn mask(&self, slot: u32) -> &[AtomicU64];
+    /// Starts fetching the first lines of slot `slot` for writing.
+    fn prefetch_slot(&self, _slot: u32) {}
+    /// Starts fetching the line of subscriber `index`'s ring entry `pos` for writing.
+    fn prefetch_entry(&self, _index: usize, _pos: usize) {}
 }
 
 /// Typed view of one subscriber's channel file.
@@ -55,6 +59,12 @@ impl<T: StreamMem + ?Sized> StreamMem for std::sync::Arc<T> {
     }
     fn mask(&self, slot: u32) -> &[AtomicU64] {
         (**self).mask(slot)
+    }
+    fn prefetch_slot(&self, slot: u32) {
+        (**self).prefetch_slot(slot)
+    }
+    fn prefetch_entry(&self, index: usize, pos: usize) {
+        (**self).prefetch_entry(index, pos)
     }
 }
 
@@ -164,15 +174,15 @@ mod mapped {
             self.flags
         }
 
-        /// Address of slot `slot`'s first byte.
+        /// Address of slot `slot`'s payload.
         ///
         /// Panics if `slot` is out of range, so the pointer always lies in
         /// the mapping, `slot_size` bytes before its end at the latest.
         #[inline]
-        pub(crate) fn slot_ptr(&self, slot: u32) -> *mut u8 {
+        pub(crate) fn payload_ptr(&self, slot: u32) -> *mut u8 {
             assert!(slot < self.layout.geometry.slot_count, "slot {slot} out of range");
-            // SAFETY: slot < slot_count, so the offset is within total_len
-            // (Layout::new sized the file to hold every slot).
+            // SAFETY: slot < slot_count, so the payload lies within
+            // total_len (Layout::new sized the file to hold every slot).
             unsafe { self.map.as_mut_ptr().add(self.layout.slot_offset(slot)) }
         }
 
@@ -214,6 +224,24 @@ mod mapped {
         fn ring(&self, index: usize) -> &[Entry] {
             assert!(index < self.layout.geometry.max_subscribers as usize);
             self.slice_at(self.layout.ring_offset(index), self.layout.geometry.queue_capacity as usize)
+        }
+
+        #[inline]
+        fn prefetch_slot(&self, slot: u32) {
+            if slot < self.layout.geometry.slot_count {
+                // Pointer arithmetic only; a prefetch never faults.
+                let base = self.map.as_ptr().wrapping_add(self.layout.slot_offset(slot));
+                platform::prefetch_for_write(base);
+                if self.layout.geometry.slot_size > 64 {
+                    platform::prefetch_for_write(base.wrapping_add(64));
+                }
+            }
+        }
+
+        #[inline]
+        fn prefetch_entry(&self, index: usize, pos: usize) {
+            let offset = self.layout.ring_offset(index) + pos * std::mem::size_of::<Entry>();
+            platform::prefetch_for_write(self.map.as_ptr().wrapping_add(offset));
         }
 
         #[inline]
@@ -333,9 +361,7 @@ pub(crate) mod heap {
                 layout,
                 header: Box::default(),
                 records: (0..subs).map(|_| SubscriberRecord::default()).collect(),
-                rings: (0..subs)
-                    .map(|_| (0..g.queue_capacity).map(|_| Entry::default()).collect())
-                    .collect(),
+                rings: (0..subs).map(|_| (0..g.queue_capacity).map(|_| Entry::default()).collect()).collect(),
                 masks: (0..g.slot_count as usize * g.mask_words()).map(|_| AtomicU64::new(0)).collect(),
             };
             layout.write_header(&this.header, 0);

@@ -41,10 +41,10 @@ mod publisher;
 mod subscriber;
 mod wait;
 
-#[cfg(all(test, not(loom)))]
-mod tests;
 #[cfg(all(test, loom))]
 mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;
 
 pub use layout::{Geometry, LayoutError, OverflowPolicy, WaitStrategy};
 pub use mem::MapError;

@@ -10,9 +10,8 @@
 //! publisher is attached.
 
 use super::layout::{
-    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS,
-    STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
-    WaitStrategy,
+    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED,
+    SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
 };
 use super::mem::{ChannelMem, StreamMem};
 use super::publisher::{clear_subscriber_bits, recover};
@@ -135,7 +134,7 @@ pub struct StreamStats {
     pub slot_size: u32,
     /// Slots in the pool.
     pub slot_count: u32,
-    /// Slots neither held by a subscriber nor loaned.
+    /// Slots held by no subscriber (the publisher's loan, if any, included).
     pub free_slots: u32,
     /// Frames sent.
     pub published: u64,
@@ -275,7 +274,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // The index is free: neither the publisher nor any subscriber uses
         // its ring, counters or channel, so they can be reset.
         for e in self.stream.ring(index) {
-            e.stamp.store(0, Relaxed);
+            e.word.store(0, Relaxed);
         }
         let counters = &self.stream.record(index).counters;
         for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.ret_read] {
@@ -414,10 +413,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let header = self.stream.header();
         let held = self.held_per_subscriber();
         let cap_mask = u64::from(g.queue_capacity) - 1;
-        let used = (0..g.slot_count)
-            .filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0))
-            .count() as u32;
-        let loaned = header.publisher.loaned.load(Relaxed).min(1);
+        let used = (0..g.slot_count).filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0)).count()
+            as u32;
         let subscribers = (0..self.channels.len())
             .filter_map(|s| {
                 let cfg = &self.stream.record(s).config;
@@ -457,7 +454,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         StreamStats {
             slot_size: g.slot_size,
             slot_count: g.slot_count,
-            free_slots: g.slot_count.saturating_sub(used + loaned),
+            free_slots: g.slot_count.saturating_sub(used),
             published: header.publisher.published.load(Relaxed),
             bytes: header.publisher.bytes.load(Relaxed),
             publisher_pid: header.control.publisher_pid.load(Relaxed),
@@ -609,8 +606,8 @@ mod api {
             let mut channels = Vec::with_capacity(geometry.max_subscribers as usize);
             let mut maps = Vec::with_capacity(geometry.max_subscribers as usize);
             for index in 0..geometry.max_subscribers {
-                let fd = platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false)
-                    .map_err(io_err)?;
+                let fd =
+                    platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false).map_err(io_err)?;
                 maps.push(ChannelMap::create(fd.as_fd(), index, geometry.queue_capacity, flags & !FLAG_HUGE_PAGES)?);
                 channels.push(fd);
             }
@@ -769,5 +766,4 @@ mod api {
             }
         }
     }
-
 }

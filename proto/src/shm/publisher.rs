@@ -9,9 +9,9 @@
 //! returned-but-not-yet-read) in private memory. Sending a frame in slot `x`:
 //!
 //! 1. for each active subscriber `s` with `held[s] < credits[s]` (after
-//!    reading `s`'s return ring if it looked full): set bit `s` of `x`,
-//!    write the ring entry at `pushed[s]` and publish it by storing its
-//!    `stamp` with `Release`;
+//!    reading `s`'s return ring if it looked full): write the ring entry at
+//!    `pushed[s]` (sequence number, timestamp, length), publish it by
+//!    storing its word `(stamp, x)` with `Release`, then set bit `s` of `x`;
 //! 2. a subscriber without credit drops the frame (`DropNewest`), has its
 //!    oldest queued entry evicted first (`KeepLatest`, by compare-and-swap
 //!    on its `head` against the subscriber's own CAS), or — checked before
@@ -32,14 +32,19 @@
 //! make its own `held` stay high.
 
 use super::layout::{
-    Entry, NO_SLOT, OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE,
-    WRITER_OWNER, WRITER_PUBLISHER,
+    NO_SLOT, OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER,
+    WRITER_PUBLISHER,
 };
+use super::layout::{entry, split_entry};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
+use crate::primitive::AtomicU32;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::collections::VecDeque;
 use std::time::Instant;
+
+/// How many loans ahead the publisher prefetches slots.
+const PREFETCH_AHEAD: usize = 4;
 
 /// What became of one sent frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +69,9 @@ pub(crate) enum AttachRefusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CommitRefusal {
     /// Lossless subscriber `subscriber` has no credit left.
-    WouldBlock { subscriber: u32 },
+    WouldBlock {
+        subscriber: u32,
+    },
     Closed,
     Replaced,
 }
@@ -162,6 +169,15 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         if ctl.dirty.load(Relaxed) != 0 {
             recover(&stream);
         }
+        // A predecessor may have died part-way through reading a return
+        // ring: read them all to the end now, before any slot is delivered
+        // again. A return it had applied finds its bit clear and changes
+        // nothing; one it had not is applied now.
+        for (s, channel) in channels.iter().enumerate() {
+            if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
+                finish_returns(&stream, channel, s);
+            }
+        }
         ctl.dirty.store(1, Relaxed);
         ctl.publisher_pid.store(pid, Relaxed);
         let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
@@ -204,7 +220,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
         };
-        this.stream.header().publisher.loaned.store(0, Relaxed);
         this.sync_table();
         Ok(this)
     }
@@ -307,7 +322,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             Some(slot) => slot,
             None => self.loan_slow()?,
         };
-        self.stream.header().publisher.loaned.store(1, Relaxed);
+        // Take the slot loaned a few frames from now back from the
+        // subscribers' caches while we work on this one.
+        if let Some(&ahead) = self.free.get(PREFETCH_AHEAD) {
+            self.stream.prefetch_slot(ahead);
+        }
         Ok(slot)
     }
 
@@ -331,7 +350,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         if self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
             self.free.push_front(slot);
         }
-        self.stream.header().publisher.loaned.store(0, Relaxed);
     }
 
     /// Sends the loaned `slot` holding `len` bytes to every subscriber.
@@ -359,8 +377,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let mut wake = false;
         for i in 0..self.active.len() {
             let s = self.active[i];
-            let room = self.has_room(s)
-                || (self.subs[s].policy == OverflowPolicy::KeepLatest && self.evict_oldest(s));
+            let room = self.has_room(s) || (self.subs[s].policy == OverflowPolicy::KeepLatest && self.evict_oldest(s));
             if room {
                 self.push(s, slot, len, seq, timestamp_ns);
                 delivered += 1;
@@ -380,8 +397,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let p = &self.stream.header().publisher;
         p.published.store(self.published, Relaxed);
         p.bytes.store(self.bytes, Relaxed);
-        p.loaned.store(0, Relaxed);
-        p.inflight_slot.store(NO_SLOT, Relaxed);
         if wake {
             wait::fence_before_wake();
             for &s in &self.parkers {
@@ -396,17 +411,23 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn push(&mut self, s: usize, slot: u32, len: u32, seq: u64, timestamp_ns: u64) {
         let st = &mut self.subs[s];
         let pos = st.pushed;
+        if pos & 1 == 0 {
+            // A line of entries a few frames ahead, before the subscriber polls it.
+            self.stream.prefetch_entry(s, ((pos + 4) & self.cap_mask) as usize);
+        }
+        let e = &self.stream.ring(s)[(pos & self.cap_mask) as usize];
+        e.seq.store(seq, Relaxed);
+        e.timestamp_ns.store(timestamp_ns, Relaxed);
+        e.len.store(len, Relaxed);
+        // Release pairs with the subscriber's Acquire load of the word in
+        // `SubCore::try_take`: the fields above are visible with it.
+        e.word.store(entry(pos, slot), Release);
+        // The bit after the entry: a bit never exists without its entry (see
+        // `recover`). The subscriber's return of this slot is read later, on
+        // this thread, so it always finds the bit set.
         let word = &self.stream.mask(slot)[s / 64];
         // Only the writer changes masks: no read-modify-write instruction needed.
         word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
-        let e: &Entry = &self.stream.ring(s)[(pos & self.cap_mask) as usize];
-        e.seq.store(seq, Relaxed);
-        e.timestamp_ns.store(timestamp_ns, Relaxed);
-        e.slot.store(slot, Relaxed);
-        e.len.store(len, Relaxed);
-        // Release pairs with the subscriber's Acquire load of `stamp` in
-        // `SubCore::try_take`: the fields above are visible with it.
-        e.stamp.store(pos + 1, Release);
         st.pushed = pos + 1;
         st.held += 1;
         self.stream.record(s).counters.pushed.store(pos + 1, Relaxed);
@@ -468,7 +489,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 fault(&self.stream, st, s);
                 return false;
             }
-            let slot = self.stream.ring(s)[(head & self.cap_mask) as usize].slot.load(Relaxed);
+            let (_, slot) = split_entry(self.stream.ring(s)[(head & self.cap_mask) as usize].word.load(Relaxed));
             // AcqRel: winning this CAS means the subscriber never took the
             // entry at `head`; it pairs with the subscriber's own CAS.
             if ch.head.compare_exchange(head, head.wrapping_add(1), AcqRel, Relaxed).is_ok() {
@@ -542,30 +563,63 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
     if n == 0 {
         return;
     }
-    let ret_read = &stream.record(s).counters.ret_read;
     if n > u64::from(st.held) || n > cap_mask + 1 {
         // More returns than slots it holds: the tail was scribbled over.
         // Skip what it claims; only this subscriber's credit suffers.
         fault(stream, st, s);
-        ret_read.store(tail, Relaxed);
     } else {
         let ring = channel.returns();
+        // The subscriber has just written these lines: fetch them all at
+        // once rather than one miss after another.
+        let mut pos = st.ret_head;
+        while pos != tail {
+            crate::platform::prefetch_for_read((&ring[(pos & cap_mask) as usize] as *const AtomicU32).cast());
+            pos = pos.wrapping_add(16);
+            if tail.wrapping_sub(pos) > n {
+                break;
+            }
+        }
         let mut pos = st.ret_head;
         while pos != tail {
             let slot = ring[(pos & cap_mask) as usize].load(Relaxed);
             pos = pos.wrapping_add(1);
-            // Persisted before it is applied, so a successor never applies
-            // it again (a crash right here costs this subscriber one credit).
-            ret_read.store(pos, Relaxed);
             if !take_back(stream, st, s, slot, |x| free.push_back(x)) {
                 fault(stream, st, s);
             }
         }
     }
+    // Persisted after the batch: a successor re-reads from here (see
+    // `PubCore::attach`, which finishes the batch before any delivery).
+    stream.record(s).counters.ret_read.store(tail, Relaxed);
     st.ret_head = tail;
     // Release pairs with the subscriber's Acquire load of `ret_head` when
     // its return ring looks full.
     ch.ret_head.store(tail, Release);
+}
+
+/// Applies subscriber `s`'s returns from the persisted read position to the
+/// tail, for a publisher taking over (bits only: the free list is rebuilt
+/// from the masks afterwards).
+fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize) {
+    let counters = &stream.record(s).counters;
+    let cap = stream.layout().geometry.queue_capacity as usize;
+    let ring = channel.returns();
+    let mut pos = counters.ret_read.load(Relaxed);
+    // Acquire pairs with the subscriber's Release store of `tail` in `release`.
+    let tail = channel.header().tail.load(Acquire);
+    if tail.wrapping_sub(pos) <= cap as u64 {
+        let (w, bit) = (s / 64, 1u64 << (s % 64));
+        while pos != tail {
+            let slot = ring[pos as usize % cap].load(Relaxed);
+            if slot < stream.layout().geometry.slot_count {
+                let word = &stream.mask(slot)[w];
+                word.store(word.load(Relaxed) & !bit, Relaxed);
+            }
+            pos = pos.wrapping_add(1);
+        }
+    }
+    counters.ret_read.store(tail, Relaxed);
+    channel.header().ret_head.store(tail, Release);
 }
 
 /// Clears subscriber `s`'s bit on `slot`, calling `on_free` if no one else
@@ -616,51 +670,44 @@ pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_f
     cleared
 }
 
-/// Undoes a delivery cut short by the death of the previous writer. Only
+/// Completes a delivery cut short by the death of the previous writer. Only
 /// the writer may call it, before relying on masks or rings.
 ///
-/// The dead publisher may have set subscribers' bits on the in-flight slot
-/// without publishing the ring entry: those bits would never be returned.
-/// A subscriber whose last entry (or the one after it, stamped but not yet
-/// counted) carries the in-flight slot and sequence number got the frame;
-/// for every other the bit is cleared.
+/// A delivery publishes each subscriber's entry, then sets its holder bit,
+/// then counts the entry in `pushed`; `published` is counted after all
+/// subscribers. So if the in-flight frame is not counted yet, a subscriber
+/// whose entry at `pushed` already names the in-flight slot got the frame
+/// and only its bit or count may be missing; every other one never saw it.
 pub(crate) fn recover<S: StreamMem>(stream: &S) {
     let g = stream.layout().geometry;
     let cap_mask = u64::from(g.queue_capacity) - 1;
     let p = &stream.header().publisher;
     let slot = p.inflight_slot.load(Relaxed);
     let seq = p.inflight_seq.load(Relaxed);
-    if slot < g.slot_count {
+    if slot < g.slot_count && p.published.load(Relaxed) == seq {
         let mut delivered_any = false;
         for s in 0..g.max_subscribers as usize {
-            let (w, bit) = (s / 64, 1u64 << (s % 64));
-            let word = stream.mask(slot)[w].load(Relaxed);
-            if word & bit == 0 {
+            if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
                 continue;
             }
             let counters = &stream.record(s).counters;
             let pushed = counters.pushed.load(Relaxed);
-            let ring = stream.ring(s);
-            let carries = |pos: u64| {
-                let e = &ring[(pos & cap_mask) as usize];
-                e.stamp.load(Relaxed) == pos.wrapping_add(1) && e.slot.load(Relaxed) == slot && e.seq.load(Relaxed) == seq
-            };
-            if carries(pushed) {
+            let e = &stream.ring(s)[(pushed & cap_mask) as usize];
+            if e.word.load(Relaxed) == entry(pushed, slot) && e.seq.load(Relaxed) == seq {
+                let word = &stream.mask(slot)[s / 64];
+                word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
                 counters.pushed.store(pushed.wrapping_add(1), Relaxed);
                 delivered_any = true;
-            } else if pushed > 0 && carries(pushed - 1) {
-                delivered_any = true;
-            } else {
-                stream.mask(slot)[w].store(word & !bit, Relaxed);
+            } else if stream.mask(slot)[s / 64].load(Relaxed) & (1 << (s % 64)) != 0 {
+                delivered_any = true; // pushed and counted
             }
         }
-        if delivered_any && p.published.load(Relaxed) == seq {
-            p.published.store(seq + 1, Relaxed);
+        if delivered_any {
+            p.published.store(seq.wrapping_add(1), Relaxed);
         }
         tracing::debug!(slot, seq, delivered_any, "recovered an interrupted delivery");
     }
     p.inflight_slot.store(NO_SLOT, Relaxed);
-    p.loaned.store(0, Relaxed);
 }
 
 #[cfg(not(loom))]
@@ -829,7 +876,7 @@ mod api {
         #[inline]
         pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
             let slot = self.core.loan()?;
-            let ptr = self.core.stream().slot_ptr(slot);
+            let ptr = self.core.stream().payload_ptr(slot);
             Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
         }
 
@@ -886,7 +933,7 @@ mod api {
         #[inline]
         pub fn as_mut_slice(&mut self) -> &mut [u8] {
             // SAFETY: `ptr` is the start of a loaned slot of `capacity()`
-            // bytes (StreamMap::slot_ptr). While loaned the slot is in no
+            // bytes (StreamMap::payload_ptr). While loaned the slot is in no
             // subscriber's queue, subscribers map the pool read-only, and
             // the `&mut self` borrow makes this the only reference.
             unsafe { std::slice::from_raw_parts_mut(self.ptr, self.capacity()) }

@@ -4,14 +4,14 @@
 //!
 //! # Algorithm
 //!
-//! The subscriber polls the ring entry at its `head`: the entry is ready
-//! when its `stamp` equals `head + 1` (the publisher stores it last, with
-//! `Release`). It reads the entry, then advances `head` — with a plain
-//! `Release` store, or for `KeepLatest` with a compare-and-swap, because the
-//! publisher may be evicting that very entry; losing the CAS means the entry
-//! was evicted and the subscriber retries at the new head. Polling the entry
-//! rather than a separate tail index costs one cache miss per frame instead
-//! of two.
+//! The subscriber polls the ring entry at its `head`: it is ready when the
+//! stamp in its word is `head + 1` (the publisher stores the word last,
+//! with `Release`). It reads the entry, then takes it by advancing `head` —
+//! with a plain `Release` store, or for `KeepLatest` with a compare-and-swap,
+//! because the publisher may be evicting that very entry; losing the CAS
+//! means the entry was evicted (and what was read may be torn) and the
+//! subscriber retries at the new head. Polling the entry rather than a
+//! separate tail index costs one cache miss per frame instead of two.
 //!
 //! The entry cannot be overwritten while it is being read: the publisher
 //! reuses ring position `p` for `p + capacity` only after the subscriber has
@@ -26,7 +26,7 @@
 use std::cell::Cell;
 use std::time::Instant;
 
-use super::layout::{OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE};
+use super::layout::{OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, entry_stamp, split_entry};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
@@ -106,6 +106,14 @@ impl From<TryRecvError> for RecvError {
             TryRecvError::Corrupt(what) => RecvError::Corrupt(what),
         }
     }
+}
+
+/// How far `stamp` is past the stamp expected at `head`: 0 when the entry
+/// for `head` is ready, negative while it is not written yet, positive if
+/// the ring moved past `head` (eviction, or a faulty publisher).
+#[inline]
+fn stamp_ahead(stamp: u32, head: u64) -> i32 {
+    stamp.wrapping_sub(entry_stamp(head)) as i32
 }
 
 /// The subscriber algorithm over any memory implementing the layout.
@@ -238,12 +246,11 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     #[inline]
     fn ready(&self) -> bool {
         let head = self.current_head();
-        let e = &self.stream.ring(self.index)[(head & self.cap_mask) as usize];
-        // Acquire pairs with the publisher's Release store of `stamp` in
-        // `push`. A stamp at or past `head + 1` is a frame (or, under
-        // KeepLatest, an eviction to catch up with); older ones are stale.
-        let ahead = e.stamp.load(Acquire).wrapping_sub(head.wrapping_add(1)) as i64;
-        ahead >= 0 || !self.attached()
+        let word = self.stream.ring(self.index)[(head & self.cap_mask) as usize].word.load(Relaxed);
+        // A stamp at or past `head + 1` is a frame (or, under KeepLatest, an
+        // eviction to catch up with); older ones are stale. (`try_take`
+        // loads the entry again with Acquire before using it.)
+        stamp_ahead(split_entry(word).0, head) >= 0 || !self.attached()
     }
 
     /// Takes the next frame, if one is queued.
@@ -263,12 +270,12 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // bound the loop so a hostile head cannot spin us forever.
         for _ in 0..=self.cap_mask + 64 {
             let e = &ring[(head & self.cap_mask) as usize];
-            // Acquire pairs with the publisher's Release store of `stamp` in
-            // `push`: the entry's fields are complete.
-            let stamp = e.stamp.load(Acquire);
+            // Acquire pairs with the publisher's Release store of the entry
+            // in `push`: the slot's header is complete.
+            let (stamp, slot) = split_entry(e.word.load(Acquire));
             let next = head.wrapping_add(1);
-            if stamp != next {
-                let ahead = stamp.wrapping_sub(next) as i64;
+            if stamp != entry_stamp(head) {
+                let ahead = stamp_ahead(stamp, head);
                 if ahead > 0 && self.policy == OverflowPolicy::KeepLatest {
                     // Overwritten after an eviction: find the new head.
                     head = ch.head.load(Acquire);
@@ -280,12 +287,12 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 match self.empty() {
                     // Closing synchronised us with everything published
                     // before it: the entry may be ready after all.
-                    TryRecvError::Closed if e.stamp.load(Acquire).wrapping_sub(next) as i64 >= 0 => continue,
+                    TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0 => continue,
                     err => return Err(err),
                 }
             }
             let info = FrameInfo {
-                slot: e.slot.load(Relaxed),
+                slot,
                 len: e.len.load(Relaxed),
                 seq: e.seq.load(Relaxed),
                 timestamp_ns: e.timestamp_ns.load(Relaxed),
@@ -305,7 +312,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             }
             self.head.set(next);
             let g = self.stream.layout().geometry;
-            if info.slot >= g.slot_count {
+            if slot >= g.slot_count {
                 return Err(self.corrupt("slot number out of range"));
             }
             self.borrowed.set(self.borrowed.get() + 1);
@@ -506,7 +513,7 @@ mod api {
 
         #[inline]
         fn sample(&self, info: FrameInfo) -> Sample<'_> {
-            Sample { subscriber: self, ptr: self.core.stream().slot_ptr(info.slot), info }
+            Sample { subscriber: self, ptr: self.core.stream().payload_ptr(info.slot), info }
         }
 
         /// This subscriber's index in the stream.
@@ -580,7 +587,7 @@ mod api {
         #[inline]
         fn deref(&self) -> &[u8] {
             // SAFETY: `ptr` is the start of slot `info.slot` in the
-            // subscriber's read-only mapping (StreamMap::slot_ptr checked
+            // subscriber's read-only mapping (StreamMap::payload_ptr checked
             // the index) and `info.len <= slot_size` was checked in
             // `try_take`. The slot carries this subscriber's holder bit until
             // the sample is dropped, so a publisher keeping the protocol does

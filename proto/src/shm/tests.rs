@@ -64,7 +64,8 @@ fn unwanted_frames_and_abandoned_loans_free_their_slot_at_once() {
 
 #[test]
 fn fan_out_reaches_every_subscriber_and_reuses_a_slot_only_after_all_release() {
-    let mut seg = StreamSegment::create("fan", &StreamConfig { max_subscribers: 40, ..StreamConfig::new(8, 41) }).unwrap();
+    let mut seg =
+        StreamSegment::create("fan", &StreamConfig { max_subscribers: 40, ..StreamConfig::new(8, 41) }).unwrap();
     let subs: Vec<_> = (0..40).map(|_| seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap()).collect();
     let mut publisher = seg.open_publisher().unwrap();
     assert_eq!(publisher.send(b"one").unwrap().delivered, 40);
@@ -170,10 +171,7 @@ fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
     let mut seg = segment(8, 10);
     let a = seg.open_subscriber(&opts(6, OverflowPolicy::DropNewest)).unwrap();
     let err = seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap_err();
-    assert_eq!(
-        err,
-        AddSubscriberError::CreditsRefused { requested: 4, available: 3, slot_count: 10, committed: 6 }
-    );
+    assert_eq!(err, AddSubscriberError::CreditsRefused { requested: 4, available: 3, slot_count: 10, committed: 6 });
     assert!(err.to_string().contains("cannot grant 4 credits: 3 of 10 slots"));
     assert_eq!(
         seg.add_subscriber(&opts(0, OverflowPolicy::DropNewest), 1).unwrap_err(),
@@ -296,7 +294,8 @@ fn stale_tickets_and_wrong_files_are_refused() {
 fn blocking_receive_is_woken_by_the_publisher() {
     for wait in [WaitStrategy::Park, WaitStrategy::SpinThenPark { spin_us: 10 }, WaitStrategy::Spin] {
         let mut seg = segment(8, 8);
-        let sub = seg.open_subscriber(&SubscriberOptions { credits: 4, policy: OverflowPolicy::Lossless, wait }).unwrap();
+        let sub =
+            seg.open_subscriber(&SubscriberOptions { credits: 4, policy: OverflowPolicy::Lossless, wait }).unwrap();
         let mut publisher = seg.open_publisher().unwrap();
         std::thread::scope(|scope| {
             scope.spawn(move || {
@@ -432,9 +431,8 @@ struct Harness {
 impl Harness {
     fn new(geometry: Geometry) -> Self {
         let stream = Core::new(HeapStream::new(geometry));
-        let channels: Vec<_> = (0..geometry.max_subscribers)
-            .map(|i| Core::new(HeapChannel::new(i, geometry.queue_capacity)))
-            .collect();
+        let channels: Vec<_> =
+            (0..geometry.max_subscribers).map(|i| Core::new(HeapChannel::new(i, geometry.queue_capacity))).collect();
         let owner = OwnerCore::new(stream.clone(), channels.clone());
         let publisher = PubCore::attach(stream.clone(), channels.clone(), 1).unwrap();
         Self { owner, publisher, stream, channels, subs: HashMap::new(), slot_of_seq: HashMap::new(), next_seq: 0 }
@@ -529,7 +527,8 @@ impl Harness {
                     Backoff { spin: Duration::ZERO, park: true },
                 )
                 .unwrap();
-                let model = ModelSub { policy, credits, queue: VecDeque::new(), borrowed: vec![], delivered: 0, dropped: 0 };
+                let model =
+                    ModelSub { policy, credits, queue: VecDeque::new(), borrowed: vec![], delivered: 0, dropped: 0 };
                 self.subs.insert(s, (core, model));
             }
             Op::Detach(k) => {
@@ -608,7 +607,8 @@ fn a_scribbled_channel_does_not_stop_the_next_publisher() {
     let mut seg = segment(8, 4);
     let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
     let len = crate::platform::file_len(seg.channel_fd(0)).unwrap() as usize;
-    let raw = memmap2::MmapOptions::new().len(len).map_raw(std::os::fd::AsRawFd::as_raw_fd(&seg.channel_fd(0))).unwrap();
+    let raw =
+        memmap2::MmapOptions::new().len(len).map_raw(std::os::fd::AsRawFd::as_raw_fd(&seg.channel_fd(0))).unwrap();
     // SAFETY: test-only scribbling over a mapping we own, with no Rust
     // references into it held across the write.
     unsafe { std::ptr::write_bytes(raw.as_mut_ptr(), 0xee, 128) };

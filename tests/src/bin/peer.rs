@@ -199,7 +199,8 @@ fn hostile(spec: &Value) -> Result<()> {
                 // Return the slot it last had once more, and a random one.
                 for slot in [last_slot, (next() % (2 * slot_count)) as u32] {
                     let tail = ch.tail.load(Relaxed);
-                    word((ret_base + (tail as usize % capacity) * 4) & !7).store(u64::from(slot) * 0x1_0000_0001, Relaxed);
+                    word((ret_base + (tail as usize % capacity) * 4) & !7)
+                        .store(u64::from(slot) * 0x1_0000_0001, Relaxed);
                     ch.tail.store(tail + 1, Relaxed);
                 }
             }
