@@ -89,8 +89,8 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
     }
     // This machine's speed drifts by up to 2× over minutes (shared host).
     // Every figure is measured `rounds` times, references and streams
-    // interleaved, and the best of each kept: a ratio then compares the
-    // two at their best, not one at a quiet moment and one at a busy one.
+    // interleaved, and the best of each figure kept: a ratio then compares
+    // the two at their best, not one at a quiet moment and one at a busy one.
     let mut best: Vec<Value> = Vec::new();
     for round in 0..rounds {
         let mut lines = vec![
@@ -109,8 +109,7 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
                 eprintln!("  round {} measured {}", round + 1, describe(&line));
             }
             match best.iter_mut().find(|b| same_case(b, &line)) {
-                Some(b) if better(&line, b) => *b = line,
-                Some(_) => {}
+                Some(b) => keep_best(b, &line),
                 None => best.push(line),
             }
         }
@@ -131,15 +130,20 @@ fn same_case(a: &Value, b: &Value) -> bool {
     ["case", "size", "subscribers", "wait"].iter().all(|k| a[k] == b[k])
 }
 
-/// Whether measurement `a` is the better of two of the same case: more
-/// throughput, or for the ping-pongs a shorter one-way time.
-fn better(a: &Value, b: &Value) -> bool {
-    let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    if !a["one_way_ns"].is_null() {
-        return get(a, "one_way_ns") < get(b, "one_way_ns");
+/// Keeps in `best` the best of each figure of two measurements of the
+/// same case: the highest rates, the lowest times, CPU costs and faults.
+fn keep_best(best: &mut Value, new: &Value) {
+    const HIGHER: [&str; 2] = ["msgs_per_s", "gbytes_per_s"];
+    const LOWER: [&str; 5] = ["one_way_ns", "lat_p50_ns", "lat_p99_ns", "pub_cpu_ns_per_msg", "minflt_per_msg"];
+    for (keys, higher) in [(&HIGHER[..], true), (&LOWER[..], false)] {
+        for &k in keys {
+            if let (Some(b), Some(n)) = (best[k].as_f64(), new[k].as_f64())
+                && (if higher { n > b } else { n < b })
+            {
+                best[k] = new[k].clone();
+            }
+        }
     }
-    let key = if a["msgs_per_s"].is_null() { "gbytes_per_s" } else { "msgs_per_s" };
-    get(a, key) > get(b, key)
 }
 
 fn find(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {

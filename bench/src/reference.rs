@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use memsock_proto::platform::{futex_wait, futex_wake};
@@ -150,11 +150,19 @@ pub fn cacheline(rounds: u64) -> Result<Value> {
     Ok(json!({"case": "cacheline", "one_way_ns": ns / (2 * rounds) as f64}))
 }
 
-/// Half the round trip of a futex wake between two sleeping processes,
-/// pinned to CPUs 0 and 1 like the one-subscriber stream cases. (Left to
-/// the scheduler, the two often share one CPU, where a wake is a local
-/// context switch — on this kind of VM ~20× cheaper than waking another
-/// CPU — and the comparison with a pinned stream would be meaningless.)
+/// How long the futex sleeper sleeps before each wake: as long as a
+/// blocked subscriber sleeps between frames in the stream latency phase
+/// (the frame interval minus its spin phase). On a VM the cost of waking a
+/// CPU depends on how long it slept (guest halt polling adapts to it), so
+/// the two must sleep alike to compare.
+pub const FUTEX_SLEEP: Duration = Duration::from_micros(30);
+
+/// The cost of a raw cross-process futex wake, measured the way the stream
+/// latency is: one process (CPU 0) busy, the other (CPU 1) asleep in
+/// `futex_wait` for [`FUTEX_SLEEP`], woken with `futex_wake`; the median of
+/// wake-up time minus the waker's timestamp, across processes. (Half a
+/// back-to-back round trip, the textbook figure, keeps both CPUs in a
+/// different idle regime on this VM and does not compare.)
 pub fn futex(rounds: u32) -> Result<Value> {
     let region = Region::create(std::mem::size_of::<PingPong>())?;
     let (mut child, _) = ChildProc::spawn(&json!({"role": "pong", "rounds": rounds, "futex": true}), &[region.fd()])?;
@@ -162,15 +170,25 @@ pub fn futex(rounds: u32) -> Result<Value> {
     pin(0);
     // SAFETY: atomics only, smaller than the region.
     let pp = unsafe { region.get::<PingPong>() };
-    let start = Instant::now();
     for i in 1..=rounds {
+        busy_wait(FUTEX_SLEEP);
+        pp.ping.0.store(memsock::now_ns(), Ordering::Relaxed);
         pp.ping32.0.store(i, Ordering::Release);
         futex_wake(&pp.ping32.0);
-        wait_for(&pp.pong32.0, i);
+        // The sleeper acknowledges without waking us: spin.
+        while pp.pong32.0.load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+        }
     }
-    let ns = start.elapsed().as_nanos() as f64;
-    child.finish()?;
-    Ok(json!({"case": "futex", "one_way_ns": ns / (2 * rounds) as f64}))
+    let r = child.finish()?;
+    Ok(json!({"case": "futex", "one_way_ns": r["p50_ns"]}))
+}
+
+fn busy_wait(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
 }
 
 fn wait_for(word: &AtomicU32, value: u32) {
@@ -193,11 +211,14 @@ pub fn pong(spec: &Value) -> Result<()> {
     pin(1);
     if spec["futex"].as_bool() == Some(true) {
         report(&json!({"ready": true}));
+        let mut lat = Vec::with_capacity(rounds as usize);
         for i in 1..=rounds as u32 {
             wait_for(&pp.ping32.0, i);
+            lat.push(memsock::now_ns().saturating_sub(pp.ping.0.load(Ordering::Relaxed)));
             pp.pong32.0.store(i, Ordering::Release);
-            futex_wake(&pp.pong32.0);
         }
+        report(&json!({"p50_ns": crate::sys::quantile(&mut lat, 0.5)}));
+        return Ok(());
     } else {
         report(&json!({"ready": true}));
         for i in 1..=rounds {

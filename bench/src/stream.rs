@@ -50,12 +50,14 @@ impl Case {
 
     /// Interval between latency-phase frames: long enough for the
     /// subscribers to be idle at each frame and, when blocking, asleep in
-    /// the kernel — past their spin phase by 30 µs, a sleep as short as the
-    /// futex reference's, so both are measured in the same regime.
+    /// the kernel — past their spin phase by as long as the futex reference
+    /// sleeps, so both are measured in the same regime.
     fn interval(&self) -> Duration {
         let read = Duration::from_nanos((self.size as u64 / 4).max(1)); // reading at ≥ 4 B/ns
         let idle = match self.wait() {
-            WaitStrategy::SpinThenPark { spin_us } => Duration::from_micros(u64::from(spin_us) + 30),
+            WaitStrategy::SpinThenPark { spin_us } => {
+                Duration::from_micros(u64::from(spin_us)) + crate::reference::FUTEX_SLEEP
+            }
             _ => Duration::from_micros(20),
         };
         idle.max(read * 2)

@@ -685,3 +685,59 @@ fn lowered_credits_count_until_the_publisher_applies_them() {
     seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap();
     assert_eq!(*a.try_recv().unwrap(), [1]);
 }
+
+#[test]
+fn an_idle_blocked_subscriber_uses_no_cpu() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap();
+    let cpu = std::thread::spawn(move || {
+        let thread_cpu = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let before = thread_cpu();
+        assert_eq!(sub.recv_timeout(Duration::from_millis(300)).unwrap_err(), RecvError::Timeout);
+        thread_cpu() - before
+    })
+    .join()
+    .unwrap();
+    // Parked in the kernel for 300 ms: a few wake-ups' worth of CPU at most.
+    assert!(cpu < Duration::from_millis(30), "a parked subscriber burnt {cpu:?} of CPU");
+}
+
+#[test]
+fn locked_and_huge_page_streams_work_or_fall_back() {
+    // mlock: honoured, or refused with an error that says so.
+    let locked = StreamConfig { mlock: true, ..StreamConfig::new(4096, 8) };
+    match StreamSegment::create("locked", &locked) {
+        Ok(mut seg) => {
+            let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+            seg.open_publisher().unwrap().send(&[1; 4096]).unwrap();
+            assert_eq!(sub.try_recv().unwrap().len(), 4096);
+        }
+        Err(e) => assert!(e.to_string().contains("lock"), "{e}"),
+    }
+    // Huge pages: used if reserved, otherwise ordinary pages, same behaviour.
+    let huge = StreamConfig { huge_pages: true, ..StreamConfig::new(1 << 20, 4) };
+    let mut seg = StreamSegment::create("huge", &huge).unwrap();
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice().fill(7);
+    sample.set_len(1 << 20);
+    sample.send().unwrap();
+    let got = sub.try_recv().unwrap();
+    assert!(got.len() == 1 << 20 && got.iter().all(|&b| b == 7));
+    let free_huge_pages = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("HugePages_Free:").map(|v| v.trim().parse::<u64>().ok())))
+        .flatten()
+        .unwrap_or(0);
+    // The stream needs 3 huge pages (4 MiB of slots plus the tables);
+    // checked after creation, so 3 of them may be ours.
+    match free_huge_pages {
+        0 if !seg.huge_pages() => {}
+        n if n >= 8 => assert!(seg.huge_pages(), "{n} huge pages were free"),
+        _ => {}
+    }
+}
