@@ -3,11 +3,12 @@
 //! a small shared region for the reference measurements.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use memmap2::{MmapOptions, MmapRaw};
+use memsock_proto::platform::{adopt_inherited_fd, dup_for_child};
 use serde_json::Value;
 
 /// Environment variable carrying a child's role and parameters (JSON).
@@ -25,7 +26,7 @@ impl ChildProc {
     pub fn spawn(spec: &Value, fds: &[BorrowedFd<'_>]) -> Result<(Self, Vec<RawFd>)> {
         // Duplicates without close-on-exec are inherited by the child; they
         // are closed again in this process when `dups` is dropped.
-        let dups: Vec<OwnedFd> = fds.iter().map(rustix::io::dup).collect::<Result<_, _>>()?;
+        let dups: Vec<OwnedFd> = fds.iter().map(|fd| dup_for_child(*fd)).collect::<Result<_, _>>()?;
         let numbers: Vec<RawFd> = dups.iter().map(AsRawFd::as_raw_fd).collect();
         let mut spec = spec.clone();
         spec["fds"] = Value::from(numbers.clone());
@@ -73,7 +74,7 @@ pub fn inherited_fds(spec: &Value) -> Vec<OwnedFd> {
                     // SAFETY: the parent duplicated these descriptors for this
                     // child alone and passed their numbers once; nothing else in
                     // this process owns them.
-                    unsafe { OwnedFd::from_raw_fd(fd) }
+                    unsafe { adopt_inherited_fd(fd) }.expect("inherited descriptor")
                 })
                 .collect()
         })

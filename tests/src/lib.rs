@@ -3,11 +3,12 @@
 //! with inherited descriptors that report JSON lines.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use memsock_proto::platform::{adopt_inherited_fd, dup_for_child};
 use serde_json::Value;
 
 /// Environment variable carrying a peer's role and parameters (JSON).
@@ -65,7 +66,7 @@ impl Peer {
     pub fn spawn(exe: &str, spec: &Value, fds: &[BorrowedFd<'_>]) -> Result<Self> {
         // Duplicates without close-on-exec are inherited by this child only
         // (they are closed here once it has started).
-        let dups: Vec<OwnedFd> = fds.iter().map(rustix::io::dup).collect::<Result<_, _>>()?;
+        let dups: Vec<OwnedFd> = fds.iter().map(|fd| dup_for_child(*fd)).collect::<Result<_, _>>()?;
         let mut spec = spec.clone();
         spec["fds"] = dups.iter().map(|fd| fd.as_raw_fd()).collect::<Vec<_>>().into();
         let mut child = Command::new(exe)
@@ -148,7 +149,7 @@ pub fn inherited_fds(spec: &Value) -> Vec<OwnedFd> {
                     let fd = n.as_i64().expect("descriptor number") as RawFd;
                     // SAFETY: the parent duplicated these descriptors for this
                     // process alone and passed each number once.
-                    unsafe { OwnedFd::from_raw_fd(fd) }
+                    unsafe { adopt_inherited_fd(fd) }.expect("inherited descriptor")
                 })
                 .collect()
         })

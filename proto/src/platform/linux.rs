@@ -1,7 +1,7 @@
 //! Linux implementation of [`crate::platform`], on `rustix`.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -82,12 +82,35 @@ pub fn is_writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(mode == OFlags::RDWR || mode == OFlags::WRONLY)
 }
 
-/// Lets `fd` survive `exec`, so a child process can inherit it.
+/// A duplicate of `fd` that survives `exec`: spawn the child process while
+/// it is open, pass the child its number (`as_raw_fd`), then drop it.
+/// Together with [`adopt_inherited_fd`] in the child this hands a stream's
+/// files to another process without a broker.
 ///
 /// # Errors
-/// Whatever `fcntl(F_SETFD)` reports.
-pub fn set_inheritable(fd: impl AsFd) -> io::Result<()> {
-    Ok(rustix::io::fcntl_setfd(fd, FdFlags::empty())?)
+/// Whatever `dup` reports.
+pub fn dup_for_child(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // `dup` never sets close-on-exec on the new descriptor.
+    Ok(rustix::io::dup(fd)?)
+}
+
+/// Takes ownership of descriptor `raw`, inherited from the parent process
+/// (see [`dup_for_child`]), and marks it close-on-exec.
+///
+/// # Errors
+/// `EBADF` if no such descriptor is open.
+///
+/// # Safety
+/// `raw` must be a descriptor this process owns and that nothing else in
+/// it uses or will close: typically a number the parent passed on the
+/// command line or in the environment, adopted once.
+pub unsafe fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: the caller guarantees exclusive ownership of `raw`; it is
+    // only borrowed to check that it is open.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    rustix::io::fcntl_setfd(borrowed, FdFlags::CLOEXEC)?;
+    // SAFETY: as above; it is open (fcntl succeeded).
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Sleeps while `word` holds `expected`, at most `timeout` (forever if

@@ -53,11 +53,7 @@ fn setup(
 }
 
 fn publisher(owner: &Owner) -> PubCore<Arc<HeapStream>, Arc<HeapChannel>> {
-    PubCore::attach(owner.stream().clone(), owner_channels(owner), 1).unwrap()
-}
-
-fn owner_channels(owner: &Owner) -> Vec<Arc<HeapChannel>> {
-    owner.channels().to_vec()
+    PubCore::attach(owner.stream().clone(), owner.channels().to_vec(), 1).unwrap()
 }
 
 /// Sends `frames` frames (waiting for lossless room), then closes.
@@ -169,10 +165,8 @@ fn loom_keep_latest_eviction_races_the_subscriber() {
 fn loom_detach_during_sends_reclaims_every_slot() {
     model(|| {
         let (mut owner, tickets, _payload) = setup(3, 2, &[(2, OverflowPolicy::DropNewest)]);
-        let stream = owner.stream().clone();
-        let channels = owner.channels().to_vec();
+        let mut p = publisher(&owner);
         let t = loom::thread::spawn(move || {
-            let mut p = PubCore::attach(stream, channels, 1).unwrap();
             for _ in 0..2 {
                 let slot = p.loan().unwrap();
                 p.commit(slot, 1, 0).unwrap();
@@ -194,10 +188,8 @@ fn loom_detach_during_sends_reclaims_every_slot() {
 fn loom_removing_a_full_lossless_subscriber_wakes_the_publisher() {
     model(|| {
         let (mut owner, tickets, _payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
-        let stream = owner.stream().clone();
-        let channels = owner.channels().to_vec();
+        let mut p = publisher(&owner);
         let t = loom::thread::spawn(move || {
-            let mut p = PubCore::attach(stream, channels, 1).unwrap();
             for _ in 0..2 {
                 let slot = p.loan().unwrap();
                 // The second frame blocks until the subscriber is removed;
