@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use memsock::{Publisher, RecvError, SendError, Subscriber, SubscriberTicket, TryRecvError, WaitStrategy};
+use memsock::{LoanError, Publisher, RecvError, SendError, Subscriber, SubscriberTicket, TryRecvError, WaitStrategy};
 use memsock_proto::shm::layout::ChannelHeader;
 use memsock_tests::{PEER_ENV, check_frame, fill_frame, frame_len, inherited_fds, mix};
 use serde_json::{Value, json};
@@ -48,7 +48,14 @@ fn publisher(spec: &Value) -> Result<()> {
         if !pace.is_zero() {
             std::thread::sleep(pace);
         }
-        let mut sample = publisher.loan()?;
+        let mut sample = match publisher.loan() {
+            Ok(sample) => sample,
+            Err(LoanError::Closed) => {
+                say(json!({"report": {"sent": sent, "timeouts": timeouts, "closed": true}}));
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let len = frame_len(seq, slot_size);
         fill_frame(seq, &mut sample.as_mut_slice()[..len]);
         sample.set_len(len);
