@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use memmap2::{MmapOptions, MmapRaw};
-use memsock_proto::platform::{adopt_inherited_fd, dup_for_child};
+use memsock_proto::platform::dup_for_child;
 use serde_json::Value;
 
 /// Environment variable carrying a child's role and parameters (JSON).
@@ -63,23 +63,7 @@ impl ChildProc {
     }
 }
 
-/// In a child: the descriptors the parent passed, in order.
-pub fn inherited_fds(spec: &Value) -> Vec<OwnedFd> {
-    spec["fds"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|n| {
-                    let fd = n.as_i64().expect("fd number") as RawFd;
-                    // SAFETY: the parent duplicated these descriptors for this
-                    // child alone and passed their numbers once; nothing else in
-                    // this process owns them.
-                    unsafe { adopt_inherited_fd(fd) }.expect("inherited descriptor")
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
+pub use memsock_tests::inherited_fds;
 
 /// In a child: reports one JSON line to the parent.
 pub fn report(v: &Value) {
