@@ -142,9 +142,6 @@ pub fn run(case: Case) -> Result<Value> {
     p["cpu"] = case.cpus().0;
     let (publisher, _) = ChildProc::spawn(&p, &fds)?;
     let pub_result = publisher.finish()?;
-    if std::env::var_os("MEMSOCK_BENCH_DEBUG").is_some() {
-        eprintln!("publisher: {pub_result}");
-    }
     let mut results = Vec::new();
     for s in subs {
         results.push(s.finish()?);
@@ -207,12 +204,9 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
     report(&json!({
         "cpu_ns": (cpu1 - cpu0) as f64 * count as f64 / (count - 1).max(1) as f64,
         "minflt": flt1 - flt0,
-        "blocked": BLOCKED.load(std::sync::atomic::Ordering::Relaxed),
     }));
     Ok(())
 }
-
-static BLOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[inline]
 fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Result<()> {
@@ -228,7 +222,6 @@ fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Res
             Ok(_) => return Ok(()),
             Err(unsent) if matches!(unsent.error, SendError::WouldBlock { .. }) => {
                 sample = unsent.sample;
-                BLOCKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 std::hint::spin_loop();
             }
             Err(unsent) => return Err(unsent.error.into()),

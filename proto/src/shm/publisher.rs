@@ -571,13 +571,10 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
         let ring = channel.returns();
         // The subscriber has just written these lines: fetch them all at
         // once rather than one miss after another.
-        let mut pos = st.ret_head;
-        while pos != tail {
+        // (16 returns to a 64-byte line.)
+        for offset in (0..n).step_by(16) {
+            let pos = st.ret_head.wrapping_add(offset);
             crate::platform::prefetch_for_read((&ring[(pos & cap_mask) as usize] as *const AtomicU32).cast());
-            pos = pos.wrapping_add(16);
-            if tail.wrapping_sub(pos) > n {
-                break;
-            }
         }
         let mut pos = st.ret_head;
         while pos != tail {
