@@ -73,8 +73,13 @@ pub const FLAG_PREFAULT: u32 = 1 << 2;
 
 /// [`StreamControl::state`]: publishing and subscribing are allowed.
 pub const STREAM_OPEN: u32 = 0;
-/// [`StreamControl::state`]: the owner closed the stream.
+/// [`StreamControl::state`]: closed, and the publisher (if any) has
+/// acknowledged: no frame will be delivered any more.
 pub const STREAM_CLOSED: u32 = 1;
+/// [`StreamControl::state`]: the owner is closing the stream; the attached
+/// publisher acknowledges (moving it to [`STREAM_CLOSED`]) on its next loan,
+/// send or detach, after the last frame it delivered.
+pub const STREAM_CLOSING: u32 = 2;
 
 /// [`StreamControl::writer`]: nobody owns the publisher-side bookkeeping.
 pub const WRITER_NONE: u32 = 0;
@@ -190,7 +195,7 @@ pub struct StreamControl {
     /// Bumped (`Release`) by the owner after every change to the subscriber
     /// table; the publisher polls it (`Acquire`) once per frame.
     pub table_gen: AtomicU64,
-    /// [`STREAM_OPEN`] or [`STREAM_CLOSED`].
+    /// [`STREAM_OPEN`], [`STREAM_CLOSING`] or [`STREAM_CLOSED`].
     pub state: AtomicU32,
     /// `WRITER_*`: who may change the holder masks and delivery rings.
     pub writer: AtomicU32,

@@ -205,3 +205,40 @@ fn loom_removing_a_full_lossless_subscriber_wakes_the_publisher() {
         assert_eq!(owner.stats(0).free_slots, 2);
     });
 }
+
+#[test]
+fn loom_close_racing_sends_loses_no_sent_frame() {
+    model(|| {
+        let (mut owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let mut p = publisher(&owner);
+        let written = payload.clone();
+        let sender = loom::thread::spawn(move || {
+            // Returns how many sends succeeded before the close was seen.
+            let mut sent = 0;
+            for _ in 0..2 {
+                let Ok(slot) = p.loan() else { break };
+                written.0[slot as usize].with_mut(|v| unsafe_write(v, p.next_seq()));
+                match p.commit(slot, 1, 0) {
+                    Ok(_) => sent += 1,
+                    Err(CommitRefusal::WouldBlock { subscriber }) => {
+                        p.abandon(slot);
+                        if !p.wait_for_room(subscriber as usize, PARK, None) {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        p.abandon(slot);
+                        break;
+                    }
+                }
+            }
+            sent
+        });
+        let receiver = loom::thread::spawn(move || receive_all(stream, channel, tickets[0], payload).len());
+        owner.close();
+        let sent = sender.join().unwrap();
+        // Every frame whose send succeeded arrives before `Closed`.
+        assert_eq!(receiver.join().unwrap(), sent);
+    });
+}

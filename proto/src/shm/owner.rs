@@ -10,11 +10,11 @@
 //! publisher is attached.
 
 use super::layout::{
-    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED,
-    SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSING,
+    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
 };
 use super::mem::{ChannelMem, StreamMem};
-use super::publisher::{clear_subscriber_bits, recover};
+use super::publisher::{acknowledge_close, clear_subscriber_bits, recover};
 use super::wait;
 use crate::primitive::Ordering::{Acquire, Relaxed, Release};
 
@@ -248,7 +248,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
 
     pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
         let header = self.stream.header();
-        if header.control.state.load(Acquire) == STREAM_CLOSED {
+        if header.control.state.load(Acquire) != STREAM_OPEN {
             return Err(AddSubscriberError::Closed);
         }
         self.reclaim_detached();
@@ -393,18 +393,30 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         self.bump_table();
         self.lowered.fill(None);
         self.reclaim_detached();
+        // A close it never acknowledged ends here.
+        acknowledge_close(&self.stream, &self.channels);
     }
 
-    /// Closes the stream: the publisher's next send fails, subscribers get
-    /// `Closed` once their queues are empty, and everyone asleep is woken.
+    /// Closes the stream: the publisher's next loan or send fails, and
+    /// subscribers get `Closed` once they have received every frame it
+    /// sent. An attached publisher acknowledges the close on its next loan,
+    /// send or detach (a frame it was sending meanwhile is still delivered);
+    /// until then its subscribers simply see no new frames.
     pub(crate) fn close(&mut self) {
-        // Release pairs with the Acquire loads of the state in the publisher
-        // and subscribers.
-        self.stream.header().control.state.store(STREAM_CLOSED, Release);
+        let ctl = &self.stream.header().control;
+        if ctl.state.compare_exchange(STREAM_OPEN, STREAM_CLOSING, Release, Relaxed).is_err() {
+            return; // already closing or closed
+        }
         self.bump_table();
+        // A publisher blocked on a lossless subscriber re-reads the table.
         for ch in &self.channels {
-            wait::wake(&ch.header().waiting);
             wait::wake(&ch.header().pub_waiting);
+        }
+        // The SeqCst fence pairs with the one in `PubCore::drop`: either we
+        // see its writer role released, or it sees the stream closing.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
+            acknowledge_close(&self.stream, &self.channels);
         }
     }
 
@@ -458,7 +470,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             published: header.publisher.published.load(Relaxed),
             bytes: header.publisher.bytes.load(Relaxed),
             publisher_pid: header.control.publisher_pid.load(Relaxed),
-            closed: header.control.state.load(Acquire) == STREAM_CLOSED,
+            closed: header.control.state.load(Acquire) != STREAM_OPEN,
             subscribers,
         }
     }

@@ -32,8 +32,8 @@
 //! make its own `held` stay high.
 
 use super::layout::{
-    NO_SLOT, OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER,
-    WRITER_PUBLISHER,
+    NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE,
+    WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
 };
 use super::layout::{entry, split_entry};
 use super::mem::{ChannelMem, StreamMem};
@@ -147,7 +147,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let g = stream.layout().geometry;
         assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
         let ctl = &stream.header().control;
-        if ctl.state.load(Acquire) == STREAM_CLOSED {
+        if ctl.state.load(Acquire) != STREAM_OPEN {
             return Err(AttachRefusal::Closed);
         }
         let mut tries = 0u32;
@@ -255,7 +255,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn sync_table_slow(&mut self, gen_now: u64) {
         self.table_gen = gen_now;
         let ctl = &self.stream.header().control;
-        self.closed = ctl.state.load(Acquire) == STREAM_CLOSED;
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch {
             // The owner declared us gone (`publisher_gone`) while we were
             // still alive: touch nothing more.
@@ -310,6 +309,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         }
         // Release pairs with the owner's Acquire load in `committed`.
         self.stream.header().publisher.applied_gen.store(gen_now, Release);
+        if self.stream.header().control.state.load(Acquire) != STREAM_OPEN {
+            // From here on nothing is delivered: tell the subscribers.
+            self.closed = true;
+            acknowledge_close(&self.stream, &self.channels);
+        }
     }
 
     /// Takes a free slot.
@@ -543,6 +547,26 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         // Release pairs with the next writer's Acquire CAS in `attach` or
         // `owner::reclaim_detached`.
         ctl.writer.store(WRITER_NONE, Release);
+        // A close may have begun after our last look: the owner saw us still
+        // attached and left the acknowledgement to us. The SeqCst fence pairs
+        // with the one in `OwnerCore::close`: one of us sees the other.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        if ctl.state.load(Relaxed) == STREAM_CLOSING {
+            acknowledge_close(&self.stream, &self.channels);
+        }
+    }
+}
+
+/// Moves a closing stream to [`STREAM_CLOSED`] and wakes every sleeping
+/// subscriber. Called by whoever ends delivery: the publisher on its first
+/// look after the close, the owner if no publisher is attached.
+pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) {
+    // Release pairs with the subscribers' Acquire load of the state in
+    // `SubCore::empty`: every frame delivered before is visible with it.
+    if stream.header().control.state.compare_exchange(STREAM_CLOSING, STREAM_CLOSED, Release, Relaxed).is_ok() {
+        for ch in channels {
+            wait::wake(&ch.header().waiting);
+        }
     }
 }
 

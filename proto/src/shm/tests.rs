@@ -324,10 +324,18 @@ fn close_wakes_and_ends_everyone() {
         });
         std::thread::sleep(Duration::from_millis(20));
         seg.close();
+        // The publisher's next send acknowledges the close, which ends the
+        // subscriber's wait: no frame can still be on its way.
+        assert_eq!(publisher.send(&[2]), Err(SendError::Closed));
         assert_eq!(h.join().unwrap(), (Ok(1), Err(RecvError::Closed)));
     });
-    assert_eq!(publisher.send(&[2]), Err(SendError::Closed));
     assert!(matches!(publisher.loan(), Err(LoanError::Closed)));
+    // With no publisher attached, a close takes effect at once.
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    seg.close();
+    assert_eq!(sub.recv().unwrap_err(), RecvError::Closed);
+    assert!(matches!(seg.open_publisher(), Err(OpenPublisherError::Closed)));
 }
 
 #[test]
