@@ -721,7 +721,11 @@ mod api {
             self.core.reclaim_detached()
         }
 
-        /// Closes the stream for good.
+        /// Closes the stream for good. The publisher's next loan or send
+        /// fails with `Closed`; subscribers get `Closed` once they have
+        /// received every frame it sent. An attached publisher acknowledges
+        /// the close on its next loan, send or detach (or when the owner
+        /// declares it gone); until then its subscribers just see no frames.
         pub fn close(&mut self) {
             self.core.close();
         }
