@@ -4,7 +4,8 @@
 //! processes and, in the same run, the references they are judged against
 //! (memcpy, a minimal SPSC ring, cache-line and futex ping-pong), then
 //! prints a table (or one JSON object per line) and the target ratios.
-//! Each figure is the best of several interleaved rounds (`--rounds`).
+//! Each figure is the median of several interleaved rounds (`--rounds`),
+//! and each target ratio the median of the ratios within each round.
 //! Spinning cases pin the two processes to CPUs 0 and 1; run one benchmark
 //! at a time.
 
@@ -44,8 +45,8 @@ enum Command {
         /// in /proc/sys/vm/nr_hugepages; falls back to ordinary pages).
         #[arg(long)]
         huge_pages: bool,
-        /// Measures everything this many times, interleaved, keeping the
-        /// best of each.
+        /// Measures everything this many times, interleaved, reporting
+        /// medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -87,41 +88,44 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
             }
         }
     }
-    // This machine's speed drifts by up to 2× over minutes (shared host).
-    // Every figure is measured `rounds` times, references and streams
-    // interleaved, and the best of each figure kept: a ratio then compares
-    // the two at their best, not one at a quiet moment and one at a busy one.
-    let mut best: Vec<Value> = Vec::new();
+    // This machine's speed drifts by up to 2× over minutes (shared host),
+    // and now and then its two CPUs share a core for a while (a cache line
+    // then crosses in ~20 ns instead of ~200). So every figure is measured
+    // `rounds` times, references and streams interleaved; each round's
+    // ratios compare figures taken seconds apart, and the report gives
+    // the median of each figure and of each round's ratios.
+    let mut rounds_lines: Vec<Vec<Value>> = Vec::new();
     for round in 0..rounds {
         let mut lines = vec![
             reference::memcpy(64, n(2e9) as usize),
             reference::memcpy(1_153_434, n(2e9) as usize),
-            reference::reference_ring(64, n(10e6))?,
-            reference::reference_ring(1_153_434, n(4e3))?,
+            reference::clock(n(2e7)),
+            reference::reference_ring(64, n(10e6), false)?,
+            reference::reference_ring(64, n(10e6), true)?,
+            reference::reference_ring(1_153_434, n(4e3), false)?,
             reference::cacheline(n(5e5))?,
             reference::futex(n(5e3) as u32)?,
         ];
         for case in &cases {
             lines.push(stream::run(*case)?);
         }
-        for line in lines {
-            if !json_out {
-                eprintln!("  round {} measured {}", round + 1, describe(&line));
-            }
-            match best.iter_mut().find(|b| same_case(b, &line)) {
-                Some(b) => keep_best(b, &line),
-                None => best.push(line),
+        if !json_out {
+            for line in &lines {
+                eprintln!("  round {} measured {}", round + 1, describe(line));
             }
         }
+        rounds_lines.push(lines);
     }
-    let targets = targets(&best);
+    let figures = median_lines(&rounds_lines);
+    let round_targets: Vec<Value> = rounds_lines.iter().map(|l| targets(l)).collect();
+    let targets = median_targets(&round_targets);
     if json_out {
-        for line in &best {
+        for line in &figures {
             println!("{line}");
         }
         println!("{targets}");
     } else {
-        print_table(&best, &targets);
+        print_table(&figures, &targets, &round_targets);
     }
     Ok(())
 }
@@ -130,20 +134,50 @@ fn same_case(a: &Value, b: &Value) -> bool {
     ["case", "size", "subscribers", "wait"].iter().all(|k| a[k] == b[k])
 }
 
-/// Keeps in `best` the best of each figure of two measurements of the
-/// same case: the highest rates, the lowest times, CPU costs and faults.
-fn keep_best(best: &mut Value, new: &Value) {
-    const HIGHER: [&str; 2] = ["msgs_per_s", "gbytes_per_s"];
-    const LOWER: [&str; 5] = ["one_way_ns", "lat_p50_ns", "lat_p99_ns", "pub_cpu_ns_per_msg", "minflt_per_msg"];
-    for (keys, higher) in [(&HIGHER[..], true), (&LOWER[..], false)] {
-        for &k in keys {
-            if let (Some(b), Some(n)) = (best[k].as_f64(), new[k].as_f64())
-                && (if higher { n > b } else { n < b })
-            {
-                best[k] = new[k].clone();
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.retain(|x| !x.is_nan());
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 { xs[m] } else { (xs[m - 1] + xs[m]) / 2.0 }
+}
+
+/// Each case once, every figure the median of its rounds.
+fn median_lines(rounds: &[Vec<Value>]) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for line in rounds.iter().flatten() {
+        if out.iter().any(|o| same_case(o, line)) {
+            continue;
+        }
+        let mut m = line.clone();
+        let same: Vec<&Value> = rounds.iter().flatten().filter(|l| same_case(l, line)).collect();
+        if let Some(obj) = m.as_object_mut() {
+            for (k, v) in obj.iter_mut() {
+                if v.is_f64() || (v.is_u64() && !["size", "subscribers"].contains(&k.as_str())) {
+                    let x = median(same.iter().filter_map(|l| l[k].as_f64()).collect());
+                    *v = json!(x);
+                }
             }
         }
+        out.push(m);
     }
+    out
+}
+
+/// The median of each target ratio over the rounds.
+fn median_targets(rounds: &[Value]) -> Value {
+    let mut m = rounds.first().cloned().unwrap_or_else(|| json!({}));
+    if let Some(obj) = m.as_object_mut() {
+        for (k, v) in obj.iter_mut() {
+            if v.is_number() {
+                *v = json!(median(rounds.iter().filter_map(|r| r[k].as_f64()).collect()));
+            }
+        }
+        obj.insert("rounds".into(), json!(rounds.len()));
+    }
+    m
 }
 
 fn find(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
@@ -161,6 +195,7 @@ fn num(v: Option<&Value>, key: &str) -> f64 {
 /// The targets, as ratios of figures from this run.
 fn targets(lines: &[Value]) -> Value {
     let reference_ring = num(find(lines, |v| v["case"] == "reference_ring" && v["size"] == 64), "msgs_per_s");
+    let stamped_ring = num(find(lines, |v| v["case"] == "reference_ring_stamped"), "msgs_per_s");
     let reference_ring_big =
         num(find(lines, |v| v["case"] == "reference_ring" && v["size"] == 1_153_434), "gbytes_per_s");
     let memcpy_big = num(find(lines, |v| v["case"] == "memcpy" && v["size"] == 1_153_434), "gbytes_per_s");
@@ -175,6 +210,8 @@ fn targets(lines: &[Value]) -> Value {
     json!({
         "case": "targets",
         "small_spin_vs_reference_ring": s(64, 1, "spin", "msgs_per_s") / reference_ring,
+        "small_spin_vs_stamped_ring": s(64, 1, "spin", "msgs_per_s") / stamped_ring,
+        "stamped_ring_vs_reference_ring": stamped_ring / reference_ring,
         "big_spin_vs_memcpy": s(1_153_434, 1, "spin", "gbytes_per_s") / memcpy_big,
         "big_block_vs_memcpy": s(1_153_434, 1, "block", "gbytes_per_s") / memcpy_big,
         "big_spin_vs_reference_ring": s(1_153_434, 1, "spin", "gbytes_per_s") / reference_ring_big,
@@ -199,35 +236,41 @@ fn describe(v: &Value) -> String {
     }
 }
 
-fn print_table(lines: &[Value], targets: &Value) {
+fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
     let f = |v: &Value, k: &str, scale: f64, prec: usize| match v[k].as_f64() {
         Some(x) => format!("{:.*}", prec, x / scale),
         None => "-".into(),
     };
     println!(
-        "{:<16} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+        "{:<22} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
         "case", "size", "subs", "wait", "Mmsg/s", "GB/s", "p50 ns", "p99 ns", "pub ns/msg", "minflt/msg"
     );
     for v in lines {
         let case = v["case"].as_str().unwrap_or("?");
         let oneway = f(v, "one_way_ns", 1.0, 1);
         println!(
-            "{:<16} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+            "{:<22} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
             case,
             v["size"].as_u64().map_or("-".into(), |s| s.to_string()),
             v["subscribers"].as_u64().map_or("-".into(), |s| s.to_string()),
             v["wait"].as_str().unwrap_or("-"),
             f(v, "msgs_per_s", 1e6, 2),
             f(v, "gbytes_per_s", 1.0, 2),
-            if case == "stream" { f(v, "lat_p50_ns", 1.0, 0) } else { oneway.clone() },
+            match case {
+                "stream" => f(v, "lat_p50_ns", 1.0, 0),
+                "clock" => f(v, "ns_per_read", 1.0, 1),
+                _ => oneway.clone(),
+            },
             f(v, "lat_p99_ns", 1.0, 0),
             f(v, "pub_cpu_ns_per_msg", 1.0, 1),
             f(v, "minflt_per_msg", 1.0, 5),
         );
     }
-    println!("\ntargets (ratios within this run):");
+    println!("\ntargets (ratios within each round; median and range of {} rounds):", rounds.len());
     let rows = [
         ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring", ">= 0.5"),
+        ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read (info)", "-"),
+        ("stamped_ring_vs_reference_ring", "ring + clock read ÷ reference ring (info)", "-"),
         ("big_spin_vs_memcpy", "1.1 MB spin GB/s ÷ memcpy", ">= 0.9"),
         ("big_block_vs_memcpy", "1.1 MB block GB/s ÷ memcpy", ">= 0.9"),
         ("big_spin_vs_reference_ring", "1.1 MB spin GB/s ÷ bare ring (info)", "~ 1"),
@@ -239,6 +282,8 @@ fn print_table(lines: &[Value], targets: &Value) {
         ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
     ];
     for (key, what, goal) in rows {
-        println!("  {what:<42} {:>9.4}   target {goal}", targets[key].as_f64().unwrap_or(f64::NAN));
+        let each: Vec<f64> = rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
+        let (lo, hi) = each.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+        println!("  {what:<44} {:>9.4}  ({lo:.3}–{hi:.3})   target {goal}", targets[key].as_f64().unwrap_or(f64::NAN));
     }
 }

@@ -54,7 +54,11 @@ fn ring_len(size: usize) -> usize {
 
 /// The ring's producer runs here, its consumer in a child process; the
 /// two are pinned to CPUs 0 and 1 like the one-subscriber stream cases.
-pub fn reference_ring(size: usize, count: u64) -> Result<Value> {
+///
+/// `stamped`: the producer also reads the monotonic clock once per frame
+/// and writes it into the frame, as memsock stamps every frame with its
+/// publish time — the floor for any design whose samples carry one.
+pub fn reference_ring(size: usize, count: u64, stamped: bool) -> Result<Value> {
     let region = Region::create(ring_len(size))?;
     let spec = json!({"role": "ring_consumer", "count": count, "size": size});
     let (mut child, _) = ChildProc::spawn(&spec, &[region.fd()])?;
@@ -74,6 +78,9 @@ pub fn reference_ring(size: usize, count: u64) -> Result<Value> {
         // within the region, and only the producer writes slots.
         let frame = unsafe { region.bytes_mut(4096 + (tail as usize % slots) * stride, size) };
         crate::stream::write_frame(frame, seq);
+        if stamped {
+            frame[8..16].copy_from_slice(&memsock::now_ns().to_le_bytes());
+        }
         tail += 1;
         // Release pairs with the consumer's Acquire load of `tail`.
         ring.tail.0.store(tail, Ordering::Release);
@@ -81,8 +88,22 @@ pub fn reference_ring(size: usize, count: u64) -> Result<Value> {
     let r = child.finish()?;
     let secs = r["elapsed_ns"].as_f64().unwrap_or(f64::NAN) / 1e9;
     let msgs_per_s = count as f64 / secs;
-    Ok(json!({"case": "reference_ring", "size": size, "msgs_per_s": msgs_per_s,
+    let case = if stamped { "reference_ring_stamped" } else { "reference_ring" };
+    Ok(json!({"case": case, "size": size, "msgs_per_s": msgs_per_s,
               "gbytes_per_s": msgs_per_s * size as f64 / 1e9}))
+}
+
+/// What one read of the monotonic clock costs this thread, back to back:
+/// memsock reads it once per frame for the publish timestamp.
+pub fn clock(reads: u64) -> Value {
+    let start = Instant::now();
+    let mut acc = 0u64;
+    for _ in 0..reads {
+        acc = acc.wrapping_add(memsock::now_ns());
+    }
+    black_box(acc);
+    let ns = start.elapsed().as_nanos() as f64;
+    json!({"case": "clock", "ns_per_read": ns / reads as f64})
 }
 
 /// Child side of [`reference_ring`].
