@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use memsock::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions, WaitStrategy};
+use memsock::shm::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions, WaitStrategy};
 
 fn opts(policy: OverflowPolicy) -> SubscriberOptions {
     SubscriberOptions { credits: 64, policy, wait: WaitStrategy::Spin }

@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use memsock::{
+use memsock::shm::{
     OverflowPolicy, Publisher, SendError, StreamConfig, StreamSegment, Subscriber, SubscriberOptions, SubscriberTicket,
     WaitStrategy,
 };

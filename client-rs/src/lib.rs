@@ -1,49 +1,55 @@
-//! memsock: streams of frames between processes through shared memory,
-//! zero-copy, with per-subscriber overflow policies and credits.
+//! memsock: shared memory that feels like a local socket. Streams of
+//! frames between processes, zero-copy, with per-subscriber overflow
+//! policies and credits; a broker hands out the shared memory over a small
+//! control socket and reclaims it when a process goes away.
 //!
-//! A stream has one publisher and any number of subscribers. The
-//! publisher loans a slot, writes the frame in place and sends it; each
-//! subscriber receives a [`Sample`] that reads the frame where it lies and
-//! hands the slot back when dropped.
-//!
-//! ```
-//! use memsock::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions};
+//! ```no_run
+//! use memsock::{Client, OverflowPolicy, StreamConfig, SubscribeOptions};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // The owner creates the stream (normally the broker does this).
-//! let mut stream = StreamSegment::create("camera", &StreamConfig::new(1 << 20, 8))?;
-//! let subscriber = stream.open_subscriber(&SubscriberOptions {
-//!     credits: 4,
-//!     policy: OverflowPolicy::KeepLatest,
-//!     ..SubscriberOptions::default()
-//! })?;
-//! let mut publisher = stream.open_publisher()?;
-//!
+//! // In the camera process:
+//! let client = Client::connect()?; // `memsock broker` must be running
+//! let mut publisher = client.publisher("camera", &StreamConfig::new(1 << 20, 8))?;
 //! let mut frame = publisher.loan()?;
 //! frame.as_mut_slice()[..4].copy_from_slice(&[1, 2, 3, 4]);
 //! frame.set_len(4);
 //! frame.send()?;
 //!
+//! // In a viewer process:
+//! let client = Client::connect()?;
+//! let options = SubscribeOptions { credits: 2, policy: OverflowPolicy::KeepLatest, ..Default::default() };
+//! let subscriber = client.subscriber("camera", &options)?;
 //! let sample = subscriber.recv()?;
-//! assert_eq!(&*sample, &[1, 2, 3, 4]);
-//! assert_eq!(sample.seq(), 0);
+//! println!("frame {} of {} bytes", sample.seq(), sample.len());
 //! # Ok(()) }
 //! ```
 //!
-//! Across processes, the owner hands the stream's files to the publisher
-//! ([`StreamSegment::data_fd`], [`StreamSegment::channel_fds`]) and to each
-//! subscriber ([`StreamSegment::read_only_data_fd`],
-//! [`StreamSegment::channel_fd`] and a [`SubscriberTicket`]), which open
-//! them with [`Publisher::open`] and [`Subscriber::open`].
+//! The data plane underneath works without a broker too: [`shm`] has the
+//! stream segment, its owner operations and the file-level `open`s.
 
 #![deny(missing_docs)]
 
+mod client;
+mod conn;
+
+pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
+pub use conn::ClientError;
+pub use memsock_proto::control::{ControlError, Event, StatsReport, StreamReport, SubscriberReport};
 pub use memsock_proto::shm::{
-    AddSubscriberError, CreateError, FrameInfo, Geometry, LoanError, OpenLocalError, OpenPublisherError,
-    OpenSubscriberError, OverflowPolicy, Publisher, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
-    StreamSegment, StreamStats, Subscriber, SubscriberOpError, SubscriberOptions, SubscriberStats, SubscriberTicket,
+    FrameInfo, LoanError, OverflowPolicy, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
     TryRecvError, Unsent, WaitStrategy,
 };
+
+/// The data plane on its own: stream segments, their owner operations and
+/// file-level publishers and subscribers (what the broker builds on).
+pub mod shm {
+    pub use memsock_proto::shm::*;
+}
+
+/// The control protocol (for tools that speak to the broker directly).
+pub mod control {
+    pub use memsock_proto::control::*;
+}
 
 /// Nanoseconds on the monotonic clock: the clock of [`Sample::timestamp_ns`].
 pub fn now_ns() -> u64 {

@@ -1,6 +1,7 @@
 //! memsock's protocol crate: the one definition of the shared-memory layout
 //! of a stream and of its lock-free algorithms ([`shm`]), and the operating
-//! system calls they need ([`platform`]).
+//! system calls they need ([`platform`]), and the control protocol between
+//! clients and the broker (`control`).
 //!
 //! Broker and clients build on this crate; nothing else defines offsets or
 //! memory orderings. Users normally depend on the `memsock` client crate,
@@ -10,6 +11,8 @@
 // A loom build compiles the algorithms without the mapped-file front end.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
+#[cfg(not(loom))]
+pub mod control;
 pub mod platform;
 mod primitive;
 pub mod shm;

@@ -4,7 +4,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -166,6 +168,150 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(1));
     }
     cond()
+}
+
+/// The `memsock` binary of this build (target/<profile>/memsock), which
+/// `scripts/test-all` builds before running the tests.
+pub fn memsock_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/memsock
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join("memsock");
+    assert!(
+        path.exists(),
+        "{} is missing: build the broker in the same profile first (`cargo build -p memsock-broker`; scripts/test-all does)",
+        path.display()
+    );
+    path
+}
+
+/// A private directory for one test, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory (mode 0700) under the system's temp dir.
+    pub fn new(tag: &str) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("memsock-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        Ok(Self(path))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real `memsock broker` process on a private socket.
+#[derive(Debug)]
+pub struct Broker {
+    child: Child,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Broker {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start() -> Result<Self> {
+        let dir = TempDir::new("broker")?;
+        let socket = dir.path().join("run").join("broker.sock");
+        Self::start_at(dir, socket)
+    }
+
+    /// Starts a broker on `socket` (inside `dir`, which it keeps).
+    pub fn start_at(dir: TempDir, socket: PathBuf) -> Result<Self> {
+        let log = std::fs::File::create(dir.path().join("broker.log"))?;
+        let child = Command::new(memsock_exe())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("broker")
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the broker")?;
+        let mut broker = Self { child, socket, dir };
+        let up = eventually(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&broker.socket).is_ok() || broker.exited()
+        });
+        if !up || broker.exited() {
+            bail!("the broker did not start: {}", broker.log());
+        }
+        Ok(broker)
+    }
+
+    /// Its control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends `signal` and waits (up to 10 s) for it to exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> Result<ExitStatus> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).context("pid")?;
+        let sig = rustix::process::Signal::from_named_raw(signal).context("signal")?;
+        rustix::process::kill_process(pid, sig)?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("the broker did not exit after signal {signal}")
+    }
+
+    /// Descriptors the broker holds that are shared-memory files.
+    pub fn memfd_count(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())) else { return 0 };
+        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
+            .count()
+    }
+
+    /// Hands the directory over (to start another broker in it).
+    pub fn into_dir(mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        std::mem::forget(self);
+        dir
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::Result;
-use memsock::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions, SubscriberTicket, WaitStrategy};
+use memsock::shm::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions, SubscriberTicket, WaitStrategy};
 use memsock_tests::{Peer, eventually};
 use serde_json::{Value, json};
 

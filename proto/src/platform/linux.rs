@@ -182,7 +182,80 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The calling process's real user id.
+pub fn current_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
 /// The calling process's id.
 pub fn current_pid() -> u32 {
     rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// Most descriptors one control message carries (the kernel's
+/// `SCM_MAX_FD`, less a margin).
+pub const MAX_FDS_PER_MESSAGE: usize = 250;
+
+/// Sends `bytes` on a connected Unix stream socket, with `fds` attached to
+/// its first byte (`SCM_RIGHTS`). Returns how many bytes went out; the
+/// descriptors go with the first byte, so a caller resending the rest
+/// passes no descriptors again. Never raises `SIGPIPE`.
+///
+/// # Errors
+/// Whatever `sendmsg` reports (`WouldBlock` on a non-blocking socket that
+/// is full), or `InvalidInput` for more than [`MAX_FDS_PER_MESSAGE`].
+pub fn send_with_fds(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for one message"));
+    }
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("control buffer too small for the descriptors"));
+    }
+    let iov = [io::IoSlice::new(bytes)];
+    Ok(rustix::net::sendmsg(socket, &iov, &mut control, SendFlags::NOSIGNAL)?)
+}
+
+/// Receives bytes from a connected Unix stream socket into `buf`, appending
+/// any descriptors that came with them to `fds` (close-on-exec). Returns the
+/// byte count; 0 means the peer closed the connection.
+///
+/// # Errors
+/// Whatever `recvmsg` reports, or `InvalidData` if the peer sent more
+/// descriptors than one message may carry (they are closed).
+pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "peer sent more descriptors than allowed"));
+    }
+    Ok(msg.bytes)
+}
+
+/// The process id of the peer of a connected Unix socket, as the kernel
+/// recorded it when the connection was made.
+///
+/// # Errors
+/// Whatever `getsockopt(SO_PEERCRED)` reports.
+pub fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<u32> {
+    let cred = rustix::net::sockopt::socket_peercred(socket)?;
+    Ok(cred.pid.as_raw_nonzero().get() as u32)
+}
+
+/// The user id of the peer of a connected Unix socket.
+///
+/// # Errors
+/// Whatever `getsockopt(SO_PEERCRED)` reports.
+pub fn peer_uid(socket: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(rustix::net::sockopt::socket_peercred(socket)?.uid.as_raw())
 }

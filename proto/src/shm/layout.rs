@@ -37,7 +37,7 @@ pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"memsockS");
 pub const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"memsockC");
 /// Version of this layout. Bumped on any change to a structure or constant
 /// in this module; 0 is never used (it means "not initialised yet").
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The alignment and spacing of every independently written field.
 ///
@@ -110,7 +110,7 @@ impl<T> std::ops::Deref for Line<T> {
 }
 
 /// What a frame does for a subscriber whose credits are used up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[repr(u32)]
 pub enum OverflowPolicy {
     /// The new frame is not queued for this subscriber and counted as dropped.
@@ -136,7 +136,7 @@ impl OverflowPolicy {
 }
 
 /// How a blocking receive waits for the next frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum WaitStrategy {
     /// Busy-poll only: lowest latency, one core at 100 %. The publisher
     /// never pays for waking this subscriber.
@@ -206,6 +206,13 @@ pub struct StreamControl {
     pub dirty: AtomicU32,
     /// Bumped each time a publisher attaches.
     pub publisher_epoch: AtomicU64,
+    /// Publisher arrivals and departures, counted: odd while a publisher is
+    /// attached, even while none is. A publisher makes it odd when it has
+    /// attached and even when it detaches; the owner makes it even when it
+    /// declares a crashed publisher gone (each with a `Release`
+    /// compare-and-swap, so one departure counts once). Subscribers watch
+    /// it to report a publisher gone or back.
+    pub publisher_changes: AtomicU64,
 }
 
 /// Publisher-written counters and recovery state.

@@ -56,9 +56,18 @@ fn publisher(owner: &Owner) -> PubCore<Arc<HeapStream>, Arc<HeapChannel>> {
     PubCore::attach(owner.stream().clone(), owner.channels().to_vec(), 1).unwrap()
 }
 
-/// Sends `frames` frames (waiting for lossless room), then closes.
-fn publish_then_close(mut owner: Owner, payload: Arc<Payload>, frames: u64) {
-    let mut p = publisher(&owner);
+/// Sends `frames` frames (waiting for lossless room), detaches, then closes.
+/// (The publisher attaches before the threads start: attaching while a
+/// subscriber looks is the subject of its own model.)
+fn publish_then_close(mut owner: Owner, p: Pub, payload: Arc<Payload>, frames: u64) {
+    publish(p, &payload, frames);
+    owner.close();
+}
+
+type Pub = PubCore<Arc<HeapStream>, Arc<HeapChannel>>;
+
+/// Sends `frames` frames (waiting for lossless room) and detaches.
+fn publish(mut p: Pub, payload: &Payload, frames: u64) {
     for seq in 0..frames {
         let slot = p.loan().expect("pool never runs dry");
         payload.0[slot as usize].with_mut(|v| unsafe_write(v, seq));
@@ -75,8 +84,6 @@ fn publish_then_close(mut owner: Owner, payload: Arc<Payload>, frames: u64) {
             }
         }
     }
-    drop(p);
-    owner.close();
 }
 
 fn unsafe_write(v: *mut u64, value: u64) {
@@ -104,6 +111,8 @@ fn receive_all(
                 sub.release(info.slot);
             }
             Err(RecvError::Closed) => return seen,
+            // The publisher leaves before the owner closes.
+            Err(RecvError::PublisherGone) => {}
             Err(e) => panic!("{e:?}"),
         }
     }
@@ -123,7 +132,8 @@ fn loom_lossless_delivers_everything_and_parks_both_ways() {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
         let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
         let p = payload.clone();
-        let t = loom::thread::spawn(move || publish_then_close(owner, p, 3));
+        let publ = publisher(&owner);
+        let t = loom::thread::spawn(move || publish_then_close(owner, publ, p, 3));
         let seen = receive_all(stream, channel, tickets[0], payload);
         t.join().unwrap();
         assert_eq!(seen, [0, 1, 2]);
@@ -136,7 +146,8 @@ fn loom_drop_newest_never_reuses_a_held_slot() {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::DropNewest)]);
         let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
         let p = payload.clone();
-        let t = loom::thread::spawn(move || publish_then_close(owner, p, 3));
+        let publ = publisher(&owner);
+        let t = loom::thread::spawn(move || publish_then_close(owner, publ, p, 3));
         let seen = receive_all(stream, channel, tickets[0], payload);
         t.join().unwrap();
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
@@ -150,7 +161,8 @@ fn loom_keep_latest_eviction_races_the_subscriber() {
         let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
         let s2 = stream.clone();
         let p = payload.clone();
-        let t = loom::thread::spawn(move || publish_then_close(owner, p, 3));
+        let publ = publisher(&owner);
+        let t = loom::thread::spawn(move || publish_then_close(owner, publ, p, 3));
         let seen = receive_all(stream, channel, tickets[0], payload);
         t.join().unwrap();
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
@@ -240,5 +252,36 @@ fn loom_close_racing_sends_loses_no_sent_frame() {
         let sent = sender.join().unwrap();
         // Every frame whose send succeeded arrives before `Closed`.
         assert_eq!(receiver.join().unwrap(), sent);
+    });
+}
+
+#[test]
+fn loom_publisher_gone_comes_after_its_frames_and_wakes_the_subscriber() {
+    model(|| {
+        let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (index, generation) = tickets[0];
+        let sub =
+            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let p = payload.clone();
+        // The publisher may come and go before the subscriber first looks:
+        // the departure is still reported, after both frames. A lost
+        // wake-up shows as a deadlock.
+        let t = loom::thread::spawn(move || publish(publisher(&owner), &p, 2));
+        let mut seen = Vec::new();
+        loop {
+            match sub.take(None) {
+                Ok(info) => {
+                    // SAFETY: loom checks this read against the publisher's writes.
+                    let value = payload.0[info.slot as usize].with(|v| unsafe { *v });
+                    assert_eq!(value, info.seq);
+                    seen.push(info.seq);
+                    sub.release(info.slot);
+                }
+                Err(RecvError::PublisherGone) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(seen, [0, 1]);
     });
 }

@@ -19,7 +19,7 @@ use super::wait;
 use crate::primitive::Ordering::{Acquire, Relaxed, Release};
 
 /// What a subscriber asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubscriberOptions {
     /// Most slots it may hold at once, queued plus borrowed (its queue depth).
     pub credits: u32,
@@ -387,7 +387,16 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let ctl = &self.stream.header().control;
         if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Acquire, Relaxed).is_ok() {
             ctl.publisher_pid.store(0, Relaxed);
+            // Count the departure, unless the publisher did as it left.
+            // Release pairs with the subscribers' Acquire load in
+            // `SubCore::publisher_event`.
+            let now = ctl.publisher_changes.load(Relaxed);
+            if now % 2 == 1 {
+                let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
+            }
         }
+        // Subscribers asleep see the publisher gone.
+        super::publisher::wake_all(&self.channels);
         // Should the old publisher still be alive, it notices on its next
         // loan or send that it no longer holds the role, and stops.
         self.bump_table();
@@ -477,7 +486,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
 }
 
 /// How to create a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StreamConfig {
     /// Bytes per slot: the largest frame.
     pub slot_size: u32,

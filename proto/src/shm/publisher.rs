@@ -137,6 +137,8 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     epoch: u64,
     replaced: bool,
     cap_mask: u64,
+    /// The odd `publisher_changes` our arrival made.
+    arrival: u64,
 }
 
 impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
@@ -219,8 +221,18 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             epoch,
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
+            arrival: 0,
         };
         this.sync_table();
+        // Only a writer changes the count, and it is even (no publisher):
+        // make it odd. Release pairs with the subscribers' Acquire load in
+        // `SubCore::publisher_event`.
+        // (Odd would mean a predecessor's departure went uncounted: count it.)
+        let changes = &this.stream.header().control.publisher_changes;
+        let now = changes.load(Relaxed);
+        this.arrival = if now % 2 == 0 { now + 1 } else { now + 2 };
+        changes.store(this.arrival, Release);
+        wake_all(&this.channels);
         Ok(this)
     }
 
@@ -257,8 +269,10 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let ctl = &self.stream.header().control;
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch {
             // The owner declared us gone (`publisher_gone`) while we were
-            // still alive: touch nothing more.
+            // still alive: touch nothing more. (If it closed the stream
+            // too, that is what the caller hears.)
             self.replaced = true;
+            self.closed = ctl.state.load(Acquire) != STREAM_OPEN;
             return;
         }
         self.active.clear();
@@ -320,7 +334,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
         self.sync_table();
         if self.closed || self.replaced {
-            return Err(if self.replaced { LoanError::Replaced } else { LoanError::Closed });
+            return Err(if self.closed { LoanError::Closed } else { LoanError::Replaced });
         }
         let slot = match self.free.pop_front() {
             Some(slot) => slot,
@@ -361,7 +375,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
         self.sync_table();
         if self.closed || self.replaced {
-            return Err(if self.replaced { CommitRefusal::Replaced } else { CommitRefusal::Closed });
+            return Err(if self.closed { CommitRefusal::Closed } else { CommitRefusal::Replaced });
         }
         for i in 0..self.lossless.len() {
             let s = self.lossless[i];
@@ -539,6 +553,11 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         }
         let ctl = &self.stream.header().control;
         ctl.publisher_pid.store(0, Relaxed);
+        // Release pairs with the subscribers' Acquire load in
+        // `SubCore::publisher_event`: every frame we sent is visible to a
+        // subscriber that sees us gone. (A CAS: should the owner have
+        // declared us gone meanwhile, it counted the departure.)
+        let _ = ctl.publisher_changes.compare_exchange(self.arrival, self.arrival + 1, Release, Relaxed);
         if !std::thread::panicking() {
             // A panic may have cut a delivery short: leave `dirty` set so
             // the next writer runs recovery.
@@ -554,6 +573,17 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         if ctl.state.load(Relaxed) == STREAM_CLOSING {
             acknowledge_close(&self.stream, &self.channels);
         }
+        wake_all(&self.channels);
+    }
+}
+
+/// Wakes every subscriber asleep, so it sees a change of publisher made
+/// just before. The SeqCst fence pairs with the one a subscriber makes
+/// between announcing its sleep and re-checking (`wait::wait_until`).
+pub(crate) fn wake_all<C: ChannelMem>(channels: &[C]) {
+    wait::fence_before_wake();
+    for ch in channels {
+        wait::wake_if_waiting(&ch.header().waiting);
     }
 }
 

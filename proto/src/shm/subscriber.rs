@@ -65,6 +65,15 @@ pub enum TryRecvError {
     /// The owner closed the stream and every queued frame has been received.
     #[error("the stream is closed")]
     Closed,
+    /// The publisher left (detached, or declared gone after a crash) and
+    /// every frame it sent has been received. Reported once; receiving
+    /// again waits for a new publisher.
+    #[error("the publisher is gone")]
+    PublisherGone,
+    /// A publisher attached after [`PublisherGone`](Self::PublisherGone) was
+    /// reported; its frames follow.
+    #[error("a publisher is back")]
+    PublisherBack,
     /// The shared memory holds something the protocol does not allow.
     #[error("corrupt stream: {0}")]
     Corrupt(&'static str),
@@ -91,9 +100,31 @@ pub enum RecvError {
     /// The owner closed the stream and every queued frame has been received.
     #[error("the stream is closed")]
     Closed,
+    /// The publisher left and every frame it sent has been received.
+    /// Reported once; receiving again waits for a new publisher.
+    #[error("the publisher is gone")]
+    PublisherGone,
+    /// A publisher attached after `PublisherGone` was reported.
+    #[error("a publisher is back")]
+    PublisherBack,
     /// The shared memory holds something the protocol does not allow.
     #[error("corrupt stream: {0}")]
     Corrupt(&'static str),
+}
+
+impl RecvError {
+    /// Whether this reports a change of publisher rather than a failure:
+    /// receiving again goes on with the stream.
+    pub fn is_publisher_event(&self) -> bool {
+        matches!(self, Self::PublisherGone | Self::PublisherBack)
+    }
+}
+
+impl TryRecvError {
+    /// Whether this reports a change of publisher rather than a failure.
+    pub fn is_publisher_event(&self) -> bool {
+        matches!(self, Self::PublisherGone | Self::PublisherBack)
+    }
 }
 
 impl From<TryRecvError> for RecvError {
@@ -103,6 +134,8 @@ impl From<TryRecvError> for RecvError {
             TryRecvError::CreditsExhausted { held, credits } => RecvError::CreditsExhausted { held, credits },
             TryRecvError::Detached => RecvError::Detached,
             TryRecvError::Closed => RecvError::Closed,
+            TryRecvError::PublisherGone => RecvError::PublisherGone,
+            TryRecvError::PublisherBack => RecvError::PublisherBack,
             TryRecvError::Corrupt(what) => RecvError::Corrupt(what),
         }
     }
@@ -139,6 +172,10 @@ pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
     borrowed: Cell<u32>,
     /// Protocol violations this side has seen.
     faults: Cell<u64>,
+    /// `publisher_changes` as last accounted for, and whether a
+    /// `PublisherGone` was reported that a `PublisherBack` should answer.
+    publisher_seen: Cell<u64>,
+    gone_reported: Cell<bool>,
 }
 
 /// Why the core could not attach as a subscriber.
@@ -175,7 +212,14 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         if ch.ident.claimed.compare_exchange(0, 1, AcqRel, Relaxed).is_err() {
             return Err(SubAttachRefusal::AlreadyOpen);
         }
+        // Acquire pairs with the publisher's Release store in `attach`.
+        let changes = stream.header().control.publisher_changes.load(Acquire);
+        // A stream whose publisher left before we came: the next one to
+        // attach is "back".
+        let gone = changes % 2 == 0 && changes > 0;
         let this = Self {
+            publisher_seen: Cell::new(changes),
+            gone_reported: Cell::new(gone),
             index,
             generation,
             policy,
@@ -250,7 +294,53 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // A stamp at or past `head + 1` is a frame (or, under KeepLatest, an
         // eviction to catch up with); older ones are stale. (`try_take`
         // loads the entry again with Acquire before using it.)
-        stamp_ahead(split_entry(word).0, head) >= 0 || !self.attached()
+        stamp_ahead(split_entry(word).0, head) >= 0 || !self.attached() || self.publisher_changed()
+    }
+
+    /// Whether the publisher changed since we last looked.
+    #[inline]
+    fn publisher_changed(&self) -> bool {
+        self.stream.header().control.publisher_changes.load(Relaxed) != self.publisher_seen.get()
+    }
+
+    /// A change of publisher to report, if any, with the state to note
+    /// once it is reported (`publisher_seen`, `gone_reported`). A first
+    /// publisher is noted at once, without an event.
+    fn publisher_event(&self) -> Option<(TryRecvError, u64, bool)> {
+        // Acquire pairs with the Release updates of `publisher_changes` by
+        // the publisher (`attach`, `drop`) and the owner (`publisher_gone`):
+        // frames a departed publisher sent are visible from here on.
+        let now = self.stream.header().control.publisher_changes.load(Acquire);
+        let seen = self.publisher_seen.get();
+        if now == seen {
+            return None;
+        }
+        // The count only grows. A departure happened since `seen` if a
+        // publisher was there and the count moved, or if one arrived and
+        // the count moved again.
+        let departed = if seen % 2 == 1 { now > seen } else { now >= seen.saturating_add(2) };
+        if departed {
+            // Accounted up to the last departure; a publisher already
+            // back (odd count) is reported on the next look.
+            return Some((TryRecvError::PublisherGone, now - now % 2, true));
+        }
+        if self.gone_reported.get() {
+            return Some((TryRecvError::PublisherBack, now, false));
+        }
+        self.publisher_seen.set(now);
+        None
+    }
+
+    #[cold]
+    fn check_publisher_back(&self) -> Result<(), TryRecvError> {
+        match self.publisher_event() {
+            Some((event @ TryRecvError::PublisherBack, seen, gone)) => {
+                self.publisher_seen.set(seen);
+                self.gone_reported.set(gone);
+                Err(event)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Takes the next frame, if one is queued.
@@ -258,6 +348,10 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
         if !self.attached() {
             return Err(TryRecvError::Detached);
+        }
+        if self.gone_reported.get() {
+            // After `PublisherGone`, the news of a new publisher comes before its frames.
+            self.check_publisher_back()?;
         }
         let credits = self.credits();
         if self.borrowed.get() >= credits {
@@ -288,8 +382,22 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                     // Closing synchronised us with everything published
                     // before it: the entry may be ready after all.
                     TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0 => continue,
+                    TryRecvError::Empty => {}
                     err => return Err(err),
                 }
+                if let Some((event, seen, gone)) = self.publisher_event() {
+                    // Likewise for a publisher leaving: its last frames
+                    // come before the news.
+                    if event == TryRecvError::PublisherGone
+                        && stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0
+                    {
+                        continue;
+                    }
+                    self.publisher_seen.set(seen);
+                    self.gone_reported.set(gone);
+                    return Err(event);
+                }
+                return Err(TryRecvError::Empty);
             }
             let info = FrameInfo {
                 slot,

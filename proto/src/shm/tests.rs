@@ -291,6 +291,38 @@ fn stale_tickets_and_wrong_files_are_refused() {
 }
 
 #[test]
+fn publisher_changes_are_reported_after_the_frames() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::Lossless)).unwrap();
+    // The first publisher arrives silently.
+    let mut first = seg.open_publisher().unwrap();
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    first.send(&[1]).unwrap();
+    drop(first);
+    assert_eq!(*sub.try_recv().unwrap(), [1], "frames come before the news");
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty, "reported once");
+    let mut second = seg.open_publisher().unwrap();
+    second.send(&[2]).unwrap();
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+    assert_eq!(*sub.try_recv().unwrap(), [2]);
+    // Declared gone after a crash: a subscriber asleep is woken to hear it.
+    std::mem::forget(second);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            seg.publisher_gone();
+        });
+        assert_eq!(sub.recv_timeout(Duration::from_secs(10)).unwrap_err(), RecvError::PublisherGone);
+    });
+    // A subscriber that joins while the publisher is gone hears it come back.
+    let late = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let _third = seg.open_publisher().unwrap();
+    assert_eq!(late.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+}
+
+#[test]
 fn blocking_receive_is_woken_by_the_publisher() {
     for wait in [WaitStrategy::Park, WaitStrategy::SpinThenPark { spin_us: 10 }, WaitStrategy::Spin] {
         let mut seg = segment(8, 8);

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use memsock::{LoanError, Publisher, RecvError, SendError, Subscriber, SubscriberTicket, TryRecvError, WaitStrategy};
+use memsock::shm::{
+    LoanError, Publisher, RecvError, SendError, Subscriber, SubscriberTicket, TryRecvError, WaitStrategy,
+};
 use memsock_proto::shm::layout::ChannelHeader;
 use memsock_tests::{PEER_ENV, check_frame, fill_frame, frame_len, inherited_fds, mix};
 use serde_json::{Value, json};
@@ -32,11 +34,35 @@ fn u(spec: &Value, key: &str, default: u64) -> u64 {
     spec[key].as_u64().unwrap_or(default)
 }
 
+/// With `"socket"` in the spec, the peer gets its stream from the broker
+/// listening there; otherwise from inherited descriptors.
+fn broker_client(spec: &Value) -> Result<Option<memsock::Client>> {
+    match spec["socket"].as_str() {
+        Some(path) => Ok(Some(memsock::Client::connect_to(path)?)),
+        None => Ok(None),
+    }
+}
+
+fn stream_config(spec: &Value) -> memsock::StreamConfig {
+    let mut config = memsock::StreamConfig::new(u(spec, "slot_size", 256) as u32, u(spec, "slot_count", 16) as u32);
+    config.max_subscribers = u(spec, "max_subscribers", 8) as u32;
+    config
+}
+
 /// Sends `count` frames (forever if 0) until the stream closes.
 fn publisher(spec: &Value) -> Result<()> {
+    if let Some(client) = broker_client(spec)? {
+        let name = spec["stream"].as_str().unwrap_or("test");
+        let mut publisher = client.publisher(name, &stream_config(spec))?;
+        return publish(spec, &mut publisher);
+    }
     let fds = inherited_fds(spec);
     let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
+    publish(spec, &mut publisher)
+}
+
+fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {
     let slot_size = publisher.slot_size();
     let count = u(spec, "count", 0);
     let pace = Duration::from_nanos(u(spec, "pace_ns", 0));
@@ -101,8 +127,27 @@ fn ticket(spec: &Value) -> SubscriberTicket {
 /// Receives and checks every frame until the stream closes, it is
 /// detached, or `max_frames` arrived; or takes `hold` frames and hangs.
 fn subscriber(spec: &Value) -> Result<()> {
+    if let Some(client) = broker_client(spec)? {
+        let name = spec["stream"].as_str().unwrap_or("test");
+        let options = memsock::SubscribeOptions {
+            credits: u(spec, "credits", 4) as u32,
+            policy: match spec["policy"].as_str() {
+                Some("lossless") => memsock::OverflowPolicy::Lossless,
+                Some("keep_latest") => memsock::OverflowPolicy::KeepLatest,
+                _ => memsock::OverflowPolicy::DropNewest,
+            },
+            wait: ticket(spec).wait,
+            wait_for_stream: spec["wait_for_stream"].as_bool().unwrap_or(false),
+        };
+        let sub = client.subscriber(name, &options)?;
+        return receive(spec, &sub);
+    }
     let fds = inherited_fds(spec);
     let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket(spec))?;
+    receive(spec, &sub)
+}
+
+fn receive(spec: &Value, sub: &Subscriber) -> Result<()> {
     let slot_size = sub.slot_size();
     let max_frames = u(spec, "max_frames", 0);
     let hold = u(spec, "hold", 0);
@@ -112,7 +157,14 @@ fn subscriber(spec: &Value) -> Result<()> {
     say(json!({"ready": true}));
 
     if hold > 0 {
-        let held: Vec<_> = (0..hold).map(|_| sub.recv()).collect::<Result<_, _>>()?;
+        let mut held = Vec::new();
+        while held.len() < hold as usize {
+            match sub.recv() {
+                Ok(sample) => held.push(sample),
+                Err(e) if e.is_publisher_event() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         say(json!({"holding": held.len()}));
         loop {
             std::thread::park(); // until SIGKILL
@@ -120,6 +172,7 @@ fn subscriber(spec: &Value) -> Result<()> {
     }
 
     let (mut received, mut missing, mut bad) = (0u64, 0u64, 0u64);
+    let (mut publisher_gone, mut publisher_back) = (0u64, 0u64);
     let (mut first, mut last) = (None, None::<u64>);
     let end = loop {
         if max_frames != 0 && received == max_frames {
@@ -129,6 +182,14 @@ fn subscriber(spec: &Value) -> Result<()> {
             Ok(s) => s,
             Err(RecvError::Closed) => break "closed",
             Err(RecvError::Detached) => break "detached",
+            Err(RecvError::PublisherGone) => {
+                publisher_gone += 1;
+                continue;
+            }
+            Err(RecvError::PublisherBack) => {
+                publisher_back += 1;
+                continue;
+            }
             Err(e) => bail!("receive failed after {received} frames: {e}"),
         };
         let seq = sample.seq();
@@ -151,7 +212,7 @@ fn subscriber(spec: &Value) -> Result<()> {
     };
     say(json!({"report": {
         "received": received, "missing": missing, "bad": bad,
-        "first": first, "last": last, "end": end, "faults": sub.faults(),
+        "first": first, "last": last, "end": end, "faults": sub.faults(), "publisher_gone": publisher_gone, "publisher_back": publisher_back,
     }}));
     Ok(())
 }
@@ -197,6 +258,7 @@ fn hostile(spec: &Value) -> Result<()> {
                 }
                 Err(TryRecvError::Closed) => break,
                 Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(e) if e.is_publisher_event() => {}
                 Err(_) => {
                     errors += 1;
                     held.clear();

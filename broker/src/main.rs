@@ -1,0 +1,101 @@
+//! `memsock`: the broker daemon and the command line around it.
+
+mod demo;
+mod registry;
+mod server;
+mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "memsock", version, about = "Shared memory that feels like a local socket")]
+struct Cli {
+    /// The broker's control socket [default: $MEMSOCK_SOCKET, else
+    /// $XDG_RUNTIME_DIR/memsock/broker.sock, else /tmp/memsock-<uid>/broker.sock]
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the broker: hands out stream segments to clients over the
+    /// control socket until SIGINT or SIGTERM.
+    Broker {
+        /// Also admit members of this group (socket mode 0660).
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Runs a broker on a temporary socket with a publisher and two
+    /// subscribers (lossless and keep-latest) as separate processes, prints
+    /// live rates, drops and latency, then a summary, and cleans up.
+    Demo {
+        /// How long the publisher publishes.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Frames per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Bytes per frame.
+        #[arg(long, default_value_t = 1 << 20)]
+        size: u32,
+    },
+    /// (internal) The demo's publisher.
+    #[command(hide = true)]
+    DemoPublisher {
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        size: u32,
+    },
+    /// (internal) A demo subscriber.
+    #[command(hide = true)]
+    DemoSubscriber {
+        #[arg(long)]
+        policy: String,
+        #[arg(long)]
+        credits: u32,
+        #[arg(long, default_value_t = 0)]
+        work_us: u64,
+    },
+    /// Shows every stream's publisher, rates and subscribers.
+    Stats {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let socket = cli.socket.unwrap_or_else(memsock::default_socket_path);
+    match cli.command {
+        Command::Broker { group } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(server::serve(server::Options { socket, group }))
+        }
+        Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
+        Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
+        Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),
+        Command::DemoSubscriber { policy, credits, work_us } => demo::subscriber(&socket, &policy, credits, work_us),
+    }
+}

@@ -1,0 +1,409 @@
+//! The broker daemon: the control socket, one task per client connection,
+//! leases, and shutdown. Frame bytes never pass through here.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use interprocess::local_socket::traits::tokio::Listener as _;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use memsock_proto::control::{
+    self, ClientMessage, ControlError, Event, FrameError, PROTOCOL_VERSION, Reply, Request, ServerMessage,
+};
+use memsock_proto::platform;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, mpsc};
+
+use crate::registry::{ConnId, Outgoing, Registry};
+
+/// Messages queued for one client before it counts as stuck and is dropped.
+const QUEUE_PER_CLIENT: usize = 1024;
+/// How long after a close an idle publisher is declared gone (a send in
+/// progress takes microseconds), and how often the broker looks.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
+/// How long a new connection may take to say Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the broker is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The control socket's path.
+    pub socket: PathBuf,
+    /// Admit this group's members too (socket mode 0660 instead of 0600).
+    pub group: Option<String>,
+}
+
+#[derive(Debug)]
+struct ConnHandle {
+    tx: mpsc::Sender<Outgoing>,
+    kill: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct Broker {
+    registry: Mutex<Registry>,
+    conns: Mutex<HashMap<ConnId, ConnHandle>>,
+    next_conn: AtomicU64,
+    pid: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Broker {
+    /// Queues messages for their connections. A client whose queue is full
+    /// is not reading: it is dropped (its lease ends) rather than allowed
+    /// to make the broker buffer without bound.
+    fn route(&self, out: Vec<Outgoing>) {
+        let conns = lock(&self.conns);
+        for o in out {
+            let Some(handle) = conns.get(&o.conn) else { continue };
+            let conn = o.conn;
+            if let Err(e) = handle.tx.try_send(o) {
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    tracing::warn!(conn, "client does not read its messages: dropping it");
+                }
+                handle.kill.notify_one();
+            }
+        }
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+///
+/// # Errors
+/// If the socket cannot be set up (another broker is live there, the
+/// directory is unsafe), or the signal handlers cannot be installed.
+pub async fn serve(options: Options) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    raise_fd_limit();
+    let gid = options.group.as_deref().map(group_id).transpose()?;
+    let listener = bind(&options.socket, gid)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let broker = Arc::new(Broker {
+        registry: Mutex::new(Registry::default()),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        pid: platform::current_pid(),
+    });
+    tracing::info!(socket = %options.socket.display(), pid = broker.pid, "memsock broker listening");
+
+    let sampler = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CLOSE_GRACE);
+            for n in 0u64.. {
+                tick.tick().await;
+                let mut registry = lock(&broker.registry);
+                registry.finish_closing(CLOSE_GRACE);
+                if n % 10 == 0 {
+                    registry.sample_rates();
+                }
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    let broker = broker.clone();
+                    tasks.spawn(async move { connection(broker, stream).await });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!("shutting down");
+    drop(listener); // removes the socket file
+    sampler.abort();
+    let conns = {
+        let mut registry = lock(&broker.registry);
+        registry.close_all();
+        registry.connections()
+    };
+    broker.route(conns.into_iter().map(|c| Outgoing::event(c, Event::BrokerShutdown)).collect());
+    // Publishers in the middle of a send finish it; then every close is final.
+    tokio::time::sleep(CLOSE_GRACE).await;
+    lock(&broker.registry).finish_closing(Duration::ZERO);
+    // Let every connection flush its notice and end.
+    for handle in lock(&broker.conns).values() {
+        handle.kill.notify_one();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while tasks.join_next().await.is_some() {} }).await;
+    tracing::info!("broker stopped");
+    Ok(())
+}
+
+/// Creates the listening socket, replacing a stale one and refusing to
+/// displace a live broker.
+fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tokio::Listener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir, gid)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => bail!("a memsock broker is already running on {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::warn!(socket = %path.display(), "removing the stale socket of a dead broker");
+                std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            }
+            Err(e) => bail!("cannot check the existing socket {}: {e}", path.display()),
+        },
+        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    let listener = ListenerOptions::new()
+        .name(name)
+        .mode(mode)
+        .reclaim_name(true)
+        .create_tokio()
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Makes sure the socket's directory exists, belongs to us and is not
+/// writable by others (a directory someone else controls could swap the
+/// socket under us).
+fn prepare_dir(dir: &Path, gid: Option<u32>) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let mode = if gid.is_some() { 0o750 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+            if let Some(gid) = gid {
+                std::os::unix::fs::chown(dir, None, Some(gid))?;
+            }
+        }
+        Err(e) => bail!("cannot inspect {}: {e}", dir.display()),
+        Ok(meta) => {
+            let ours = meta.uid() == platform::current_uid();
+            let sticky = meta.mode() & 0o1000 != 0;
+            if meta.mode() & 0o022 != 0 && !(sticky && meta.uid() == 0) {
+                bail!("{} is writable by others; choose another socket directory", dir.display());
+            }
+            if !ours && meta.uid() != 0 {
+                bail!("{} belongs to uid {}, not to us", dir.display(), meta.uid());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn group_id(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    for line in std::fs::read_to_string("/etc/group").context("reading /etc/group")?.lines() {
+        let mut fields = line.split(':');
+        if fields.next() == Some(name) {
+            if let Some(gid) = fields.nth(1).and_then(|g| g.parse().ok()) {
+                return Ok(gid);
+            }
+        }
+    }
+    bail!("no group named {name:?}")
+}
+
+/// Lets the broker hold a descriptor per stream file for many clients.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-parameter for getrlimit/setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// One client, from handshake to the end of its lease.
+async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tokio::Stream) {
+    let interprocess::local_socket::tokio::Stream::UdSocket(stream) = stream;
+    let socket = match OwnedFd::try_from(stream).map(std::os::unix::net::UnixStream::from) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("cannot take the connection's socket: {e}"),
+    };
+    let socket = match socket.set_nonblocking(true).and_then(|()| UnixStream::from_std(socket)) {
+        Ok(s) => Arc::new(s),
+        Err(e) => return tracing::warn!("cannot register the connection: {e}"),
+    };
+    let pid = platform::peer_pid(socket.as_fd()).unwrap_or(0);
+    let conn = broker.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(QUEUE_PER_CLIENT);
+    let kill = Arc::new(Notify::new());
+    lock(&broker.conns).insert(conn, ConnHandle { tx, kill: kill.clone() });
+    let writer = tokio::spawn(write_loop(socket.clone(), rx, kill.clone()));
+    tracing::debug!(conn, pid, "client connected");
+
+    let reason = tokio::select! {
+        r = read_loop(&broker, &socket, conn, pid) => r,
+        () = kill.notified() => "dropped by the broker".to_owned(),
+    };
+    tracing::debug!(conn, pid, "client gone: {reason}");
+    // The lease ends: reclaim, tell the others, stop writing to this one
+    // (after what is queued for it, such as a final error).
+    let out = lock(&broker.registry).disconnect(conn);
+    lock(&broker.conns).remove(&conn);
+    broker.route(out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+/// Reads and serves requests; returns why the connection ended.
+async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut greeted = false;
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        // Serve every complete frame first.
+        loop {
+            let message: ClientMessage = match control::decode(&mut buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    reply_and_close(broker, conn, 0, e.to_control_error());
+                    return format!("bad frame: {e}");
+                }
+            };
+            let id = message.id;
+            if !greeted {
+                match message.request {
+                    Request::Hello { version, client_name } if version == PROTOCOL_VERSION => {
+                        greeted = true;
+                        lock(&broker.registry).connect(conn, pid);
+                        tracing::debug!(conn, pid, client_name, "handshake done");
+                        let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
+                        broker.route(vec![reply(conn, id, Ok(welcome))]);
+                        continue;
+                    }
+                    Request::Hello { version, .. } => {
+                        reply_and_close(
+                            broker,
+                            conn,
+                            id,
+                            ControlError::VersionMismatch { client: version, broker: PROTOCOL_VERSION },
+                        );
+                        return format!("protocol version {version}");
+                    }
+                    _ => {
+                        reply_and_close(broker, conn, id, ControlError::HandshakeExpected);
+                        return "no handshake".into();
+                    }
+                }
+            }
+            let out = serve_request(broker, conn, id, message.request);
+            broker.route(out);
+        }
+        let read = async {
+            loop {
+                socket.readable().await?;
+                match socket.try_read(&mut chunk) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let n = if greeted {
+            read.await
+        } else {
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(r) => r,
+                Err(_) => return "no handshake in time".into(),
+            }
+        };
+        match n {
+            Ok(0) => return "connection closed".into(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return format!("read error: {e}"),
+        }
+        // A frame announcing more than the limit is refused by `decode`;
+        // the buffer never holds more than one frame plus one read.
+        if buf.len() > control::MAX_FRAME_LEN as usize + chunk.len() + 4 {
+            reply_and_close(broker, conn, 0, FrameError::TooLarge(buf.len() as u64).to_control_error());
+            return "oversized frame".into();
+        }
+    }
+}
+
+fn reply(conn: ConnId, id: u64, result: Result<Reply, ControlError>) -> Outgoing {
+    Outgoing { conn, message: ServerMessage::Reply { id, result }, fds: Vec::new() }
+}
+
+fn reply_and_close(broker: &Broker, conn: ConnId, id: u64, error: ControlError) {
+    tracing::debug!(conn, "refusing the connection: {error}");
+    broker.route(vec![reply(conn, id, Err(error))]);
+}
+
+fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
+    let mut registry = lock(&broker.registry);
+    match request {
+        Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
+        Request::Publish { stream, config } => registry.publish(conn, id, &stream, &config),
+        Request::Unpublish { stream } => registry.unpublish(conn, id, &stream),
+        Request::Subscribe { stream, options, wait_for_stream } => {
+            registry.subscribe(conn, id, &stream, &options, wait_for_stream)
+        }
+        Request::Credit { subscription, credits } => registry.credit(conn, id, subscription, credits),
+        Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
+        Request::Close { stream } => registry.close(conn, id, &stream),
+        Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker.pid),
+        _ => vec![reply(conn, id, Err(ControlError::Malformed("unknown request".into())))],
+    }
+}
+
+/// Writes queued messages, descriptors attached to their frame's first byte.
+async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, kill: Arc<Notify>) {
+    let mut frame = Vec::new();
+    while let Some(out) = rx.recv().await {
+        frame.clear();
+        if let Err(e) = control::encode(&out.message, &mut frame) {
+            tracing::error!("cannot encode a reply: {e}");
+            continue;
+        }
+        if let Err(e) = write_frame(&socket, &frame, &out.fds).await {
+            tracing::debug!(conn = out.conn, "write failed: {e}");
+            kill.notify_one();
+            return;
+        }
+    }
+}
+
+async fn write_frame(socket: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < frame.len() {
+        let with: Vec<BorrowedFd<'_>> = if sent == 0 { fds.iter().map(AsFd::as_fd).collect() } else { Vec::new() };
+        socket.writable().await?;
+        match socket.try_io(Interest::WRITABLE, || platform::send_with_fds(socket.as_fd(), &frame[sent..], &with)) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

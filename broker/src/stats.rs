@@ -1,0 +1,126 @@
+//! `memsock stats`: the broker's counters as a table or JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use memsock::{Client, OverflowPolicy, StatsReport};
+
+/// Prints the stats once, or every second with `watch`.
+pub fn run(socket: &Path, json: bool, watch: bool, stream: Option<&str>) -> Result<()> {
+    let client = Client::connect_to(socket)?;
+    loop {
+        let report = client.stats(stream)?;
+        let text = if json { to_json(&report)? } else { table(&report) };
+        if watch {
+            // Clear the screen and home the cursor, like `watch`.
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{text}");
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn to_json(report: &StatsReport) -> Result<String> {
+    let streams: Vec<serde_json::Value> = report
+        .streams
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "publisher_pid": s.publisher_pid,
+                "slot_size": s.slot_size,
+                "slot_count": s.slot_count,
+                "free_slots": s.free_slots,
+                "published": s.published,
+                "bytes": s.bytes,
+                "msgs_per_s": s.msgs_per_s,
+                "mbytes_per_s": s.bytes_per_s / 1e6,
+                "closed": s.closed,
+                "subscribers": s.subscribers.iter().map(|u| serde_json::json!({
+                    "subscription": u.subscription,
+                    "pid": u.pid,
+                    "policy": policy(u.policy),
+                    "credits": u.credits,
+                    "delivered": u.delivered,
+                    "dropped": u.dropped,
+                    "queued": u.queued,
+                    "lag_ns": u.lag_ns,
+                    "msgs_per_s": u.msgs_per_s,
+                    "faults": u.faults,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "broker_pid": report.broker_pid,
+        "clients": report.clients,
+        "waiting_subscribers": report.waiting_subscribers,
+        "streams": streams,
+    }))
+    .context("encoding stats")
+}
+
+fn policy(p: OverflowPolicy) -> &'static str {
+    match p {
+        OverflowPolicy::DropNewest => "drop-newest",
+        OverflowPolicy::KeepLatest => "keep-latest",
+        OverflowPolicy::Lossless => "lossless",
+    }
+}
+
+fn table(report: &StatsReport) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "broker pid {}, {} clients, {} streams, {} subscribers waiting for a stream",
+        report.broker_pid,
+        report.clients,
+        report.streams.len(),
+        report.waiting_subscribers
+    );
+    for s in &report.streams {
+        let publisher = s.publisher_pid.map_or("none".to_owned(), |p| format!("pid {p}"));
+        let _ = writeln!(
+            t,
+            "\nstream {:?}{}  publisher {publisher}  slots {} B × {} ({} free)\n  published {}  {:.0} msg/s  {:.2} MB/s",
+            s.name,
+            if s.closed { " (closed)" } else { "" },
+            s.slot_size,
+            s.slot_count,
+            s.free_slots,
+            s.published,
+            s.msgs_per_s,
+            s.bytes_per_s / 1e6,
+        );
+        if s.subscribers.is_empty() {
+            let _ = writeln!(t, "  no subscribers");
+            continue;
+        }
+        let _ = writeln!(
+            t,
+            "  {:>6} {:>8} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10} {:>10}",
+            "sub", "pid", "policy", "credits", "delivered", "dropped", "queue", "lag µs", "msg/s"
+        );
+        for u in &s.subscribers {
+            let _ = writeln!(
+                t,
+                "  {:>6} {:>8} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10.1} {:>10.0}",
+                u.subscription,
+                u.pid,
+                policy(u.policy),
+                u.credits,
+                u.delivered,
+                u.dropped,
+                u.queued,
+                u.lag_ns as f64 / 1e3,
+                u.msgs_per_s,
+            );
+        }
+    }
+    t
+}

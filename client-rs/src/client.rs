@@ -1,0 +1,262 @@
+//! The client API: connect to the broker, publish and subscribe by name.
+
+use std::ops::{Deref, DerefMut};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use memsock_proto::control::{Event, Reply, Request, StatsReport};
+use memsock_proto::shm::{self, OverflowPolicy, StreamConfig, SubscriberOptions, SubscriberTicket, WaitStrategy};
+
+use crate::conn::{ClientError, Conn};
+
+/// Environment variable naming the broker's socket.
+pub const SOCKET_ENV: &str = "MEMSOCK_SOCKET";
+
+/// How long a request waits for the broker's answer by default.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the broker listens unless told otherwise: `$MEMSOCK_SOCKET` if
+/// set, else `$XDG_RUNTIME_DIR/memsock/broker.sock`, else (no runtime
+/// directory, e.g. a system service or a container) the per-user
+/// `/tmp/memsock-<uid>/broker.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|d| d.is_absolute()) {
+        Some(dir) => dir.join("memsock").join("broker.sock"),
+        None => PathBuf::from(format!("/tmp/memsock-{}", memsock_proto::platform::current_uid())).join("broker.sock"),
+    }
+}
+
+/// A connection to the memsock broker: the lease under which this process
+/// publishes and subscribes. Cloning shares the connection; when the last
+/// clone and every publisher and subscriber opened through it are gone
+/// (or the process dies), the broker reclaims all of it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: Arc<Conn>,
+}
+
+/// How a subscriber wants its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Most frames it may hold at once, queued plus borrowed.
+    pub credits: u32,
+    /// What happens to frames when its credits are used up.
+    pub policy: OverflowPolicy,
+    /// How its blocking receives wait.
+    pub wait: WaitStrategy,
+    /// If the stream does not exist yet, wait for a publisher to create it
+    /// instead of failing with `NoSuchStream`.
+    pub wait_for_stream: bool,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        let o = SubscriberOptions::default();
+        Self { credits: o.credits, policy: o.policy, wait: o.wait, wait_for_stream: false }
+    }
+}
+
+impl Client {
+    /// Connects to the broker at [`default_socket_path`].
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if no broker answers there, or a handshake error.
+    pub fn connect() -> Result<Self, ClientError> {
+        Self::connect_to(default_socket_path())
+    }
+
+    /// Connects to the broker listening at `path`.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if no broker answers there, or a handshake error.
+    pub fn connect_to(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let name = std::env::args().next().unwrap_or_default();
+        let name = Path::new(&name).file_name().map_or("client".into(), |n| n.to_string_lossy().into_owned());
+        Ok(Self { conn: Arc::new(Conn::connect(path.as_ref(), &name, REQUEST_TIMEOUT)?) })
+    }
+
+    /// The broker's process id.
+    pub fn broker_pid(&self) -> u32 {
+        self.conn.broker_pid
+    }
+
+    /// Becomes the publisher of stream `name`, creating it with `config`,
+    /// or taking it over (same slot size and count) if its publisher is gone.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] with the broker's reason (another publisher,
+    /// a different geometry, an invalid configuration), or a connection error.
+    pub fn publisher(&self, name: &str, config: &StreamConfig) -> Result<Publisher, ClientError> {
+        let (reply, fds) = self.conn.request(Request::Publish { stream: name.into(), config: *config })?;
+        let Reply::Published { takeover, .. } = reply else {
+            return Err(ClientError::Protocol(format!("expected Published, got {reply:?}")));
+        };
+        let Some((data, channels)) = fds.split_first() else {
+            return Err(ClientError::Protocol("Published came without descriptors".into()));
+        };
+        let channels: Vec<_> = channels.iter().map(AsFd::as_fd).collect();
+        let inner = shm::Publisher::open(data.as_fd(), &channels).map_err(|e| {
+            // Tell the broker we are not publishing after all.
+            self.conn.notify(Request::Unpublish { stream: name.into() });
+            ClientError::Open(e.to_string())
+        })?;
+        tracing::debug!(stream = name, takeover, "publishing");
+        Ok(Publisher { inner: Some(inner), conn: self.conn.clone(), stream: name.into(), takeover })
+    }
+
+    /// Attaches a subscriber to stream `name`.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] with the broker's reason (no such stream,
+    /// credits refused with the numbers), or a connection error.
+    pub fn subscriber(&self, name: &str, options: &SubscribeOptions) -> Result<Subscriber, ClientError> {
+        let request = Request::Subscribe {
+            stream: name.into(),
+            options: SubscriberOptions { credits: options.credits, policy: options.policy, wait: options.wait },
+            wait_for_stream: options.wait_for_stream,
+        };
+        let timeout = if options.wait_for_stream { None } else { Some(REQUEST_TIMEOUT) };
+        let (reply, fds) = self.conn.request_within(request, timeout)?;
+        let Reply::Subscribed { subscription, index, generation, .. } = reply else {
+            return Err(ClientError::Protocol(format!("expected Subscribed, got {reply:?}")));
+        };
+        let [data, channel] = fds.as_slice() else {
+            return Err(ClientError::Protocol(format!("Subscribed came with {} descriptors, not 2", fds.len())));
+        };
+        let ticket = SubscriberTicket { index, generation, wait: options.wait };
+        let inner = shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(|e| {
+            self.conn.notify(Request::Unsubscribe { subscription });
+            ClientError::Open(e.to_string())
+        })?;
+        tracing::debug!(stream = name, subscription, "subscribed");
+        Ok(Subscriber { inner: Some(inner), conn: self.conn.clone(), subscription, stream: name.into() })
+    }
+
+    /// Closes stream `name` for good: its publisher's next send fails and
+    /// its subscribers get `Closed` after the frames already sent.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] if there is no such stream, or a connection error.
+    pub fn close_stream(&self, name: &str) -> Result<(), ClientError> {
+        self.conn.request(Request::Close { stream: name.into() }).map(drop)
+    }
+
+    /// Counters of every stream, or of stream `name`, read by the broker
+    /// from shared memory.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for an unknown stream, or a connection error.
+    pub fn stats(&self, name: Option<&str>) -> Result<StatsReport, ClientError> {
+        match self.conn.request(Request::Stats { stream: name.map(Into::into) })? {
+            (Reply::Stats(report), _) => Ok(report),
+            (other, _) => Err(ClientError::Protocol(format!("expected Stats, got {other:?}"))),
+        }
+    }
+
+    /// The next event the broker announced (publisher gone or back, stream
+    /// closed, broker shutting down), if any. Subscribers also see the
+    /// changes of publisher as results of their receives.
+    pub fn try_event(&self) -> Option<Event> {
+        self.conn.try_event()
+    }
+
+    /// Whether the broker has closed the connection (it shut down).
+    pub fn is_disconnected(&self) -> bool {
+        self.conn.is_closed()
+    }
+}
+
+/// The publisher of a stream, under this client's lease. Dereferences to
+/// the data-plane [`shm::Publisher`]: `loan`, `send`, `send_timeout`.
+#[derive(Debug)]
+pub struct Publisher {
+    inner: Option<shm::Publisher>,
+    conn: Arc<Conn>,
+    stream: String,
+    takeover: bool,
+}
+
+impl Publisher {
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Whether this publisher took the stream over from a previous one.
+    pub fn took_over(&self) -> bool {
+        self.takeover
+    }
+}
+
+impl Deref for Publisher {
+    type Target = shm::Publisher;
+    fn deref(&self) -> &shm::Publisher {
+        self.inner.as_ref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Publisher {
+    fn deref_mut(&mut self) -> &mut shm::Publisher {
+        self.inner.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        // Detach from the segment first, then tell the broker.
+        drop(self.inner.take());
+        self.conn.notify(Request::Unpublish { stream: std::mem::take(&mut self.stream) });
+    }
+}
+
+/// A subscriber of a stream, under this client's lease. Dereferences to the
+/// data-plane [`shm::Subscriber`]: `recv`, `try_recv`, `recv_timeout`, which
+/// also report the publisher gone and back.
+#[derive(Debug)]
+pub struct Subscriber {
+    inner: Option<shm::Subscriber>,
+    conn: Arc<Conn>,
+    subscription: u64,
+    stream: String,
+}
+
+impl Subscriber {
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The broker's id for this subscription.
+    pub fn subscription(&self) -> u64 {
+        self.subscription
+    }
+
+    /// Changes this subscriber's credits while it runs. Raising them is
+    /// subject to the same admission check as subscribing.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] (credits refused, with the numbers), or a
+    /// connection error.
+    pub fn set_credits(&self, credits: u32) -> Result<(), ClientError> {
+        self.conn.request(Request::Credit { subscription: self.subscription, credits }).map(drop)
+    }
+}
+
+impl Deref for Subscriber {
+    type Target = shm::Subscriber;
+    fn deref(&self) -> &shm::Subscriber {
+        self.inner.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        drop(self.inner.take());
+        self.conn.notify(Request::Unsubscribe { subscription: self.subscription });
+    }
+}

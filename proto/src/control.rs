@@ -1,0 +1,504 @@
+//! The control protocol between clients and the broker: message types and
+//! their framing.
+//!
+//! A connection carries frames, each a little-endian `u32` length followed
+//! by that many bytes of a postcard-encoded message; a frame longer than
+//! [`MAX_FRAME_LEN`] is a protocol error. The client speaks first, with
+//! [`Request::Hello`] carrying [`PROTOCOL_VERSION`]; the broker answers
+//! [`Reply::Welcome`] or an error and closes. Every later request carries
+//! an id that its reply repeats, so events ([`Event`]) can come in between.
+//!
+//! Frame bytes never travel here: replies that hand out a stream carry its
+//! segment files as descriptors attached to the frame (`SCM_RIGHTS`);
+//! [`ServerMessage::fd_count`] says how many belong to each message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::shm::{OverflowPolicy, StreamConfig, SubscriberOptions};
+
+/// Version of this protocol; a client and a broker must agree on it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest frame either side accepts, in bytes (length prefix excluded).
+pub const MAX_FRAME_LEN: u32 = 256 * 1024;
+
+/// Longest stream name, in bytes.
+pub const MAX_STREAM_NAME: usize = 255;
+
+/// What a client asks the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    /// Chosen by the client; the reply carries it back.
+    pub id: u64,
+    /// The request.
+    pub request: Request,
+}
+
+/// The requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// First message on every connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// A name for logs and stats (program name).
+        client_name: String,
+    },
+    /// Create stream `stream` and become its publisher, or take over an
+    /// existing stream of the same geometry whose publisher is gone.
+    Publish {
+        /// Stream name.
+        stream: String,
+        /// Geometry and memory options.
+        config: StreamConfig,
+    },
+    /// Stop publishing `stream` (the stream stays, for a new publisher).
+    Unpublish {
+        /// Stream name.
+        stream: String,
+    },
+    /// Attach a subscriber to `stream`.
+    Subscribe {
+        /// Stream name.
+        stream: String,
+        /// Credits, policy and wait strategy.
+        options: SubscriberOptions,
+        /// If the stream does not exist yet, wait for it instead of failing.
+        wait_for_stream: bool,
+    },
+    /// Change a subscriber's credits.
+    Credit {
+        /// The subscription, as [`Reply::Subscribed`] named it.
+        subscription: u64,
+        /// New credits.
+        credits: u32,
+    },
+    /// Detach a subscriber; its slots go back to the pool.
+    Unsubscribe {
+        /// The subscription.
+        subscription: u64,
+    },
+    /// Close `stream` for good: the publisher's next send fails, subscribers
+    /// get `Closed` after the frames already sent.
+    Close {
+        /// Stream name.
+        stream: String,
+    },
+    /// Counters of all streams, or of one.
+    Stats {
+        /// Only this stream.
+        stream: Option<String>,
+    },
+}
+
+/// What the broker sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ServerMessage {
+    /// The answer to request `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// What came of it.
+        result: Result<Reply, ControlError>,
+    },
+    /// Something happened to a stream this client uses.
+    Event(Event),
+}
+
+impl ServerMessage {
+    /// How many descriptors travel with this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            ServerMessage::Reply { result: Ok(Reply::Published { channels, .. }), .. } => 1 + *channels as usize,
+            ServerMessage::Reply { result: Ok(Reply::Subscribed { .. }), .. } => 2,
+            _ => 0,
+        }
+    }
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Reply {
+    /// The handshake succeeded.
+    Welcome {
+        /// The broker's protocol version.
+        version: u32,
+        /// The broker's process id.
+        broker_pid: u32,
+    },
+    /// The client is the stream's publisher. Descriptors: the stream's data
+    /// file (read-write), then one channel file per subscriber index.
+    Published {
+        /// Stream name.
+        stream: String,
+        /// Channel files that follow the data file.
+        channels: u32,
+        /// The stream existed and this client took it over.
+        takeover: bool,
+    },
+    /// The client has a subscriber. Descriptors: the stream's data file
+    /// (read-only), then the subscriber's channel file.
+    Subscribed {
+        /// Names the subscription in later requests.
+        subscription: u64,
+        /// Stream name.
+        stream: String,
+        /// Subscriber index in the stream.
+        index: u32,
+        /// Attach generation of that index.
+        generation: u64,
+        /// The stream has a publisher right now.
+        publisher_attached: bool,
+    },
+    /// Done, nothing to report.
+    Done,
+    /// Counters.
+    Stats(StatsReport),
+}
+
+/// Things that happen to a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Event {
+    /// The publisher of `stream` is gone (its connection ended); the
+    /// stream stays and a new publisher may take over.
+    PublisherGone {
+        /// Stream name.
+        stream: String,
+    },
+    /// A publisher attached to `stream` after the previous one left.
+    PublisherBack {
+        /// Stream name.
+        stream: String,
+    },
+    /// `stream` was closed.
+    StreamClosed {
+        /// Stream name.
+        stream: String,
+    },
+    /// The broker is shutting down; every stream ends.
+    BrokerShutdown,
+}
+
+/// Why a request failed. Every variant names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The client speaks another protocol version.
+    #[error("protocol version mismatch: client speaks {client}, broker speaks {broker}")]
+    VersionMismatch {
+        /// Client version.
+        client: u32,
+        /// Broker version.
+        broker: u32,
+    },
+    /// The first message was not a Hello, or a second Hello came.
+    #[error("expected a Hello as the first message and only then")]
+    HandshakeExpected,
+    /// The message could not be decoded, or broke a protocol rule.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A frame announced more than [`MAX_FRAME_LEN`] bytes.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// A stream name is empty, too long or not printable.
+    #[error("invalid stream name {0:?}: 1 to 255 bytes of printable characters")]
+    InvalidName(String),
+    /// No stream has this name.
+    #[error("no stream named {0:?}")]
+    NoSuchStream(String),
+    /// The stream exists with another geometry.
+    #[error(
+        "stream {stream:?} exists with {slot_count} slots of {slot_size} bytes; asked for {asked_count} of {asked_size}"
+    )]
+    GeometryMismatch {
+        /// Stream name.
+        stream: String,
+        /// Its slot size.
+        slot_size: u32,
+        /// Its slot count.
+        slot_count: u32,
+        /// Requested slot size.
+        asked_size: u32,
+        /// Requested slot count.
+        asked_count: u32,
+    },
+    /// Another live client publishes the stream.
+    #[error("stream {stream:?} already has a publisher (pid {pid})")]
+    PublisherExists {
+        /// Stream name.
+        stream: String,
+        /// Its publisher's pid.
+        pid: u32,
+    },
+    /// This client does not publish the stream.
+    #[error("this client does not publish stream {0:?}")]
+    NotPublisher(String),
+    /// The pool cannot honour the requested credits.
+    #[error(
+        "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, 1 kept for the publisher)"
+    )]
+    CreditsRefused {
+        /// Stream name.
+        stream: String,
+        /// Credits asked for.
+        requested: u32,
+        /// Credits still available.
+        available: u32,
+        /// Slots in the pool.
+        slot_count: u32,
+        /// Credits already promised to subscribers.
+        committed: u32,
+    },
+    /// The stream has its maximum number of subscribers.
+    #[error("stream {stream:?} has its maximum of {max} subscribers")]
+    TooManySubscribers {
+        /// Stream name.
+        stream: String,
+        /// The limit.
+        max: u32,
+    },
+    /// No subscription of this client has this id.
+    #[error("no subscription #{0} on this connection")]
+    NoSuchSubscription(u64),
+    /// The stream was closed.
+    #[error("stream {0:?} is closed")]
+    StreamClosed(String),
+    /// The configuration is invalid.
+    #[error("invalid stream configuration: {0}")]
+    InvalidConfig(String),
+    /// The broker could not create or map the segment.
+    #[error("segment error: {0}")]
+    Segment(String),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// Counters of the broker's streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StatsReport {
+    /// The broker's process id.
+    pub broker_pid: u32,
+    /// Connected clients.
+    pub clients: u32,
+    /// Subscribers waiting for a stream that does not exist yet.
+    pub waiting_subscribers: u32,
+    /// The streams.
+    pub streams: Vec<StreamReport>,
+}
+
+/// One stream's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    /// Stream name.
+    pub name: String,
+    /// Publisher pid, if one is attached.
+    pub publisher_pid: Option<u32>,
+    /// Slot size in bytes.
+    pub slot_size: u32,
+    /// Slots in the pool.
+    pub slot_count: u32,
+    /// Slots no subscriber holds.
+    pub free_slots: u32,
+    /// Frames published.
+    pub published: u64,
+    /// Payload bytes published.
+    pub bytes: u64,
+    /// Frames per second over the last second.
+    pub msgs_per_s: f64,
+    /// Payload bytes per second over the last second.
+    pub bytes_per_s: f64,
+    /// The stream is closed.
+    pub closed: bool,
+    /// Subscribers.
+    pub subscribers: Vec<SubscriberReport>,
+}
+
+/// One subscriber's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriberReport {
+    /// Subscription id.
+    pub subscription: u64,
+    /// Subscriber process id.
+    pub pid: u32,
+    /// Overflow policy.
+    pub policy: OverflowPolicy,
+    /// Credits.
+    pub credits: u32,
+    /// Frames it took.
+    pub delivered: u64,
+    /// Frames it lost.
+    pub dropped: u64,
+    /// Frames in its queue.
+    pub queued: u64,
+    /// Age of its oldest queued frame, nanoseconds.
+    pub lag_ns: u64,
+    /// Frames per second it took over the last second.
+    pub msgs_per_s: f64,
+    /// Protocol violations seen from it.
+    pub faults: u64,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The announced length is over the limit.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(u64),
+    /// The bytes are not a valid message.
+    #[error("undecodable message: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+impl FrameError {
+    /// The error to report to the peer.
+    pub fn to_control_error(&self) -> ControlError {
+        match self {
+            FrameError::TooLarge(len) => ControlError::FrameTooLarge { len: *len, max: MAX_FRAME_LEN },
+            FrameError::Decode(e) => ControlError::Malformed(e.to_string()),
+        }
+    }
+}
+
+/// Appends `message` to `out` as one frame.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] if the encoding exceeds [`MAX_FRAME_LEN`]
+/// (`out` is then unchanged).
+pub fn encode<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let encoded = postcard::to_extend(message, std::mem::take(out));
+    *out = encoded?;
+    let len = (out.len() - start - 4) as u64;
+    if len > u64::from(MAX_FRAME_LEN) {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Takes one complete frame off the front of `buf`, if there is one.
+/// `Ok(None)`: more bytes are needed.
+///
+/// # Errors
+/// [`FrameError`] if the frame is too large or does not decode; the stream
+/// cannot be trusted after that and should be closed.
+pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut Vec<u8>) -> Result<Option<T>, FrameError> {
+    let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
+    let len = u32::from_le_bytes(*prefix);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len.into()));
+    }
+    let end = 4 + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let message = postcard::from_bytes(&buf[4..end]);
+    buf.drain(..end);
+    Ok(Some(message?))
+}
+
+/// Whether `name` is acceptable as a stream name.
+pub fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_STREAM_NAME && name.chars().all(|c| !c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::WaitStrategy;
+
+    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + Clone + std::fmt::Debug>(m: T) {
+        let mut buf = Vec::new();
+        encode(&m, &mut buf).unwrap();
+        encode(&m, &mut buf).unwrap();
+        // Byte by byte: a frame is only complete with its last byte.
+        let mut partial = Vec::new();
+        let mut got = Vec::new();
+        for &b in &buf {
+            partial.push(b);
+            while let Some(x) = decode::<T>(&mut partial).unwrap() {
+                got.push(x);
+            }
+        }
+        assert_eq!(got, vec![m.clone(), m]);
+        assert!(partial.is_empty());
+    }
+
+    #[test]
+    fn messages_roundtrip() {
+        roundtrip(ClientMessage {
+            id: 7,
+            request: Request::Hello { version: PROTOCOL_VERSION, client_name: "cam".into() },
+        });
+        roundtrip(ClientMessage {
+            id: 8,
+            request: Request::Subscribe {
+                stream: "video".into(),
+                options: SubscriberOptions {
+                    credits: 3,
+                    policy: OverflowPolicy::KeepLatest,
+                    wait: WaitStrategy::SpinThenPark { spin_us: 20 },
+                },
+                wait_for_stream: true,
+            },
+        });
+        roundtrip(ClientMessage {
+            id: 9,
+            request: Request::Publish { stream: "video".into(), config: StreamConfig::new(1 << 20, 8) },
+        });
+        roundtrip(ServerMessage::Reply {
+            id: 9,
+            result: Err(ControlError::CreditsRefused {
+                stream: "video".into(),
+                requested: 9,
+                available: 2,
+                slot_count: 8,
+                committed: 5,
+            }),
+        });
+        roundtrip(ServerMessage::Event(Event::PublisherGone { stream: "video".into() }));
+    }
+
+    #[test]
+    fn fd_counts_follow_the_reply() {
+        let published = ServerMessage::Reply {
+            id: 1,
+            result: Ok(Reply::Published { stream: "s".into(), channels: 32, takeover: false }),
+        };
+        assert_eq!(published.fd_count(), 33);
+        let err = ServerMessage::Reply { id: 1, result: Err(ControlError::ShuttingDown) };
+        assert_eq!(err.fd_count(), 0);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let mut buf = (MAX_FRAME_LEN + 1).to_le_bytes().to_vec();
+        assert!(matches!(decode::<ClientMessage>(&mut buf), Err(FrameError::TooLarge(_))));
+        let mut buf = vec![3, 0, 0, 0, 0xff, 0xff, 0xff];
+        let err = decode::<ClientMessage>(&mut buf).unwrap_err();
+        assert!(matches!(err.to_control_error(), ControlError::Malformed(_)), "{err}");
+        let mut buf = vec![1, 0];
+        assert!(decode::<ClientMessage>(&mut buf).unwrap().is_none(), "a partial prefix waits for more");
+    }
+
+    #[test]
+    fn stream_names() {
+        assert!(valid_stream_name("camera/front"));
+        assert!(!valid_stream_name(""));
+        assert!(!valid_stream_name("a\nb"));
+        assert!(!valid_stream_name(&"x".repeat(256)));
+    }
+}

@@ -1,0 +1,354 @@
+//! Cross-process tests of the broker: the real `memsock broker` binary on
+//! a private socket, publishers and subscribers in their own processes
+//! (and this process as one more client).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::Result;
+use memsock::control::{self, ClientMessage, ControlError, MAX_FRAME_LEN, PROTOCOL_VERSION, Request, ServerMessage};
+use memsock::{Client, ClientError, OverflowPolicy, StreamConfig, SubscribeOptions, WaitStrategy};
+use memsock_tests::{Broker, Peer, TempDir, eventually};
+use serde_json::{Value, json};
+
+const PEER: &str = env!("CARGO_BIN_EXE_memsock-test-peer");
+
+fn spec(broker: &Broker, role: &str, stream: &str) -> Value {
+    json!({
+        "role": role, "socket": broker.socket().to_str().unwrap(), "stream": stream,
+        "slot_size": 512, "slot_count": 16, "max_subscribers": 8,
+    })
+}
+
+/// Waits until `n` subscribers wait for a stream to be created.
+fn waiting(broker: &Broker, n: u32) -> bool {
+    let client = Client::connect_to(broker.socket()).unwrap();
+    eventually(Duration::from_secs(10), || client.stats(None).is_ok_and(|s| s.waiting_subscribers == n))
+}
+
+fn stats_of(client: &Client, stream: &str) -> Option<memsock::StreamReport> {
+    client.stats(None).ok()?.streams.into_iter().find(|s| s.name == stream)
+}
+
+#[test]
+fn subscribers_join_before_the_stream_exists_and_receive_every_frame() -> Result<()> {
+    let broker = Broker::start()?;
+    let mut lossless = spec(&broker, "subscriber", "cam");
+    lossless["policy"] = "lossless".into();
+    lossless["credits"] = 8.into();
+    lossless["wait_for_stream"] = true.into();
+    let sub = Peer::spawn(PEER, &lossless, &[])?;
+    let mut lossy = spec(&broker, "subscriber", "cam");
+    lossy["wait_for_stream"] = true.into();
+    lossy["credits"] = 2.into();
+    lossy["slow_us"] = 100.into();
+    let slow = Peer::spawn(PEER, &lossy, &[])?;
+    assert!(waiting(&broker, 2), "both subscribers wait for the stream");
+
+    let mut publisher = spec(&broker, "publisher", "cam");
+    publisher["count"] = 20_000.into();
+    let publisher = Peer::spawn(PEER, &publisher, &[])?;
+    let sent = publisher.finish()?;
+    assert_eq!(sent["sent"], 20_000);
+
+    let client = Client::connect_to(broker.socket())?;
+    // Both subscribers drained what they were given, then close.
+    assert!(eventually(Duration::from_secs(20), || {
+        stats_of(&client, "cam").is_some_and(|s| s.subscribers.iter().all(|u| u.queued == 0))
+    }));
+    let stats = stats_of(&client, "cam").expect("the stream stays while subscribed");
+    assert_eq!(stats.published, 20_000);
+    client.close_stream("cam")?;
+
+    let got = sub.finish()?;
+    assert_eq!(
+        (got["received"].as_u64(), got["missing"].as_u64(), got["bad"].as_u64()),
+        (Some(20_000), Some(0), Some(0))
+    );
+    assert_eq!(got["end"], "closed");
+    assert_eq!(got["publisher_gone"], 1, "the publisher's exit is reported once");
+    let got = slow.finish()?;
+    assert_eq!(got["bad"], 0);
+    let (received, missing) = (got["received"].as_u64().unwrap(), got["missing"].as_u64().unwrap());
+    let lossy_stats = stats.subscribers.iter().find(|u| u.policy == OverflowPolicy::DropNewest).unwrap();
+    assert_eq!(received, lossy_stats.delivered, "stats count what the subscriber received");
+    assert!(received + lossy_stats.dropped >= 20_000 - missing);
+    Ok(())
+}
+
+#[test]
+fn a_killed_publisher_is_replaced_and_subscribers_carry_on() -> Result<()> {
+    let broker = Broker::start()?;
+    let mut s = spec(&broker, "subscriber", "feed");
+    s["policy"] = "lossless".into();
+    s["wait_for_stream"] = true.into();
+    let sub = Peer::spawn(PEER, &s, &[])?;
+    assert!(waiting(&broker, 1));
+    let mut p = spec(&broker, "publisher", "feed");
+    p["report_every"] = 100.into();
+    p["pace_ns"] = 20_000.into();
+    let mut first = Peer::spawn(PEER, &p, &[])?;
+    first.read_until("sent")?;
+    first.kill()?; // SIGKILL: no goodbye
+
+    let client = Client::connect_to(broker.socket())?;
+    assert!(eventually(Duration::from_secs(5), || {
+        stats_of(&client, "feed").is_some_and(|s| s.publisher_pid.is_none())
+    }));
+    // The stream waits for a new publisher of the same geometry.
+    let mut other = StreamConfig::new(64, 4);
+    other.max_subscribers = 8;
+    match client.publisher("feed", &other) {
+        Err(ClientError::Refused(ControlError::GeometryMismatch { slot_size: 512, slot_count: 16, .. })) => {}
+        other => panic!("expected a geometry mismatch, got {other:?}"),
+    }
+    let mut p2 = spec(&broker, "publisher", "feed");
+    p2["count"] = 1000.into();
+    let second = Peer::spawn(PEER, &p2, &[])?;
+    assert_eq!(second.finish()?["sent"], 1000);
+    client.close_stream("feed")?;
+    let got = sub.finish()?;
+    assert_eq!((got["missing"].as_u64(), got["bad"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(got["end"], "closed");
+    assert!(got["publisher_gone"].as_u64() >= Some(1), "{got}");
+    assert_eq!(got["publisher_back"], 1, "{got}");
+    Ok(())
+}
+
+#[test]
+fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut config = StreamConfig::new(64, 8);
+    config.max_subscribers = 4;
+    let mut publisher = client.publisher("slots", &config)?;
+    let mut h = spec(&broker, "subscriber", "slots");
+    h["credits"] = 5.into();
+    h["hold"] = 3.into();
+    h["policy"] = "lossless".into();
+    let mut holder = Peer::spawn(PEER, &h, &[])?;
+    holder.read_until("ready")?;
+    let other = client.subscriber("slots", &SubscribeOptions { credits: 2, ..Default::default() })?;
+    // 7 of 8 slots promised: no room for more.
+    match client.subscriber("slots", &SubscribeOptions { credits: 1, ..Default::default() }) {
+        Err(ClientError::Refused(ControlError::CreditsRefused {
+            requested: 1, available: 0, slot_count: 8, ..
+        })) => {}
+        r => panic!("expected credits refused, got {r:?}"),
+    }
+    for i in 0..3u8 {
+        publisher.send(&[i])?;
+    }
+    holder.read_until("holding")?;
+    assert_eq!(stats_of(&client, "slots").unwrap().free_slots, 5);
+    holder.kill()?;
+    // The lease ended: its three slots and five credits come back.
+    let mut sent = 0u8;
+    assert!(eventually(Duration::from_secs(5), || {
+        // The publisher finishes a detach on its next send.
+        let _ = publisher.send(&[sent]);
+        sent = sent.wrapping_add(1);
+        while other.try_recv().is_ok() {}
+        // Only what the other subscriber may hold is not free.
+        stats_of(&client, "slots").is_some_and(|s| s.subscribers.len() == 1 && s.free_slots >= 8 - 2)
+    }));
+    let third = client.subscriber("slots", &SubscribeOptions { credits: 5, ..Default::default() })?;
+    third.set_credits(3)?;
+    match third.set_credits(6) {
+        Err(ClientError::Refused(ControlError::CreditsRefused { requested: 6, available: 5, .. })) => {}
+        r => panic!("expected credits refused, got {r:?}"),
+    }
+    Ok(())
+}
+
+/// A raw connection speaking the framing by hand.
+fn raw(broker: &Broker) -> UnixStream {
+    let s = UnixStream::connect(broker.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn send(s: &mut UnixStream, request: Request) {
+    let mut frame = Vec::new();
+    control::encode(&ClientMessage { id: 1, request }, &mut frame).unwrap();
+    s.write_all(&frame).unwrap();
+}
+
+/// Reads replies until the broker closes; returns the last error seen.
+fn error_then_close(s: &mut UnixStream) -> Option<ControlError> {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut last = None;
+    while let Ok(Some(m)) = control::decode::<ServerMessage>(&mut buf) {
+        if let ServerMessage::Reply { result: Err(e), .. } = m {
+            last = Some(e);
+        }
+    }
+    last
+}
+
+fn hello() -> Request {
+    Request::Hello { version: PROTOCOL_VERSION, client_name: "raw".into() }
+}
+
+#[test]
+fn bad_clients_get_a_clear_error_and_the_broker_carries_on() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let _publisher = client.publisher("live", &StreamConfig::new(64, 8))?;
+
+    // Wrong protocol version.
+    let mut s = raw(&broker);
+    send(&mut s, Request::Hello { version: PROTOCOL_VERSION + 1, client_name: "future".into() });
+    assert_eq!(
+        error_then_close(&mut s),
+        Some(ControlError::VersionMismatch { client: PROTOCOL_VERSION + 1, broker: PROTOCOL_VERSION })
+    );
+    // A request before the handshake.
+    let mut s = raw(&broker);
+    send(&mut s, Request::Stats { stream: None });
+    assert_eq!(error_then_close(&mut s), Some(ControlError::HandshakeExpected));
+    // Garbage in a well-formed frame.
+    let mut s = raw(&broker);
+    send(&mut s, hello());
+    s.write_all(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])?;
+    assert!(matches!(error_then_close(&mut s), Some(ControlError::Malformed(_))));
+    // An oversized frame.
+    let mut s = raw(&broker);
+    send(&mut s, hello());
+    s.write_all(&(MAX_FRAME_LEN + 1).to_le_bytes())?;
+    assert!(matches!(error_then_close(&mut s), Some(ControlError::FrameTooLarge { .. })));
+    // Truncated frames: clients killed mid-handshake.
+    for cut in [1, 3, 6] {
+        let mut s = raw(&broker);
+        let mut frame = Vec::new();
+        control::encode(&ClientMessage { id: 1, request: hello() }, &mut frame)?;
+        s.write_all(&frame[..cut])?;
+        drop(s);
+    }
+    // Unknown stream.
+    match client.subscriber("nope", &SubscribeOptions::default()) {
+        Err(ClientError::Refused(ControlError::NoSuchStream(name))) => assert_eq!(name, "nope"),
+        r => panic!("expected NoSuchStream, got {r:?}"),
+    }
+    // Through all that the broker and the first client are fine.
+    let stats = client.stats(None)?;
+    assert_eq!(stats.streams.len(), 1);
+    assert!(!broker_log_has_panic(&broker), "{}", broker.log());
+    Ok(())
+}
+
+fn broker_log_has_panic(broker: &Broker) -> bool {
+    broker.log().contains("panicked")
+}
+
+#[test]
+fn two_hundred_fifty_six_clients_at_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let clients: Vec<Client> = (0..256).map(|_| Client::connect_to(broker.socket())).collect::<Result<_, _>>()?;
+    let mut config = StreamConfig::new(64, 64);
+    config.max_subscribers = 32;
+    let mut publisher = clients[0].publisher("many", &config)?;
+    let subs: Vec<_> = clients[1..33]
+        .iter()
+        .map(|c| c.subscriber("many", &SubscribeOptions { credits: 1, ..Default::default() }))
+        .collect::<Result<_, _>>()?;
+    publisher.send(b"all of you")?;
+    for s in &subs {
+        assert_eq!(&*s.recv_timeout(Duration::from_secs(5))?, b"all of you");
+    }
+    let stats = clients[255].stats(None)?;
+    assert_eq!(stats.clients, 256);
+    assert_eq!(stats.streams[0].subscribers.len(), 32);
+    drop((subs, publisher));
+    drop(clients);
+    let probe = Client::connect_to(broker.socket())?;
+    assert!(eventually(Duration::from_secs(10), || probe
+        .stats(None)
+        .is_ok_and(|s| s.clients == 1 && s.streams.is_empty())));
+    Ok(())
+}
+
+#[test]
+fn shutdown_tells_clients_and_leaves_nothing_behind() -> Result<()> {
+    let mut broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut s = spec(&broker, "subscriber", "bye");
+    s["wait_for_stream"] = true.into();
+    s["wait"] = "park".into();
+    let sub = Peer::spawn(PEER, &s, &[])?;
+    assert!(waiting(&broker, 1));
+    let mut publisher = client.publisher("bye", &{
+        let mut c = StreamConfig::new(512, 16);
+        c.max_subscribers = 8;
+        c
+    })?;
+    assert!(eventually(Duration::from_secs(5), || stats_of(&client, "bye").is_some_and(|s| s.subscribers.len() == 1)));
+    publisher.send(b"last words")?;
+    assert!(broker.memfd_count() > 0);
+    let status = broker.signal_and_wait(SIGTERM)?;
+    assert!(status.success(), "broker exit: {status}\n{}", broker.log());
+    assert!(!broker.socket().exists(), "the socket file is removed");
+    let got = sub.finish()?;
+    assert_eq!(got["end"], "closed", "{got}");
+    assert!(eventually(Duration::from_secs(5), || client.is_disconnected()));
+    assert_eq!(client.try_event(), Some(memsock::Event::BrokerShutdown));
+    assert!(matches!(publisher.send(b"more"), Err(memsock::SendError::Closed)));
+    Ok(())
+}
+
+const SIGTERM: i32 = 15;
+
+#[test]
+fn streams_and_descriptors_go_when_their_clients_go() -> Result<()> {
+    let broker = Broker::start()?;
+    {
+        let client = Client::connect_to(broker.socket())?;
+        let mut publisher = client.publisher("temp", &StreamConfig::new(64, 8))?;
+        let sub = client.subscriber("temp", &SubscribeOptions::default())?;
+        publisher.send(b"x")?;
+        assert_eq!(&*sub.recv()?, b"x");
+        assert!(broker.memfd_count() > 0);
+    }
+    let probe = Client::connect_to(broker.socket())?;
+    assert!(eventually(Duration::from_secs(5), || broker.memfd_count() == 0));
+    assert!(probe.stats(None)?.streams.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_broker_is_not() -> Result<()> {
+    let first = Broker::start()?;
+    let socket = first.socket().to_owned();
+    // A second broker on a live socket refuses.
+    let out =
+        std::process::Command::new(memsock_tests::memsock_exe()).arg("--socket").arg(&socket).arg("broker").output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already running"), "{stderr}");
+    // Killed, the first broker leaves its socket file behind: a new one
+    // replaces it.
+    let dir: TempDir = first.into_dir();
+    assert!(socket.exists());
+    let second = Broker::start_at(dir, socket)?;
+    let client = Client::connect_to(second.socket())?;
+    assert_eq!(client.broker_pid(), second.pid());
+    Ok(())
+}
+
+#[test]
+fn spin_subscribers_see_the_publisher_come_and_go() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let publisher = client.publisher("x", &StreamConfig::new(64, 8))?;
+    let sub = client.subscriber("x", &SubscribeOptions { wait: WaitStrategy::Spin, ..Default::default() })?;
+    drop(publisher);
+    assert_eq!(sub.recv_timeout(Duration::from_secs(5)).unwrap_err(), memsock::RecvError::PublisherGone);
+    let mut again = client.publisher("x", &StreamConfig::new(64, 8))?;
+    assert!(again.took_over());
+    again.send(b"hi")?;
+    assert_eq!(sub.recv_timeout(Duration::from_secs(5)).unwrap_err(), memsock::RecvError::PublisherBack);
+    assert_eq!(&*sub.recv_timeout(Duration::from_secs(5))?, b"hi");
+    Ok(())
+}
