@@ -87,6 +87,7 @@ pub struct Registry {
     /// Closed streams whose publisher may still be attached, and when they
     /// were closed (see [`Registry::finish_closing`]).
     closing: Vec<(Instant, StreamSegment)>,
+    shutting_down: bool,
 }
 
 fn segment_error(e: impl std::fmt::Display) -> ControlError {
@@ -187,10 +188,18 @@ impl Registry {
             }
         };
         let stream = self.streams.get_mut(name).expect("just found or inserted");
-        let mut fds = vec![dup(stream.segment.data_fd())?];
-        for fd in stream.segment.channel_fds() {
-            fds.push(dup(fd)?);
-        }
+        let fds = std::iter::once(stream.segment.data_fd())
+            .chain(stream.segment.channel_fds())
+            .map(dup)
+            .collect::<Result<Vec<_>, _>>();
+        let fds = match fds {
+            Ok(fds) => fds,
+            Err(e) => {
+                self.drop_if_unused(name);
+                return Err(e);
+            }
+        };
+        let stream = self.streams.get_mut(name).expect("still there: it has this publisher's request");
         stream.publisher = Some(conn);
         let channels = fds.len() as u32 - 1;
         if takeover {
@@ -398,7 +407,13 @@ impl Registry {
     }
 
     /// Closes every stream (the broker is shutting down).
+    /// Whether [`close_all`](Self::close_all) ran: requests are refused.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
     pub fn close_all(&mut self) {
+        self.shutting_down = true;
         for (name, mut stream) in self.streams.drain() {
             stream.segment.close();
             tracing::info!(stream = name, "stream closed for shutdown");

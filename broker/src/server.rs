@@ -63,16 +63,29 @@ impl Broker {
     /// Queues messages for their connections. A client whose queue is full
     /// is not reading: it is dropped (its lease ends) rather than allowed
     /// to make the broker buffer without bound.
+    ///
+    /// An event for a full queue is dropped instead (the data plane tells
+    /// subscribers about publishers too), so that nobody can get another
+    /// client dropped by provoking events.
+    ///
+    /// Called with the registry locked, so messages leave in the order of
+    /// the changes they report.
     fn route(&self, out: Vec<Outgoing>) {
         let conns = lock(&self.conns);
         for o in out {
             let Some(handle) = conns.get(&o.conn) else { continue };
-            let conn = o.conn;
-            if let Err(e) = handle.tx.try_send(o) {
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    tracing::warn!(conn, "client does not read its messages: dropping it");
+            let (conn, is_event) = (o.conn, matches!(o.message, ServerMessage::Event(_)));
+            match handle.tx.try_send(o) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) if is_event => {
+                    tracing::warn!(conn, "client does not read its messages: event dropped");
                 }
-                handle.kill.notify_one();
+                Err(e) => {
+                    if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                        tracing::warn!(conn, "client does not read its replies: dropping it");
+                    }
+                    handle.kill.notify_one();
+                }
             }
         }
     }
@@ -85,7 +98,8 @@ impl Broker {
 /// directory is unsafe), or the signal handlers cannot be installed.
 pub async fn serve(options: Options) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    raise_fd_limit();
+    // A descriptor per stream file for many clients.
+    platform::raise_fd_limit();
     let gid = options.group.as_deref().map(group_id).transpose()?;
     let listener = bind(&options.socket, gid)?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -134,12 +148,12 @@ pub async fn serve(options: Options) -> Result<()> {
     tracing::info!("shutting down");
     drop(listener); // removes the socket file
     sampler.abort();
-    let conns = {
+    {
         let mut registry = lock(&broker.registry);
         registry.close_all();
-        registry.connections()
-    };
-    broker.route(conns.into_iter().map(|c| Outgoing::event(c, Event::BrokerShutdown)).collect());
+        let notices = registry.connections().into_iter().map(|c| Outgoing::event(c, Event::BrokerShutdown));
+        broker.route(notices.collect());
+    }
     // Publishers in the middle of a send finish it; then every close is final.
     tokio::time::sleep(CLOSE_GRACE).await;
     lock(&broker.registry).finish_closing(Duration::ZERO);
@@ -229,18 +243,6 @@ fn group_id(name: &str) -> Result<u32> {
     bail!("no group named {name:?}")
 }
 
-/// Lets the broker hold a descriptor per stream file for many clients.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid out-parameter for getrlimit/setrlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// One client, from handshake to the end of its lease.
 async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tokio::Stream) {
     let interprocess::local_socket::tokio::Stream::UdSocket(stream) = stream;
@@ -267,10 +269,19 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     tracing::debug!(conn, pid, "client gone: {reason}");
     // The lease ends: reclaim, tell the others, stop writing to this one
     // (after what is queued for it, such as a final error).
-    let out = lock(&broker.registry).disconnect(conn);
-    lock(&broker.conns).remove(&conn);
-    broker.route(out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    {
+        let mut registry = lock(&broker.registry);
+        let out = registry.disconnect(conn);
+        lock(&broker.conns).remove(&conn);
+        broker.route(out);
+    }
+    // The writer ends once the queue is drained; a client that does not
+    // read any more cannot keep it (and the descriptors queued) alive.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(1), &mut writer).await.is_err() {
+        writer.abort();
+    }
+    let _ = platform::shutdown_socket(socket.as_fd());
 }
 
 /// Reads and serves requests; returns why the connection ended.
@@ -278,6 +289,7 @@ async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32)
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
     let mut greeted = false;
+    let mut served = 0u64;
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
         // Serve every complete frame first.
@@ -295,7 +307,8 @@ async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32)
                 match message.request {
                     Request::Hello { version, client_name } if version == PROTOCOL_VERSION => {
                         greeted = true;
-                        lock(&broker.registry).connect(conn, pid);
+                        let mut registry = lock(&broker.registry);
+                        registry.connect(conn, pid);
                         tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
                         broker.route(vec![reply(conn, id, Ok(welcome))]);
@@ -316,8 +329,12 @@ async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32)
                     }
                 }
             }
-            let out = serve_request(broker, conn, id, message.request);
-            broker.route(out);
+            serve_request(broker, conn, id, message.request);
+            served += 1;
+            if served % 64 == 0 {
+                // A client pipelining requests does not hog a worker.
+                tokio::task::yield_now().await;
+            }
         }
         let read = async {
             loop {
@@ -360,8 +377,19 @@ fn reply_and_close(broker: &Broker, conn: ConnId, id: u64, error: ControlError) 
     broker.route(vec![reply(conn, id, Err(error))]);
 }
 
-fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
+/// Serves one request and queues what it causes, with the registry locked
+/// until everything is queued.
+fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) {
     let mut registry = lock(&broker.registry);
+    let out = if registry.shutting_down() {
+        vec![reply(conn, id, Err(ControlError::ShuttingDown))]
+    } else {
+        dispatch(&mut registry, broker.pid, conn, id, request)
+    };
+    broker.route(out);
+}
+
+fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
     match request {
         Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
         Request::Publish { stream, config } => registry.publish(conn, id, &stream, &config),
@@ -372,7 +400,7 @@ fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) -> Ve
         Request::Credit { subscription, credits } => registry.credit(conn, id, subscription, credits),
         Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
         Request::Close { stream } => registry.close(conn, id, &stream),
-        Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker.pid),
+        Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker_pid),
         _ => vec![reply(conn, id, Err(ControlError::Malformed("unknown request".into())))],
     }
 }
@@ -383,7 +411,18 @@ async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, k
     while let Some(out) = rx.recv().await {
         frame.clear();
         if let Err(e) = control::encode(&out.message, &mut frame) {
-            tracing::error!("cannot encode a reply: {e}");
+            tracing::error!("cannot encode a message: {e}");
+            let ServerMessage::Reply { id, .. } = out.message else { continue };
+            let error =
+                ServerMessage::Reply { id, result: Err(ControlError::Malformed(format!("reply too large: {e}"))) };
+            frame.clear();
+            if control::encode(&error, &mut frame).is_err() {
+                continue;
+            }
+            if write_frame(&socket, &frame, &[]).await.is_err() {
+                kill.notify_one();
+                return;
+            }
             continue;
         }
         if let Err(e) = write_frame(&socket, &frame, &out.fds).await {

@@ -53,6 +53,8 @@ type Delivery = (ServerMessage, Vec<OwnedFd>);
 #[derive(Debug, Default)]
 struct Shared {
     pending: Mutex<HashMap<u64, SyncSender<Delivery>>>,
+    /// Serialises writers (requesters, and the reader undoing late replies).
+    write_lock: Mutex<()>,
     events: Mutex<VecDeque<Event>>,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
@@ -63,7 +65,6 @@ struct Shared {
 #[derive(Debug)]
 pub(crate) struct Conn {
     socket: UnixStream,
-    write_lock: Mutex<()>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     reader: Option<JoinHandle<()>>,
@@ -83,15 +84,8 @@ impl Conn {
             .name("memsock-control".into())
             .spawn(move || read_loop(reader_socket, &reader_shared))
             .map_err(connect_err)?;
-        let mut conn = Self {
-            socket,
-            write_lock: Mutex::new(()),
-            shared,
-            next_id: AtomicU64::new(1),
-            reader: Some(reader),
-            broker_pid: 0,
-            timeout,
-        };
+        let mut conn =
+            Self { socket, shared, next_id: AtomicU64::new(1), reader: Some(reader), broker_pid: 0, timeout };
         let hello = Request::Hello { version: PROTOCOL_VERSION, client_name: client_name.to_owned() };
         match conn.request(hello)? {
             (Reply::Welcome { broker_pid, .. }, _) => conn.broker_pid = broker_pid,
@@ -114,6 +108,11 @@ impl Conn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
         lock(&self.shared.pending).insert(id, tx);
+        if self.is_closed() {
+            // The reader may have cleared the table before we inserted.
+            lock(&self.shared.pending).remove(&id);
+            return Err(self.disconnected());
+        }
         if let Err(e) = self.send(&ClientMessage { id, request }) {
             lock(&self.shared.pending).remove(&id);
             return Err(e);
@@ -138,10 +137,7 @@ impl Conn {
     }
 
     fn send(&self, message: &ClientMessage) -> Result<(), ClientError> {
-        let mut frame = Vec::new();
-        control::encode(message, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let _guard = lock(&self.write_lock);
-        (&self.socket).write_all(&frame).map_err(|e| ClientError::Disconnected(e.to_string()))
+        send_on(&self.socket, &self.shared, message)
     }
 
     fn disconnected(&self) -> ClientError {
@@ -168,6 +164,13 @@ impl Drop for Conn {
             let _ = reader.join();
         }
     }
+}
+
+fn send_on(socket: &UnixStream, shared: &Shared, message: &ClientMessage) -> Result<(), ClientError> {
+    let mut frame = Vec::new();
+    control::encode(message, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let _guard = lock(&shared.write_lock);
+    (&*socket).write_all(&frame).map_err(|e| ClientError::Disconnected(e.to_string()))
 }
 
 fn connect_socket(path: &Path) -> io::Result<UnixStream> {
@@ -198,6 +201,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn undo_late_reply(socket: &UnixStream, shared: &Shared, message: &ServerMessage) {
+    let request = match message {
+        ServerMessage::Reply { result: Ok(Reply::Subscribed { subscription, .. }), .. } => {
+            Request::Unsubscribe { subscription: *subscription }
+        }
+        ServerMessage::Reply { result: Ok(Reply::Published { stream, .. }), .. } => {
+            Request::Unpublish { stream: stream.clone() }
+        }
+        _ => return,
+    };
+    tracing::debug!(?request, "undoing a reply that came too late");
+    let _ = send_on(socket, shared, &ClientMessage { id: 0, request });
+}
+
 /// Reads frames until the connection ends, routing replies and events.
 fn read_loop(socket: UnixStream, shared: &Shared) {
     let reason = match read_frames(&socket, shared) {
@@ -207,6 +224,8 @@ fn read_loop(socket: UnixStream, shared: &Shared) {
     tracing::debug!("control connection ended: {reason}");
     *lock(&shared.close_reason) = Some(reason);
     shared.closed.store(true, Ordering::Release);
+    // Nothing more will be read: make requests fail instead of waiting.
+    let _ = socket.shutdown(std::net::Shutdown::Both);
     // Requesters waiting for a reply see their channel close.
     lock(&shared.pending).clear();
 }
@@ -239,8 +258,14 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), String> {
             let mine: Vec<OwnedFd> = fds.drain(..want).collect();
             match message {
                 ServerMessage::Reply { id, .. } => {
-                    if let Some(tx) = lock(&shared.pending).remove(&id) {
-                        let _ = tx.try_send((message, mine));
+                    let waiting = lock(&shared.pending).remove(&id);
+                    match waiting {
+                        Some(tx) => {
+                            let _ = tx.try_send((message, mine));
+                        }
+                        // Nobody waits any more (timed out): undo what the
+                        // broker granted, or it would hold it for our lease.
+                        None => undo_late_reply(socket, shared, &message),
                     }
                 }
                 ServerMessage::Event(event) => {

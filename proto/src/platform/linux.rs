@@ -242,14 +242,35 @@ pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<Owned
     Ok(msg.bytes)
 }
 
-/// The process id of the peer of a connected Unix socket, as the kernel
-/// recorded it when the connection was made.
+/// The credentials the kernel recorded for the peer of a connected Unix
+/// socket when the connection was made.
+fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid, correctly sized out-parameters for
+    // SO_PEERCRED, and `socket` is an open descriptor for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// The process id of the peer of a connected Unix socket; 0 if the peer
+/// lives in a pid namespace this process cannot see.
 ///
 /// # Errors
 /// Whatever `getsockopt(SO_PEERCRED)` reports.
 pub fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<u32> {
-    let cred = rustix::net::sockopt::socket_peercred(socket)?;
-    Ok(cred.pid.as_raw_nonzero().get() as u32)
+    Ok(peer_credentials(socket)?.pid.max(0) as u32)
 }
 
 /// The user id of the peer of a connected Unix socket.
@@ -257,5 +278,26 @@ pub fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<u32> {
 /// # Errors
 /// Whatever `getsockopt(SO_PEERCRED)` reports.
 pub fn peer_uid(socket: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(socket)?.uid.as_raw())
+    Ok(peer_credentials(socket)?.uid)
+}
+
+/// Shuts a connected socket down both ways: the peer sees end-of-file and
+/// every later read or write here fails, whoever else holds the descriptor.
+///
+/// # Errors
+/// Whatever `shutdown` reports.
+pub fn shutdown_socket(socket: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Both)?)
+}
+
+/// Raises this process's limit on open descriptors to its hard limit.
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!("cannot raise the descriptor limit: {e}");
+        }
+    }
 }

@@ -254,6 +254,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         self.reclaim_detached();
         let n = self.channels.len();
         let me = crate::platform::current_pid();
+        let requester = if pid == 0 { u32::MAX } else { pid };
         let index = (0..n)
             .map(|i| (self.cursor + i) % n)
             .find(|&s| {
@@ -263,9 +264,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 cfg.state.load(Acquire) == SUB_FREE && {
                     // A process that was removed but still lives keeps its
                     // mapping of this channel: do not hand the channel to
-                    // somebody else while it could still write there.
+                    // somebody else while it could still write there (the
+                    // same process may have it back).
                     let pid = cfg.pid.load(Relaxed);
-                    pid == 0 || pid == me || !crate::platform::process_alive(pid)
+                    pid == 0 || pid == me || pid == requester || !crate::platform::process_alive(pid)
                 }
             })
             .ok_or(AddSubscriberError::Full { max: n as u32 })?;

@@ -552,20 +552,26 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
             return; // the role is somebody else's now
         }
         let ctl = &self.stream.header().control;
+        // Count our departure. Release pairs with the subscribers' Acquire
+        // load in `SubCore::publisher_event`: every frame we sent is visible
+        // to a subscriber that sees us gone. Failing means the owner
+        // declared us gone since our last look (and counted it): the role
+        // may be somebody else's already, touch nothing.
+        if ctl.publisher_changes.compare_exchange(self.arrival, self.arrival + 1, Release, Relaxed).is_err() {
+            return;
+        }
         ctl.publisher_pid.store(0, Relaxed);
-        // Release pairs with the subscribers' Acquire load in
-        // `SubCore::publisher_event`: every frame we sent is visible to a
-        // subscriber that sees us gone. (A CAS: should the owner have
-        // declared us gone meanwhile, it counted the departure.)
-        let _ = ctl.publisher_changes.compare_exchange(self.arrival, self.arrival + 1, Release, Relaxed);
         if !std::thread::panicking() {
             // A panic may have cut a delivery short: leave `dirty` set so
             // the next writer runs recovery.
             ctl.dirty.store(0, Relaxed);
         }
         // Release pairs with the next writer's Acquire CAS in `attach` or
-        // `owner::reclaim_detached`.
-        ctl.writer.store(WRITER_NONE, Release);
+        // `owner::reclaim_detached`. (A CAS, not a store: should the owner
+        // have taken the role back meanwhile, it is not ours to release.)
+        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Release, Relaxed).is_err() {
+            return;
+        }
         // A close may have begun after our last look: the owner saw us still
         // attached and left the acknowledgement to us. The SeqCst fence pairs
         // with the one in `OwnerCore::close`: one of us sees the other.

@@ -318,14 +318,16 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // The count only grows. A departure happened since `seen` if a
         // publisher was there and the count moved, or if one arrived and
         // the count moved again.
+        if seen % 2 == 0 && self.gone_reported.get() {
+            // After a reported departure, whoever came since is "back"
+            // first, even if it has left again (that is reported next).
+            return Some((TryRecvError::PublisherBack, seen + 1, false));
+        }
         let departed = if seen % 2 == 1 { now > seen } else { now >= seen.saturating_add(2) };
         if departed {
             // Accounted up to the last departure; a publisher already
             // back (odd count) is reported on the next look.
             return Some((TryRecvError::PublisherGone, now - now % 2, true));
-        }
-        if self.gone_reported.get() {
-            return Some((TryRecvError::PublisherBack, now, false));
         }
         self.publisher_seen.set(now);
         None

@@ -315,6 +315,15 @@ fn publisher_changes_are_reported_after_the_frames() {
         });
         assert_eq!(sub.recv_timeout(Duration::from_secs(10)).unwrap_err(), RecvError::PublisherGone);
     });
+    // A publisher that comes and goes unseen is still back, then gone,
+    // with its frame in between.
+    let mut brief = seg.open_publisher().unwrap();
+    brief.send(&[3]).unwrap();
+    drop(brief);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+    assert_eq!(*sub.try_recv().unwrap(), [3]);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
     // A subscriber that joins while the publisher is gone hears it come back.
     let late = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
     let _third = seg.open_publisher().unwrap();
