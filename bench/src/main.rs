@@ -9,6 +9,7 @@
 //! Spinning cases pin the two processes to CPUs 0 and 1; run one benchmark
 //! at a time.
 
+mod broker;
 mod reference;
 mod stream;
 mod sys;
@@ -50,6 +51,19 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The stream cases through a running broker, next to the same cases
+    /// set up directly, plus connect-to-first-frame time and broker CPU.
+    Broker {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Multiplies every message count.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Measures everything this many times, interleaved, reporting medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// (internal) A child process of a measurement.
     #[command(hide = true)]
     Child,
@@ -60,8 +74,88 @@ fn main() -> Result<()> {
         Command::Dataplane { json, scale, only, huge_pages, rounds } => {
             dataplane(json, scale, only.as_deref(), huge_pages, rounds.max(1))
         }
+        Command::Broker { json, scale, rounds } => broker_bench(json, scale, rounds.max(1)),
         Command::Child => child(),
     }
+}
+
+fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
+    let n = |count: f64| ((count * scale) as u64).max(100);
+    let mut cases: Vec<Case> = Vec::new();
+    for size in [64usize, 1_153_434] {
+        let (count, lat_count) = if size == 64 { (n(10e6), n(20e3)) } else { (n(4e3), n(2e3)) };
+        for (subscribers, spin) in [(1, true), (1, false), (4, false)] {
+            let count = if subscribers == 4 { count / 2 } else { count };
+            let case = Case { size, subscribers, spin, count, lat_count, huge_pages, broker: None };
+            if only.is_none_or(|o| case.describe().contains(o)) {
+                cases.push(case);
+            }
+        }
+    }
+    cases
+}
+
+/// `memsock-bench broker`: every stream case twice per round, directly and
+/// through the broker, interleaved; then the connect time.
+fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
+    let broker = broker::BrokerProc::start()?;
+    let cases = stream_cases(scale, None, false);
+    let mut rounds_lines: Vec<Vec<Value>> = Vec::new();
+    for round in 0..rounds {
+        let mut lines = Vec::new();
+        for case in &cases {
+            lines.push(stream::run(*case)?);
+            let (via, cpu) = broker::stream_case(&broker, *case)?;
+            lines.push(via);
+            lines.extend(cpu);
+        }
+        lines.push(broker::connect(&broker, 20)?);
+        if !json_out {
+            for line in &lines {
+                eprintln!("  round {} measured {} {}", round + 1, describe(line), line["via"].as_str().unwrap_or(""));
+            }
+        }
+        rounds_lines.push(lines);
+    }
+    let figures = median_lines(&rounds_lines);
+    let round_targets: Vec<Value> = rounds_lines.iter().map(|l| broker_targets(l)).collect();
+    let targets = median_targets(&round_targets);
+    if json_out {
+        for line in &figures {
+            println!("{line}");
+        }
+        println!("{targets}");
+        return Ok(());
+    }
+    for line in &figures {
+        println!("{line}");
+    }
+    println!("\ntargets (ratios within each round; median of {} rounds):", round_targets.len());
+    if let Some(obj) = targets.as_object() {
+        for (k, v) in obj {
+            println!("  {k:<40} {v}");
+        }
+    }
+    Ok(())
+}
+
+/// Through-broker ÷ direct for every stream figure, first-frame time and
+/// broker CPU.
+fn broker_targets(lines: &[Value]) -> Value {
+    let mut t = serde_json::Map::new();
+    t.insert("case".into(), "broker_targets".into());
+    for via in lines.iter().filter(|v| v["case"] == "stream" && v["via"] == "broker") {
+        let direct = lines
+            .iter()
+            .find(|d| d["via"].is_null() && ["case", "size", "subscribers", "wait"].iter().all(|k| d[k] == via[k]));
+        let name = format!("{}x{}_{}", via["size"], via["subscribers"], via["wait"].as_str().unwrap_or("?"));
+        let ratio = |key: &str| num(Some(via), key) / num(direct, key);
+        t.insert(format!("{name}_msgs_per_s_broker_vs_direct"), json!(ratio("msgs_per_s")));
+        t.insert(format!("{name}_p50_broker_vs_direct"), json!(ratio("lat_p50_ns")));
+    }
+    t.insert("first_frame_us".into(), json!(num(find(lines, |v| v["case"] == "connect"), "first_frame_us")));
+    t.insert("broker_cpu_percent".into(), json!(num(find(lines, |v| v["case"] == "broker_cpu"), "cpu_percent")));
+    Value::Object(t)
 }
 
 fn child() -> Result<()> {
@@ -71,23 +165,16 @@ fn child() -> Result<()> {
         Some("pong") => reference::pong(&spec),
         Some("stream_publisher") => stream::publisher_child(&spec),
         Some("stream_subscriber") => stream::subscriber_child(&spec),
+        Some("broker") => broker::broker_child(&spec),
+        Some("connect_publisher") => broker::connect_publisher(&spec),
+        Some("connect_subscriber") => broker::connect_subscriber(&spec),
         other => bail!("unknown child role {other:?}"),
     }
 }
 
 fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, rounds: usize) -> Result<()> {
     let n = |count: f64| ((count * scale) as u64).max(100);
-    let mut cases: Vec<Case> = Vec::new();
-    for size in [64usize, 1_153_434] {
-        let (count, lat_count) = if size == 64 { (n(10e6), n(20e3)) } else { (n(4e3), n(2e3)) };
-        for (subscribers, spin) in [(1, true), (1, false), (4, false)] {
-            let count = if subscribers == 4 { count / 2 } else { count };
-            let case = Case { size, subscribers, spin, count, lat_count, huge_pages };
-            if only.is_none_or(|o| case.describe().contains(o)) {
-                cases.push(case);
-            }
-        }
-    }
+    let cases = stream_cases(scale, only, huge_pages);
     // This machine's speed drifts by up to 2× over minutes (shared host),
     // and now and then its two CPUs share a core for a while (a cache line
     // then crosses in ~20 ns instead of ~200). So every figure is measured
@@ -131,7 +218,7 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
 }
 
 fn same_case(a: &Value, b: &Value) -> bool {
-    ["case", "size", "subscribers", "wait"].iter().all(|k| a[k] == b[k])
+    ["case", "size", "subscribers", "wait", "via"].iter().all(|k| a[k] == b[k])
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

@@ -36,6 +36,9 @@ pub struct Case {
     pub lat_count: u64,
     /// Ask for a huge-page pool.
     pub huge_pages: bool,
+    /// Obtain the stream through the broker listening on this socket
+    /// (instead of creating it here and passing descriptors).
+    pub broker: Option<&'static str>,
 }
 
 impl Case {
@@ -107,20 +110,35 @@ fn wait_name(spin: bool) -> &'static str {
     if spin { "spin" } else { "block" }
 }
 
-/// Runs one case.
-pub fn run(case: Case) -> Result<Value> {
-    let credits = if case.size > 4096 { 4 } else { 256 };
-    let slots = credits * case.subscribers + 1 + 2;
+fn credits(case: &Case) -> u32 {
+    if case.size > 4096 { 4 } else { 256 }
+}
+
+fn config(case: &Case) -> StreamConfig {
+    let slots = credits(case) * case.subscribers + 1 + 2;
     let mut config = StreamConfig::new(case.size as u32, slots);
     config.max_subscribers = case.subscribers.max(4);
     config.huge_pages = case.huge_pages;
-    let mut seg = StreamSegment::create("bench", &config)?;
-    let spec = |role: &str| {
-        json!({
-            "role": role, "size": case.size, "count": case.count, "lat_count": case.lat_count,
-            "spin": case.spin, "interval_ns": case.interval().as_nanos() as u64,
-        })
-    };
+    config
+}
+
+fn spec(case: &Case, role: &str) -> Value {
+    json!({
+        "role": role, "size": case.size, "count": case.count, "lat_count": case.lat_count,
+        "spin": case.spin, "interval_ns": case.interval().as_nanos() as u64,
+        "socket": case.broker, "subscribers": case.subscribers,
+        "credits": credits(case), "config": serde_json::to_value(config(case)).ok(),
+    })
+}
+
+/// Runs one case.
+pub fn run(case: Case) -> Result<Value> {
+    if case.broker.is_some() {
+        return run_via_broker(case);
+    }
+    let credits = credits(&case);
+    let mut seg = StreamSegment::create("bench", &config(&case))?;
+    let spec = |role: &str| spec(&case, role);
     let mut subs = Vec::new();
     for _ in 0..case.subscribers {
         let opts = SubscriberOptions { credits, policy: OverflowPolicy::Lossless, wait: case.wait() };
@@ -150,7 +168,41 @@ pub fn run(case: Case) -> Result<Value> {
     if stats.subscribers.iter().any(|s| s.dropped != 0 || s.faults != 0) {
         bail!("lossless subscribers lost frames or saw faults: {stats:?}");
     }
+    Ok(summarize(&case, &pub_result, &results))
+}
 
+/// Runs one case with the stream from the broker: subscribers ask for it
+/// before it exists, the publisher creates it.
+fn run_via_broker(case: Case) -> Result<Value> {
+    let socket = case.broker.expect("via broker");
+    let client = memsock::Client::connect_to(socket)?;
+    let mut subs = Vec::new();
+    for _ in 0..case.subscribers {
+        let mut s = spec(&case, "stream_subscriber");
+        s["cpu"] = case.cpus().1;
+        subs.push(ChildProc::spawn(&s, &[])?.0);
+    }
+    let waiting = |n| client.stats(None).is_ok_and(|s| s.waiting_subscribers == n);
+    while !waiting(case.subscribers) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut p = spec(&case, "stream_publisher");
+    p["cpu"] = case.cpus().0;
+    let (publisher, _) = ChildProc::spawn(&p, &[])?;
+    for s in &mut subs {
+        s.read().context("subscriber ready")?;
+    }
+    let pub_result = publisher.finish()?;
+    let mut results = Vec::new();
+    for s in subs {
+        results.push(s.finish()?);
+    }
+    let mut line = summarize(&case, &pub_result, &results);
+    line["via"] = "broker".into();
+    Ok(line)
+}
+
+fn summarize(case: &Case, pub_result: &Value, results: &[Value]) -> Value {
     let elapsed = results.iter().map(|r| r["elapsed_ns"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
     let msgs_per_s = case.count as f64 / (elapsed / 1e9);
     let p50 = results.iter().map(|r| r["lat_p50_ns"].as_u64().unwrap_or(0)).max().unwrap_or(0);
@@ -158,7 +210,7 @@ pub fn run(case: Case) -> Result<Value> {
     let total = (case.count + case.lat_count) as f64;
     let minflt: u64 = pub_result["minflt"].as_u64().unwrap_or(0)
         + results.iter().map(|r| r["minflt"].as_u64().unwrap_or(0)).sum::<u64>();
-    Ok(json!({
+    json!({
         "case": "stream",
         "size": case.size,
         "subscribers": case.subscribers,
@@ -169,7 +221,7 @@ pub fn run(case: Case) -> Result<Value> {
         "lat_p99_ns": p99,
         "pub_cpu_ns_per_msg": pub_result["cpu_ns"].as_f64().unwrap_or(f64::NAN) / case.count as f64,
         "minflt_per_msg": minflt as f64 / (total - 1.0),
-    }))
+    })
 }
 
 /// Child: the publisher.
@@ -182,15 +234,38 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
     if let Some(cpu) = spec["cpu"].as_u64() {
         pin(cpu as usize);
     }
+    if let Some(socket) = spec["socket"].as_str() {
+        let client = memsock::Client::connect_to(socket)?;
+        let config: StreamConfig = serde_json::from_value(spec["config"].clone())?;
+        let mut publisher = client.publisher("bench", &config)?;
+        // Frames count from the moment every subscriber is attached.
+        let subscribers = spec["subscribers"].as_u64().unwrap_or(1) as usize;
+        while publisher.subscriber_count() < subscribers {
+            // A loan refreshes the publisher's view of the subscriber table.
+            drop(publisher.loan()?);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        return publish_frames(&mut publisher, size, count, lat_count, spin, interval);
+    }
     let fds = inherited_fds(spec);
     let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
+    publish_frames(&mut publisher, size, count, lat_count, spin, interval)
+}
 
+fn publish_frames(
+    publisher: &mut Publisher,
+    size: usize,
+    count: u64,
+    lat_count: u64,
+    spin: bool,
+    interval: Duration,
+) -> Result<()> {
     // Faults are counted from after the first frame: the steady state.
-    send_one(&mut publisher, size, 0, spin)?;
+    send_one(publisher, size, 0, spin)?;
     let (cpu0, flt0) = usage();
     for seq in 1..count {
-        send_one(&mut publisher, size, seq, spin)?;
+        send_one(publisher, size, seq, spin)?;
     }
     let (cpu1, _) = usage();
     for seq in count..count + lat_count {
@@ -198,7 +273,7 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
         while Instant::now() < next {
             std::hint::spin_loop();
         }
-        send_one(&mut publisher, size, seq, spin)?;
+        send_one(publisher, size, seq, spin)?;
     }
     let (_, flt1) = usage();
     report(&json!({
@@ -238,13 +313,29 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
     if let Some(cpu) = spec["cpu"].as_u64() {
         pin(cpu as usize);
     }
+    let wait = if spin { WaitStrategy::Spin } else { WaitStrategy::default() };
+    if let Some(socket) = spec["socket"].as_str() {
+        let client = memsock::Client::connect_to(socket)?;
+        let options = memsock::SubscribeOptions {
+            credits: spec["credits"].as_u64().unwrap_or(4) as u32,
+            policy: OverflowPolicy::Lossless,
+            wait,
+            wait_for_stream: true,
+        };
+        let sub = client.subscriber("bench", &options)?;
+        return receive_frames(&sub, size, count, lat_count);
+    }
     let fds = inherited_fds(spec);
     let ticket = SubscriberTicket {
         index: spec["index"].as_u64().unwrap_or(0) as u32,
         generation: spec["generation"].as_u64().unwrap_or(0),
-        wait: if spin { WaitStrategy::Spin } else { WaitStrategy::default() },
+        wait,
     };
     let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket)?;
+    receive_frames(&sub, size, count, lat_count)
+}
+
+fn receive_frames(sub: &Subscriber, size: usize, count: u64, lat_count: u64) -> Result<()> {
     let mut lat = Vec::with_capacity(lat_count as usize);
     report(&json!({"ready": true}));
 

@@ -52,6 +52,12 @@ impl ChildProc {
         Ok(serde_json::from_str(line.trim())?)
     }
 
+    /// Kills the child (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the child to end and returns its last line.
     pub fn finish(mut self) -> Result<Value> {
         let v = self.read()?;

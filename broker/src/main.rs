@@ -1,9 +1,9 @@
 //! `memsock`: the broker daemon and the command line around it.
 
 mod demo;
-mod registry;
-mod server;
 mod stats;
+
+use memsock_broker::server;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,126 @@
+//! Streams obtained through a running broker, measured against the same
+//! streams set up directly, in the same run; the time from a client's
+//! start to its first frame; and the broker's CPU while frames stream.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use memsock::{Client, StreamConfig, SubscribeOptions};
+use serde_json::{Value, json};
+
+use crate::stream::{self, Case};
+use crate::sys::{ChildProc, report};
+
+/// A broker in a child process, on a private socket.
+pub struct BrokerProc {
+    child: ChildProc,
+    pid: u32,
+    dir: std::path::PathBuf,
+    /// Its socket, for the lifetime of the run.
+    pub socket: &'static str,
+}
+
+impl BrokerProc {
+    /// Starts the broker and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("memsock-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let socket: &'static str = dir.join("broker.sock").to_string_lossy().into_owned().leak();
+        let (mut child, _) = ChildProc::spawn(&json!({"role": "broker", "socket": socket}), &[])?;
+        let pid = child.read()?["pid"].as_u64().context("broker pid")? as u32;
+        let start = Instant::now();
+        while Client::connect_to(socket).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the broker did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(Self { child, pid, dir, socket })
+    }
+
+    /// CPU time the broker has used so far, in nanoseconds (all threads).
+    pub fn cpu_ns(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return 0 };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        self.child.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Child: the broker itself.
+pub fn broker_child(spec: &Value) -> Result<()> {
+    let socket = spec["socket"].as_str().context("socket")?.into();
+    report(&json!({"pid": std::process::id()}));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(memsock_broker::server::serve(memsock_broker::server::Options { socket, group: None }))
+}
+
+/// The stream case through the broker, with the broker's CPU use around it.
+pub fn stream_case(broker: &BrokerProc, case: Case) -> Result<(Value, Option<Value>)> {
+    let case = Case { broker: Some(broker.socket), ..case };
+    let (cpu0, t0) = (broker.cpu_ns(), Instant::now());
+    let line = stream::run(case)?;
+    let (cpu1, wall) = (broker.cpu_ns(), t0.elapsed());
+    let cpu = (case.size == 64 && case.subscribers == 1 && case.spin)
+        .then(|| json!({"case": "broker_cpu", "cpu_percent": (cpu1 - cpu0) as f64 / wall.as_nanos() as f64 * 100.0}));
+    Ok((line, cpu))
+}
+
+/// `{"case":"connect","first_frame_us":X}`: a new client process connects,
+/// subscribes to a stream being published and receives its first frame;
+/// the median of `tries`.
+pub fn connect(broker: &BrokerProc, tries: u32) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let mut publisher = ChildProc::spawn(&json!({"role": "connect_publisher", "socket": broker.socket}), &[])?.0;
+    publisher.read()?; // publishing
+    let mut times = Vec::new();
+    for _ in 0..tries {
+        let (child, _) = ChildProc::spawn(&json!({"role": "connect_subscriber", "socket": broker.socket}), &[])?;
+        times.push(child.finish()?["first_frame_ns"].as_u64().context("first frame")?);
+    }
+    client.close_stream("connect")?;
+    publisher.finish()?;
+    let p50 = crate::sys::quantile(&mut times, 0.5);
+    Ok(json!({"case": "connect", "first_frame_us": p50 as f64 / 1e3}))
+}
+
+/// Child: publishes a small frame every 10 µs until the stream closes.
+pub fn connect_publisher(spec: &Value) -> Result<()> {
+    let client = Client::connect_to(spec["socket"].as_str().context("socket")?)?;
+    let mut publisher = client.publisher("connect", &StreamConfig::new(64, 64))?;
+    report(&json!({"publishing": true}));
+    let mut next = Instant::now();
+    loop {
+        match publisher.send(&[0; 64]) {
+            Ok(_) => {}
+            Err(memsock::SendError::Closed) => break,
+            Err(e) => return Err(e.into()),
+        }
+        next += Duration::from_micros(10);
+        while Instant::now() < next {
+            std::hint::spin_loop();
+        }
+    }
+    report(&json!({"done": true}));
+    Ok(())
+}
+
+/// Child: time from before connecting to the first frame received.
+pub fn connect_subscriber(spec: &Value) -> Result<()> {
+    let start = Instant::now();
+    let client = Client::connect_to(spec["socket"].as_str().context("socket")?)?;
+    let sub = client.subscriber("connect", &SubscribeOptions::default())?;
+    let _first = sub.recv()?;
+    let ns = start.elapsed().as_nanos() as u64;
+    report(&json!({"first_frame_ns": ns}));
+    Ok(())
+}
