@@ -100,8 +100,7 @@ fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
 fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
     let broker = broker::BrokerProc::start()?;
     let cases = stream_cases(scale, None, false);
-    let mut rounds_lines: Vec<Vec<Value>> = Vec::new();
-    for round in 0..rounds {
+    let rounds_lines = measure_rounds(rounds, json_out, || {
         let mut lines = Vec::new();
         for case in &cases {
             lines.push(stream::run(*case)?);
@@ -110,21 +109,11 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
             lines.extend(cpu);
         }
         lines.push(broker::connect(&broker, 20)?);
-        if !json_out {
-            for line in &lines {
-                eprintln!("  round {} measured {} {}", round + 1, describe(line), line["via"].as_str().unwrap_or(""));
-            }
-        }
-        rounds_lines.push(lines);
-    }
-    let figures = median_lines(&rounds_lines);
-    let round_targets: Vec<Value> = rounds_lines.iter().map(|l| broker_targets(l)).collect();
-    let targets = median_targets(&round_targets);
+        Ok(lines)
+    })?;
+    let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, broker_targets);
     if json_out {
-        for line in &figures {
-            println!("{line}");
-        }
-        println!("{targets}");
+        print_json(&figures, &targets);
         return Ok(());
     }
     for line in &figures {
@@ -181,8 +170,7 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
     // `rounds` times, references and streams interleaved; each round's
     // ratios compare figures taken seconds apart, and the report gives
     // the median of each figure and of each round's ratios.
-    let mut rounds_lines: Vec<Vec<Value>> = Vec::new();
-    for round in 0..rounds {
+    let rounds_lines = measure_rounds(rounds, json_out, || {
         let mut lines = vec![
             reference::memcpy(64, n(2e9) as usize),
             reference::memcpy(1_153_434, n(2e9) as usize),
@@ -196,25 +184,49 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
         for case in &cases {
             lines.push(stream::run(*case)?);
         }
-        if !json_out {
-            for line in &lines {
-                eprintln!("  round {} measured {}", round + 1, describe(line));
-            }
-        }
-        rounds_lines.push(lines);
-    }
-    let figures = median_lines(&rounds_lines);
-    let round_targets: Vec<Value> = rounds_lines.iter().map(|l| targets(l)).collect();
-    let targets = median_targets(&round_targets);
+        Ok(lines)
+    })?;
+    let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, targets);
     if json_out {
-        for line in &figures {
-            println!("{line}");
-        }
-        println!("{targets}");
+        print_json(&figures, &targets);
     } else {
         print_table(&figures, &targets, &round_targets);
     }
     Ok(())
+}
+
+/// Measures `rounds` rounds, telling progress on stderr for the table.
+fn measure_rounds(
+    rounds: usize,
+    json_out: bool,
+    mut one_round: impl FnMut() -> Result<Vec<Value>>,
+) -> Result<Vec<Vec<Value>>> {
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        let lines = one_round()?;
+        if !json_out {
+            for line in &lines {
+                eprintln!("  round {} measured {} {}", round + 1, describe(line), line["via"].as_str().unwrap_or(""));
+            }
+        }
+        all.push(lines);
+    }
+    Ok(all)
+}
+
+/// Median figures, each round's targets, and their medians.
+fn summarize_rounds(rounds: &[Vec<Value>], targets: fn(&[Value]) -> Value) -> (Vec<Value>, Vec<Value>, Value) {
+    let figures = median_lines(rounds);
+    let round_targets: Vec<Value> = rounds.iter().map(|l| targets(l)).collect();
+    let medians = median_targets(&round_targets);
+    (figures, round_targets, medians)
+}
+
+fn print_json(figures: &[Value], targets: &Value) {
+    for line in figures {
+        println!("{line}");
+    }
+    println!("{targets}");
 }
 
 fn same_case(a: &Value, b: &Value) -> bool {
