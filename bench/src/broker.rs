@@ -124,3 +124,50 @@ pub fn connect_subscriber(spec: &Value) -> Result<()> {
     report(&json!({"first_frame_ns": ns}));
     Ok(())
 }
+
+/// `{"case":"lease_reclaim","ms":X}`: a subscriber process holding two
+/// slots is killed (SIGKILL); the time until the broker has removed it and
+/// every slot is free again (the publisher loaning meanwhile, as a live
+/// one would); the median of `tries`.
+pub fn lease_reclaim(broker: &BrokerProc, tries: u32) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let mut publisher = client.publisher("lease", &StreamConfig::new(64, 16))?;
+    let mut times = Vec::new();
+    for _ in 0..tries {
+        let (mut child, _) = ChildProc::spawn(&json!({"role": "lease_subscriber", "socket": broker.socket}), &[])?;
+        child.read()?; // subscribed
+        publisher.send(&[1])?;
+        publisher.send(&[2])?;
+        child.read()?; // holding both
+        let start = Instant::now();
+        child.kill();
+        loop {
+            drop(publisher.loan()?);
+            let stats = client.stats(Some("lease"))?;
+            let stream = stats.streams.first().context("lease stream")?;
+            if stream.subscribers.is_empty() && stream.free_slots == stream.slot_count {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("a killed subscriber was not reclaimed in 10 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(start.elapsed().as_nanos() as u64);
+    }
+    let p50 = crate::sys::quantile(&mut times, 0.5);
+    let max = times.iter().copied().max().unwrap_or(0);
+    Ok(json!({"case": "lease_reclaim", "ms": p50 as f64 / 1e6, "max_ms": max as f64 / 1e6}))
+}
+
+/// Child: subscribes, takes two frames and holds them until killed.
+pub fn lease_subscriber(spec: &Value) -> Result<()> {
+    let client = Client::connect_to(spec["socket"].as_str().context("socket")?)?;
+    let sub = client.subscriber("lease", &SubscribeOptions::default())?;
+    report(&json!({"subscribed": true}));
+    let held = [sub.recv()?, sub.recv()?];
+    report(&json!({"holding": held.len()}));
+    loop {
+        std::thread::park();
+    }
+}

@@ -109,6 +109,7 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
             lines.extend(cpu);
         }
         lines.push(broker::connect(&broker, 20)?);
+        lines.push(broker::lease_reclaim(&broker, 20)?);
         Ok(lines)
     })?;
     let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, broker_targets);
@@ -144,6 +145,7 @@ fn broker_targets(lines: &[Value]) -> Value {
     }
     t.insert("first_frame_us".into(), json!(num(find(lines, |v| v["case"] == "connect"), "first_frame_us")));
     t.insert("broker_cpu_percent".into(), json!(num(find(lines, |v| v["case"] == "broker_cpu"), "cpu_percent")));
+    t.insert("lease_reclaim_ms".into(), json!(num(find(lines, |v| v["case"] == "lease_reclaim"), "ms")));
     Value::Object(t)
 }
 
@@ -157,6 +159,7 @@ fn child() -> Result<()> {
         Some("broker") => broker::broker_child(&spec),
         Some("connect_publisher") => broker::connect_publisher(&spec),
         Some("connect_subscriber") => broker::connect_subscriber(&spec),
+        Some("lease_subscriber") => broker::lease_subscriber(&spec),
         other => bail!("unknown child role {other:?}"),
     }
 }
