@@ -34,7 +34,12 @@ pub fn create_shared_file(name: &str, len: u64, huge_pages: bool) -> io::Result<
     if huge_pages {
         flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
     }
-    let fd = rustix::fs::memfd_create(name, flags)?;
+    // The name is only a label (in /proc/*/fd); the kernel takes 249 bytes.
+    let mut end = name.len().min(249);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let fd = rustix::fs::memfd_create(&name[..end], flags)?;
     rustix::fs::ftruncate(&fd, len)?;
     // Owner read-only. Descriptors already open keep their mode, but a
     // read-only one handed to a subscriber can no longer be re-opened

@@ -50,6 +50,13 @@ fn frame_round_trip_carries_bytes_seq_and_timestamp() {
 }
 
 #[test]
+fn long_stream_names_are_fine() {
+    let name = "é".repeat(127); // 254 bytes
+    let seg = StreamSegment::create(&name, &StreamConfig::new(8, 2)).unwrap();
+    assert_eq!(seg.name(), name);
+}
+
+#[test]
 fn unwanted_frames_and_abandoned_loans_free_their_slot_at_once() {
     let seg = segment(16, 2);
     let mut publisher = seg.open_publisher().unwrap();
