@@ -126,6 +126,7 @@ fn run_in(dir: &Path, demo: Demo) -> Result<()> {
     let mut last: std::collections::HashMap<&str, Value> = Default::default();
     let mut finals: std::collections::HashMap<&str, Value> = Default::default();
     let mut next_print = Instant::now() + Duration::from_secs(1);
+    let (mut last_published, mut last_at, mut published_per_s, mut viewer_dropped) = (0u64, Instant::now(), 0.0, 0u64);
     let mut publisher = Some(publisher);
     let deadline = Instant::now() + Duration::from_secs(demo.seconds + 20);
     while finals.len() < 3 && Instant::now() < deadline {
@@ -149,19 +150,24 @@ fn run_in(dir: &Path, demo: Demo) -> Result<()> {
         }
         if Instant::now() >= next_print {
             next_print += Duration::from_secs(1);
-            let stats = client.stats(Some(STREAM)).ok().and_then(|r| r.streams.into_iter().next());
+            // Rates from the shared counters between two prints; after the
+            // close the last figures stand.
+            if let Some(s) = client.stats(Some(STREAM)).ok().and_then(|r| r.streams.into_iter().next()) {
+                let now = Instant::now();
+                published_per_s = (s.published - last_published) as f64 / now.duration_since(last_at).as_secs_f64();
+                (last_published, last_at) = (s.published, now);
+                let viewer = s.subscribers.iter().find(|u| u.policy == OverflowPolicy::KeepLatest);
+                viewer_dropped = viewer.map_or(viewer_dropped, |u| u.dropped);
+            }
             let f = |name: &str, key: &str| last.get(name).and_then(|v| v[key].as_f64()).unwrap_or(0.0);
             println!(
-                "{:>4}  {:>10.0}  {:>14.0}  {:>6.0}  {:>14.0}  {:>7.0}  {:>6.0}",
+                "{:>4}  {:>10.0}  {:>14.0}  {:>6.0}  {:>14.0}  {:>7}  {:>6.0}",
                 started.elapsed().as_secs(),
-                stats.as_ref().map_or(0.0, |s| s.msgs_per_s),
+                published_per_s,
                 f("recorder", "per_s"),
                 f("recorder", "p50_us"),
                 f("viewer", "per_s"),
-                stats
-                    .as_ref()
-                    .and_then(|s| s.subscribers.iter().find(|u| u.policy == OverflowPolicy::KeepLatest))
-                    .map_or(0.0, |u| u.dropped as f64),
+                viewer_dropped,
                 f("viewer", "p50_us"),
             );
         }
