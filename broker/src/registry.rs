@@ -113,22 +113,21 @@ impl Registry {
         self.clients.get(&conn).map_or(0, |c| c.pid)
     }
 
-    /// Connections that use `stream` (publisher and subscribers).
-    fn users(&self, stream: &Stream) -> Vec<ConnId> {
+    /// Connections that use `stream`: its subscribers', and its
+    /// publisher's with `with_publisher`; each once.
+    fn users(&self, stream: &Stream, with_publisher: bool) -> Vec<ConnId> {
         let mut conns: Vec<ConnId> =
             stream.subscribers.iter().filter_map(|s| self.subscriptions.get(s)).map(|s| s.conn).collect();
-        conns.extend(stream.publisher);
+        if with_publisher {
+            conns.extend(stream.publisher);
+        }
         conns.sort_unstable();
         conns.dedup();
         conns
     }
 
     fn tell_subscribers(&self, stream: &Stream, event: &Event, out: &mut Vec<Outgoing>) {
-        let mut conns: Vec<ConnId> =
-            stream.subscribers.iter().filter_map(|s| self.subscriptions.get(s)).map(|s| s.conn).collect();
-        conns.sort_unstable();
-        conns.dedup();
-        out.extend(conns.into_iter().map(|c| Outgoing::event(c, event.clone())));
+        out.extend(self.users(stream, false).into_iter().map(|c| Outgoing::event(c, event.clone())));
     }
 
     /// `Publish`: creates the stream or hands it to a new publisher.
@@ -375,7 +374,7 @@ impl Registry {
             Some(mut stream) => {
                 stream.segment.close();
                 let event = Event::StreamClosed { stream: name.into() };
-                out.extend(self.users(&stream).into_iter().map(|c| Outgoing::event(c, event.clone())));
+                out.extend(self.users(&stream, true).into_iter().map(|c| Outgoing::event(c, event.clone())));
                 for s in &stream.subscribers {
                     self.subscriptions.remove(s);
                 }
