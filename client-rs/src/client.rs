@@ -129,12 +129,14 @@ impl Client {
             return Err(ClientError::Protocol(format!("Subscribed came with {} descriptors, not 2", fds.len())));
         };
         let ticket = SubscriberTicket { index, generation, wait: options.wait };
-        let inner = shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(|e| {
-            self.conn.notify(Request::Unsubscribe { subscription });
-            ClientError::Open(e.to_string())
-        })?;
+        // From here on, the lease of the subscription ends with the last of
+        // the subscriber and the samples detached from it.
+        let lease = Arc::new(SubscriptionLease { conn: self.conn.clone(), subscription });
+        let mut inner = shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket)
+            .map_err(|e| ClientError::Open(e.to_string()))?;
+        inner.set_keep_alive(lease);
         tracing::debug!(stream = name, subscription, "subscribed");
-        Ok(Subscriber { inner: Some(inner), conn: self.conn.clone(), subscription, stream: name.into() })
+        Ok(Subscriber { inner, conn: self.conn.clone(), subscription, stream: name.into() })
     }
 
     /// Closes stream `name` for good: its publisher's next send fails and
@@ -216,13 +218,29 @@ impl Drop for Publisher {
 
 /// A subscriber of a stream, under this client's lease. Dereferences to the
 /// data-plane [`shm::Subscriber`]: `recv`, `try_recv`, `recv_timeout`, which
-/// also report the publisher gone and back.
+/// also report the publisher gone and back. Samples detached from it
+/// ([`Sample::detach`](shm::Sample::detach)) keep the subscription alive
+/// until they are dropped too.
 #[derive(Debug)]
 pub struct Subscriber {
-    inner: Option<shm::Subscriber>,
+    inner: shm::Subscriber,
     conn: Arc<Conn>,
     subscription: u64,
     stream: String,
+}
+
+/// Ends a subscription at the broker when the subscriber and every sample
+/// detached from it are gone (the broker then reclaims its slots).
+#[derive(Debug)]
+struct SubscriptionLease {
+    conn: Arc<Conn>,
+    subscription: u64,
+}
+
+impl Drop for SubscriptionLease {
+    fn drop(&mut self) {
+        self.conn.notify(Request::Unsubscribe { subscription: self.subscription });
+    }
 }
 
 impl Subscriber {
@@ -250,13 +268,6 @@ impl Subscriber {
 impl Deref for Subscriber {
     type Target = shm::Subscriber;
     fn deref(&self) -> &shm::Subscriber {
-        self.inner.as_ref().expect("present until dropped")
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        drop(self.inner.take());
-        self.conn.notify(Request::Unsubscribe { subscription: self.subscription });
+        &self.inner
     }
 }

@@ -29,14 +29,18 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod asynk;
 mod client;
 mod conn;
 
+#[cfg(feature = "tokio")]
+pub use asynk::AsyncSubscriber;
 pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
 pub use conn::ClientError;
 pub use memsock_proto::control::{ControlError, Event, StatsReport, StreamReport, SubscriberReport};
 pub use memsock_proto::shm::{
-    FrameInfo, LoanError, OverflowPolicy, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
+    FrameInfo, LoanError, OverflowPolicy, OwnedSample, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
     TryRecvError, Unsent, WaitStrategy,
 };
 

@@ -352,3 +352,119 @@ fn spin_subscribers_see_the_publisher_come_and_go() -> Result<()> {
     assert_eq!(&*sub.recv_timeout(Duration::from_secs(5))?, b"hi");
     Ok(())
 }
+
+/// Sustained churn: while a paced publisher process streams to a lossless
+/// subscriber process, four threads keep connecting, subscribing,
+/// publishing their own short-lived streams and leaving (some leases end
+/// through detached samples outliving their subscriber, some through
+/// SIGKILL). The lossless subscriber loses nothing, every churner gets
+/// intact frames, and once everyone has left nothing is left in the broker.
+#[test]
+fn sustained_churn_loses_nothing_and_leaves_nothing() -> Result<()> {
+    const ROUNDS: usize = 300;
+    let broker = Broker::start()?;
+    let mut steady = spec(&broker, "subscriber", "steady");
+    steady["policy"] = "lossless".into();
+    steady["credits"] = 8.into();
+    steady["wait_for_stream"] = true.into();
+    steady["slot_count"] = 32.into();
+    let steady_sub = Peer::spawn(PEER, &steady, &[])?;
+    assert!(waiting(&broker, 1));
+    let mut publisher = spec(&broker, "publisher", "steady");
+    publisher["slot_count"] = 32.into();
+    publisher["max_subscribers"] = 16.into();
+    publisher["pace_ns"] = 50_000.into();
+    let mut publisher = Peer::spawn(PEER, &publisher, &[])?;
+    publisher.read_until("ready")?;
+
+    let socket = broker.socket().to_owned();
+    let churners: Vec<_> = (0..4)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let mut scratch = vec![0; 512];
+                let mut checked = 0u64;
+                for i in 0..ROUNDS {
+                    let client = Client::connect_to(&socket)?;
+                    match i % 3 {
+                        0 => {
+                            let options = SubscribeOptions { credits: 2, ..Default::default() };
+                            let sub = client.subscriber("steady", &options)?;
+                            for _ in 0..5 {
+                                match sub.recv_timeout(Duration::from_secs(10)) {
+                                    Ok(s) => {
+                                        assert!(memsock_tests::check_frame(s.seq(), 512, &s, &mut scratch));
+                                        checked += 1;
+                                    }
+                                    Err(e) => panic!("churner {t} round {i}: {e}"),
+                                }
+                            }
+                        }
+                        1 => {
+                            let name = format!("churn-{t}-{i}");
+                            let mut publisher = client.publisher(&name, &StreamConfig::new(64, 4))?;
+                            let other = Client::connect_to(&socket)?;
+                            let options =
+                                SubscribeOptions { credits: 2, policy: OverflowPolicy::Lossless, ..Default::default() };
+                            let sub = other.subscriber(&name, &options)?;
+                            for n in 0..20u32 {
+                                publisher.send_timeout(&n.to_le_bytes(), Duration::from_secs(10))?;
+                                let s = sub.recv_timeout(Duration::from_secs(10))?;
+                                assert_eq!((&*s, s.seq()), (&n.to_le_bytes()[..], u64::from(n)));
+                                checked += 1;
+                            }
+                        }
+                        _ => {
+                            let options = SubscribeOptions {
+                                credits: 1,
+                                policy: OverflowPolicy::KeepLatest,
+                                ..Default::default()
+                            };
+                            let sub = client.subscriber("steady", &options)?;
+                            let sample = sub.recv_timeout(Duration::from_secs(10))?.detach();
+                            // The subscriber and the client go first; the
+                            // sample ends the lease when it goes.
+                            drop(sub);
+                            drop(client);
+                            assert!(memsock_tests::check_frame(sample.seq(), 512, &sample, &mut scratch));
+                            checked += 1;
+                        }
+                    }
+                }
+                Ok(checked)
+            })
+        })
+        .collect();
+    // Meanwhile, subscriber processes that hold slots are killed.
+    for _ in 0..20 {
+        let mut h = spec(&broker, "subscriber", "steady");
+        h["credits"] = 2.into();
+        h["hold"] = 2.into();
+        let mut holder = Peer::spawn(PEER, &h, &[])?;
+        holder.read_until("holding")?;
+        holder.kill()?;
+    }
+    for churner in churners {
+        let checked = churner.join().expect("churner panicked")?;
+        assert!(checked >= ROUNDS as u64 / 3 * 25);
+    }
+
+    let client = Client::connect_to(broker.socket())?;
+    // Every lease that ended was reclaimed: the steady stream is left
+    // with its own subscriber, and no churn stream remains.
+    assert!(eventually(Duration::from_secs(10), || {
+        client.stats(None).is_ok_and(|s| s.streams.len() == 1 && s.streams[0].subscribers.len() == 1)
+    }));
+    client.close_stream("steady")?;
+    let sent = publisher.finish()?;
+    assert_eq!(sent["closed"], true);
+    let got = steady_sub.finish()?;
+    assert_eq!((got["missing"].as_u64(), got["bad"].as_u64()), (Some(0), Some(0)), "{got}");
+    assert_eq!(got["received"], sent["sent"], "the lossless subscriber got every frame");
+    drop(client);
+    let probe = Client::connect_to(broker.socket())?;
+    assert!(eventually(Duration::from_secs(10), || broker.memfd_count() == 0), "segments left behind");
+    assert!(probe.stats(None)?.streams.is_empty());
+    assert!(!broker_log_has_panic(&broker));
+    Ok(())
+}

@@ -285,3 +285,53 @@ fn loom_publisher_gone_comes_after_its_frames_and_wakes_the_subscriber() {
         assert_eq!(seen, [0, 1]);
     });
 }
+
+#[test]
+fn loom_a_sample_released_on_another_thread_goes_back_and_wakes_the_watcher() {
+    model(|| {
+        let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (index, generation) = tickets[0];
+        // Attached after the publisher, the subscriber has no change of
+        // publisher to learn of while its credits are used up.
+        let publ = publisher(&owner);
+        let sub =
+            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let watcher = sub.watcher();
+        let p = payload.clone();
+        let t = loom::thread::spawn(move || {
+            publish(publ, &p, 2);
+            drop(owner);
+        });
+        let first = sub.take(None).unwrap();
+        // Detached: another thread reads the frame and lets it go. Its
+        // reads must happen before the publisher reuses the slot, and
+        // the subscriber, asleep meanwhile, must learn of the release: the
+        // lossless publisher cannot send frame 1 until the slot is back.
+        let board = sub.board().clone();
+        let p = payload.clone();
+        let releaser = loom::thread::spawn(move || {
+            // SAFETY: loom checks this read against the publisher's writes.
+            let value = p.0[first.slot as usize].with(|v| unsafe { *v });
+            assert_eq!(value, 0);
+            board.post(first.slot);
+        });
+        let mut from = sub.position();
+        let second = loop {
+            match sub.try_take() {
+                Ok(info) => break info,
+                Err(
+                    super::subscriber::TryRecvError::Empty | super::subscriber::TryRecvError::CreditsExhausted { .. },
+                ) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(watcher.watch(from, None, || false));
+            from = sub.position();
+        };
+        // SAFETY: loom checks this read against the publisher's writes.
+        let value = payload.0[second.slot as usize].with(|v| unsafe { *v });
+        assert_eq!((second.seq, value), (1, 1));
+        sub.release(second.slot);
+        releaser.join().unwrap();
+        t.join().unwrap();
+    });
+}

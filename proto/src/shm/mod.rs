@@ -53,7 +53,7 @@ pub use owner::{
     SubscriberTicket,
 };
 pub use publisher::{LoanError, SendInfo};
-pub use subscriber::{FrameInfo, RecvError, TryRecvError};
+pub use subscriber::{FrameInfo, KeepAlive, Position, RecvError, TryRecvError};
 
 #[cfg(not(loom))]
 pub use mem::{ChannelMap, StreamMap};
@@ -62,4 +62,4 @@ pub use owner::{CreateError, OpenLocalError, StreamSegment};
 #[cfg(not(loom))]
 pub use publisher::{OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
 #[cfg(not(loom))]
-pub use subscriber::{OpenSubscriberError, Sample, Subscriber};
+pub use subscriber::{Interrupter, OpenSubscriberError, OwnedSample, Sample, Subscriber, Watcher};

@@ -23,12 +23,14 @@
 //! checked before use, so a faulty publisher yields [`TryRecvError::Corrupt`],
 //! never an out-of-bounds access.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::layout::{OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, entry_stamp, split_entry};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
+use crate::primitive::AtomicU64;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// A frame taken from the ring: where it is and what it is.
@@ -176,6 +178,116 @@ pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
     /// `PublisherGone` was reported that a `PublisherBack` should answer.
     publisher_seen: Cell<u64>,
     gone_reported: Cell<bool>,
+    /// Where samples released on other threads wait to be handed back;
+    /// created by the first [`detach`](Self::detach).
+    board: OnceCell<Arc<ReturnBoard<S, C>>>,
+    /// Kept alive by the subscriber and every detached sample.
+    keep: Option<KeepAlive>,
+}
+
+/// Something kept alive as long as a subscriber or any sample detached from
+/// it exists (the client's lease, whose end reclaims the slots).
+pub type KeepAlive = Arc<dyn std::fmt::Debug + Send + Sync>;
+
+/// Slots released by detached samples, possibly on other threads, until
+/// the subscriber hands them back through its single-writer return ring.
+///
+/// One bit per pool slot, set by [`post`](Self::post) and cleared by
+/// [`drain`](Self::drain); a summary word has bit `w % 64` set when word
+/// `w` may hold bits, so the subscriber's check costs one load. A bit is
+/// always set before its summary bit and the summary is swapped before the
+/// words, so a posted slot is never missed: at worst a summary bit outlives
+/// its word's bits and one drain finds nothing.
+pub(crate) struct ReturnBoard<S, C> {
+    /// Keeps the payloads mapped while detached samples read them.
+    stream: S,
+    /// Holds the wake word of the subscriber (or its watcher) asleep.
+    channel: C,
+    bits: Box<[AtomicU64]>,
+    summary: AtomicU64,
+    /// Dropped with the last detached sample or the subscriber.
+    _keep: Option<KeepAlive>,
+}
+
+impl<S, C> std::fmt::Debug for ReturnBoard<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReturnBoard").field("summary", &self.summary.load(Relaxed)).finish_non_exhaustive()
+    }
+}
+
+impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
+    fn new(stream: S, channel: C, keep: Option<KeepAlive>) -> Self {
+        let words = (stream.layout().geometry.slot_count as usize).div_ceil(64);
+        Self {
+            stream,
+            channel,
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            summary: AtomicU64::new(0),
+            _keep: keep,
+        }
+    }
+
+    /// The stream memory the detached samples read.
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// Posts `slot` (held by this subscriber, detached, now released) for
+    /// the subscriber to hand back, and wakes the subscriber if it sleeps:
+    /// until it hands the slot back, the publisher counts it as held.
+    pub(crate) fn post(&self, slot: u32) {
+        let (word, bit) = (slot as usize / 64, slot % 64);
+        // Release pairs with the Acquire swap in `drain`: this thread's
+        // reads of the slot happen before the subscriber returns it to the
+        // publisher (which writes it next).
+        let old = self.bits[word].fetch_or(1 << bit, Release);
+        debug_assert_eq!(old & (1 << bit), 0, "slot {slot} posted twice");
+        // Release pairs with the Acquire swap in `drain`.
+        self.summary.fetch_or(1 << (word % 64), Release);
+        // The sleeper announces itself, fences and then checks `pending`:
+        // see `wait` for the protocol.
+        wait::fence_before_wake();
+        wait::wake_if_waiting(&self.channel.header().waiting);
+    }
+
+    /// Whether posted slots may be waiting.
+    #[inline]
+    fn pending(&self) -> bool {
+        self.summary.load(Relaxed) != 0
+    }
+
+    /// Takes every posted slot.
+    fn drain(&self, mut each: impl FnMut(u32)) {
+        // Acquire pairs with the Release `fetch_or` of the summary in `post`.
+        let mut summary = self.summary.swap(0, Acquire);
+        while summary != 0 {
+            let first = summary.trailing_zeros() as usize;
+            summary &= summary - 1;
+            for word in (first..self.bits.len()).step_by(64) {
+                // Acquire pairs with the Release `fetch_or` in `post`.
+                let mut bits = self.bits[word].swap(0, Acquire);
+                while bits != 0 {
+                    let bit = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    each(word as u32 * 64 + bit);
+                }
+            }
+        }
+    }
+}
+
+/// Where a subscriber stood when it found nothing to take: what a
+/// [`Watcher`](crate::shm::Watcher) waits to move past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    head: u64,
+    publisher_seen: u64,
+}
+
+/// Wakes whoever sleeps on the subscriber's wake word in `channel`: a
+/// subscriber or its watcher, which then re-checks its condition.
+pub(crate) fn wake_sleeper<C: ChannelMem>(channel: &C) {
+    wait::wake(&channel.header().waiting);
 }
 
 /// Why the core could not attach as a subscriber.
@@ -230,10 +342,78 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             ret_head_seen: Cell::new(ch.ret_head.load(Acquire)),
             borrowed: Cell::new(0),
             faults: Cell::new(0),
+            board: OnceCell::new(),
+            keep: None,
             stream,
             channel,
         };
         Ok(this)
+    }
+
+    /// Keeps `keep` alive as long as this subscriber or any sample
+    /// detached from it afterwards.
+    pub(crate) fn set_keep_alive(&mut self, keep: KeepAlive) {
+        self.keep = Some(keep);
+    }
+
+    /// The board of detached samples, created on first use. A detached
+    /// sample stays counted as borrowed until `drain_board` hands it back.
+    pub(crate) fn board(&self) -> &Arc<ReturnBoard<S, C>>
+    where
+        S: Clone,
+        C: Clone,
+    {
+        self.board
+            .get_or_init(|| Arc::new(ReturnBoard::new(self.stream.clone(), self.channel.clone(), self.keep.clone())))
+    }
+
+    /// Where the subscriber stands now (for a [`Position`] watcher).
+    pub(crate) fn position(&self) -> Position {
+        Position { head: self.head.get(), publisher_seen: self.publisher_seen.get() }
+    }
+
+    /// A copy of this core that only watches for news from `position`
+    /// on: it never takes or releases (it does not claim the ticket).
+    pub(crate) fn watcher(&self) -> Self
+    where
+        S: Clone,
+        C: Clone,
+    {
+        let board = OnceCell::new();
+        let _ = board.set(self.board().clone());
+        Self {
+            stream: self.stream.clone(),
+            channel: self.channel.clone(),
+            index: self.index,
+            generation: self.generation,
+            policy: self.policy,
+            backoff: self.backoff,
+            cap_mask: self.cap_mask,
+            head: Cell::new(self.head.get()),
+            ret_tail: Cell::new(0),
+            ret_head_seen: Cell::new(0),
+            borrowed: Cell::new(0),
+            faults: Cell::new(0),
+            publisher_seen: Cell::new(self.publisher_seen.get()),
+            gone_reported: Cell::new(self.gone_reported.get()),
+            board,
+            keep: None,
+        }
+    }
+
+    /// For a watcher: waits until the subscriber at `from` has news — a
+    /// frame, a change of publisher, detached samples to hand back, a close
+    /// or detach — or `stop()` holds after a [`wake_watcher`](Self::wake_watcher),
+    /// or `deadline` passes. Returns whether there was news (or a stop).
+    pub(crate) fn watch(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
+        self.head.set(from.head);
+        self.publisher_seen.set(from.publisher_seen);
+        wait::wait_until(&self.channel.header().waiting, self.backoff, deadline, || self.has_news() || stop())
+    }
+
+    /// The channel memory (what an interrupter wakes).
+    pub(crate) fn channel(&self) -> &C {
+        &self.channel
     }
 
     /// The stream memory.
@@ -297,6 +477,15 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         stamp_ahead(split_entry(word).0, head) >= 0 || !self.attached() || self.publisher_changed()
     }
 
+    /// Whether receiving would not find the queue plainly empty: a frame,
+    /// a publisher change, a close or detach, or detached samples to hand
+    /// back. What a sleeper waits for.
+    fn has_news(&self) -> bool {
+        self.ready()
+            || self.board.get().is_some_and(|b| b.pending())
+            || self.stream.header().control.state.load(Acquire) == STREAM_CLOSED
+    }
+
     /// Whether the publisher changed since we last looked.
     #[inline]
     fn publisher_changed(&self) -> bool {
@@ -348,6 +537,11 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     /// Takes the next frame, if one is queued.
     #[inline]
     pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
+        if let Some(board) = self.board.get() {
+            if board.pending() {
+                self.drain_board(board);
+            }
+        }
         if !self.attached() {
             return Err(TryRecvError::Detached);
         }
@@ -435,6 +629,12 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         Err(TryRecvError::Empty)
     }
 
+    /// Hands back the slots of detached samples released since last time.
+    #[cold]
+    fn drain_board(&self, board: &ReturnBoard<S, C>) {
+        board.drain(|slot| self.release(slot));
+    }
+
     #[cold]
     fn empty(&self) -> TryRecvError {
         if !self.attached() {
@@ -463,8 +663,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 other => return other.map_err(RecvError::from),
             }
             let word = &self.channel.header().waiting;
-            let closed = || self.stream.header().control.state.load(Acquire) == STREAM_CLOSED;
-            if !wait::wait_until(word, self.backoff, deadline, || self.ready() || closed()) {
+            if !wait::wait_until(word, self.backoff, deadline, || self.has_news()) {
                 return Err(RecvError::Timeout);
             }
         }
@@ -506,14 +705,15 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
 }
 
 #[cfg(not(loom))]
-pub use api::{OpenSubscriberError, Sample, Subscriber};
+pub use api::{Interrupter, OpenSubscriberError, OwnedSample, Sample, Subscriber, Watcher};
 
 #[cfg(not(loom))]
 mod api {
     use std::os::fd::BorrowedFd;
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{FrameInfo, RecvError, SubAttachRefusal, SubCore, TryRecvError};
+    use super::{FrameInfo, KeepAlive, Position, RecvError, ReturnBoard, SubAttachRefusal, SubCore, TryRecvError};
     use crate::shm::layout::{OverflowPolicy, WaitStrategy};
     use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
     use crate::shm::owner::SubscriberTicket;
@@ -545,9 +745,12 @@ mod api {
     /// `Send` but not `Sync`: samples are released on the thread that receives.
     #[derive(Debug)]
     pub struct Subscriber {
-        core: SubCore<StreamMap, ChannelMap>,
+        core: Core,
         wait: WaitStrategy,
     }
+
+    type Core = SubCore<Arc<StreamMap>, Arc<ChannelMap>>;
+    type Board = ReturnBoard<Arc<StreamMap>, Arc<ChannelMap>>;
 
     pub(crate) fn backoff(wait: WaitStrategy) -> Backoff {
         match wait {
@@ -571,13 +774,13 @@ mod api {
             channel: BorrowedFd<'_>,
             ticket: SubscriberTicket,
         ) -> Result<Self, OpenSubscriberError> {
-            let stream = StreamMap::open(data, false)?;
+            let stream = Arc::new(StreamMap::open(data, false)?);
             let g = stream.layout().geometry;
             let not_attached = OpenSubscriberError::NotAttached { index: ticket.index, generation: ticket.generation };
             if ticket.index >= g.max_subscribers {
                 return Err(not_attached);
             }
-            let channel = ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?;
+            let channel = Arc::new(ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?);
             let core = SubCore::attach(stream, channel, ticket.index as usize, ticket.generation, backoff(ticket.wait))
                 .map_err(|refusal| match refusal {
                     SubAttachRefusal::NotAttached => not_attached,
@@ -660,6 +863,65 @@ mod api {
         pub fn slot_size(&self) -> usize {
             self.core.stream().layout().geometry.slot_size as usize
         }
+
+        /// Keeps `keep` alive as long as this subscriber or any sample
+        /// detached from it later exists. A client passes its lease here,
+        /// so that the slots a detached sample reads are not reclaimed
+        /// under it. Set it before detaching samples.
+        pub fn set_keep_alive(&mut self, keep: KeepAlive) {
+            self.core.set_keep_alive(keep);
+        }
+
+        /// Where the subscriber stands: pass it to [`Watcher::wait`] after
+        /// a receive found nothing.
+        pub fn position(&self) -> Position {
+            self.core.position()
+        }
+
+        /// A watcher that can wait for this subscriber's next frame on
+        /// another thread, so that an async task need not block.
+        pub fn watcher(&self) -> Watcher {
+            Watcher { core: self.core.watcher() }
+        }
+    }
+
+    /// Waits, on a thread of its own, for news for a subscriber: a frame, a
+    /// change of publisher, a close, or detached samples to hand back. It
+    /// never takes anything: the subscriber's next `try_recv` does. What an
+    /// async wrapper parks instead of the task.
+    #[derive(Debug)]
+    pub struct Watcher {
+        core: Core,
+    }
+
+    impl Watcher {
+        /// Blocks until the subscriber, at `from`, would find something on
+        /// its next receive, or `stop()` holds (checked after
+        /// [`Interrupter::interrupt`]), or `deadline` passes. Spins or
+        /// sleeps as the subscriber's [`WaitStrategy`] says. Returns false
+        /// only on the deadline.
+        pub fn wait(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
+            self.core.watch(from, deadline, stop)
+        }
+
+        /// A handle that wakes a [`wait`](Self::wait) in progress from
+        /// another thread.
+        pub fn interrupter(&self) -> Interrupter {
+            Interrupter { channel: self.core.channel().clone() }
+        }
+    }
+
+    /// Wakes a [`Watcher::wait`] in progress, on any thread.
+    #[derive(Debug, Clone)]
+    pub struct Interrupter {
+        channel: Arc<ChannelMap>,
+    }
+
+    impl Interrupter {
+        /// Makes a waiting watcher check its `stop()`: make that true first.
+        pub fn interrupt(&self) {
+            super::wake_sleeper(&self.channel);
+        }
     }
 
     /// A received frame: derefs to its bytes, read in place in shared memory.
@@ -672,6 +934,16 @@ mod api {
     }
 
     impl Sample<'_> {
+        /// Detaches the sample from the subscriber's borrow: the result may
+        /// be kept, and dropped on any thread. Its slot counts against the
+        /// subscriber's credits until it is dropped and the subscriber's
+        /// next receive hands it back (dropping it wakes a sleeping
+        /// receive for that).
+        pub fn detach(self) -> OwnedSample {
+            let this = std::mem::ManuallyDrop::new(self);
+            OwnedSample { board: this.subscriber.core.board().clone(), ptr: this.ptr, info: this.info }
+        }
+
         /// Stream sequence number; a jump shows frames this subscriber lost.
         #[inline]
         pub fn seq(&self) -> u64 {
@@ -712,6 +984,65 @@ mod api {
         #[inline]
         fn drop(&mut self) {
             self.subscriber.core.release(self.info.slot);
+        }
+    }
+
+    /// A received frame that does not borrow its subscriber
+    /// ([`Sample::detach`]): `Send` and `Sync`, it can move to another
+    /// thread or task. Derefs to its bytes in shared memory; the slot goes
+    /// back when it is dropped. The mapping, and the subscriber's lease
+    /// (see [`Subscriber::set_keep_alive`]), last as long as it does.
+    #[derive(Debug)]
+    pub struct OwnedSample {
+        board: Arc<Board>,
+        ptr: *const u8,
+        info: FrameInfo,
+    }
+
+    // SAFETY: `ptr` points into the mapping that `board` keeps alive; the
+    // bytes are only read, and the slot is ours until `post` in `drop`
+    // hands it back, which any thread may do (the board is atomic).
+    unsafe impl Send for OwnedSample {}
+    // SAFETY: shared access only reads the slot, as above.
+    unsafe impl Sync for OwnedSample {}
+
+    impl OwnedSample {
+        /// Stream sequence number; a jump shows frames the subscriber lost.
+        #[inline]
+        pub fn seq(&self) -> u64 {
+            self.info.seq
+        }
+
+        /// When the frame was sent: nanoseconds on the monotonic clock.
+        #[inline]
+        pub fn timestamp_ns(&self) -> u64 {
+            self.info.timestamp_ns
+        }
+
+        /// Where and what the frame is.
+        #[inline]
+        pub fn info(&self) -> FrameInfo {
+            self.info
+        }
+    }
+
+    impl std::ops::Deref for OwnedSample {
+        type Target = [u8];
+        #[inline]
+        fn deref(&self) -> &[u8] {
+            debug_assert_eq!(self.ptr, self.board.stream().payload_ptr(self.info.slot).cast_const());
+            // SAFETY: as for `Sample`: `ptr` is slot `info.slot` of the
+            // mapping `board` keeps alive, `info.len <= slot_size` was
+            // checked when it was taken, and the slot keeps this
+            // subscriber's holder bit until `drop` posts it back (the owner
+            // reclaims it only after the lease in the board has ended).
+            unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
+        }
+    }
+
+    impl Drop for OwnedSample {
+        fn drop(&mut self) {
+            self.board.post(self.info.slot);
         }
     }
 }

@@ -797,3 +797,113 @@ fn locked_and_huge_page_streams_work_or_fall_back() {
         _ => {}
     }
 }
+
+#[test]
+fn detached_samples_go_back_from_any_thread() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(b"one").unwrap();
+    let owned = sub.try_recv().unwrap().detach();
+    assert_eq!((&*owned, owned.seq()), (&b"one"[..], 0));
+    // Detached, it still counts against the credits.
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::CreditsExhausted { held: 1, credits: 1 });
+    std::thread::spawn(move || assert_eq!(&*owned, b"one")).join().unwrap();
+    // The next receive hands the slot back first.
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    assert_eq!(sub.borrowed(), 0);
+    let info = publisher.send(b"two").unwrap();
+    assert_eq!((info.delivered, info.dropped), (1, 0));
+    assert_eq!(&*sub.try_recv().unwrap().detach(), b"two");
+    // Sent, received, detached and dropped on another thread in turn,
+    // 1000 frames never run the 4-slot pool dry. (The slot goes back at
+    // the subscriber's next receive: a frame sent before that would find
+    // its one credit still used.)
+    for i in 0..1000u32 {
+        assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+        assert_eq!(publisher.send(&i.to_le_bytes()).unwrap().delivered, 1);
+        let owned = sub.try_recv().unwrap().detach();
+        std::thread::spawn(move || assert_eq!(*owned, i.to_le_bytes())).join().unwrap();
+    }
+    assert_eq!(seg.stats().subscribers[0].dropped, 0);
+}
+
+#[derive(Debug)]
+struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Flag {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+
+#[test]
+fn detached_samples_outlive_their_subscriber_and_keep_its_lease() {
+    let mut seg = segment(8, 4);
+    let mut sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    sub.set_keep_alive(std::sync::Arc::new(Flag(ended.clone())));
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(b"a").unwrap();
+    publisher.send(b"b").unwrap();
+    let a = sub.try_recv().unwrap().detach();
+    let b = sub.try_recv().unwrap().detach();
+    drop(sub);
+    assert!(!ended.load(Relaxed), "the lease ended while samples were out");
+    drop(a);
+    assert!(!ended.load(Relaxed));
+    assert_eq!(&*b, b"b");
+    drop(b);
+    assert!(ended.load(Relaxed), "the lease outlived the last sample");
+}
+
+#[test]
+fn a_watcher_wakes_for_frames_releases_and_interrupts_only() {
+    use std::sync::atomic::AtomicBool;
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let watcher = sub.watcher();
+    let never = || false;
+    let soon = || Some(std::time::Instant::now() + Duration::from_millis(20));
+    let long = || Some(std::time::Instant::now() + Duration::from_secs(30));
+
+    // Nothing happens (once the subscriber has seen the publisher come):
+    // the deadline passes.
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    assert!(!watcher.wait(sub.position(), soon(), never));
+    // A frame arrives while it sleeps.
+    let from = sub.position();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            publisher.send(b"x").unwrap();
+        });
+        assert!(watcher.wait(from, long(), never));
+    });
+    // It does not take: the frame is still there.
+    let owned = sub.try_recv().unwrap().detach();
+    // A detached sample is released on another thread while it sleeps.
+    let from = sub.position();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(owned);
+        });
+        assert!(watcher.wait(from, long(), never));
+    });
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    assert_eq!(sub.borrowed(), 0);
+    // Interrupted.
+    let stop = AtomicBool::new(false);
+    let from = sub.position();
+    let interrupter = watcher.interrupter();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            stop.store(true, Relaxed);
+            interrupter.interrupt();
+        });
+        assert!(watcher.wait(from, long(), || stop.load(Relaxed)));
+    });
+}
