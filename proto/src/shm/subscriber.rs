@@ -537,11 +537,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     /// Takes the next frame, if one is queued.
     #[inline]
     pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
-        if let Some(board) = self.board.get() {
-            if board.pending() {
-                self.drain_board(board);
-            }
-        }
+        self.hand_back();
         if !self.attached() {
             return Err(TryRecvError::Detached);
         }
@@ -627,6 +623,17 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             return Ok(info);
         }
         Err(TryRecvError::Empty)
+    }
+
+    /// Hands back the slots of detached samples released since last time,
+    /// if any.
+    #[inline]
+    pub(crate) fn hand_back(&self) {
+        if let Some(board) = self.board.get() {
+            if board.pending() {
+                self.drain_board(board);
+            }
+        }
     }
 
     /// Hands back the slots of detached samples released since last time.
@@ -862,6 +869,12 @@ mod api {
         /// Bytes per slot: the largest frame.
         pub fn slot_size(&self) -> usize {
             self.core.stream().layout().geometry.slot_size as usize
+        }
+
+        /// Hands back now the slots of detached samples dropped since the
+        /// last receive (receives do this themselves).
+        pub fn hand_back(&self) {
+            self.core.hand_back();
         }
 
         /// Keeps `keep` alive as long as this subscriber or any sample

@@ -1,0 +1,71 @@
+"""memsock: shared memory that feels like a local socket.
+
+Frames move between processes through shared-memory rings handed out by
+the memsock broker (``memsock broker``); this package is its Python client::
+
+    import memsock, numpy as np
+
+    client = memsock.connect()
+    pub = client.publisher("camera", slot_size=1 << 20, slots=8)
+    pub.send(np.zeros((512, 1024), np.uint16))
+
+    sub = client.subscribe("camera", credits=4, policy="keep_latest")
+    with sub.recv() as frame:
+        image = frame.ndarray(np.uint16, (512, 1024))   # zero-copy, read-only
+        ...
+        del image                                       # before the slot goes back
+
+Every error is a ``memsock.Error``.
+"""
+
+from ._memsock import (
+    Batch,
+    BrokerUnreachable,
+    Client,
+    Corrupt,
+    CreditsExhausted,
+    CreditsRefused,
+    Detached,
+    Disconnected,
+    Error,
+    Frame,
+    InvalidArgument,
+    NoSuchStream,
+    Publisher,
+    PublisherBack,
+    PublisherGone,
+    Refused,
+    StreamClosed,
+    StreamExists,
+    Subscriber,
+    Timeout,
+    WouldBlock,
+    connect,
+    now_ns,
+)
+
+__all__ = [
+    "Batch",
+    "BrokerUnreachable",
+    "Client",
+    "Corrupt",
+    "CreditsExhausted",
+    "CreditsRefused",
+    "Detached",
+    "Disconnected",
+    "Error",
+    "Frame",
+    "InvalidArgument",
+    "NoSuchStream",
+    "Publisher",
+    "PublisherBack",
+    "PublisherGone",
+    "Refused",
+    "StreamClosed",
+    "StreamExists",
+    "Subscriber",
+    "Timeout",
+    "WouldBlock",
+    "connect",
+    "now_ns",
+]

@@ -1,0 +1,249 @@
+//! The `memsock` Python package's native part: a thin layer over the Rust
+//! client. Frames are handed to Python in place (the buffer protocol over
+//! the slot in shared memory); blocking calls release the GIL and wake
+//! every 50 ms to let Python handle signals (Ctrl-C).
+
+mod errors;
+mod frame;
+mod publisher;
+mod subscriber;
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use memsock::{OverflowPolicy, StatsReport, WaitStrategy};
+
+/// How long a blocking call sleeps without the GIL before it looks for
+/// signals: Ctrl-C is answered within this.
+pub(crate) const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// A connection to the memsock broker: the lease under which this process
+/// publishes and subscribes. Everything opened through it is reclaimed by
+/// the broker when the connection ends (the process exits or is killed).
+#[pyclass(module = "memsock", frozen)]
+struct Client {
+    inner: memsock::Client,
+}
+
+/// Connects to the broker at `socket`, or at the default path
+/// (`$MEMSOCK_SOCKET`, else `$XDG_RUNTIME_DIR/memsock/broker.sock`, else
+/// `/tmp/memsock-<uid>/broker.sock`).
+#[pyfunction]
+#[pyo3(signature = (socket=None))]
+fn connect(py: Python<'_>, socket: Option<std::path::PathBuf>) -> PyResult<Client> {
+    let socket = socket.unwrap_or_else(memsock::default_socket_path);
+    let inner = py.detach(|| memsock::Client::connect_to(&socket)).map_err(errors::client)?;
+    Ok(Client { inner })
+}
+
+pub(crate) fn parse_policy(policy: &str) -> PyResult<OverflowPolicy> {
+    match policy {
+        "drop_newest" => Ok(OverflowPolicy::DropNewest),
+        "keep_latest" => Ok(OverflowPolicy::KeepLatest),
+        "lossless" => Ok(OverflowPolicy::Lossless),
+        other => Err(errors::InvalidArgument::new_err(format!(
+            "unknown policy {other:?}: expected \"drop_newest\", \"keep_latest\" or \"lossless\""
+        ))),
+    }
+}
+
+fn policy_name(policy: OverflowPolicy) -> &'static str {
+    match policy {
+        OverflowPolicy::KeepLatest => "keep_latest",
+        OverflowPolicy::Lossless => "lossless",
+        _ => "drop_newest",
+    }
+}
+
+fn parse_strategy(strategy: &str) -> PyResult<WaitStrategy> {
+    match strategy {
+        "park" => Ok(WaitStrategy::Park),
+        "spin" => Ok(WaitStrategy::Spin),
+        "spin_then_park" => Ok(WaitStrategy::default()),
+        other => Err(errors::InvalidArgument::new_err(format!(
+            "unknown wait strategy {other:?}: expected \"park\", \"spin\" or \"spin_then_park\""
+        ))),
+    }
+}
+
+/// Seconds (`None`: for ever) as a deadline.
+pub(crate) fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Instant::now().checked_add(Duration::from_secs_f64(t.min(1e9)))),
+        Some(t) => Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// Becomes the publisher of stream `name` with `slots` slots of
+    /// `slot_size` bytes, creating it, or taking it over if its publisher
+    /// is gone (same geometry). Options: `max_subscribers` (8),
+    /// `mlock` (False), `huge_pages` (False), `prefault` (True).
+    #[pyo3(signature = (name, slot_size, slots, *, max_subscribers=None, mlock=false, huge_pages=false, prefault=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn publisher(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        slot_size: u32,
+        slots: u32,
+        max_subscribers: Option<u32>,
+        mlock: bool,
+        huge_pages: bool,
+        prefault: bool,
+    ) -> PyResult<publisher::Publisher> {
+        let mut config = memsock::StreamConfig::new(slot_size, slots);
+        if let Some(m) = max_subscribers {
+            config.max_subscribers = m;
+        }
+        config.mlock = mlock;
+        config.huge_pages = huge_pages;
+        config.prefault = prefault;
+        let inner = py.detach(|| self.inner.publisher(name, &config)).map_err(errors::client)?;
+        Ok(publisher::Publisher::new(inner))
+    }
+
+    /// Subscribes to stream `name`: at most `credits` frames queued and
+    /// held at once; `policy` says what happens beyond ("drop_newest",
+    /// "keep_latest", "lossless"). With `wait=True` a stream that does not
+    /// exist yet is waited for (Ctrl-C interrupts); with `wait=False` it is
+    /// an error (`NoSuchStream`). `strategy` is how receives wait: "park"
+    /// (sleep in the kernel), "spin_then_park" or "spin" (a core busy).
+    #[pyo3(signature = (name, credits=4, policy="drop_newest", wait=true, *, strategy="spin_then_park"))]
+    fn subscribe(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        credits: u32,
+        policy: &str,
+        wait: bool,
+        strategy: &str,
+    ) -> PyResult<subscriber::Subscriber> {
+        let options = memsock::SubscribeOptions {
+            credits,
+            policy: parse_policy(policy)?,
+            wait: parse_strategy(strategy)?,
+            wait_for_stream: wait,
+        };
+        if !wait {
+            let inner = py.detach(|| self.inner.subscriber(name, &options)).map_err(errors::client)?;
+            return Ok(subscriber::Subscriber::new(inner));
+        }
+        // The broker answers when the stream appears: wait on a thread of
+        // our own so that Ctrl-C is seen meanwhile.
+        let (client, name_owned) = (self.inner.clone(), name.to_owned());
+        let (tx, mut rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("memsock-subscribe".into())
+            .spawn(move || {
+                let _ = tx.send(client.subscriber(&name_owned, &options));
+            })
+            .map_err(|e| errors::Error::new_err(format!("cannot start a thread: {e}")))?;
+        loop {
+            let rx_now = &mut rx;
+            match py.detach(move || rx_now.recv_timeout(SIGNAL_SLICE)) {
+                Ok(result) => return result.map(subscriber::Subscriber::new).map_err(errors::client),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(errors::Error::new_err("the subscribe request was lost"));
+                }
+            }
+        }
+    }
+
+    /// Closes stream `name` for good: its publisher's next send fails and
+    /// its subscribers get `StreamClosed` after the frames already sent.
+    fn close_stream(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        py.detach(|| self.inner.close_stream(name)).map_err(errors::client)
+    }
+
+    /// Live counters of every stream (or of stream `name`), read by the
+    /// broker from shared memory, as plain dicts.
+    #[pyo3(signature = (name=None))]
+    fn stats<'py>(&self, py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+        let report = py.detach(|| self.inner.stats(name)).map_err(errors::client)?;
+        stats_dict(py, &report)
+    }
+
+    /// The broker's process id.
+    #[getter]
+    fn broker_pid(&self) -> u32 {
+        self.inner.broker_pid()
+    }
+
+    /// Whether the broker has closed the connection.
+    #[getter]
+    fn disconnected(&self) -> bool {
+        self.inner.is_disconnected()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<memsock.Client broker_pid={}>", self.inner.broker_pid())
+    }
+}
+
+fn stats_dict<'py>(py: Python<'py>, report: &StatsReport) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    out.set_item("broker_pid", report.broker_pid)?;
+    out.set_item("clients", report.clients)?;
+    out.set_item("waiting_subscribers", report.waiting_subscribers)?;
+    let mut streams = Vec::with_capacity(report.streams.len());
+    for s in &report.streams {
+        let d = PyDict::new(py);
+        d.set_item("name", &s.name)?;
+        d.set_item("publisher_pid", s.publisher_pid)?;
+        d.set_item("slot_size", s.slot_size)?;
+        d.set_item("slot_count", s.slot_count)?;
+        d.set_item("published", s.published)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("msgs_per_s", s.msgs_per_s)?;
+        d.set_item("bytes_per_s", s.bytes_per_s)?;
+        d.set_item("free_slots", s.free_slots)?;
+        d.set_item("closed", s.closed)?;
+        let mut subs = Vec::with_capacity(s.subscribers.len());
+        for u in &s.subscribers {
+            let e = PyDict::new(py);
+            e.set_item("subscription", u.subscription)?;
+            e.set_item("pid", u.pid)?;
+            e.set_item("policy", policy_name(u.policy))?;
+            e.set_item("credits", u.credits)?;
+            e.set_item("delivered", u.delivered)?;
+            e.set_item("dropped", u.dropped)?;
+            e.set_item("queued", u.queued)?;
+            e.set_item("lag_ns", u.lag_ns)?;
+            e.set_item("msgs_per_s", u.msgs_per_s)?;
+            e.set_item("faults", u.faults)?;
+            subs.push(e);
+        }
+        d.set_item("subscribers", subs)?;
+        streams.push(d);
+    }
+    out.set_item("streams", streams)?;
+    Ok(out)
+}
+
+/// Nanoseconds on the monotonic clock: the clock of `Frame.timestamp_ns`.
+#[pyfunction]
+fn now_ns() -> u64 {
+    memsock::now_ns()
+}
+
+#[pymodule]
+fn _memsock(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(now_ns, m)?)?;
+    m.add_class::<Client>()?;
+    m.add_class::<publisher::Publisher>()?;
+    m.add_class::<subscriber::Subscriber>()?;
+    m.add_class::<subscriber::Position>()?;
+    m.add_class::<subscriber::Watcher>()?;
+    m.add_class::<subscriber::Batch>()?;
+    m.add_class::<frame::Frame>()?;
+    errors::register(m)?;
+    Ok(())
+}

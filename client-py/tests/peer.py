@@ -1,0 +1,52 @@
+"""Python peer processes for the tests: `peer.py ROLE SOCKET STREAM [N]`.
+
+Roles: `publish` sends N numpy frames (frame i: uint16 values i..i+255,
+from a non-contiguous view) and reports; `hold` subscribes, takes N
+frames, holds them and sleeps (to be killed); `recv` blocks in recv()
+with nothing to receive and reports a KeyboardInterrupt.
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+
+import memsock
+
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def main():
+    role, socket, stream = sys.argv[1:4]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    client = memsock.connect(socket)
+    if role == "publish":
+        pub = client.publisher(stream, slot_size=1024, slots=8)
+        say(ready=True)
+        wide = np.zeros((256, 2), np.uint16)
+        for i in range(n):
+            wide[:, 0] = np.arange(i, i + 256, dtype=np.uint16)
+            pub.send(wide[:, 0], timeout=30)  # strided: copied in C order
+        say(report={"sent": n})
+    elif role == "hold":
+        sub = client.subscribe(stream, credits=n, policy="lossless")
+        say(ready=True)
+        held = [sub.recv(timeout=30) for _ in range(n)]
+        say(holding=len(held))
+        time.sleep(3600)
+    elif role == "recv":
+        sub = client.subscribe(stream, credits=1, wait=False)
+        say(ready=True)
+        try:
+            sub.recv()
+        except KeyboardInterrupt:
+            say(report={"interrupted": True})
+    else:
+        raise SystemExit(f"unknown role {role}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The Python API in one process (with the real broker): frames and their
+views, batches, publisher changes, asyncio, errors, stats."""
+
+import asyncio
+import gc
+
+import numpy as np
+import pytest
+
+import memsock
+from conftest import eventually
+
+
+@pytest.fixture
+def pair(broker):
+    client = broker.connect()
+    pub = client.publisher("s", slot_size=4096, slots=8)
+    sub = client.subscribe("s", credits=4, policy="lossless", wait=False)
+    return client, pub, sub
+
+
+def test_views_are_zero_copy_read_only_and_keep_the_frame(pair):
+    _, pub, sub = pair
+    image = np.arange(32 * 16, dtype=np.uint16).reshape(32, 16)
+    pub.send(image.T)  # not contiguous: sent in C order
+    frame = sub.recv(timeout=5)
+    assert len(frame) == image.nbytes
+    view = frame.ndarray(np.uint16, (16, 32))
+    np.testing.assert_array_equal(view, image.T)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view[0, 0] = 1
+    with pytest.raises(BufferError):
+        frame.release()  # a view is alive
+    mv = memoryview(frame)
+    assert mv.readonly and mv.nbytes == image.nbytes
+    with pytest.raises(TypeError):
+        mv[0] = 0
+    mv.release()
+    # The array outlives the name `frame`: the frame lives on in it.
+    del frame
+    gc.collect()
+    for i in range(3):
+        pub.send(bytes([i]) * 8)
+    np.testing.assert_array_equal(view, image.T)
+    assert sub.held == 1
+    del view
+    gc.collect()
+    assert [sub.recv(timeout=5).tobytes() for _ in range(3)] == [bytes([i]) * 8 for i in range(3)]
+
+
+def test_with_and_release(pair):
+    _, pub, sub = pair
+    pub.send(b"abc")
+    with sub.recv(timeout=5) as frame:
+        assert frame.tobytes() == b"abc"
+    assert frame.released
+    with pytest.raises(memsock.Error):
+        memoryview(frame)
+    frame.release()  # twice is harmless
+    assert sub.held == 0
+
+
+def test_credits_and_try_recv(pair):
+    _, pub, sub = pair
+    assert sub.try_recv() is None
+    for i in range(4):
+        pub.send(bytes([i]))
+    frames = [sub.recv(timeout=5) for _ in range(4)]
+    with pytest.raises(memsock.WouldBlock):
+        pub.send(b"x", timeout=0)
+    with pytest.raises(memsock.CreditsExhausted):
+        sub.try_recv()
+    frames[0].release()
+    assert pub.send(b"x", timeout=5) == 4
+    assert sub.recv(timeout=5).tobytes() == b"x"
+
+
+def test_recv_batch_copies_many_messages(pair):
+    _, pub, sub = pair
+    sub.set_credits(6)
+    sent = [bytes([i % 256]) * (1 + i % 7) for i in range(5)]
+    for m in sent:
+        pub.send(m)
+    batch = sub.recv_batch(100, timeout=5)
+    assert len(batch) == 5
+    assert [batch[i] for i in range(5)] == sent
+    assert list(batch.seq) == [0, 1, 2, 3, 4]
+    assert batch.offsets[-1] == sum(map(len, sent)) == batch.data.size
+    assert batch.data.dtype == np.uint8 and batch.timestamp_ns.dtype == np.uint64
+    assert sub.held == 0
+    with pytest.raises(memsock.Timeout):
+        sub.recv_batch(10, timeout=0.05)
+
+
+def test_publisher_gone_and_back(broker):
+    client = broker.connect()
+    pub = client.publisher("g", slot_size=64, slots=8)
+    sub = client.subscribe("g", wait=False)
+    pub.send(b"1")
+    pub.close()
+    assert sub.recv(timeout=5).tobytes() == b"1"
+    with pytest.raises(memsock.PublisherGone):
+        sub.recv(timeout=5)
+    pub = client.publisher("g", slot_size=64, slots=8)
+    assert pub.took_over
+    pub.send(b"2")
+    with pytest.raises(memsock.PublisherBack):
+        sub.recv(timeout=5)
+    frame = sub.recv(timeout=5)
+    assert (frame.tobytes(), frame.seq) == (b"2", 1)
+
+
+def test_iteration_ends_when_the_stream_closes(broker):
+    client = broker.connect()
+    pub = client.publisher("it", slot_size=64, slots=16)
+    sub = client.subscribe("it", credits=8, wait=False)
+    for i in range(5):
+        pub.send(bytes([i]))
+    pub.close()  # PublisherGone is skipped by iteration
+    client.close_stream("it")
+    assert [f.tobytes() for f in sub] == [bytes([i]) for i in range(5)]
+
+
+def test_asyncio_recv_does_not_block_the_loop_and_is_cancel_safe(pair):
+    client, pub, sub = pair
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(sub.recv_async(), 0.1)
+        assert ticks > 0, "the loop ran while the receive waited"
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, pub.send, b"late")
+        frame = await sub.recv_async(timeout=5)
+        assert frame.tobytes() == b"late" and frame.seq == 0
+        with pytest.raises(memsock.Timeout):
+            await sub.recv_async(timeout=0.05)
+        for i in range(3):
+            pub.send(bytes([i]))
+        pub.close()
+        loop.call_later(0.1, client.close_stream, "s")
+        got = [f.tobytes() async for f in sub]
+        t.cancel()
+        return got
+
+    assert asyncio.run(main()) == [b"\x00", b"\x01", b"\x02"]
+
+
+def test_errors_are_memsock_errors_with_clear_messages(broker, tmp_path):
+    with pytest.raises(memsock.BrokerUnreachable, match="memsock broker"):
+        memsock.connect(str(tmp_path / "nobody.sock"))
+    client = broker.connect()
+    with pytest.raises(memsock.NoSuchStream):
+        client.subscribe("missing", wait=False)
+    pub = client.publisher("e", slot_size=64, slots=4)
+    with pytest.raises(memsock.StreamExists):
+        client.publisher("e", slot_size=64, slots=4)
+    with pytest.raises(memsock.CreditsRefused, match="4 credits refused, 3 available"):
+        client.subscribe("e", credits=4, wait=False)
+    with pytest.raises(memsock.InvalidArgument, match="policy"):
+        client.subscribe("e", policy="sometimes")
+    with pytest.raises(memsock.InvalidArgument):
+        pub.send(b"x" * 65)
+    with pytest.raises(TypeError):
+        pub.send(12)
+    assert issubclass(memsock.NoSuchStream, memsock.Refused)
+    assert all(issubclass(e, memsock.Error) for e in
+               (memsock.BrokerUnreachable, memsock.PublisherGone, memsock.Timeout, memsock.StreamClosed))
+
+
+def test_stats_are_plain_dicts_of_counted_truth(broker):
+    client = broker.connect()
+    pub = client.publisher("st", slot_size=64, slots=8)
+    sub = client.subscribe("st", credits=2, wait=False)
+    for _ in range(5):
+        pub.send(b"x")
+    got = 0
+    while sub.try_recv() is not None:
+        got += 1
+    s = client.stats("st")["streams"][0]
+    assert (s["name"], s["slot_size"], s["slot_count"], s["published"]) == ("st", 64, 8, 5)
+    (u,) = s["subscribers"]
+    assert (u["policy"], u["credits"], u["delivered"], u["dropped"]) == ("drop_newest", 2, got, 5 - got)
+    assert eventually(lambda: client.stats()["clients"] >= 1)

@@ -1,0 +1,112 @@
+"""Frames between processes through the real broker: Rust -> Python,
+Python -> Python, Python -> Rust; a killed Python subscriber; Ctrl-C."""
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import memsock
+from conftest import eventually, frame_bytes, frame_len
+
+
+def subscribe_in_background(broker, name, **kw):
+    """Subscribes (waiting for the stream) on a thread; returns a getter."""
+    out = {}
+    client = broker.connect()
+    t = threading.Thread(target=lambda: out.setdefault("sub", client.subscribe(name, **kw)))
+    t.start()
+    assert eventually(lambda: broker.client.stats()["waiting_subscribers"] == 1)
+
+    def get():
+        t.join(timeout=30)
+        return out["sub"]
+
+    return get
+
+
+def test_rust_publisher_to_python_subscriber(broker, rust_peer):
+    get = subscribe_in_background(broker, "rs", credits=8, policy="lossless")
+    pub = rust_peer({"role": "publisher", "socket": broker.socket, "stream": "rs",
+                     "slot_size": 512, "slot_count": 16, "count": 2000})
+    sub = get()
+    seen = 0
+    while True:
+        try:
+            frame = sub.recv(timeout=30)
+        except memsock.PublisherGone:
+            break
+        with frame:
+            assert frame.seq == seen
+            assert len(frame) == frame_len(seen, 512)
+            assert memoryview(frame).tobytes() == frame_bytes(seen, 512)
+            assert frame.timestamp_ns <= memsock.now_ns()
+        seen += 1
+    assert seen == 2000
+    assert pub.finish()["sent"] == 2000
+
+
+def test_python_publisher_to_python_subscriber(broker, py_peer):
+    get = subscribe_in_background(broker, "py", credits=4, policy="lossless")
+    pub = py_peer("publish", broker.socket, "py", 500)
+    sub = get()
+    for i in range(500):
+        frame = sub.recv(timeout=30)
+        a = frame.ndarray(np.uint16)
+        assert frame.seq == i
+        np.testing.assert_array_equal(a, np.arange(i, i + 256, dtype=np.uint16))
+        del a
+        frame.release()
+    assert pub.finish()["sent"] == 500
+    with pytest.raises(memsock.PublisherGone):
+        sub.recv(timeout=30)
+
+
+def test_python_publisher_to_rust_subscriber(broker, rust_peer):
+    sub = rust_peer({"role": "subscriber", "socket": broker.socket, "stream": "to-rust",
+                     "policy": "lossless", "credits": 8, "wait_for_stream": True})
+    assert eventually(lambda: broker.client.stats()["waiting_subscribers"] == 1)
+    client = broker.connect()
+    pub = client.publisher("to-rust", slot_size=512, slots=16)
+    for seq in range(3000):
+        data = frame_bytes(seq, 512)
+        # bytes, bytearray, memoryview and numpy all go in.
+        obj = (data, bytearray(data), memoryview(data), np.frombuffer(data, np.uint8))[seq % 4]
+        assert pub.send(obj, timeout=30) == seq
+    assert eventually(lambda: broker.stream("to-rust")["subscribers"][0]["queued"] == 0)
+    client.close_stream("to-rust")
+    got = sub.finish()
+    assert (got["received"], got["missing"], got["bad"], got["end"]) == (3000, 0, 0, "closed")
+
+
+def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
+    client = broker.connect()
+    pub = client.publisher("held", slot_size=64, slots=8)
+    holder = py_peer("hold", broker.socket, "held", 3)
+    holder.read_until("ready")
+    for i in range(3):
+        pub.send(bytes([i]))
+    holder.read_until("holding")
+    assert broker.stream("held")["free_slots"] == 5
+    holder.kill()
+    # The lease ended: subscriber and slots reclaimed.
+    def reclaimed():
+        try:
+            pub.send(b"x", timeout=0)
+        except memsock.WouldBlock:
+            pass
+        s = broker.stream("held")
+        return not s["subscribers"] and s["free_slots"] == 8
+    assert eventually(reclaimed)
+
+
+def test_ctrl_c_interrupts_a_blocking_recv(broker, py_peer):
+    client = broker.connect()
+    _pub = client.publisher("quiet", slot_size=64, slots=4)
+    peer = py_peer("recv", broker.socket, "quiet")
+    peer.read_until("ready")
+    time.sleep(0.2)  # inside recv(), without the GIL
+    peer.proc.send_signal(signal.SIGINT)
+    assert peer.finish(timeout=10) == {"interrupted": True}
