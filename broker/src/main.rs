@@ -2,6 +2,7 @@
 
 mod demo;
 mod stats;
+mod tools;
 
 use memsock_broker::server;
 
@@ -54,6 +55,38 @@ enum Command {
         #[arg(long)]
         size: u32,
     },
+    /// Publishes COUNT frames of SIZE bytes (the sequence number in the
+    /// first 8 bytes) to STREAM, as fast as lossless subscribers allow or
+    /// at RATE per second, once SUBSCRIBERS have attached; prints
+    /// {"sent":N,"seconds":T}.
+    Publish {
+        /// The stream to create (or take over).
+        #[arg(long)]
+        stream: String,
+        /// Bytes per frame (and per slot).
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// Slots in the pool.
+        #[arg(long, default_value_t = 1024)]
+        slots: u32,
+        /// Frames to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Frames per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Wait for this many subscribers before sending.
+        #[arg(long, default_value_t = 0)]
+        subscribers: u32,
+    },
+    /// (internal) The Python benchmark's hand-rolled ring producer.
+    #[command(hide = true)]
+    RingProducer {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        count: u64,
+    },
     /// (internal) A demo subscriber.
     #[command(hide = true)]
     DemoSubscriber {
@@ -95,6 +128,10 @@ fn main() -> Result<()> {
         }
         Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
+        Command::Publish { stream, size, slots, count, rate, subscribers } => {
+            tools::publish(&socket, &tools::PublishArgs { stream: &stream, size, slots, count, rate, subscribers })
+        }
+        Command::RingProducer { path, count } => tools::ring_producer(&path, count),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),
         Command::DemoSubscriber { policy, credits, work_us } => demo::subscriber(&socket, &policy, credits, work_us),
     }

@@ -82,36 +82,20 @@ impl Frame {
         self.len
     }
 
-    /// A read-only numpy view of the frame: `dtype` (default uint8) and
-    /// `shape` (default: 1-D, as many items as fit). The array keeps the
+    /// A read-only numpy view of the frame: `dtype` (default uint8),
+    /// `shape` (default: 1-D, as many items as fit), starting `offset`
+    /// bytes in, `count` items (-1: all that fit). The array keeps the
     /// frame alive.
-    #[pyo3(signature = (dtype=None, shape=None))]
+    #[pyo3(signature = (dtype=None, shape=None, offset=0, count=-1))]
     fn ndarray<'py>(
         slf: &Bound<'py, Self>,
         dtype: Option<&Bound<'py, PyAny>>,
         shape: Option<&Bound<'py, PyAny>>,
+        offset: usize,
+        count: isize,
     ) -> PyResult<Bound<'py, PyAny>> {
         slf.borrow().sample()?;
-        let py = slf.py();
-        let np = py.import("numpy")?;
-        let dtype = match dtype {
-            Some(d) => d.clone(),
-            None => np.getattr("uint8")?,
-        };
-        let kwargs = pyo3::types::PyDict::new(py);
-        kwargs.set_item("dtype", dtype)?;
-        let array = np.call_method("frombuffer", (slf,), Some(&kwargs))?;
-        match shape {
-            None => Ok(array),
-            Some(shape) => {
-                let shape = if shape.is_instance_of::<PyTuple>() {
-                    shape.clone()
-                } else {
-                    PyTuple::new(py, [shape])?.into_any()
-                };
-                array.call_method1("reshape", (shape,))
-            }
-        }
+        numpy_view(slf.as_any(), dtype, shape, offset, count)
     }
 
     /// The frame's bytes as a new `bytes` object (a copy).
@@ -145,15 +129,20 @@ impl Frame {
         slf
     }
 
+    /// Releases the frame; if the block raised and a view (say, in the
+    /// exception's traceback) is still alive, the frame is left to be
+    /// released when it is collected rather than mask the exception.
     fn __exit__(
         &mut self,
         py: Python<'_>,
-        _exc_type: &Bound<'_, PyAny>,
+        exc_type: &Bound<'_, PyAny>,
         _exc: &Bound<'_, PyAny>,
         _tb: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        self.release(py)?;
-        Ok(false)
+        match self.release(py) {
+            Err(e) if !exc_type.is_none() && e.is_instance_of::<PyBufferError>(py) => Ok(false),
+            other => other.map(|()| false),
+        }
     }
 
     fn __repr__(&self) -> String {
@@ -189,5 +178,37 @@ impl Frame {
     /// Called by CPython once per successful `__getbuffer__`.
     unsafe fn __releasebuffer__(mut slf: PyRefMut<'_, Self>, _view: *mut ffi::Py_buffer) {
         slf.exports = slf.exports.saturating_sub(1);
+    }
+}
+
+/// `numpy.frombuffer(obj, dtype, count, offset)`, reshaped to `shape`:
+/// a view of `obj`'s buffer that keeps `obj` alive.
+pub(crate) fn numpy_view<'py>(
+    obj: &Bound<'py, PyAny>,
+    dtype: Option<&Bound<'py, PyAny>>,
+    shape: Option<&Bound<'py, PyAny>>,
+    offset: usize,
+    count: isize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let np = py.import("numpy")?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item(
+        "dtype",
+        match dtype {
+            Some(d) => d.clone(),
+            None => np.getattr("uint8")?,
+        },
+    )?;
+    kwargs.set_item("offset", offset)?;
+    kwargs.set_item("count", count)?;
+    let array = np.call_method("frombuffer", (obj,), Some(&kwargs))?;
+    match shape {
+        None => Ok(array),
+        Some(shape) => {
+            let shape =
+                if shape.is_instance_of::<PyTuple>() { shape.clone() } else { PyTuple::new(py, [shape])?.into_any() };
+            array.call_method1("reshape", (shape,))
+        }
     }
 }

@@ -158,6 +158,8 @@ impl Client {
 
     /// Closes stream `name` for good: its publisher's next send fails and
     /// its subscribers get `StreamClosed` after the frames already sent.
+    /// (A stream nobody publishes or subscribes to is gone already:
+    /// `NoSuchStream`.)
     fn close_stream(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         py.detach(|| self.inner.close_stream(name)).map_err(errors::client)
     }
@@ -239,6 +241,7 @@ fn _memsock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(now_ns, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<publisher::Publisher>()?;
+    m.add_class::<publisher::Loan>()?;
     m.add_class::<subscriber::Subscriber>()?;
     m.add_class::<subscriber::Position>()?;
     m.add_class::<subscriber::Watcher>()?;

@@ -4,7 +4,11 @@
 use std::mem::MaybeUninit;
 use std::time::Instant;
 
+use std::os::raw::c_int;
+
 use memsock::SendError;
+use memsock::shm::SampleMut;
+use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use sync_wrapper::SyncWrapper;
@@ -20,12 +24,43 @@ pub(crate) struct Publisher {
     inner: SyncWrapper<Option<memsock::Publisher>>,
     stream: String,
     took_over: bool,
+    /// Loans handed out and not yet sent or discarded: their slots are
+    /// mapped through `inner`, which must stay open meanwhile.
+    loans_out: usize,
+}
+
+/// Sends `sample`, waiting for room up to `deadline` in slices that let
+/// Python look for signals.
+fn send_sample(py: Python<'_>, mut sample: SampleMut<'_>, deadline: Option<Instant>) -> PyResult<u64> {
+    loop {
+        let slice = match deadline {
+            None => SIGNAL_SLICE,
+            Some(d) => d.saturating_duration_since(Instant::now()).min(SIGNAL_SLICE),
+        };
+        let result = if slice.is_zero() {
+            sample.try_send()
+        } else {
+            let sample_now = sample;
+            py.detach(move || sample_now.try_send_timeout(slice))
+        };
+        match result {
+            Ok(info) => return Ok(info.seq),
+            Err(unsent) if matches!(unsent.error, SendError::Timeout | SendError::WouldBlock { .. }) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(errors::send(unsent.error));
+                }
+                sample = unsent.sample;
+                py.check_signals()?;
+            }
+            Err(unsent) => return Err(errors::send(unsent.error)),
+        }
+    }
 }
 
 impl Publisher {
     pub(crate) fn new(inner: memsock::Publisher) -> Self {
         let (stream, took_over) = (inner.stream().to_owned(), inner.took_over());
-        Self { inner: SyncWrapper::new(Some(inner)), stream, took_over }
+        Self { inner: SyncWrapper::new(Some(inner)), stream, took_over, loans_out: 0 }
     }
 
     fn publisher(&mut self) -> PyResult<&mut memsock::Publisher> {
@@ -102,29 +137,27 @@ impl Publisher {
         buffer.copy_to(py, &mut sample.as_mut_slice()[..len])?;
         drop(buffer);
         sample.set_len(len);
-        loop {
-            let slice = match deadline {
-                None => SIGNAL_SLICE,
-                Some(d) => d.saturating_duration_since(Instant::now()).min(SIGNAL_SLICE),
-            };
-            let result = if slice.is_zero() {
-                sample.try_send()
-            } else {
-                let sample_now = sample;
-                py.detach(move || sample_now.try_send_timeout(slice))
-            };
-            match result {
-                Ok(info) => return Ok(info.seq),
-                Err(unsent) if matches!(unsent.error, SendError::Timeout | SendError::WouldBlock { .. }) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(errors::send(unsent.error));
-                    }
-                    sample = unsent.sample;
-                    py.check_signals()?;
-                }
-                Err(unsent) => return Err(errors::send(unsent.error)),
-            }
+        send_sample(py, sample, deadline)
+    }
+
+    /// Loans a slot for a frame of `nbytes`, to be written in place:
+    /// `with pub.loan(n) as buf:` then `buf.ndarray(dtype, shape)` or
+    /// `memoryview(buf)` (writable, zero-copy). Sent when the block ends
+    /// normally, discarded if it raises. Views must be deleted before the
+    /// block ends (`BufferError` otherwise, and the frame is discarded).
+    fn loan(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<Loan> {
+        let mut this = slf.borrow_mut();
+        let publisher = this.publisher()?;
+        let slot_size = publisher.slot_size();
+        if nbytes > slot_size {
+            return Err(errors::send(SendError::TooLarge { len: nbytes, slot_size }));
         }
+        let mut sample = publisher.loan().map_err(errors::loan)?;
+        sample.set_len(nbytes);
+        let addr = sample.as_mut_ptr() as usize;
+        let loan = sample.detach();
+        this.loans_out += 1;
+        Ok(Loan { loan: Some(loan), owner: slf.clone().unbind(), addr, nbytes, exports: 0 })
     }
 
     /// Bytes per slot: the largest frame.
@@ -153,20 +186,176 @@ impl Publisher {
 
     /// Stops publishing (subscribers get `PublisherGone` after the frames
     /// already sent). Also done when the publisher is collected.
-    fn close(&mut self) {
+    fn close(&mut self) -> PyResult<()> {
+        if self.loans_out > 0 {
+            return Err(errors::Error::new_err(format!(
+                "{} loan(s) of this publisher are still open: send or discard them first",
+                self.loans_out
+            )));
+        }
         *self.inner.get_mut() = None;
+        Ok(())
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
 
-    fn __exit__(&mut self, _t: &Bound<'_, PyAny>, _e: &Bound<'_, PyAny>, _tb: &Bound<'_, PyAny>) -> bool {
-        self.close();
-        false
+    fn __exit__(&mut self, _t: &Bound<'_, PyAny>, _e: &Bound<'_, PyAny>, _tb: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.close()?;
+        Ok(false)
     }
 
     fn __repr__(&self) -> String {
         format!("<memsock.Publisher stream={:?}>", self.stream)
+    }
+}
+
+/// A loaned slot being written in place (`Publisher.loan`). A writable
+/// buffer of `len(loan)` bytes; `send()` or leaving its `with` block sends
+/// it, `discard()` or an exception in the block drops it.
+#[pyclass(module = "memsock")]
+pub(crate) struct Loan {
+    loan: Option<memsock::shm::Loan>,
+    owner: Py<Publisher>,
+    /// The slot's address in the publisher's mapping, which stays open
+    /// while the loan is out (`Publisher.close` refuses).
+    addr: usize,
+    nbytes: usize,
+    exports: usize,
+}
+
+impl Loan {
+    /// Resumes the loan on its publisher and hands the sample to `f`.
+    fn finish<R>(&mut self, py: Python<'_>, f: impl FnOnce(Python<'_>, SampleMut<'_>) -> PyResult<R>) -> PyResult<R> {
+        if self.exports > 0 {
+            // Neither sent nor reused while someone can still write it:
+            // the slot stays loaned until the views and the loan are gone.
+            return Err(PyBufferError::new_err(format!(
+                "{} view(s) of the loan are still alive: delete them first (the frame was not sent)",
+                self.exports
+            )));
+        }
+        let loan = self.loan.take().ok_or_else(|| errors::Error::new_err("the loan was already sent or discarded"))?;
+        let owner = self.owner.bind(py);
+        let mut publisher =
+            owner.try_borrow_mut().map_err(|_| errors::Error::new_err("the publisher is busy on another thread"))?;
+        publisher.loans_out -= 1;
+        let sample = match publisher.publisher()?.resume(loan) {
+            Ok(sample) => sample,
+            Err(_) => return Err(errors::Error::new_err("the loan belongs to another publisher")),
+        };
+        f(py, sample)
+    }
+}
+
+#[pymethods]
+impl Loan {
+    /// A writable numpy view of the loaned bytes (`dtype` default uint8;
+    /// `shape` default 1-D; `offset` bytes in; `count` items, -1: all).
+    /// Delete it before the loan is sent.
+    #[pyo3(signature = (dtype=None, shape=None, offset=0, count=-1))]
+    fn ndarray<'py>(
+        slf: &Bound<'py, Self>,
+        dtype: Option<&Bound<'py, PyAny>>,
+        shape: Option<&Bound<'py, PyAny>>,
+        offset: usize,
+        count: isize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if slf.borrow().loan.is_none() {
+            return Err(errors::Error::new_err("the loan was already sent or discarded"));
+        }
+        crate::frame::numpy_view(slf.as_any(), dtype, shape, offset, count)
+    }
+
+    fn __len__(&self) -> usize {
+        self.nbytes
+    }
+
+    /// Sends the frame (waiting up to `timeout` for a full lossless
+    /// subscriber, like `Publisher.send`); returns its sequence number.
+    #[pyo3(signature = (timeout=None))]
+    fn send(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u64> {
+        let deadline = deadline(timeout)?;
+        self.finish(py, |py, sample| send_sample(py, sample, deadline))
+    }
+
+    /// Drops the frame unsent (the slot is reused at once). Harmless twice.
+    fn discard(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.loan.is_none() {
+            return Ok(());
+        }
+        self.finish(py, |_, sample| {
+            drop(sample);
+            Ok(())
+        })
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __exit__(
+        &mut self,
+        py: Python<'_>,
+        exc_type: &Bound<'_, PyAny>,
+        _e: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        if exc_type.is_none() {
+            self.send(py, None)?;
+        } else if let Err(e) = self.discard(py) {
+            // A view is still alive (say, in the traceback): the slot goes
+            // back when it and the loan are collected. Do not mask the
+            // exception in flight.
+            if !e.is_instance_of::<PyBufferError>(py) {
+                return Err(e);
+            }
+        }
+        Ok(false)
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(mut slf: PyRefMut<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if slf.loan.is_none() {
+            return Err(PyBufferError::new_err("the loan was already sent or discarded"));
+        }
+        // SAFETY: `view` is CPython's to fill; `addr` is the loaned slot,
+        // at least `nbytes` long (checked against the slot size), mapped
+        // while the loan is out (the publisher refuses to close) and
+        // written by nobody else until it is sent, which `finish` refuses
+        // while views exist. Writable (0).
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), slf.addr as *mut _, slf.nbytes as ffi::Py_ssize_t, 0, flags)
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        slf.exports += 1;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Called by CPython once per successful `__getbuffer__`.
+    unsafe fn __releasebuffer__(mut slf: PyRefMut<'_, Self>, _view: *mut ffi::Py_buffer) {
+        slf.exports = slf.exports.saturating_sub(1);
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.loan.is_some() { "" } else { " done" };
+        format!("<memsock.Loan {} bytes{state}>", self.nbytes)
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if self.loan.is_some() {
+            // Collected unsent: give the slot back if the publisher is free.
+            // (No view is left: each keeps the loan alive.)
+            Python::attach(|py| {
+                let _ = self.discard(py);
+            });
+        }
     }
 }

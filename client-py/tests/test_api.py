@@ -191,3 +191,57 @@ def test_stats_are_plain_dicts_of_counted_truth(broker):
     (u,) = s["subscribers"]
     assert (u["policy"], u["credits"], u["delivered"], u["dropped"]) == ("drop_newest", 2, got, 5 - got)
     assert eventually(lambda: client.stats()["clients"] >= 1)
+
+
+def test_loans_are_written_in_place_sent_on_exit_and_discarded_on_error(pair):
+    _, pub, sub = pair
+    with pub.loan(64) as buf:
+        a = buf.ndarray(np.uint16, (4, 8))
+        a[:] = np.arange(32, dtype=np.uint16).reshape(4, 8)
+        del a
+        memoryview(buf)[:2] = b"\xff\xff"
+    frame = sub.recv(timeout=5)
+    expect = np.arange(32, dtype=np.uint16)
+    expect[0] = 0xFFFF
+    np.testing.assert_array_equal(frame.ndarray(np.uint16), expect)
+    assert frame.seq == 0
+    with pytest.raises(RuntimeError):
+        with pub.loan(8) as buf:
+            memoryview(buf)[:] = b"12345678"
+            raise RuntimeError("not sent")
+    assert sub.try_recv() is None
+    # A view still alive at the end of the block: not sent, BufferError.
+    with pytest.raises(BufferError):
+        with pub.loan(8) as buf:
+            view = buf.ndarray()
+    assert sub.try_recv() is None
+    with pytest.raises(memsock.Error):
+        pub.close()  # a loan is still out (held by the view)
+    del view, buf
+    gc.collect()
+    with pub.loan(3) as buf:
+        memoryview(buf)[:] = b"end"
+    assert sub.recv(timeout=5).tobytes() == b"end"
+    with pytest.raises(memsock.InvalidArgument):
+        pub.loan(4097)
+    pub.close()
+
+
+def test_an_exception_in_a_with_block_is_not_masked_by_a_live_view(pair):
+    _, pub, sub = pair
+    pub.send(np.arange(10, dtype=np.float64).tobytes() + b"tail")
+    kept = []
+    with pytest.raises(KeyError):
+        with sub.recv(timeout=5) as frame:
+            kept.append(frame.ndarray(np.float64, offset=8, count=9))
+            raise KeyError("the real error")
+    np.testing.assert_array_equal(kept[0], np.arange(1, 10, dtype=np.float64))
+    assert not frame.released  # left to the view's end
+    kept.clear()
+    gc.collect()
+    frame.release()
+    with pytest.raises(ValueError):
+        with pub.loan(16) as buf:
+            kept.append(buf.ndarray(np.uint32, offset=4, count=2))
+            raise ValueError("also kept")
+    kept.clear()

@@ -65,9 +65,31 @@ class Publisher:
     def took_over(self) -> bool: ...
     def send(self, obj: Any, timeout: Optional[float] = None) -> int:
         """Sends the bytes of any buffer-protocol object (one copy); returns its seq."""
+    def loan(self, nbytes: int) -> Loan:
+        """A slot to write in place; sent when its with-block ends normally."""
     def close(self) -> None:
         """Stops publishing."""
     def __enter__(self) -> Publisher: ...
+    def __exit__(
+        self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> bool: ...
+
+class Loan:
+    """A loaned slot: a writable buffer-protocol object of len(loan) bytes."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+    def ndarray(
+        self,
+        dtype: npt.DTypeLike = ...,
+        shape: Union[int, tuple[int, ...], None] = None,
+        offset: int = 0,
+        count: int = -1,
+    ) -> np.ndarray:
+        """A writable zero-copy numpy view (delete it before the loan is sent)."""
+    def send(self, timeout: Optional[float] = None) -> int: ...
+    def discard(self) -> None: ...
+    def __enter__(self) -> Loan: ...
     def __exit__(
         self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
     ) -> bool: ...
@@ -83,7 +105,13 @@ class Frame:
     def released(self) -> bool: ...
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int) -> memoryview: ...
-    def ndarray(self, dtype: npt.DTypeLike = ..., shape: Union[int, tuple[int, ...], None] = None) -> np.ndarray:
+    def ndarray(
+        self,
+        dtype: npt.DTypeLike = ...,
+        shape: Union[int, tuple[int, ...], None] = None,
+        offset: int = 0,
+        count: int = -1,
+    ) -> np.ndarray:
         """A read-only zero-copy numpy view that keeps the frame alive."""
     def tobytes(self) -> bytes:
         """A copy of the frame's bytes."""

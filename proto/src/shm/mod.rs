@@ -60,6 +60,6 @@ pub use mem::{ChannelMap, StreamMap};
 #[cfg(not(loom))]
 pub use owner::{CreateError, OpenLocalError, StreamSegment};
 #[cfg(not(loom))]
-pub use publisher::{OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
+pub use publisher::{Loan, OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
 #[cfg(not(loom))]
 pub use subscriber::{Interrupter, OpenSubscriberError, OwnedSample, Sample, Subscriber, Watcher};

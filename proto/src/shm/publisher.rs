@@ -768,7 +768,7 @@ pub(crate) fn recover<S: StreamMem>(stream: &S) {
 }
 
 #[cfg(not(loom))]
-pub use api::{OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
+pub use api::{Loan, OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
 
 #[cfg(not(loom))]
 mod api {
@@ -864,6 +864,35 @@ mod api {
     #[derive(Debug)]
     pub struct Publisher {
         core: PubCore<StreamMap, ChannelMap>,
+        /// Tells this publisher's detached loans from others'.
+        id: u64,
+    }
+
+    /// Source of [`Publisher`] ids.
+    static NEXT_PUBLISHER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+    /// A loaned slot detached from the borrow of its publisher
+    /// ([`SampleMut::detach`]), e.g. to be held by a Python object: give it
+    /// back to [`Publisher::resume`] to write and send it, or drop that
+    /// sample to discard it. A `Loan` simply dropped keeps its slot out of
+    /// use until the publisher is gone.
+    #[derive(Debug)]
+    pub struct Loan {
+        slot: u32,
+        len: u32,
+        publisher: u64,
+    }
+
+    impl Loan {
+        /// The frame length set so far.
+        pub fn len(&self) -> usize {
+            self.len as usize
+        }
+
+        /// Whether no length was set yet.
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
     }
 
     impl Publisher {
@@ -896,7 +925,19 @@ mod api {
                 AttachRefusal::Busy => OpenPublisherError::Busy,
                 AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
             })?;
-            Ok(Self { core })
+            Ok(Self { core, id: NEXT_PUBLISHER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+        }
+
+        /// Takes a detached loan back to write and send it.
+        ///
+        /// # Errors
+        /// The loan, if another publisher made it.
+        pub fn resume(&mut self, loan: Loan) -> Result<SampleMut<'_>, Loan> {
+            if loan.publisher != self.id {
+                return Err(loan);
+            }
+            let ptr = self.core.stream().payload_ptr(loan.slot);
+            Ok(SampleMut { publisher: self, slot: loan.slot, ptr, len: loan.len })
         }
 
         /// Bytes per slot: the largest frame.
@@ -986,6 +1027,20 @@ mod api {
     }
 
     impl<'p> SampleMut<'p> {
+        /// Detaches the loan from the publisher's borrow; see [`Loan`].
+        pub fn detach(self) -> Loan {
+            let this = std::mem::ManuallyDrop::new(self);
+            Loan { slot: this.slot, len: this.len, publisher: this.publisher.id }
+        }
+
+        /// The address of the slot (valid while the publisher lives): for
+        /// bindings that expose the loan through another language's buffer
+        /// protocol. Writing through it is allowed only while the loan is
+        /// held and not resumed elsewhere.
+        pub fn as_mut_ptr(&mut self) -> *mut u8 {
+            self.ptr
+        }
+
         /// The whole slot, to write the frame into.
         #[inline]
         pub fn as_mut_slice(&mut self) -> &mut [u8] {

@@ -907,3 +907,44 @@ fn a_watcher_wakes_for_frames_releases_and_interrupts_only() {
         assert!(watcher.wait(from, long(), || stop.load(Relaxed)));
     });
 }
+
+#[test]
+fn a_detached_loan_is_resumed_by_its_publisher_only() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice()[..2].copy_from_slice(b"hi");
+    sample.set_len(2);
+    let loan = sample.detach();
+    assert_eq!(loan.len(), 2);
+    // Another stream's publisher cannot use it.
+    let other_seg = segment(8, 4);
+    let mut other = other_seg.open_publisher().unwrap();
+    let loan = other.resume(loan).unwrap_err();
+    // Its own publisher sends it; a resumed and dropped loan is discarded.
+    let sample = publisher.resume(loan).unwrap();
+    assert_eq!(&*sample, b"hi");
+    assert_eq!(sample.send().unwrap().seq, 0);
+    let loan = publisher.loan().unwrap().detach();
+    drop(publisher.resume(loan).unwrap());
+    assert_eq!(&*sub.try_recv().unwrap(), b"hi");
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    publisher.send(b"x").unwrap();
+    assert_eq!(seg.stats().published, 2);
+}
+
+#[test]
+fn a_departure_before_the_close_is_reported_before_closed() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(b"last").unwrap();
+    drop(publisher);
+    seg.close();
+    // The subscriber looks only now: frame, departure, close, in order.
+    assert_eq!(&*sub.try_recv().unwrap(), b"last");
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+    assert_eq!(sub.recv().unwrap_err(), RecvError::Closed);
+}
