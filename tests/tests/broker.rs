@@ -53,7 +53,11 @@ fn subscribers_join_before_the_stream_exists_and_receive_every_frame() -> Result
     assert_eq!(sent["sent"], 20_000);
 
     let client = Client::connect_to(broker.socket())?;
-    // Both subscribers drained what they were given, then close.
+    // Both subscribers drained what they were given, then close (once the
+    // lossless one has seen the publisher leave: a subscriber that only
+    // looks after the close learns of the close, which supersedes it).
+    let mut sub = sub;
+    sub.read_until("publisher_gone")?;
     assert!(eventually(Duration::from_secs(20), || {
         stats_of(&client, "cam").is_some_and(|s| s.subscribers.iter().all(|u| u.queued == 0))
     }));

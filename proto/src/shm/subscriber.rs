@@ -574,8 +574,6 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                     // Closing synchronised us with everything published
                     // before it: the entry may be ready after all.
                     TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0 => continue,
-                    // A departure not reported yet came before the close.
-                    TryRecvError::Closed => return Err(self.gone_before_closed()),
                     TryRecvError::Empty => {}
                     err => return Err(err),
                 }
@@ -642,20 +640,6 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     #[cold]
     fn drain_board(&self, board: &ReturnBoard<S, C>) {
         board.drain(|slot| self.release(slot));
-    }
-
-    /// At the end of a closed stream: `PublisherGone` if the publisher
-    /// left and that was not reported yet, else `Closed`.
-    #[cold]
-    fn gone_before_closed(&self) -> TryRecvError {
-        match self.publisher_event() {
-            Some((TryRecvError::PublisherGone, seen, gone)) => {
-                self.publisher_seen.set(seen);
-                self.gone_reported.set(gone);
-                TryRecvError::PublisherGone
-            }
-            _ => TryRecvError::Closed,
-        }
     }
 
     #[cold]

@@ -933,18 +933,3 @@ fn a_detached_loan_is_resumed_by_its_publisher_only() {
     publisher.send(b"x").unwrap();
     assert_eq!(seg.stats().published, 2);
 }
-
-#[test]
-fn a_departure_before_the_close_is_reported_before_closed() {
-    let mut seg = segment(8, 4);
-    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
-    let mut publisher = seg.open_publisher().unwrap();
-    publisher.send(b"last").unwrap();
-    drop(publisher);
-    seg.close();
-    // The subscriber looks only now: frame, departure, close, in order.
-    assert_eq!(&*sub.try_recv().unwrap(), b"last");
-    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
-    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
-    assert_eq!(sub.recv().unwrap_err(), RecvError::Closed);
-}

@@ -184,6 +184,7 @@ fn receive(spec: &Value, sub: &Subscriber) -> Result<()> {
             Err(RecvError::Detached) => break "detached",
             Err(RecvError::PublisherGone) => {
                 publisher_gone += 1;
+                say(json!({"publisher_gone": publisher_gone}));
                 continue;
             }
             Err(RecvError::PublisherBack) => {
