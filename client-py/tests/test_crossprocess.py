@@ -91,6 +91,19 @@ def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
     holder.read_until("holding")
     assert broker.stream("held")["free_slots"] == 5
     holder.kill()
+
+    # Its credits are free again at once, though the publisher is idle.
+    newcomer = []
+
+    def admitted():
+        try:
+            newcomer.append(client.subscribe("held", credits=7, wait=False))
+            return True
+        except memsock.CreditsRefused:
+            return False
+    assert eventually(admitted)
+    newcomer.pop().close()
+
     # The lease ended: subscriber and slots reclaimed.
     def reclaimed():
         try:

@@ -203,9 +203,9 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         held
     }
 
-    /// Credits promised to subscribers other than `except`: for each, the
-    /// larger of its credits and what it holds now (after lowered credits
-    /// it may hold more until it releases).
+    /// Credits promised to attached subscribers other than `except`: for
+    /// each, the larger of its credits and what it holds now (after lowered
+    /// credits it may hold more until it releases).
     fn committed(&self, except: Option<usize>) -> u64 {
         let header = self.stream.header();
         // Acquire pairs with the publisher's Release store in `sync_table_slow`.
@@ -216,7 +216,12 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             .filter(|&s| Some(s) != except)
             .map(|s| {
                 let cfg = &self.stream.record(s).config;
-                if cfg.state.load(Acquire) == SUB_FREE {
+                // A detaching subscriber promises nothing any more: the
+                // publisher reclaims what it holds before its next loan or
+                // delivery, so its slots are back before anyone needs them
+                // (an idle publisher must not keep a dead subscriber's
+                // credits from a new one).
+                if matches!(cfg.state.load(Acquire), SUB_FREE | SUB_DETACHING) {
                     return 0;
                 }
                 let pending = match self.lowered[s] {

@@ -933,3 +933,29 @@ fn a_detached_loan_is_resumed_by_its_publisher_only() {
     publisher.send(b"x").unwrap();
     assert_eq!(seg.stats().published, 2);
 }
+
+#[test]
+fn a_removed_subscribers_credits_are_free_at_once_even_with_an_idle_publisher() {
+    let mut seg = segment(8, 8);
+    let dead = seg.open_subscriber(&opts(7, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..7u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    let held: Vec<_> = (0..3).map(|_| dead.try_recv().unwrap()).collect();
+    // It dies holding 3 and with 4 queued; the publisher stays idle.
+    std::mem::forget(held);
+    let index = dead.index();
+    std::mem::forget(dead);
+    seg.remove_subscriber(index).unwrap();
+    // Its 7 credits go to a newcomer at once...
+    let new = seg.open_subscriber(&opts(7, OverflowPolicy::Lossless)).unwrap();
+    // ...and the publisher, reclaiming on its next send, has the slots for
+    // all of them.
+    for i in 0..7u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    for i in 0..7u8 {
+        assert_eq!(*new.try_recv().unwrap(), [i]);
+    }
+}
