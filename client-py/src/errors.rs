@@ -2,7 +2,7 @@
 //! every Rust error onto it.
 
 use memsock::{ClientError, ControlError, LoanError, RecvError, SendError, TryRecvError};
-use pyo3::exceptions::{PyException, PyKeyboardInterrupt};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::{PyErr, create_exception};
 
@@ -102,10 +102,4 @@ pub(crate) fn loan(e: LoanError) -> PyErr {
         LoanError::Closed => StreamClosed::new_err(text),
         _ => Error::new_err(text),
     }
-}
-
-/// `KeyboardInterrupt`, for checks that found a signal pending.
-#[allow(dead_code)]
-pub(crate) fn interrupted() -> PyErr {
-    PyKeyboardInterrupt::new_err(())
 }
