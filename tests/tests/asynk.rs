@@ -120,7 +120,8 @@ async fn the_stream_is_cancel_safe_reports_publisher_changes_and_ends_on_close()
         let gone = next(&mut sub).await;
         (sub, gone)
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // On this single-threaded runtime, one yield runs the waiter up to its park.
+    tokio::task::yield_now().await;
     drop(publisher);
     let (mut sub, gone) = waiter.await?;
     assert_eq!(gone.expect("not ended").unwrap_err(), RecvError::PublisherGone);

@@ -335,3 +335,38 @@ fn loom_a_sample_released_on_another_thread_goes_back_and_wakes_the_watcher() {
         t.join().unwrap();
     });
 }
+
+/// However the close, its grace (the owner declaring the idle publisher
+/// gone) and the subscriber's receive interleave, a subscriber of a closed
+/// stream sees its frames and then the end, never a departure.
+#[test]
+fn loom_a_close_of_an_idle_publisher_ends_the_stream_without_a_departure() {
+    model(|| {
+        let (mut owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (index, generation) = tickets[0];
+        let mut idle = publisher(&owner);
+        let slot = idle.loan().unwrap();
+        payload.0[slot as usize].with_mut(|v| unsafe_write(v, 0));
+        idle.commit(slot, 1, 0).unwrap();
+        let sub =
+            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let closer = loom::thread::spawn(move || {
+            owner.close();
+            owner.publisher_gone();
+            drop(idle);
+        });
+        let mut seen = Vec::new();
+        loop {
+            match sub.take(None) {
+                Ok(info) => {
+                    seen.push(info.seq);
+                    sub.release(info.slot);
+                }
+                Err(RecvError::Closed) => break,
+                Err(e) => panic!("{e:?} before the end"),
+            }
+        }
+        closer.join().unwrap();
+        assert_eq!(seen, [0]);
+    });
+}

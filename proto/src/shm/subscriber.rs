@@ -27,7 +27,7 @@ use std::cell::{Cell, OnceCell};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::layout::{OverflowPolicy, STREAM_CLOSED, SUB_ACTIVE, entry_stamp, split_entry};
+use super::layout::{OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
 use crate::primitive::AtomicU64;
@@ -69,7 +69,8 @@ pub enum TryRecvError {
     Closed,
     /// The publisher left (detached, or declared gone after a crash) and
     /// every frame it sent has been received. Reported once; receiving
-    /// again waits for a new publisher.
+    /// again waits for a new publisher. Never reported once the stream is
+    /// being closed: the close supersedes it.
     #[error("the publisher is gone")]
     PublisherGone,
     /// A publisher attached after [`PublisherGone`](Self::PublisherGone) was
@@ -103,7 +104,8 @@ pub enum RecvError {
     #[error("the stream is closed")]
     Closed,
     /// The publisher left and every frame it sent has been received.
-    /// Reported once; receiving again waits for a new publisher.
+    /// Reported once; receiving again waits for a new publisher. Never
+    /// reported once the stream is being closed: the close supersedes it.
     #[error("the publisher is gone")]
     PublisherGone,
     /// A publisher attached after `PublisherGone` was reported.
@@ -486,22 +488,36 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             || self.stream.header().control.state.load(Acquire) == STREAM_CLOSED
     }
 
-    /// Whether the publisher changed since we last looked.
+    /// Whether the publisher changed since we last looked, in a stream
+    /// that is still open (a close supersedes any change not yet reported).
     #[inline]
     fn publisher_changed(&self) -> bool {
-        self.stream.header().control.publisher_changes.load(Relaxed) != self.publisher_seen.get()
+        let ctl = &self.stream.header().control;
+        ctl.publisher_changes.load(Relaxed) != self.publisher_seen.get() && ctl.state.load(Relaxed) == STREAM_OPEN
     }
 
     /// A change of publisher to report, if any, with the state to note
     /// once it is reported (`publisher_seen`, `gone_reported`). A first
     /// publisher is noted at once, without an event.
+    ///
+    /// Once the stream is closing, no change is reported: the close
+    /// supersedes a departure the subscriber has not seen yet — including
+    /// the one the owner counts when it ends the close of an idle
+    /// publisher — and the subscriber waits for `Closed` instead.
     fn publisher_event(&self) -> Option<(TryRecvError, u64, bool)> {
+        let ctl = &self.stream.header().control;
         // Acquire pairs with the Release updates of `publisher_changes` by
         // the publisher (`attach`, `drop`) and the owner (`publisher_gone`):
-        // frames a departed publisher sent are visible from here on.
-        let now = self.stream.header().control.publisher_changes.load(Acquire);
+        // frames a departed publisher sent are visible from here on, and so
+        // is a close that began before the change was counted (the owner
+        // marks the stream closing before it declares a publisher gone).
+        let now = ctl.publisher_changes.load(Acquire);
         let seen = self.publisher_seen.get();
         if now == seen {
+            return None;
+        }
+        // Acquire: with the load above, a close begun before the change is seen.
+        if ctl.state.load(Acquire) != STREAM_OPEN {
             return None;
         }
         // The count only grows. A departure happened since `seen` if a

@@ -959,3 +959,33 @@ fn a_removed_subscribers_credits_are_free_at_once_even_with_an_idle_publisher() 
         assert_eq!(*new.try_recv().unwrap(), [i]);
     }
 }
+
+/// The owner ends the close of an idle publisher at its grace by declaring
+/// it gone, which counts a departure before it marks the stream closed. A
+/// subscriber that looks in between must not report that departure: the
+/// close supersedes it, and the subscriber sees the end.
+#[test]
+fn a_close_supersedes_the_departure_counted_at_its_grace() {
+    let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2 };
+    let stream = Core::new(HeapStream::new(g));
+    let channels = vec![Core::new(HeapChannel::new(0, g.queue_capacity))];
+    let mut owner = OwnerCore::new(stream.clone(), channels.clone());
+    let t = owner.add(&opts(2, OverflowPolicy::Lossless), 1).unwrap();
+    let park = Backoff { spin: Duration::ZERO, park: true };
+    let sub: HeapSub =
+        SubCore::attach(stream.clone(), channels[0].clone(), t.index as usize, t.generation, park).unwrap();
+    let idle = PubCore::attach(stream.clone(), channels.clone(), 1).unwrap();
+    owner.close();
+    assert_eq!(sub.try_take().unwrap_err(), TryRecvError::Empty, "an idle publisher has not acknowledged");
+    // The first step of `publisher_gone`: the departure is counted...
+    let changes = &stream.header().control.publisher_changes;
+    changes.store(changes.load(Relaxed) + 1, Relaxed);
+    // ...and the subscriber looks before the close is acknowledged.
+    assert_eq!(sub.try_take().unwrap_err(), TryRecvError::Empty, "no stray departure");
+    changes.store(changes.load(Relaxed) - 1, Relaxed);
+    owner.publisher_gone();
+    assert_eq!(sub.try_take().unwrap_err(), TryRecvError::Closed);
+    assert_eq!(sub.take(None).unwrap_err(), RecvError::Closed);
+    drop(idle);
+    assert_eq!(sub.try_take().unwrap_err(), TryRecvError::Closed);
+}
