@@ -308,7 +308,8 @@ impl Registry {
     /// `Unsubscribe`.
     pub fn unsubscribe(&mut self, conn: ConnId, id: u64, subscription: u64) -> Vec<Outgoing> {
         let result = if self.subscriptions.get(&subscription).is_some_and(|s| s.conn == conn) {
-            self.remove_subscription(subscription);
+            // Its client let go of it: the index may serve anyone at once.
+            self.remove_subscription(subscription, true);
             Ok(Reply::Done)
         } else {
             Err(ControlError::NoSuchSubscription(subscription))
@@ -316,11 +317,18 @@ impl Registry {
         vec![Outgoing::reply(conn, id, result, Vec::new())]
     }
 
-    fn remove_subscription(&mut self, subscription: u64) {
+    /// Ends a subscription; `released` if its own client gave it up (else
+    /// its lease ended, and its index waits for its process to end).
+    fn remove_subscription(&mut self, subscription: u64, released: bool) {
         let Some(sub) = self.subscriptions.remove(&subscription) else { return };
         if let Some(stream) = self.streams.get_mut(&sub.stream) {
             stream.subscribers.retain(|&s| s != subscription);
-            if let Err(e) = stream.segment.remove_subscriber(sub.index) {
+            let removed = if released {
+                stream.segment.release_subscriber(sub.index)
+            } else {
+                stream.segment.remove_subscriber(sub.index)
+            };
+            if let Err(e) = removed {
                 tracing::warn!(stream = sub.stream, "removing subscriber #{}: {e}", sub.index);
             }
             // With no publisher attached nobody else would finish it.
@@ -399,7 +407,7 @@ impl Registry {
         }
         let subs: Vec<u64> = self.subscriptions.iter().filter(|(_, s)| s.conn == conn).map(|(&id, _)| id).collect();
         for s in subs {
-            self.remove_subscription(s);
+            self.remove_subscription(s, false);
         }
         out.retain(|o| o.conn != conn);
         out

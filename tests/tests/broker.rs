@@ -472,3 +472,31 @@ fn sustained_churn_loses_nothing_and_leaves_nothing() -> Result<()> {
     assert!(!broker_log_has_panic(&broker));
     Ok(())
 }
+
+/// A subscriber that unsubscribed has let go of its channel: its index
+/// serves another process at once, even while the first process lives on.
+/// (Only a lease that ended otherwise keeps the index from other processes
+/// until its process is gone.)
+#[test]
+fn an_index_given_back_serves_another_process_at_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let config = StreamConfig { max_subscribers: 2, ..StreamConfig::new(64, 8) };
+    let mut publisher = client.publisher("idx", &config)?;
+    // This process uses every index once (the broker hands them out in
+    // turn), and gives each back.
+    for _ in 0..2 {
+        let sub = client.subscriber("idx", &SubscribeOptions { credits: 2, ..Default::default() })?;
+        publisher.send(b"x")?;
+        assert_eq!(&*sub.recv_timeout(Duration::from_secs(10))?, b"x");
+    }
+    assert!(eventually(Duration::from_secs(10), || stats_of(&client, "idx").is_some_and(|s| s.subscribers.is_empty())));
+    let mut spec = spec(&broker, "subscriber", "idx");
+    spec["credits"] = 2.into();
+    spec["hold"] = 1.into();
+    let mut other = Peer::spawn(PEER, &spec, &[])?;
+    other.read_until("ready")?;
+    publisher.send(b"y")?;
+    other.read_until("holding")?;
+    Ok(())
+}

@@ -362,6 +362,17 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         Ok(())
     }
 
+    /// Detaches subscriber `index`, which has let go of its channel (its
+    /// own process said so): like [`remove`](Self::remove), but the index
+    /// may serve any process once reclaimed, rather than waiting for this
+    /// one to end.
+    pub(crate) fn release(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        self.remove(index)?;
+        // Only `add` reads the pid back, on this (the owner's) thread.
+        self.stream.record(index as usize).config.pid.store(0, Relaxed);
+        Ok(())
+    }
+
     /// Reclaims detaching subscribers' slots if no publisher is attached
     /// (an attached one does it on its next loan or send). Returns whether
     /// it ran.
@@ -722,6 +733,18 @@ mod api {
         /// [`SubscriberOpError::NotAttached`].
         pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
             self.core.remove(index)
+        }
+
+        /// Detaches subscriber `index` whose own process gave it up (it
+        /// dropped its [`Subscriber`] and every sample, and said so): as
+        /// [`remove_subscriber`](Self::remove_subscriber), but the index
+        /// may serve another process at once, since this one no longer
+        /// maps its channel.
+        ///
+        /// # Errors
+        /// [`SubscriberOpError::NotAttached`].
+        pub fn release_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+            self.core.release(index)
         }
 
         /// Tells the stream its publisher is gone (its process exited or its
