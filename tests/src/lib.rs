@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -55,11 +56,17 @@ pub fn check_frame(seq: u64, slot_size: usize, bytes: &[u8], scratch: &mut [u8])
     bytes == &scratch[..len]
 }
 
+/// How long a peer may take to report its next line before the test
+/// counts it as hung: generous, so that it only ever catches a hang.
+pub const PEER_REPORT_DEADLINE: Duration = Duration::from_secs(120);
+
 /// A peer process and its report channel.
 #[derive(Debug)]
 pub struct Peer {
     child: Child,
-    out: BufReader<ChildStdout>,
+    /// Lines of its standard output, read by a thread of their own so that
+    /// waiting for one can have a deadline; closed at its end.
+    lines: mpsc::Receiver<std::io::Result<String>>,
 }
 
 impl Peer {
@@ -79,7 +86,9 @@ impl Peer {
             .with_context(|| format!("starting {exe}"))?;
         drop(dups);
         let out = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Self { child, out })
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new().name(format!("peer-{}", child.id())).spawn(move || forward_lines(out, &tx))?;
+        Ok(Self { child, lines })
     }
 
     /// The peer's process id.
@@ -87,13 +96,19 @@ impl Peer {
         self.child.id()
     }
 
-    /// The next JSON line the peer reports.
+    /// The next JSON line the peer reports. A peer silent for
+    /// [`PEER_REPORT_DEADLINE`] is taken for hung: an error, not a hang.
     pub fn read(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        if self.out.read_line(&mut line)? == 0 {
-            let status = self.child.wait()?;
-            bail!("peer {} ended without reporting ({status})", self.child.id());
-        }
+        let line = match self.lines.recv_timeout(PEER_REPORT_DEADLINE) {
+            Ok(line) => line?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("peer {} reported nothing for {PEER_REPORT_DEADLINE:?}: hung", self.child.id())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait()?;
+                bail!("peer {} ended without reporting ({status})", self.child.id());
+            }
+        };
         serde_json::from_str(line.trim()).with_context(|| format!("peer said {line:?}"))
     }
 
@@ -127,6 +142,25 @@ impl Peer {
     /// Whether the peer has exited.
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// Sends each line of `out` to `tx` until its end (or until nobody listens).
+fn forward_lines(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<std::io::Result<String>>) {
+    loop {
+        let mut line = String::new();
+        match out.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if tx.send(Ok(line)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
     }
 }
 
