@@ -368,7 +368,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// one to end.
     pub(crate) fn release(&mut self, index: u32) -> Result<(), SubscriberOpError> {
         self.remove(index)?;
-        // Only `add` reads the pid back, on this (the owner's) thread.
+        // Read back by `add` (and `stats`, which then shows pid 0 while the
+        // index is reclaimed), both on this, the owner's, thread.
         self.stream.record(index as usize).config.pid.store(0, Relaxed);
         Ok(())
     }

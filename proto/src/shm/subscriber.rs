@@ -69,8 +69,9 @@ pub enum TryRecvError {
     Closed,
     /// The publisher left (detached, or declared gone after a crash) and
     /// every frame it sent has been received. Reported once; receiving
-    /// again waits for a new publisher. Never reported once the stream is
-    /// being closed: the close supersedes it.
+    /// again waits for a new publisher. Not reported once the subscriber
+    /// sees the stream closing: the close supersedes a departure it has
+    /// not reported yet.
     #[error("the publisher is gone")]
     PublisherGone,
     /// A publisher attached after [`PublisherGone`](Self::PublisherGone) was
@@ -104,8 +105,9 @@ pub enum RecvError {
     #[error("the stream is closed")]
     Closed,
     /// The publisher left and every frame it sent has been received.
-    /// Reported once; receiving again waits for a new publisher. Never
-    /// reported once the stream is being closed: the close supersedes it.
+    /// Reported once; receiving again waits for a new publisher. Not
+    /// reported once the subscriber sees the stream closing: the close
+    /// supersedes a departure it has not reported yet.
     #[error("the publisher is gone")]
     PublisherGone,
     /// A publisher attached after `PublisherGone` was reported.
