@@ -146,20 +146,11 @@ impl Peer {
 }
 
 /// Sends each line of `out` to `tx` until its end (or until nobody listens).
-fn forward_lines(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<std::io::Result<String>>) {
-    loop {
-        let mut line = String::new();
-        match out.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {
-                if tx.send(Ok(line)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
+fn forward_lines(out: BufReader<ChildStdout>, tx: &mpsc::Sender<std::io::Result<String>>) {
+    for line in out.lines() {
+        let failed = line.is_err();
+        if tx.send(line).is_err() || failed {
+            return;
         }
     }
 }
