@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::shm::{OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;

@@ -124,7 +124,8 @@ fn a_killed_publisher_is_replaced_and_subscribers_carry_on() -> Result<()> {
 fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
     let broker = Broker::start()?;
     let client = Client::connect_to(broker.socket())?;
-    let mut config = StreamConfig::new(64, 8);
+    // Nine slots: seven to promise, two kept for the publisher's loans.
+    let mut config = StreamConfig::new(64, 9);
     config.max_subscribers = 4;
     let mut publisher = client.publisher("slots", &config)?;
     let mut h = spec(&broker, "subscriber", "slots");
@@ -134,10 +135,10 @@ fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
     let mut holder = Peer::spawn(PEER, &h, &[])?;
     holder.read_until("ready")?;
     let other = client.subscriber("slots", &SubscribeOptions { credits: 2, ..Default::default() })?;
-    // 7 of 8 slots promised: no room for more.
+    // All 7 promised: no room for more.
     match client.subscriber("slots", &SubscribeOptions { credits: 1, ..Default::default() }) {
         Err(ClientError::Refused(ControlError::CreditsRefused {
-            requested: 1, available: 0, slot_count: 8, ..
+            requested: 1, available: 0, slot_count: 9, ..
         })) => {}
         r => panic!("expected credits refused, got {r:?}"),
     }
@@ -145,7 +146,7 @@ fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
         publisher.send(&[i])?;
     }
     holder.read_until("holding")?;
-    assert_eq!(stats_of(&client, "slots").unwrap().free_slots, 5);
+    assert_eq!(stats_of(&client, "slots").unwrap().free_slots, 6);
     holder.kill()?;
     // The lease ended: its three slots and five credits come back.
     let mut sent = 0u8;
@@ -155,7 +156,7 @@ fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
         sent = sent.wrapping_add(1);
         while other.try_recv().is_ok() {}
         // Only what the other subscriber may hold is not free.
-        stats_of(&client, "slots").is_some_and(|s| s.subscribers.len() == 1 && s.free_slots >= 8 - 2)
+        stats_of(&client, "slots").is_some_and(|s| s.subscribers.len() == 1 && s.free_slots >= 9 - 2)
     }));
     let third = client.subscriber("slots", &SubscribeOptions { credits: 5, ..Default::default() })?;
     third.set_credits(3)?;

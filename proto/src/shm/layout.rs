@@ -37,7 +37,7 @@ pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"memsockS");
 pub const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"memsockC");
 /// Version of this layout. Bumped on any change to a structure or constant
 /// in this module; 0 is never used (it means "not initialised yet").
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The alignment and spacing of every independently written field.
 ///
@@ -58,8 +58,18 @@ pub const MAX_SUBSCRIBERS: u32 = 128;
 pub const MAX_QUEUE_CAPACITY: u32 = 1 << 16;
 /// Largest data file (64 GiB).
 pub const MAX_SEGMENT_LEN: u64 = 64 << 30;
-/// Slots held by the publisher's loan, outside every subscriber's credits.
+/// Fewest slots a publisher may hold on loan ([`StreamIdent::publisher_loans`]),
+/// outside every subscriber's credits: every stream keeps at least these.
 pub const PUBLISHER_LOANS: u32 = 1;
+/// Slots a publisher may hold on loan unless its stream says otherwise:
+/// one sample being written plus one detached loan (or a second sample).
+pub const DEFAULT_PUBLISHER_LOANS: u32 = 2;
+/// Most slots a publisher may be allowed to hold on loan.
+pub const MAX_PUBLISHER_LOANS: u32 = 64;
+
+/// [`ChannelHeader::head`]: set by a writer evicting the entry at the head
+/// (the position in the low bits) until the eviction is complete.
+pub const HEAD_CLAIMED: u64 = 1 << 63;
 
 /// "No slot" in fields holding a slot index.
 pub const NO_SLOT: u32 = u32::MAX;
@@ -70,6 +80,9 @@ pub const FLAG_MLOCK: u32 = 1 << 0;
 pub const FLAG_HUGE_PAGES: u32 = 1 << 1;
 /// [`StreamIdent::flags`]: mappers pre-fault the whole segment.
 pub const FLAG_PREFAULT: u32 = 1 << 2;
+/// [`StreamIdent::flags`]: the publisher stamps every frame with its send
+/// time; without it [`Entry::timestamp_ns`] is 0.
+pub const FLAG_TIMESTAMPS: u32 = 1 << 3;
 
 /// [`StreamControl::state`]: publishing and subscribing are allowed.
 pub const STREAM_OPEN: u32 = 0;
@@ -186,6 +199,10 @@ pub struct StreamIdent {
     pub queue_capacity: AtomicU32,
     /// Total length of the data file in bytes.
     pub total_len: AtomicU64,
+    /// Slots the publisher may hold on loan at once (1 ..= [`MAX_PUBLISHER_LOANS`]),
+    /// kept outside every subscriber's credits.
+    pub publisher_loans: AtomicU32,
+    _reserved: AtomicU32,
 }
 
 /// Stream-wide control fields: written rarely, by the owner and on attach.
@@ -223,13 +240,12 @@ pub struct PublisherState {
     pub published: AtomicU64,
     /// Payload bytes sent so far.
     pub bytes: AtomicU64,
-    /// Sequence number of the frame being delivered right now.
-    pub inflight_seq: AtomicU64,
-    /// Slot of the frame `inflight_seq`. While `published` has not passed
-    /// `inflight_seq`, that frame's delivery is under way (or was cut short
-    /// by the publisher's death, which recovery then completes).
-    pub inflight_slot: AtomicU32,
-    _reserved: AtomicU32,
+    /// The frame being delivered: [`inflight`]`(seq, slot)`, or
+    /// [`INFLIGHT_IDLE`]. One word, so that no kill can leave half of it:
+    /// while its sequence number is `published`, that frame's delivery is
+    /// under way (or was cut short by the writer's death, and recovery
+    /// finishes it).
+    pub inflight: AtomicU64,
     /// The last `table_gen` the publisher has applied: until it catches up
     /// with a lowering of credits, the owner keeps counting the old ones.
     pub applied_gen: AtomicU64,
@@ -314,6 +330,22 @@ pub struct Entry {
     pub len: AtomicU32,
 }
 
+/// [`PublisherState::inflight`] while no delivery is under way.
+pub const INFLIGHT_IDLE: u64 = NO_SLOT as u64;
+
+/// The [`PublisherState::inflight`] word of frame `seq` in `slot`: the low
+/// 32 bits of `seq` above the slot.
+#[inline]
+pub const fn inflight(seq: u64, slot: u32) -> u64 {
+    ((seq & 0xffff_ffff) << 32) | slot as u64
+}
+
+/// Splits an `inflight` word into (low 32 bits of the sequence number, slot).
+#[inline]
+pub const fn split_inflight(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
 /// The word of the ring entry for queue position `position` holding `slot`.
 #[inline]
 pub const fn entry(position: u64, slot: u32) -> u64 {
@@ -358,26 +390,31 @@ pub struct ChannelHeader {
     /// Written by the owner.
     pub ident: Line<ChannelIdent>,
     /// Next queue position the subscriber will take. Subscriber-written;
-    /// the publisher moves it forward by compare-and-swap to evict under
-    /// `KeepLatest`.
+    /// under `KeepLatest` the writer evicts the entry at the head by a
+    /// compare-and-swap to `head |` [`HEAD_CLAIMED`], takes the slot back,
+    /// then stores `head + 1`. A claimed head is never the subscriber's to
+    /// move; recovery finishes an eviction it finds claimed.
     pub head: Line<AtomicU64>,
-    /// Futex word: the subscriber sets 1 before sleeping; the publisher
-    /// clears it and wakes the subscriber.
+    /// Futex word of the subscriber's waiters (its receive, its watcher):
+    /// a wake count above a "may sleep" flag in bit 0, which a waiter sets
+    /// and a waker clears as it counts a wake (see `wait`). The publisher
+    /// wakes on a frame only a subscriber whose queue was empty before it:
+    /// one that has frames queued was woken for the first of them.
     pub waiting: Line<AtomicU32>,
     /// Return ring tail: subscriber-written.
     pub tail: Line<AtomicU64>,
     /// Return ring head: publisher-written, for the subscriber's flow
     /// control only (the publisher's own copy is `SubscriberCounters::ret_read`).
     pub ret_head: Line<AtomicU64>,
-    /// Futex word: the publisher sets 1 before sleeping on a full lossless
-    /// subscriber; the subscriber clears it and wakes the publisher.
+    /// Futex word of the publisher waiting for room in a full lossless
+    /// subscriber, as `waiting`; the subscriber wakes it.
     pub pub_waiting: Line<AtomicU32>,
 }
 
 #[cfg(not(loom))]
 const _: () = {
     assert!(size_of::<Line<u8>>() == LINE && align_of::<Line<u8>>() == LINE);
-    assert!(size_of::<StreamIdent>() == 40);
+    assert!(size_of::<StreamIdent>() == 48);
     assert!(size_of::<StreamHeader>() == 3 * LINE);
     assert!(size_of::<SubscriberConfig>() == 40);
     assert!(size_of::<SubscriberRecord>() == 2 * LINE);
@@ -553,9 +590,13 @@ impl Layout {
     /// geometry error.
     pub fn from_header(ident: &StreamIdent, file_len: u64) -> Result<(Self, u32), LayoutError> {
         use crate::primitive::Ordering::{Acquire, Relaxed};
-        // Acquire pairs with the creator's Release store of `version` in
-        // `write_header`: the fields below are complete once it is seen.
-        match ident.version.load(Acquire) {
+        // A Relaxed load and a fence, not an Acquire load: subscribers map
+        // the file read-only (see `subscriber`). The fence pairs with the
+        // creator's Release store of `version` in `write_header`: the fields
+        // below are complete once it is seen.
+        let version = ident.version.load(Relaxed);
+        crate::primitive::fence(Acquire);
+        match version {
             0 => return Err(LayoutError::NotReady),
             LAYOUT_VERSION => {}
             found => return Err(LayoutError::VersionMismatch { found }),
@@ -578,12 +619,16 @@ impl Layout {
         if file_len < layout.total_len as u64 {
             return Err(LayoutError::Inconsistent("file is shorter than the header says"));
         }
+        let loans = ident.publisher_loans.load(Relaxed);
+        if loans == 0 || loans > MAX_PUBLISHER_LOANS || loans >= geometry.slot_count {
+            return Err(LayoutError::Inconsistent("publisher loan budget out of range"));
+        }
         Ok((layout, flags))
     }
 
     /// Fills a fresh (zeroed) header and publishes it by storing `version`
-    /// last.
-    pub fn write_header(&self, header: &StreamHeader, flags: u32) {
+    /// last. `publisher_loans` must be in range (see [`StreamIdent::publisher_loans`]).
+    pub fn write_header(&self, header: &StreamHeader, flags: u32, publisher_loans: u32) {
         use crate::primitive::Ordering::{Relaxed, Release};
         let id = &header.ident;
         let g = &self.geometry;
@@ -594,7 +639,8 @@ impl Layout {
         id.max_subscribers.store(g.max_subscribers, Relaxed);
         id.queue_capacity.store(g.queue_capacity, Relaxed);
         id.total_len.store(self.total_len as u64, Relaxed);
-        header.publisher.inflight_slot.store(NO_SLOT, Relaxed);
+        id.publisher_loans.store(publisher_loans, Relaxed);
+        header.publisher.inflight.store(INFLIGHT_IDLE, Relaxed);
         // Release pairs with the Acquire load in `from_header`.
         id.version.store(LAYOUT_VERSION, Release);
     }

@@ -370,3 +370,37 @@ fn loom_a_close_of_an_idle_publisher_ends_the_stream_without_a_departure() {
         assert_eq!(seen, [0]);
     });
 }
+
+/// A watcher and a blocking receive wait on one subscriber's wake word at
+/// once; the watcher leaves first (its `stop` holds). The frame sent after
+/// must still wake the receive: a waiter that leaves never clears the word
+/// another may be asleep on.
+#[test]
+fn loom_two_waiters_on_one_subscriber_lose_no_wake_up() {
+    model(|| {
+        let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (index, generation) = tickets[0];
+        let publ = publisher(&owner);
+        let sub =
+            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let watcher = sub.watcher();
+        let from = sub.position();
+        let w = loom::thread::spawn(move || {
+            // Not done on its first look, done on its second: it announces
+            // itself, then leaves without sleeping.
+            let looks = std::cell::Cell::new(0);
+            watcher.watch(from, None, || {
+                looks.set(looks.get() + 1);
+                looks.get() > 1
+            });
+        });
+        let p = payload.clone();
+        let t = loom::thread::spawn(move || publish(publ, &p, 1));
+        let info = sub.take(None).unwrap();
+        assert_eq!(info.seq, 0);
+        sub.release(info.slot);
+        w.join().unwrap();
+        t.join().unwrap();
+        drop(owner);
+    });
+}

@@ -44,38 +44,47 @@ pub(crate) trait ChannelMem {
     fn returns(&self) -> &[AtomicU32];
 }
 
-impl<T: StreamMem + ?Sized> StreamMem for std::sync::Arc<T> {
-    fn layout(&self) -> &Layout {
-        (**self).layout()
-    }
-    fn header(&self) -> &StreamHeader {
-        (**self).header()
-    }
-    fn record(&self, index: usize) -> &SubscriberRecord {
-        (**self).record(index)
-    }
-    fn ring(&self, index: usize) -> &[Entry] {
-        (**self).ring(index)
-    }
-    fn mask(&self, slot: u32) -> &[AtomicU64] {
-        (**self).mask(slot)
-    }
-    fn prefetch_slot(&self, slot: u32) {
-        (**self).prefetch_slot(slot)
-    }
-    fn prefetch_entry(&self, index: usize, pos: usize) {
-        (**self).prefetch_entry(index, pos)
-    }
+/// Memory reached through a pointer is the memory pointed to: `Arc`s for
+/// handles that share a mapping, references for a writer the owner runs
+/// for a moment on its own mapping.
+macro_rules! forward_mem {
+    ($($ptr:ty),*) => {$(
+        impl<T: StreamMem + ?Sized> StreamMem for $ptr {
+            fn layout(&self) -> &Layout {
+                (**self).layout()
+            }
+            fn header(&self) -> &StreamHeader {
+                (**self).header()
+            }
+            fn record(&self, index: usize) -> &SubscriberRecord {
+                (**self).record(index)
+            }
+            fn ring(&self, index: usize) -> &[Entry] {
+                (**self).ring(index)
+            }
+            fn mask(&self, slot: u32) -> &[AtomicU64] {
+                (**self).mask(slot)
+            }
+            fn prefetch_slot(&self, slot: u32) {
+                (**self).prefetch_slot(slot)
+            }
+            fn prefetch_entry(&self, index: usize, pos: usize) {
+                (**self).prefetch_entry(index, pos)
+            }
+        }
+
+        impl<T: ChannelMem + ?Sized> ChannelMem for $ptr {
+            fn header(&self) -> &ChannelHeader {
+                (**self).header()
+            }
+            fn returns(&self) -> &[AtomicU32] {
+                (**self).returns()
+            }
+        }
+    )*};
 }
 
-impl<T: ChannelMem + ?Sized> ChannelMem for std::sync::Arc<T> {
-    fn header(&self) -> &ChannelHeader {
-        (**self).header()
-    }
-    fn returns(&self) -> &[AtomicU32] {
-        (**self).returns()
-    }
-}
+forward_mem!(std::sync::Arc<T>, &T);
 
 /// Why a segment file could not be mapped.
 #[derive(Debug, thiserror::Error)]
@@ -162,10 +171,10 @@ mod mapped {
 
         /// Maps a freshly created, zero-filled file of `layout.total_len`
         /// bytes read-write and writes its header.
-        pub(crate) fn create(fd: BorrowedFd<'_>, layout: Layout, flags: u32) -> Result<Self, MapError> {
+        pub(crate) fn create(fd: BorrowedFd<'_>, layout: Layout, flags: u32, loans: u32) -> Result<Self, MapError> {
             let map = map_file(fd, layout.total_len, true, flags)?;
             let this = Self { map, layout, flags };
-            layout.write_header(this.header(), flags);
+            layout.write_header(this.header(), flags, loans);
             Ok(this)
         }
 
@@ -364,7 +373,7 @@ pub(crate) mod heap {
                 rings: (0..subs).map(|_| (0..g.queue_capacity).map(|_| Entry::default()).collect()).collect(),
                 masks: (0..g.slot_count as usize * g.mask_words()).map(|_| AtomicU64::new(0)).collect(),
             };
-            layout.write_header(&this.header, 0);
+            layout.write_header(&this.header, 0, crate::shm::layout::PUBLISHER_LOANS);
             this
         }
     }

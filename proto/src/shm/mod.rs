@@ -11,6 +11,8 @@
 //! - `owner`: creation, admission by credits, detach and reclamation,
 //!   statistics; [`StreamSegment`].
 //! - `wait`: spin-then-park and its wake-up protocol.
+//! - `crash`: the points where a killed writer may stop, and the test hook
+//!   that stops one there (`crash_tests`, `recovery_tests`).
 //!
 //! # Who maps what
 //! A stream is one data file plus one channel file per subscriber index,
@@ -34,6 +36,7 @@
 //! after a crash (the memory goes with the last descriptor or mapping), and
 //! no two streams can collide on a name.
 
+mod crash;
 pub mod layout;
 mod mem;
 mod owner;
@@ -41,8 +44,12 @@ mod publisher;
 mod subscriber;
 mod wait;
 
+#[cfg(all(test, not(loom)))]
+mod crash_tests;
 #[cfg(all(test, loom))]
 mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod recovery_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 

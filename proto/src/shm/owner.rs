@@ -10,11 +10,12 @@
 //! publisher is attached.
 
 use super::layout::{
-    CHANNEL_MAGIC, Geometry, LAYOUT_VERSION, LayoutError, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSING,
-    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, LAYOUT_VERSION, LayoutError, MAX_PUBLISHER_LOANS,
+    NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE,
+    WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
 };
 use super::mem::{ChannelMem, StreamMem};
-use super::publisher::{acknowledge_close, clear_subscriber_bits, recover};
+use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
 use super::wait;
 use crate::primitive::Ordering::{Acquire, Relaxed, Release};
 
@@ -61,7 +62,7 @@ pub enum AddSubscriberError {
     /// The pool cannot honour the credits on top of those already granted.
     #[error(
         "cannot grant {requested} credits: {available} of {slot_count} slots are free to promise \
-         ({committed} promised to other subscribers, {PUBLISHER_LOANS} kept for the publisher)"
+         ({committed} promised to other subscribers, the rest kept for the publisher's loans)"
     )]
     CreditsRefused {
         /// Requested.
@@ -239,7 +240,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             return Err(AddSubscriberError::CreditsOutOfRange { credits, max: g.queue_capacity });
         }
         let committed = self.committed(except);
-        let budget = u64::from(g.slot_count - PUBLISHER_LOANS);
+        let loans = self.stream.header().ident.publisher_loans.load(Relaxed);
+        let budget = u64::from(g.slot_count.saturating_sub(loans));
         if committed + u64::from(credits) > budget {
             return Err(AddSubscriberError::CreditsRefused {
                 requested: credits,
@@ -384,8 +386,20 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         if ctl.writer.compare_exchange(WRITER_NONE, WRITER_OWNER, Acquire, Relaxed).is_err() {
             return false;
         }
+        self.reclaim_as_writer();
+        // Release pairs with the next writer's Acquire CAS.
+        ctl.writer.store(WRITER_NONE, Release);
+        true
+    }
+
+    /// Holding the writer role as owner: finishes a dead writer's work
+    /// (rolling an interrupted delivery forward) and reclaims detaching
+    /// subscribers' slots.
+    fn reclaim_as_writer(&self) {
+        let ctl = &self.stream.header().control;
         if ctl.dirty.load(Relaxed) != 0 {
-            recover(&self.stream);
+            let channels = self.channels.iter().collect();
+            drop(PubCore::take_over(&self.stream, channels, WRITER_OWNER, 0));
             ctl.dirty.store(0, Relaxed);
         }
         for s in 0..self.channels.len() {
@@ -395,24 +409,27 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 state.store(SUB_FREE, Release);
             }
         }
-        // Release pairs with the next writer's Acquire CAS.
-        ctl.writer.store(WRITER_NONE, Release);
-        true
     }
 
     /// The attached publisher's lease ended (it exited or died): release
     /// the writer role so another publisher can take over, and reclaim.
     pub(crate) fn publisher_gone(&mut self) {
         let ctl = &self.stream.header().control;
-        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Acquire, Relaxed).is_ok() {
+        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_OWNER, Acquire, Relaxed).is_ok() {
             ctl.publisher_pid.store(0, Relaxed);
+            // Finish what it left half done first — a frame some subscriber
+            // got reaches the others — so that its departure comes after
+            // every frame it sent.
+            self.reclaim_as_writer();
             // Count the departure, unless the publisher did as it left.
-            // Release pairs with the subscribers' Acquire load in
-            // `SubCore::publisher_event`.
+            // Release pairs with the subscribers' Acquire fence after their
+            // load in `SubCore::publisher_event`.
             let now = ctl.publisher_changes.load(Relaxed);
             if now % 2 == 1 {
                 let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
             }
+            // Release pairs with the next writer's Acquire CAS.
+            ctl.writer.store(WRITER_NONE, Release);
         }
         // Subscribers asleep see the publisher gone.
         super::publisher::wake_all(&self.channels);
@@ -466,7 +483,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 let pushed = c.pushed.load(Relaxed);
                 let evicted = c.evicted.load(Relaxed);
                 // The subscriber writes its head: clamp what it claims.
-                let head = self.channels[s].header().head.load(Acquire).min(pushed);
+                let head = (self.channels[s].header().head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
                 let queued = pushed - head;
                 let lag_ns = if queued > 0 {
                     let e = &self.stream.ring(s)[(head & cap_mask) as usize];
@@ -524,6 +541,14 @@ pub struct StreamConfig {
     pub huge_pages: bool,
     /// Fault every page in when mapping, so no frame pays a page fault.
     pub prefault: bool,
+    /// Stamp every frame with its send time. Off saves a clock read per
+    /// frame (tens of nanoseconds, which bounds small frames); samples then
+    /// report a `timestamp_ns` of 0.
+    pub timestamps: bool,
+    /// Slots the publisher may hold on loan at once — samples being written
+    /// plus detached loans — kept out of every subscriber's credits; 0 picks
+    /// [`DEFAULT_PUBLISHER_LOANS`] (fewer if the pool is tiny).
+    pub publisher_loans: u32,
 }
 
 impl StreamConfig {
@@ -538,6 +563,16 @@ impl StreamConfig {
             mlock: false,
             huge_pages: false,
             prefault: true,
+            timestamps: true,
+            publisher_loans: 0,
+        }
+    }
+
+    /// The publisher's loan budget this configuration asks for.
+    pub fn loans(&self) -> u32 {
+        match self.publisher_loans {
+            0 => DEFAULT_PUBLISHER_LOANS.min(self.slot_count.saturating_sub(1)).max(PUBLISHER_LOANS),
+            n => n,
         }
     }
 
@@ -547,7 +582,7 @@ impl StreamConfig {
     /// [`LayoutError`] if a number is out of range.
     pub fn geometry(&self) -> Result<Geometry, LayoutError> {
         let cap = match self.queue_capacity {
-            0 => self.slot_count.saturating_sub(PUBLISHER_LOANS).max(1),
+            0 => self.slot_count.saturating_sub(self.loans()).max(1),
             n => n,
         };
         let g = Geometry {
@@ -557,6 +592,16 @@ impl StreamConfig {
             queue_capacity: cap.checked_next_power_of_two().unwrap_or(u32::MAX).min(super::layout::MAX_QUEUE_CAPACITY),
         };
         g.validate()?;
+        let loans = self.loans();
+        let max_loans = MAX_PUBLISHER_LOANS.min(self.slot_count - 1);
+        if !(PUBLISHER_LOANS..=max_loans).contains(&loans) {
+            return Err(LayoutError::OutOfRange {
+                field: "publisher_loans",
+                value: loans.into(),
+                min: PUBLISHER_LOANS.into(),
+                max: max_loans.into(),
+            });
+        }
         Ok(g)
     }
 }
@@ -575,7 +620,7 @@ mod api {
     };
     use crate::platform;
     use crate::shm::layout::{
-        FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, Geometry, Layout, LayoutError, PAGE, channel_len,
+        FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, FLAG_TIMESTAMPS, Geometry, Layout, LayoutError, PAGE, channel_len,
     };
     use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
     use crate::shm::{OpenPublisherError, OpenSubscriberError, Publisher, Subscriber};
@@ -630,7 +675,11 @@ mod api {
             if config.prefault {
                 flags |= FLAG_PREFAULT;
             }
-            let huge = if config.huge_pages { try_huge(name, geometry, flags) } else { None };
+            if config.timestamps {
+                flags |= FLAG_TIMESTAMPS;
+            }
+            let loans = config.loans();
+            let huge = if config.huge_pages { try_huge(name, geometry, flags, loans) } else { None };
             let huge_pages = huge.is_some();
             let (data, map) = match huge {
                 Some(pair) => pair,
@@ -638,7 +687,7 @@ mod api {
                     let layout = Layout::new(geometry, PAGE)?;
                     let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, false)
                         .map_err(io_err)?;
-                    let map = StreamMap::create(fd.as_fd(), layout, flags)?;
+                    let map = StreamMap::create(fd.as_fd(), layout, flags, loans)?;
                     (fd, map)
                 }
             };
@@ -807,11 +856,11 @@ mod api {
     }
 
     /// Creates and maps a huge-page data file, or says why not in the log.
-    fn try_huge(name: &str, geometry: Geometry, flags: u32) -> Option<(OwnedFd, StreamMap)> {
+    fn try_huge(name: &str, geometry: Geometry, flags: u32, loans: u32) -> Option<(OwnedFd, StreamMap)> {
         let attempt = || -> Result<(OwnedFd, StreamMap), Box<dyn std::error::Error>> {
             let layout = Layout::new(geometry, platform::HUGE_PAGE_SIZE)?;
             let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, true)?;
-            let map = StreamMap::create(fd.as_fd(), layout, flags | FLAG_HUGE_PAGES)?;
+            let map = StreamMap::create(fd.as_fd(), layout, flags | FLAG_HUGE_PAGES, loans)?;
             Ok((fd, map))
         };
         match attempt() {

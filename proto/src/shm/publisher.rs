@@ -31,11 +31,12 @@
 //! subscriber does with its own channel. A misbehaving subscriber can only
 //! make its own `held` stay high.
 
+use super::crash;
 use super::layout::{
-    NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE,
-    WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
+    HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE,
+    SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
 };
-use super::layout::{entry, split_entry};
+use super::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
 use crate::primitive::AtomicU32;
@@ -92,6 +93,13 @@ pub enum LoanError {
     /// over: this handle may no longer publish.
     #[error("this publisher was declared gone; another may have taken over")]
     Replaced,
+    /// The publisher already holds as many loans (samples being written
+    /// and detached loans) as its stream allows: send or drop one first.
+    #[error("the publisher already holds its {budget} loan(s): send or drop one first")]
+    TooManyLoans {
+        /// The stream's loan budget (`StreamConfig::publisher_loans`).
+        budget: u32,
+    },
 }
 
 /// The publisher's private view of one subscriber index.
@@ -106,6 +114,8 @@ struct SubState {
     held: u32,
     /// Next queue position.
     pushed: u64,
+    /// One more than the sequence number last queued for it (0: none yet).
+    last_push: u64,
     /// Next return-ring position to read.
     ret_head: u64,
     dropped: u64,
@@ -133,12 +143,24 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     published: u64,
     bytes: u64,
     closed: bool,
+    /// The writer role we hold: `WRITER_PUBLISHER`, or `WRITER_OWNER` for
+    /// the owner recovering while no publisher is attached.
+    role: u32,
     /// Our `publisher_epoch`: if the owner hands the role on, it changes.
     epoch: u64,
     replaced: bool,
     cap_mask: u64,
     /// The odd `publisher_changes` our arrival made.
     arrival: u64,
+    /// Set while `take_over` rolls an interrupted delivery forward: a close
+    /// is acknowledged only after, or a subscriber could see the end and
+    /// then a frame.
+    hold_close: bool,
+    /// Slots on loan now, and the most the stream allows: the owner keeps
+    /// that many out of the subscribers' credits, which is what makes a
+    /// loan always find a free slot.
+    loans_out: u32,
+    loan_budget: u32,
 }
 
 impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
@@ -168,9 +190,32 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 Err(_) => return Err(AttachRefusal::PublisherExists { pid: ctl.publisher_pid.load(Relaxed) }),
             }
         }
-        if ctl.dirty.load(Relaxed) != 0 {
-            recover(&stream);
-        }
+        let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
+        ctl.publisher_epoch.store(epoch, Relaxed);
+        ctl.publisher_pid.store(pid, Relaxed);
+        let mut this = Self::take_over(stream, channels, WRITER_PUBLISHER, epoch);
+        // Only a writer changes the count, and it is even (no publisher):
+        // make it odd. Release pairs with the subscribers' Acquire load in
+        // `SubCore::publisher_event`.
+        // (Odd would mean a predecessor's departure went uncounted: count it.)
+        let changes = &this.stream.header().control.publisher_changes;
+        let now = changes.load(Relaxed);
+        this.arrival = if now % 2 == 0 { now + 1 } else { now + 2 };
+        changes.store(this.arrival, Release);
+        wake_all(&this.channels);
+        Ok(this)
+    }
+
+    /// Builds the writer's private state once the caller holds the writer
+    /// `role`: finishes whatever a writer that died left half done (see
+    /// [`repair`]), reads every return ring to its end, rebuilds the free
+    /// list and each subscriber's `held` from the holder masks, and rolls
+    /// an interrupted delivery forward.
+    pub(crate) fn take_over(stream: S, channels: Vec<C>, role: u32, epoch: u64) -> Self {
+        let g = stream.layout().geometry;
+        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        let ctl = &stream.header().control;
+        let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&stream, &channels) } else { None };
         // A predecessor may have died part-way through reading a return
         // ring: read them all to the end now, before any slot is delivered
         // again. A return it had applied finds its bit clear and changes
@@ -181,9 +226,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
         }
         ctl.dirty.store(1, Relaxed);
-        ctl.publisher_pid.store(pid, Relaxed);
-        let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
-        ctl.publisher_epoch.store(epoch, Relaxed);
 
         let subs_n = g.max_subscribers as usize;
         let mut subs = vec![SubState::default(); subs_n];
@@ -205,6 +247,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 free.push_front(slot);
             }
         }
+        let ctl_loans = stream.header().ident.publisher_loans.load(Relaxed).clamp(1, g.slot_count - 1);
         let p = &stream.header().publisher;
         let mut this = Self {
             published: p.published.load(Relaxed),
@@ -218,22 +261,45 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             free,
             table_gen: u64::MAX,
             closed: false,
+            role,
             epoch,
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
             arrival: 0,
+            loans_out: 0,
+            loan_budget: ctl_loans,
+            hold_close: true,
         };
         this.sync_table();
-        // Only a writer changes the count, and it is even (no publisher):
-        // make it odd. Release pairs with the subscribers' Acquire load in
-        // `SubCore::publisher_event`.
-        // (Odd would mean a predecessor's departure went uncounted: count it.)
-        let changes = &this.stream.header().control.publisher_changes;
-        let now = changes.load(Relaxed);
-        this.arrival = if now % 2 == 0 { now + 1 } else { now + 2 };
-        changes.store(this.arrival, Release);
-        wake_all(&this.channels);
-        Ok(this)
+        if let Some(frame) = interrupted {
+            this.roll_forward(frame);
+        }
+        this.hold_close = false;
+        if !this.replaced && this.stream.header().control.state.load(Acquire) != STREAM_OPEN {
+            this.closed = true;
+            acknowledge_close(&this.stream, &this.channels);
+        }
+        this
+    }
+
+    /// Finishes the delivery of `frame`, which some subscriber may have
+    /// read already: every subscriber that has not got it gets it now, by
+    /// the rules of its policy, as if the delivery had never stopped.
+    ///
+    /// A subscriber with no room gets it as its policy says: a lossless one
+    /// whose credits the owner lowered since the send began drops it, like
+    /// a drop-newest one (the send never returned, so no promise is broken).
+    fn roll_forward(&mut self, frame: Interrupted) {
+        let Interrupted { slot, seq, len, timestamp_ns } = frame;
+        // Those that had the frame may have returned it since, so the
+        // rebuild may have found the slot free: it is the frame's again.
+        self.free.retain(|&x| x != slot);
+        let stream = &self.stream;
+        let has_it = |s: usize| holds_frame(stream, s, slot, seq);
+        let had = (0..self.subs.len()).filter(|&s| has_it(s)).collect::<Vec<_>>();
+        let info = self.deliver_each(slot, len, seq, timestamp_ns, |s| had.contains(&s));
+        self.finish_delivery(slot, len, seq, info);
+        tracing::debug!(slot, seq, delivered = info.delivered, "rolled an interrupted delivery forward");
     }
 
     /// The memory this publisher works on.
@@ -267,7 +333,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn sync_table_slow(&mut self, gen_now: u64) {
         self.table_gen = gen_now;
         let ctl = &self.stream.header().control;
-        if ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch {
+        if self.role == WRITER_PUBLISHER
+            && (ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch)
+        {
             // The owner declared us gone (`publisher_gone`) while we were
             // still alive: touch nothing more. (If it closed the stream
             // too, that is what the caller hears.)
@@ -290,12 +358,17 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                         // A new subscriber: the owner reset its ring,
                         // counters and channel while the index was free.
                         let counters = &self.stream.record(s).counters;
+                        // (Counters go on from the shared ones: a new writer
+                        // takes over a subscriber mid-stream.)
                         *st = SubState {
                             active: true,
                             generation,
                             held: st.held,
                             pushed: counters.pushed.load(Relaxed),
                             ret_head: counters.ret_read.load(Relaxed),
+                            dropped: counters.dropped.load(Relaxed),
+                            evicted: counters.evicted.load(Relaxed),
+                            faults: counters.faults.load(Relaxed),
                             ..SubState::default()
                         };
                     }
@@ -323,7 +396,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         }
         // Release pairs with the owner's Acquire load in `committed`.
         self.stream.header().publisher.applied_gen.store(gen_now, Release);
-        if self.stream.header().control.state.load(Acquire) != STREAM_OPEN {
+        if !self.hold_close && self.stream.header().control.state.load(Acquire) != STREAM_OPEN {
             // From here on nothing is delivered: tell the subscribers.
             self.closed = true;
             acknowledge_close(&self.stream, &self.channels);
@@ -336,10 +409,14 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         if self.closed || self.replaced {
             return Err(if self.closed { LoanError::Closed } else { LoanError::Replaced });
         }
+        if self.loans_out >= self.loan_budget {
+            return Err(LoanError::TooManyLoans { budget: self.loan_budget });
+        }
         let slot = match self.free.pop_front() {
             Some(slot) => slot,
             None => self.loan_slow()?,
         };
+        self.loans_out += 1;
         // Take the slot loaned a few frames from now back from the
         // subscribers' caches while we work on this one.
         if let Some(&ahead) = self.free.get(PREFETCH_AHEAD) {
@@ -359,6 +436,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Gives a loaned slot back unsent.
     pub(crate) fn abandon(&mut self, slot: u32) {
+        self.loans_out -= 1;
         if self.replaced {
             return;
         }
@@ -383,18 +461,51 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 return Err(CommitRefusal::WouldBlock { subscriber: s as u32 });
             }
         }
-        Ok(self.deliver(slot, len, timestamp_ns))
+        let info = self.deliver(slot, len, timestamp_ns);
+        // After the delivery: should it panic, the sample's drop gives the
+        // loan back (`abandon`), and only once.
+        self.loans_out -= 1;
+        Ok(info)
+    }
+
+    /// Slots free (not loaned, held by nobody) once every return ring is read.
+    #[cfg(test)]
+    pub(crate) fn free_slots(&mut self) -> usize {
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            self.drain(s);
+        }
+        self.free.len()
     }
 
     fn deliver(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> SendInfo {
         let seq = self.published;
-        let p = &self.stream.header().publisher;
-        p.inflight_seq.store(seq, Relaxed);
-        p.inflight_slot.store(slot, Relaxed);
+        // One word names the frame in flight, so no kill leaves half a name.
+        self.stream.header().publisher.inflight.store(inflight(seq, slot), Relaxed);
+        crash::point();
+        let info = self.deliver_each(slot, len, seq, timestamp_ns, |_| false);
+        self.finish_delivery(slot, len, seq, info);
+        info
+    }
+
+    /// Offers frame `seq` in `slot` to every active subscriber but those
+    /// `skip` names, in index order.
+    #[inline]
+    fn deliver_each(
+        &mut self,
+        slot: u32,
+        len: u32,
+        seq: u64,
+        timestamp_ns: u64,
+        skip: impl Fn(usize) -> bool,
+    ) -> SendInfo {
         let (mut delivered, mut dropped) = (0u32, 0u32);
         let mut wake = false;
         for i in 0..self.active.len() {
             let s = self.active[i];
+            if skip(s) {
+                continue;
+            }
             let room = self.has_room(s) || (self.subs[s].policy == OverflowPolicy::KeepLatest && self.evict_oldest(s));
             if room {
                 self.push(s, slot, len, seq, timestamp_ns);
@@ -404,24 +515,48 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 let st = &mut self.subs[s];
                 st.dropped += 1;
                 self.stream.record(s).counters.dropped.store(st.dropped, Relaxed);
+                crash::point();
                 dropped += 1;
             }
         }
-        if delivered == 0 {
+        if wake {
+            // The SeqCst fence pairs with the one a waiter makes between
+            // announcing itself and looking at its queue (`wait::wait_until`).
+            wait::fence_before_wake();
+            for &s in &self.parkers {
+                let st = &self.subs[s];
+                let ch = self.channels[s].header();
+                // Only a subscriber this frame went to, asleep (or about
+                // to be) and whose queue held nothing before it: one with
+                // frames queued was woken for the first of them, or sees
+                // them as it announces itself. So a subscriber that keeps
+                // its word set costs a load per frame, not a system call.
+                // (A stale head here means the waiter's fence came after
+                // ours, and it sees this frame itself.)
+                if st.last_push == seq + 1
+                    && wait::is_waiting(&ch.waiting)
+                    && ch.head.load(Relaxed) == st.pushed.wrapping_sub(1)
+                {
+                    wait::wake_announced(&ch.waiting);
+                }
+            }
+        }
+        SendInfo { seq, delivered, dropped }
+    }
+
+    /// Counts frame `seq` as sent once every subscriber has been offered it.
+    #[inline]
+    fn finish_delivery(&mut self, slot: u32, len: u32, seq: u64, info: SendInfo) {
+        if info.delivered == 0 && self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
             self.free.push_front(slot);
         }
         self.published = seq + 1;
         self.bytes += u64::from(len);
         let p = &self.stream.header().publisher;
         p.published.store(self.published, Relaxed);
+        crash::point();
         p.bytes.store(self.bytes, Relaxed);
-        if wake {
-            wait::fence_before_wake();
-            for &s in &self.parkers {
-                wait::wake_if_waiting(&self.channels[s].header().waiting);
-            }
-        }
-        SendInfo { seq, delivered, dropped }
+        p.inflight.store(INFLIGHT_IDLE, Relaxed);
     }
 
     /// Queues `slot` for subscriber `s` (which has credit).
@@ -440,15 +575,19 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         // Release pairs with the subscriber's Acquire load of the word in
         // `SubCore::try_take`: the fields above are visible with it.
         e.word.store(entry(pos, slot), Release);
+        crash::point();
         // The bit after the entry: a bit never exists without its entry (see
         // `recover`). The subscriber's return of this slot is read later, on
         // this thread, so it always finds the bit set.
         let word = &self.stream.mask(slot)[s / 64];
         // Only the writer changes masks: no read-modify-write instruction needed.
         word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+        crash::point();
         st.pushed = pos + 1;
+        st.last_push = seq + 1;
         st.held += 1;
         self.stream.record(s).counters.pushed.store(pos + 1, Relaxed);
+        crash::point();
     }
 
     /// Whether subscriber `s` may be given one more slot, reading its
@@ -491,39 +630,58 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Drops the oldest frame queued for `s`; returns whether it did.
     fn evict_one(&mut self, s: usize) -> bool {
         let ch = self.channels[s].header();
-        // A subscriber racing us may win a few times; a hostile one that
-        // keeps moving its head only loses this frame.
-        for _ in 0..4 {
-            // Acquire pairs with the subscriber's AcqRel CAS on `head` in
-            // `SubCore::try_take`.
-            let head = ch.head.load(Acquire);
+        // Acquire pairs with the subscriber's AcqRel CAS on `head` in
+        // `SubCore::try_take`.
+        let mut head = ch.head.load(Acquire);
+        // Each failed CAS must show the head moved forward, so the queue
+        // shrinks at every try: a subscriber racing us wins at most once per
+        // frame it had queued (it then holds them), and a hostile one that
+        // moves its head costs at most its credits in failed CASes.
+        loop {
             let st = &mut self.subs[s];
             let queued = st.pushed.wrapping_sub(head);
             if queued == 0 {
                 return false; // everything it holds is borrowed
             }
             if queued > u64::from(st.held) {
-                // More queued than it holds: the head was scribbled over.
+                // More queued than it holds (or a claim it forged): the head
+                // was scribbled over.
                 fault(&self.stream, st, s);
                 return false;
             }
             let (_, slot) = split_entry(self.stream.ring(s)[(head & self.cap_mask) as usize].word.load(Relaxed));
             // AcqRel: winning this CAS means the subscriber never took the
-            // entry at `head`; it pairs with the subscriber's own CAS.
-            if ch.head.compare_exchange(head, head.wrapping_add(1), AcqRel, Relaxed).is_ok() {
-                st.evicted += 1;
-                st.dropped += 1;
-                let counters = &self.stream.record(s).counters;
-                counters.evicted.store(st.evicted, Relaxed);
-                counters.dropped.store(st.dropped, Relaxed);
-                let free = &mut self.free;
-                if !take_back(&self.stream, st, s, slot, |x| free.push_back(x)) {
-                    fault(&self.stream, st, s);
+            // entry at `head`; it pairs with the subscriber's own CAS. The
+            // head stays claimed until the slot is taken back, so that a
+            // writer killed in between leaves a mark recovery finishes
+            // (`repair`) instead of a holder bit nobody clears.
+            match ch.head.compare_exchange(head, head | HEAD_CLAIMED, AcqRel, Acquire) {
+                Ok(_) => {}
+                Err(now) if now.wrapping_sub(head) as i64 > 0 => {
+                    head = now; // it took the entry: try the next
+                    continue;
                 }
-                return true;
+                Err(_) => return false, // moved back: not a subscriber keeping the protocol
             }
+            crash::point();
+            let free = &mut self.free;
+            if !take_back(&self.stream, st, s, slot, |x| free.push_back(x)) {
+                fault(&self.stream, st, s);
+            }
+            // Release pairs with the subscriber's Acquire loads of `head`
+            // (`SubCore::current_head`, its failed CAS).
+            ch.head.store(head.wrapping_add(1), Release);
+            crash::point();
+            // Counted once the claim is over, so that recovery, which finds
+            // a claim, counts the eviction itself. (A kill right here loses
+            // one count: statistics only.)
+            st.evicted += 1;
+            st.dropped += 1;
+            let counters = &self.stream.record(s).counters;
+            counters.evicted.store(st.evicted, Relaxed);
+            counters.dropped.store(st.dropped, Relaxed);
+            return true;
         }
-        false
     }
 
     /// Waits until lossless subscriber `s` has room, the subscriber table
@@ -546,10 +704,14 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
 impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
     fn drop(&mut self) {
+        #[cfg(all(test, not(loom)))]
+        if crash::hook::dying() {
+            return; // a simulated kill -9: nothing runs
+        }
         // Finish any detach the owner asked for: only a writer may.
         self.sync_table();
-        if self.replaced {
-            return; // the role is somebody else's now
+        if self.replaced || self.role != WRITER_PUBLISHER {
+            return; // the role is somebody else's now, or the owner's to end
         }
         let ctl = &self.stream.header().control;
         // Count our departure. Release pairs with the subscribers' Acquire
@@ -648,6 +810,7 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
     // Persisted after the batch: a successor re-reads from here (see
     // `PubCore::attach`, which finishes the batch before any delivery).
     stream.record(s).counters.ret_read.store(tail, Relaxed);
+    crash::point();
     st.ret_head = tail;
     // Release pairs with the subscriber's Acquire load of `ret_head` when
     // its return ring looks full.
@@ -671,10 +834,12 @@ fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize
             if slot < stream.layout().geometry.slot_count {
                 let word = &stream.mask(slot)[w];
                 word.store(word.load(Relaxed) & !bit, Relaxed);
+                crash::point();
             }
             pos = pos.wrapping_add(1);
         }
     }
+    crash::point();
     counters.ret_read.store(tail, Relaxed);
     channel.header().ret_head.store(tail, Release);
 }
@@ -694,6 +859,7 @@ fn take_back<S: StreamMem>(stream: &S, st: &mut SubState, s: usize, slot: u32, o
         return false;
     }
     mask[w].store(word & !bit, Relaxed);
+    crash::point();
     st.held -= 1;
     if word == bit && mask.iter().all(|m| m.load(Relaxed) == 0) {
         on_free(slot);
@@ -718,6 +884,7 @@ pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_f
         let word = mask[w].load(Relaxed);
         if word & bit != 0 {
             mask[w].store(word & !bit, Relaxed);
+            crash::point();
             cleared += 1;
             if mask.iter().all(|m| m.load(Relaxed) == 0) {
                 on_free(slot);
@@ -727,44 +894,120 @@ pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_f
     cleared
 }
 
-/// Completes a delivery cut short by the death of the previous writer. Only
-/// the writer may call it, before relying on masks or rings.
-///
-/// A delivery publishes each subscriber's entry, then sets its holder bit,
-/// then counts the entry in `pushed`; `published` is counted after all
-/// subscribers. So if the in-flight frame is not counted yet, a subscriber
-/// whose entry at `pushed` already names the in-flight slot got the frame
-/// and only its bit or count may be missing; every other one never saw it.
-pub(crate) fn recover<S: StreamMem>(stream: &S) {
-    let g = stream.layout().geometry;
-    let cap_mask = u64::from(g.queue_capacity) - 1;
-    let p = &stream.header().publisher;
-    let slot = p.inflight_slot.load(Relaxed);
-    let seq = p.inflight_seq.load(Relaxed);
-    if slot < g.slot_count && p.published.load(Relaxed) == seq {
-        let mut delivered_any = false;
-        for s in 0..g.max_subscribers as usize {
-            if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
-                continue;
-            }
-            let counters = &stream.record(s).counters;
-            let pushed = counters.pushed.load(Relaxed);
-            let e = &stream.ring(s)[(pushed & cap_mask) as usize];
-            if e.word.load(Relaxed) == entry(pushed, slot) && e.seq.load(Relaxed) == seq {
-                let word = &stream.mask(slot)[s / 64];
-                word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
-                counters.pushed.store(pushed.wrapping_add(1), Relaxed);
-                delivered_any = true;
-            } else if stream.mask(slot)[s / 64].load(Relaxed) & (1 << (s % 64)) != 0 {
-                delivered_any = true; // pushed and counted
-            }
-        }
-        if delivered_any {
-            p.published.store(seq.wrapping_add(1), Relaxed);
-        }
-        tracing::debug!(slot, seq, delivered_any, "recovered an interrupted delivery");
+/// A frame whose delivery a writer's death cut short after some
+/// subscriber may have read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Interrupted {
+    slot: u32,
+    seq: u64,
+    len: u32,
+    timestamp_ns: u64,
+}
+
+/// Whether subscriber `s`'s latest entry is frame `seq` in `slot`.
+fn holds_frame<S: StreamMem>(stream: &S, s: usize, slot: u32, seq: u64) -> bool {
+    if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
+        return false;
     }
-    p.inflight_slot.store(NO_SLOT, Relaxed);
+    let cap_mask = u64::from(stream.layout().geometry.queue_capacity) - 1;
+    let pushed = stream.record(s).counters.pushed.load(Relaxed);
+    if pushed == 0 {
+        return false; // nothing was ever queued (its zeroed ring means nothing)
+    }
+    let last = pushed - 1;
+    let e = &stream.ring(s)[(last & cap_mask) as usize];
+    e.word.load(Relaxed) == entry(last, slot) && e.seq.load(Relaxed) == seq
+}
+
+/// Finishes, in shared memory, what a writer that died left half done.
+/// Only the writer may call it, before relying on masks or rings; the
+/// caller then reads the return rings and, if this returns a frame, rolls
+/// its delivery forward ([`PubCore::take_over`]).
+///
+/// - An eviction cut short left its subscriber's head claimed
+///   ([`HEAD_CLAIMED`]): the slot of the claimed entry loses that
+///   subscriber's bit (if it still has it) and the head moves past the
+///   entry. Only a claimed head is acted on, and only on the bit of the
+///   subscriber whose channel holds it: a subscriber that forges a claim
+///   can free nothing but its own slot.
+/// - A delivery publishes each subscriber's entry, then sets its holder
+///   bit, then counts the entry in `pushed`; `published` is counted after
+///   every subscriber. So while the frame named by `inflight` is not
+///   counted, a subscriber whose entry at `pushed` names it got the frame
+///   and only its bit or count may be missing. If any subscriber got it,
+///   the frame is returned to be delivered to the rest; if none did, its
+///   number is reused and its slot is free.
+pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) -> Option<Interrupted> {
+    let g = stream.layout().geometry;
+    let cap = u64::from(g.queue_capacity);
+    for (s, channel) in channels.iter().enumerate() {
+        let cfg = &stream.record(s).config;
+        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.policy.load(Relaxed) != OverflowPolicy::KeepLatest as u32 {
+            continue;
+        }
+        let head = &channel.header().head;
+        // Acquire pairs with the subscriber's Release CAS on `head`.
+        let claimed = head.load(Acquire);
+        if claimed & HEAD_CLAIMED == 0 {
+            continue;
+        }
+        let pos = claimed & !HEAD_CLAIMED;
+        let counters = &stream.record(s).counters;
+        let queued = counters.pushed.load(Relaxed).wrapping_sub(pos);
+        let (stamp, slot) = split_entry(stream.ring(s)[(pos & (cap - 1)) as usize].word.load(Relaxed));
+        if (1..=cap).contains(&queued) && stamp == entry_stamp(pos) && slot < g.slot_count {
+            let word = &stream.mask(slot)[s / 64];
+            word.store(word.load(Relaxed) & !(1 << (s % 64)), Relaxed);
+            crash::point();
+            // Release pairs with the subscriber's Acquire loads of `head`.
+            head.store(pos.wrapping_add(1), Release);
+            crash::point();
+            // The writer counts an eviction after it ends the claim.
+            counters.evicted.store(counters.evicted.load(Relaxed) + 1, Relaxed);
+            counters.dropped.store(counters.dropped.load(Relaxed) + 1, Relaxed);
+            tracing::debug!(subscriber = s, pos, slot, "finished an interrupted eviction");
+        } else {
+            // Not a claim any writer made: only this subscriber's queue suffers.
+            counters.faults.store(counters.faults.load(Relaxed) + 1, Relaxed);
+            head.store(pos, Release);
+        }
+        crash::point();
+    }
+
+    let p = &stream.header().publisher;
+    let (seq_low, slot) = split_inflight(p.inflight.load(Relaxed));
+    let seq = p.published.load(Relaxed);
+    if slot == NO_SLOT || slot >= g.slot_count || seq_low != seq as u32 {
+        p.inflight.store(INFLIGHT_IDLE, Relaxed);
+        return None;
+    }
+    let mut got = None;
+    for s in 0..g.max_subscribers as usize {
+        if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
+            continue;
+        }
+        let counters = &stream.record(s).counters;
+        let pushed = counters.pushed.load(Relaxed);
+        let e = &stream.ring(s)[(pushed & (cap - 1)) as usize];
+        if e.word.load(Relaxed) == entry(pushed, slot) && e.seq.load(Relaxed) == seq {
+            // Published but not yet held or counted: finish both.
+            let word = &stream.mask(slot)[s / 64];
+            word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+            crash::point();
+            counters.pushed.store(pushed.wrapping_add(1), Relaxed);
+            crash::point();
+        }
+        if got.is_none() && holds_frame(stream, s, slot, seq) {
+            let last = counters.pushed.load(Relaxed).wrapping_sub(1);
+            let e = &stream.ring(s)[(last & (cap - 1)) as usize];
+            got = Some(Interrupted { slot, seq, len: e.len.load(Relaxed), timestamp_ns: e.timestamp_ns.load(Relaxed) });
+        }
+    }
+    if got.is_none() {
+        p.inflight.store(INFLIGHT_IDLE, Relaxed);
+    }
+    tracing::debug!(slot, seq, reached = got.is_some(), "repaired an interrupted delivery");
+    got
 }
 
 #[cfg(not(loom))]
@@ -773,10 +1016,13 @@ pub use api::{Loan, OpenPublisherError, Publisher, SampleMut, SendError, Unsent}
 #[cfg(not(loom))]
 mod api {
     use std::os::fd::BorrowedFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use super::{AttachRefusal, CommitRefusal, LoanError, PubCore, SendInfo};
     use crate::platform;
+    use crate::shm::layout::FLAG_TIMESTAMPS;
     use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
     use crate::shm::wait::Backoff;
 
@@ -864,6 +1110,10 @@ mod api {
     #[derive(Debug)]
     pub struct Publisher {
         core: PubCore<StreamMap, ChannelMap>,
+        /// Whether frames carry their send time (`FLAG_TIMESTAMPS`).
+        stamps: bool,
+        /// Where dropped [`Loan`]s leave their slots.
+        dropped: Arc<DroppedLoans>,
         /// Tells this publisher's detached loans from others'.
         id: u64,
     }
@@ -871,16 +1121,37 @@ mod api {
     /// Source of [`Publisher`] ids.
     static NEXT_PUBLISHER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+    /// Slots of [`Loan`]s dropped unsent, possibly on other threads, until
+    /// the publisher's next loan takes them back. Touched only when a loan
+    /// is dropped: the loan path loads one flag.
+    #[derive(Debug, Default)]
+    struct DroppedLoans {
+        pending: AtomicBool,
+        slots: Mutex<Vec<u32>>,
+    }
+
     /// A loaned slot detached from the borrow of its publisher
     /// ([`SampleMut::detach`]), e.g. to be held by a Python object: give it
-    /// back to [`Publisher::resume`] to write and send it, or drop that
-    /// sample to discard it. A `Loan` simply dropped keeps its slot out of
-    /// use until the publisher is gone.
+    /// back to [`Publisher::resume`] to write and send it, or drop it to
+    /// discard it (its publisher takes the slot and the loan back on its
+    /// next loan). It counts against the publisher's loan budget until then.
     #[derive(Debug)]
     pub struct Loan {
         slot: u32,
         len: u32,
         publisher: u64,
+        /// `None` once resumed.
+        dropped: Option<Arc<DroppedLoans>>,
+    }
+
+    impl Drop for Loan {
+        fn drop(&mut self) {
+            if let Some(dropped) = self.dropped.take() {
+                // A poisoned lock only means another dropper panicked: the list is fine.
+                dropped.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.slot);
+                dropped.pending.store(true, Ordering::Release);
+            }
+        }
     }
 
     impl Loan {
@@ -925,24 +1196,50 @@ mod api {
                 AttachRefusal::Busy => OpenPublisherError::Busy,
                 AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
             })?;
-            Ok(Self { core, id: NEXT_PUBLISHER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+            let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
+            Ok(Self { core, stamps, dropped: Arc::default(), id: NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed) })
         }
 
         /// Takes a detached loan back to write and send it.
         ///
         /// # Errors
         /// The loan, if another publisher made it.
-        pub fn resume(&mut self, loan: Loan) -> Result<SampleMut<'_>, Loan> {
+        pub fn resume(&mut self, mut loan: Loan) -> Result<SampleMut<'_>, Loan> {
             if loan.publisher != self.id {
                 return Err(loan);
             }
+            loan.dropped = None; // resumed: the sample owns the slot now
             let ptr = self.core.stream().payload_ptr(loan.slot);
             Ok(SampleMut { publisher: self, slot: loan.slot, ptr, len: loan.len })
+        }
+
+        /// Takes back the slots and loans of `Loan`s dropped unsent.
+        #[cold]
+        fn take_back_dropped_loans(&mut self) {
+            self.dropped.pending.store(false, Ordering::Relaxed);
+            // Acquire, with the lock: pairs with the Release store in `Loan::drop`.
+            let slots =
+                std::mem::take(&mut *self.dropped.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for slot in slots {
+                self.core.abandon(slot);
+            }
         }
 
         /// Bytes per slot: the largest frame.
         pub fn slot_size(&self) -> usize {
             self.core.stream().layout().geometry.slot_size as usize
+        }
+
+        /// Whether frames carry their send time (`StreamConfig::timestamps`).
+        pub fn timestamps(&self) -> bool {
+            self.stamps
+        }
+
+        /// The send time of a frame sent now: the monotonic clock, or 0 if
+        /// the stream does not stamp its frames.
+        #[inline]
+        fn timestamp(&self) -> u64 {
+            if self.stamps { platform::now_ns() } else { 0 }
         }
 
         /// Sequence number the next frame will get.
@@ -973,6 +1270,9 @@ mod api {
         /// ```
         #[inline]
         pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
+            if self.dropped.pending.load(Ordering::Acquire) {
+                self.take_back_dropped_loans();
+            }
             let slot = self.core.loan()?;
             let ptr = self.core.stream().payload_ptr(slot);
             Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
@@ -1030,7 +1330,12 @@ mod api {
         /// Detaches the loan from the publisher's borrow; see [`Loan`].
         pub fn detach(self) -> Loan {
             let this = std::mem::ManuallyDrop::new(self);
-            Loan { slot: this.slot, len: this.len, publisher: this.publisher.id }
+            Loan {
+                slot: this.slot,
+                len: this.len,
+                publisher: this.publisher.id,
+                dropped: Some(this.publisher.dropped.clone()),
+            }
         }
 
         /// The address of the slot (valid while the publisher lives): for
@@ -1085,7 +1390,7 @@ mod api {
         /// [`SendError::Closed`]; the sample comes back in [`Unsent`].
         #[inline]
         pub fn try_send(self) -> Result<SendInfo, Unsent<'p>> {
-            let ts = platform::now_ns();
+            let ts = self.publisher.timestamp();
             match self.publisher.core.commit(self.slot, self.len, ts) {
                 Ok(info) => {
                     std::mem::forget(self);
@@ -1113,7 +1418,7 @@ mod api {
         pub fn try_send_timeout(self, timeout: Duration) -> Result<SendInfo, Unsent<'p>> {
             let deadline = Instant::now().checked_add(timeout);
             loop {
-                let ts = platform::now_ns();
+                let ts = self.publisher.timestamp();
                 match self.publisher.core.commit(self.slot, self.len, ts) {
                     Ok(info) => {
                         std::mem::forget(self);

@@ -19,6 +19,13 @@
 //! under `KeepLatest`, after winning the CAS on `head`, which the reader then
 //! loses.
 //!
+//! The subscriber maps the data file read-only, and Rust promises only
+//! `Relaxed` atomic loads on read-only memory (an `Acquire` load may be a
+//! read-modify-write on some targets). So every load from the data file is
+//! `Relaxed`, followed by an `Acquire` fence where the value orders later
+//! reads; the fence sits after the check, on the path that uses the value.
+//! Loads from the subscriber's own channel, mapped read-write, are ordinary.
+//!
 //! Everything read from shared memory — slot numbers, lengths, stamps — is
 //! checked before use, so a faulty publisher yields [`TryRecvError::Corrupt`],
 //! never an out-of-bounds access.
@@ -27,11 +34,12 @@ use std::cell::{Cell, OnceCell};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::layout::{OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry};
+use super::layout::{HEAD_CLAIMED, OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry};
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
 use crate::primitive::AtomicU64;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use crate::primitive::fence;
 
 /// A frame taken from the ring: where it is and what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +50,8 @@ pub struct FrameInfo {
     pub len: u32,
     /// Stream sequence number.
     pub seq: u64,
-    /// Publish time, nanoseconds on the monotonic clock.
+    /// Publish time, nanoseconds on the monotonic clock (0 if the stream
+    /// does not stamp its frames).
     pub timestamp_ns: u64,
 }
 
@@ -318,18 +327,21 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             return Err(SubAttachRefusal::NotAttached);
         }
         let cfg = &stream.record(index).config;
-        // Acquire pairs with the owner's Release store of SUB_ACTIVE.
-        if cfg.state.load(Acquire) != SUB_ACTIVE || cfg.generation.load(Relaxed) != generation {
+        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.generation.load(Relaxed) != generation {
             return Err(SubAttachRefusal::NotAttached);
         }
+        // Pairs with the owner's Release store of SUB_ACTIVE: the record
+        // and channel it set up are visible.
+        fence(Acquire);
         let policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
         let ch = channel.header();
         // One handle per ticket: two would hand the same slots back twice.
         if ch.ident.claimed.compare_exchange(0, 1, AcqRel, Relaxed).is_err() {
             return Err(SubAttachRefusal::AlreadyOpen);
         }
-        // Acquire pairs with the publisher's Release store in `attach`.
-        let changes = stream.header().control.publisher_changes.load(Acquire);
+        let changes = stream.header().control.publisher_changes.load(Relaxed);
+        // Pairs with the publisher's Release store in `attach`.
+        fence(Acquire);
         // A stream whose publisher left before we came: the next one to
         // attach is "back".
         let gone = changes % 2 == 0 && changes > 0;
@@ -412,7 +424,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     pub(crate) fn watch(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
         self.head.set(from.head);
         self.publisher_seen.set(from.publisher_seen);
-        wait::wait_until(&self.channel.header().waiting, self.backoff, deadline, || self.has_news() || stop())
+        wait::wait_for(&self.channel.header().waiting, self.backoff, deadline, || {
+            if stop() { wait::Poll::Ready } else { self.poll_news() }
+        })
     }
 
     /// The channel memory (what an interrupter wakes).
@@ -450,12 +464,18 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         self.faults.get()
     }
 
+    /// Publisher arrivals and departures so far (odd while one is attached).
+    pub(crate) fn publisher_generation(&self) -> u64 {
+        self.stream.header().control.publisher_changes.load(Relaxed)
+    }
+
     /// Whether the owner still has this subscriber attached.
     #[inline]
     fn attached(&self) -> bool {
         let cfg = &self.stream.record(self.index).config;
-        // Acquire pairs with the owner's Release store of the state.
-        cfg.state.load(Acquire) == SUB_ACTIVE && cfg.generation.load(Relaxed) == self.generation
+        // Relaxed: nothing read later depends on it. A detached subscriber
+        // only stops; one attached was synchronised with at `attach`.
+        cfg.state.load(Relaxed) == SUB_ACTIVE && cfg.generation.load(Relaxed) == self.generation
     }
 
     /// Where the next frame will be: the shared head under `KeepLatest`,
@@ -474,6 +494,11 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     #[inline]
     fn ready(&self) -> bool {
         let head = self.current_head();
+        if head & HEAD_CLAIMED != 0 {
+            // The writer is evicting the entry at the head; see `poll_news`.
+            // (Frames are queued: news of the publisher waits for them.)
+            return !self.attached();
+        }
         let word = self.stream.ring(self.index)[(head & self.cap_mask) as usize].word.load(Relaxed);
         // A stamp at or past `head + 1` is a frame (or, under KeepLatest, an
         // eviction to catch up with); older ones are stale. (`try_take`
@@ -487,7 +512,24 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     fn has_news(&self) -> bool {
         self.ready()
             || self.board.get().is_some_and(|b| b.pending())
-            || self.stream.header().control.state.load(Acquire) == STREAM_CLOSED
+            || self.stream.header().control.state.load(Relaxed) == STREAM_CLOSED
+    }
+
+    /// [`has_news`](Self::has_news) for a sleeper: a head the writer has
+    /// claimed to evict its entry means frames are queued, and the writer
+    /// wakes a subscriber only for a frame into an empty queue — so sleep
+    /// briefly rather than until woken (the claim lasts nanoseconds, or
+    /// until recovery if the writer died).
+    fn poll_news(&self) -> wait::Poll {
+        if self.has_news() {
+            wait::Poll::Ready
+        } else if self.policy == OverflowPolicy::KeepLatest
+            && self.channel.header().head.load(Acquire) & HEAD_CLAIMED != 0
+        {
+            wait::Poll::Soon
+        } else {
+            wait::Poll::NotYet
+        }
     }
 
     /// Whether the publisher changed since we last looked, in a stream
@@ -513,13 +555,14 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // frames a departed publisher sent are visible from here on, and so
         // is a close that began before the change was counted (the owner
         // marks the stream closing before it declares a publisher gone).
-        let now = ctl.publisher_changes.load(Acquire);
+        let now = ctl.publisher_changes.load(Relaxed);
         let seen = self.publisher_seen.get();
         if now == seen {
             return None;
         }
-        // Acquire: with the load above, a close begun before the change is seen.
-        if ctl.state.load(Acquire) != STREAM_OPEN {
+        fence(Acquire);
+        // After the fence: a close begun before the change is seen.
+        if ctl.state.load(Relaxed) != STREAM_OPEN {
             return None;
         }
         // The count only grows. A departure happened since `seen` if a
@@ -573,15 +616,29 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         // Under KeepLatest every retry means the publisher evicted an entry;
         // bound the loop so a hostile head cannot spin us forever.
         for _ in 0..=self.cap_mask + 64 {
+            if head & HEAD_CLAIMED != 0 {
+                // An eviction is under way: the writer moves the head on
+                // in a moment (or recovery does, if it died). Frames are
+                // queued, so no news is reported meanwhile; a waiting
+                // receive sleeps briefly (`poll_news`).
+                crate::primitive::spin_hint();
+                head = ch.head.load(Acquire);
+                if head & HEAD_CLAIMED != 0 {
+                    return Err(if self.attached() { TryRecvError::Empty } else { TryRecvError::Detached });
+                }
+                continue;
+            }
             let e = &ring[(head & self.cap_mask) as usize];
-            // Acquire pairs with the publisher's Release store of the entry
-            // in `push`: the slot's header is complete.
-            let (stamp, slot) = split_entry(e.word.load(Acquire));
+            let (stamp, slot) = split_entry(e.word.load(Relaxed));
             let next = head.wrapping_add(1);
             if stamp != entry_stamp(head) {
                 let ahead = stamp_ahead(stamp, head);
                 if ahead > 0 && self.policy == OverflowPolicy::KeepLatest {
-                    // Overwritten after an eviction: find the new head.
+                    // Overwritten after an eviction: find the new head. The
+                    // fence pairs with the Release store of the newer entry
+                    // in `push`, which the writer made after moving the head
+                    // past this one: the head loaded next is at least that.
+                    fence(Acquire);
                     head = ch.head.load(Acquire);
                     continue;
                 }
@@ -591,7 +648,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 match self.empty() {
                     // Closing synchronised us with everything published
                     // before it: the entry may be ready after all.
-                    TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0 => continue,
+                    TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Relaxed)).0, head) >= 0 => continue,
                     TryRecvError::Empty => {}
                     err => return Err(err),
                 }
@@ -599,7 +656,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                     // Likewise for a publisher leaving: its last frames
                     // come before the news.
                     if event == TryRecvError::PublisherGone
-                        && stamp_ahead(split_entry(e.word.load(Acquire)).0, head) >= 0
+                        && stamp_ahead(split_entry(e.word.load(Relaxed)).0, head) >= 0
                     {
                         continue;
                     }
@@ -609,6 +666,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 }
                 return Err(TryRecvError::Empty);
             }
+            // Pairs with the publisher's Release store of the entry's word
+            // in `push`: the entry's other fields are complete.
+            fence(Acquire);
             let info = FrameInfo {
                 slot,
                 len: e.len.load(Relaxed),
@@ -664,10 +724,12 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     fn empty(&self) -> TryRecvError {
         if !self.attached() {
             TryRecvError::Detached
-        } else if self.stream.header().control.state.load(Acquire) == STREAM_CLOSED {
-            // Acquire pairs with the owner's Release store in `close`: frames
-            // published before it are visible from here on (the caller
-            // re-checks the entry before reporting `Closed`).
+        } else if self.stream.header().control.state.load(Relaxed) == STREAM_CLOSED {
+            // Pairs with the Release store of STREAM_CLOSED in
+            // `acknowledge_close`: frames published before it are visible
+            // from here on (the caller re-checks the entry before reporting
+            // `Closed`).
+            fence(Acquire);
             TryRecvError::Closed
         } else {
             TryRecvError::Empty
@@ -688,7 +750,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 other => return other.map_err(RecvError::from),
             }
             let word = &self.channel.header().waiting;
-            if !wait::wait_until(word, self.backoff, deadline, || self.has_news()) {
+            if !wait::wait_for(word, self.backoff, deadline, || self.poll_news()) {
                 return Err(RecvError::Timeout);
             }
         }
@@ -884,6 +946,16 @@ mod api {
             self.core.faults()
         }
 
+        /// The stream's publisher generation: how many times a publisher
+        /// has arrived or left, odd while one is attached. Unlike
+        /// `PublisherGone`/`PublisherBack`, which a receive reports once,
+        /// it can be read at any time and compared with an earlier reading:
+        /// if they differ, the publisher changed in between (its last
+        /// frames may still be queued).
+        pub fn publisher_generation(&self) -> u64 {
+            self.core.publisher_generation()
+        }
+
         /// Bytes per slot: the largest frame.
         pub fn slot_size(&self) -> usize {
             self.core.stream().layout().geometry.slot_size as usize
@@ -982,7 +1054,8 @@ mod api {
         }
 
         /// When the frame was sent: nanoseconds on the monotonic clock
-        /// (`CLOCK_MONOTONIC`, comparable across processes).
+        /// (`CLOCK_MONOTONIC`, comparable across processes); 0 if the
+        /// stream does not stamp its frames (`StreamConfig::timestamps`).
         #[inline]
         pub fn timestamp_ns(&self) -> u64 {
             self.info.timestamp_ns
@@ -1044,7 +1117,8 @@ mod api {
             self.info.seq
         }
 
-        /// When the frame was sent: nanoseconds on the monotonic clock.
+        /// When the frame was sent: nanoseconds on the monotonic clock; 0
+        /// if the stream does not stamp its frames.
         #[inline]
         pub fn timestamp_ns(&self) -> u64 {
             self.info.timestamp_ns

@@ -72,7 +72,7 @@ fn unwanted_frames_and_abandoned_loans_free_their_slot_at_once() {
 #[test]
 fn fan_out_reaches_every_subscriber_and_reuses_a_slot_only_after_all_release() {
     let mut seg =
-        StreamSegment::create("fan", &StreamConfig { max_subscribers: 40, ..StreamConfig::new(8, 41) }).unwrap();
+        StreamSegment::create("fan", &StreamConfig { max_subscribers: 40, ..StreamConfig::new(8, 42) }).unwrap();
     let subs: Vec<_> = (0..40).map(|_| seg.open_subscriber(&opts(1, OverflowPolicy::DropNewest)).unwrap()).collect();
     let mut publisher = seg.open_publisher().unwrap();
     assert_eq!(publisher.send(b"one").unwrap().delivered, 40);
@@ -178,11 +178,12 @@ fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
     let mut seg = segment(8, 10);
     let a = seg.open_subscriber(&opts(6, OverflowPolicy::DropNewest)).unwrap();
     let err = seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap_err();
-    assert_eq!(err, AddSubscriberError::CreditsRefused { requested: 4, available: 3, slot_count: 10, committed: 6 });
-    assert!(err.to_string().contains("cannot grant 4 credits: 3 of 10 slots"));
+    // Two slots are kept for the publisher's loans.
+    assert_eq!(err, AddSubscriberError::CreditsRefused { requested: 4, available: 2, slot_count: 10, committed: 6 });
+    assert!(err.to_string().contains("cannot grant 4 credits: 2 of 10 slots"));
     assert_eq!(
         seg.add_subscriber(&opts(0, OverflowPolicy::DropNewest), 1).unwrap_err(),
-        AddSubscriberError::CreditsOutOfRange { credits: 0, max: 16 }
+        AddSubscriberError::CreditsOutOfRange { credits: 0, max: 8 }
     );
     let mut publisher = seg.open_publisher().unwrap();
     for i in 0..8u8 {
@@ -207,7 +208,7 @@ fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
 
 #[test]
 fn detach_returns_queued_and_borrowed_slots() {
-    let mut seg = segment(8, 8);
+    let mut seg = segment(8, 9);
     let gone = seg.open_subscriber(&opts(5, OverflowPolicy::DropNewest)).unwrap();
     let stay = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
@@ -215,7 +216,7 @@ fn detach_returns_queued_and_borrowed_slots() {
         publisher.send(&[i]).unwrap();
     }
     let borrowed = (gone.try_recv().unwrap(), gone.try_recv().unwrap());
-    assert_eq!(seg.stats().free_slots, 3);
+    assert_eq!(seg.stats().free_slots, 4);
     seg.remove_subscriber(gone.index()).unwrap();
     assert_eq!(gone.try_recv().unwrap_err(), TryRecvError::Detached);
     drop(borrowed); // released after detach: ignored, no fault anywhere
@@ -223,7 +224,7 @@ fn detach_returns_queued_and_borrowed_slots() {
     publisher.send(&[5]).unwrap();
     let stats = seg.stats();
     assert_eq!(stats.subscribers.len(), 1);
-    assert_eq!(stats.free_slots, 8 - 2);
+    assert_eq!(stats.free_slots, 9 - 2);
     assert_eq!(*stay.try_recv().unwrap(), [0]);
     assert_eq!(stats.subscribers[0].faults, 0);
     // Its index can be reused: a new subscriber starts with an empty queue.
@@ -936,7 +937,7 @@ fn a_detached_loan_is_resumed_by_its_publisher_only() {
 
 #[test]
 fn a_removed_subscribers_credits_are_free_at_once_even_with_an_idle_publisher() {
-    let mut seg = segment(8, 8);
+    let mut seg = segment(8, 9);
     let dead = seg.open_subscriber(&opts(7, OverflowPolicy::Lossless)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
     for i in 0..7u8 {
@@ -988,4 +989,92 @@ fn a_close_supersedes_the_departure_counted_at_its_grace() {
     assert_eq!(sub.take(None).unwrap_err(), RecvError::Closed);
     drop(idle);
     assert_eq!(sub.try_take().unwrap_err(), TryRecvError::Closed);
+}
+
+#[test]
+fn a_stream_without_timestamps_sends_frames_stamped_zero() {
+    let mut seg =
+        StreamSegment::create("plain", &StreamConfig { timestamps: false, ..StreamConfig::new(8, 4) }).unwrap();
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    assert!(!publisher.timestamps());
+    publisher.send(b"a").unwrap();
+    let sample = sub.try_recv().unwrap();
+    assert_eq!((&*sample, sample.timestamp_ns()), (&b"a"[..], 0));
+    // Stamped streams stay stamped.
+    let stamped = segment(8, 4).open_publisher().unwrap();
+    assert!(stamped.timestamps());
+}
+
+#[test]
+fn the_publishers_loan_budget_bounds_its_loans_and_is_kept_out_of_credits() {
+    // A 1,024-slot stream keeps the default two loans for its publisher
+    // and promises the rest.
+    let mut seg = segment(8, 1024);
+    seg.add_subscriber(&opts(1000, OverflowPolicy::DropNewest), 1).unwrap();
+    seg.add_subscriber(&opts(22, OverflowPolicy::DropNewest), 1).unwrap();
+    assert!(matches!(
+        seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1),
+        Err(AddSubscriberError::CreditsRefused { available: 0, .. })
+    ));
+    let mut publisher = seg.open_publisher().unwrap();
+    let first = publisher.loan().unwrap().detach();
+    let second = publisher.loan().unwrap().detach();
+    let err = publisher.loan().unwrap_err();
+    assert_eq!(err, LoanError::TooManyLoans { budget: 2 });
+    assert!(err.to_string().contains("already holds its 2 loan(s)"));
+    assert!(matches!(publisher.send(b"x"), Err(SendError::Loan(LoanError::TooManyLoans { budget: 2 }))));
+    // A loan sent or dropped gives its place back.
+    publisher.resume(first).unwrap().send().unwrap();
+    drop(publisher.resume(second).unwrap());
+    publisher.send(b"y").unwrap();
+    assert_eq!(publisher.next_seq(), 2);
+}
+
+/// A subscriber that keeps its wake word set without reading (or a waiter
+/// that left it set) costs the publisher a system call only for a frame
+/// that finds its queue empty: the publisher clears the word when, and
+/// only when, it wakes.
+#[test]
+fn a_subscriber_keeping_its_wake_word_set_is_woken_only_for_a_frame_into_an_empty_queue() {
+    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4 };
+    let stream = Core::new(HeapStream::new(g));
+    let channels = vec![Core::new(HeapChannel::new(0, 4))];
+    let mut owner = OwnerCore::new(stream.clone(), channels.clone());
+    for policy in [OverflowPolicy::DropNewest, OverflowPolicy::KeepLatest] {
+        let t = owner.add(&opts(3, policy), 1).unwrap();
+        let mut publisher = PubCore::attach(stream.clone(), channels.clone(), 1).unwrap();
+        let sub = SubCore::attach(
+            stream.clone(),
+            channels[0].clone(),
+            0,
+            t.generation,
+            Backoff { spin: Duration::ZERO, park: true },
+        )
+        .unwrap();
+        let waiting = &channels[0].header().waiting;
+        let send = |publisher: &mut PubCore<_, _>| {
+            let slot = publisher.loan().unwrap();
+            publisher.commit(slot, 1, 0).unwrap();
+        };
+        let flag = || waiting.load(Relaxed) & 1;
+        waiting.fetch_or(1, Relaxed);
+        send(&mut publisher);
+        assert_eq!(flag(), 0, "{policy:?}: the first frame wakes");
+        // Set again without reading: every further frame (queued, dropped
+        // or evicting under KeepLatest) leaves it alone.
+        for _ in 0..10 {
+            waiting.fetch_or(1, Relaxed);
+            send(&mut publisher);
+            assert_eq!(flag(), 1, "{policy:?}: no wake into a queue with frames");
+        }
+        // Once it has read everything, the next frame wakes it again.
+        while let Ok(info) = sub.try_take() {
+            sub.release(info.slot);
+        }
+        send(&mut publisher);
+        assert_eq!(flag(), 0, "{policy:?}: a frame into an empty queue wakes");
+        drop(publisher);
+        owner.remove(t.index).unwrap();
+    }
 }

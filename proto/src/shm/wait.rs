@@ -1,21 +1,31 @@
 //! Spin-then-park waiting on a condition another process makes true, and
 //! the waker's half.
 //!
-//! The protocol is the classic "announce, fence, re-check" pair (Dekker):
+//! The protocol is the classic "announce, fence, re-check" pair (Dekker),
+//! on a futex word that holds a wake count above a "somebody may sleep"
+//! flag (bit 0):
 //!
 //! ```text
-//! waiter                              waker
-//!   word = 1                            make condition true
-//!   fence(SeqCst)  ─── pairs with ───   fence(SeqCst)
-//!   if condition: done                  if word != 0: word = 0; futex_wake(word)
-//!   futex_wait(word, 1)
+//! waiter                                 waker
+//!   seen = word.fetch_or(1) | 1            make condition true
+//!   fence(SeqCst)  ─── pairs with ───      fence(SeqCst)
+//!   if condition: done                     if word & 1: word.fetch_add(1); futex_wake(word)
+//!   futex_wait(word, seen)
 //! ```
 //!
 //! With both fences sequentially consistent, either the waker sees the
-//! announcement or the waiter sees the condition, so a wake-up is never
-//! lost; and `futex_wait` returns at once if the waker cleared the word in
-//! between. The waker pays the fence and one load per event, and the system
-//! call only while somebody sleeps.
+//! flag or the waiter sees the condition, so a wake-up is never lost. A
+//! waker's `fetch_add(1)` clears the flag and counts a wake in one step, so
+//! the word never returns to a value a waiter announced: `futex_wait`
+//! returns at once if any waker came after the announcement. That holds
+//! for several waiters on one word (a subscriber's receive and its watcher,
+//! two async receives): no waiter ever clears or rewrites it, so none can
+//! erase the wake another is owed, and every waker wakes them all. A waiter
+//! that leaves without sleeping leaves the flag set; the next waker then
+//! pays one system call that finds nobody.
+//!
+//! The waker pays the fence and one load per event, and the system call
+//! only while the flag is set.
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +40,24 @@ pub(crate) struct Backoff {
     pub park: bool,
 }
 
+/// What a waiter's condition says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Poll {
+    /// The condition holds.
+    Ready,
+    /// Not yet: a waker will tell.
+    NotYet,
+    /// Not yet, but it will hold shortly without a waker telling (a writer
+    /// is part-way through a step that ends it): sleep briefly, not until
+    /// woken.
+    Soon,
+}
+
+/// How long a waiter told [`Poll::Soon`] sleeps before looking again, at
+/// first and at most.
+const SOON_FIRST: Duration = Duration::from_micros(20);
+const SOON_MAX: Duration = Duration::from_millis(1);
+
 /// Waits until `ready()` returns true or `deadline` passes; returns whether
 /// it became ready. `word` is the futex word the waker checks.
 pub(crate) fn wait_until(
@@ -38,6 +66,17 @@ pub(crate) fn wait_until(
     deadline: Option<Instant>,
     mut ready: impl FnMut() -> bool,
 ) -> bool {
+    wait_for(word, backoff, deadline, || if ready() { Poll::Ready } else { Poll::NotYet })
+}
+
+/// [`wait_until`] for a condition that can also say [`Poll::Soon`].
+pub(crate) fn wait_for(
+    word: &AtomicU32,
+    backoff: Backoff,
+    deadline: Option<Instant>,
+    mut poll: impl FnMut() -> Poll,
+) -> bool {
+    let mut ready = || poll() == Poll::Ready;
     if ready() {
         return true;
     }
@@ -63,26 +102,34 @@ pub(crate) fn wait_until(
             return false;
         }
     }
+    let mut soon = SOON_FIRST;
     loop {
-        word.store(1, Ordering::Relaxed);
+        // Announce: the flag, and the count as of now (what a waker changes).
+        let seen = word.fetch_or(1, Ordering::Relaxed) | 1;
         // SeqCst fence pairs with the one in `wake_if_waiting`'s caller
         // (`fence_before_wake`): see the module documentation.
         fence(Ordering::SeqCst);
-        if ready() {
-            word.store(0, Ordering::Relaxed);
-            return true;
+        let now = poll();
+        if now == Poll::Ready {
+            return true; // the flag stays set: see the module documentation
         }
-        let timeout = match deadline {
+        let mut timeout = match deadline {
             None => None,
             Some(d) => match d.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
-                _ => {
-                    word.store(0, Ordering::Relaxed);
-                    return false;
-                }
+                _ => return false,
             },
         };
-        primitive::park(word, 1, timeout);
+        if now == Poll::Soon {
+            if cfg!(loom) {
+                // The model checker ignores timeouts: there it yields instead.
+                primitive::yield_now();
+                continue;
+            }
+            timeout = Some(timeout.map_or(soon, |t| t.min(soon)));
+            soon = (soon * 2).min(SOON_MAX);
+        }
+        primitive::park(word, seen, timeout);
     }
 }
 
@@ -94,20 +141,37 @@ pub(crate) fn fence_before_wake() {
     fence(Ordering::SeqCst);
 }
 
-/// Wakes the waiter announced on `word`, if any. Call after
+/// Wakes the waiters announced on `word`, if any. Call after
 /// [`fence_before_wake`].
 #[inline]
 pub(crate) fn wake_if_waiting(word: &AtomicU32) {
-    if word.load(Ordering::Relaxed) != 0 {
-        wake(word);
+    if is_waiting(word) {
+        wake_announced(word);
     }
 }
 
-/// Wakes the waiter on `word` unconditionally (for rare events such as a
-/// detach or close, where the cost does not matter).
+/// Whether a waiter has announced itself on `word` since the last wake.
+/// Call after [`fence_before_wake`].
+#[inline]
+pub(crate) fn is_waiting(word: &AtomicU32) -> bool {
+    word.load(Ordering::Relaxed) & 1 != 0
+}
+
+/// Wakes the waiters on `word`, whose flag was seen set: clears it and
+/// counts the wake in one step (should another waker have cleared it
+/// meanwhile, the flag is set again, which costs one spare wake later).
+#[cold]
+pub(crate) fn wake_announced(word: &AtomicU32) {
+    word.fetch_add(1, Ordering::Relaxed);
+    primitive::unpark(word);
+}
+
+/// Wakes any waiter on `word` unconditionally (for rare events such as a
+/// detach or close, where the cost does not matter): counts a wake without
+/// touching the flag, so whoever sleeps wakes and re-checks.
 #[cold]
 pub(crate) fn wake(word: &AtomicU32) {
     fence_before_wake();
-    word.store(0, Ordering::Relaxed);
+    word.fetch_add(2, Ordering::Relaxed);
     primitive::unpark(word);
 }

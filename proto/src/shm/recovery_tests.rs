@@ -1,0 +1,261 @@
+//! Recovery after a writer's death, against what subscribers may do before
+//! it runs: the cases an independent review of the step-k design found
+//! (each failed before its fix; see the closing notes of issue 9).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::crash::hook;
+use super::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy};
+use super::mem::heap::{HeapChannel, HeapStream};
+use super::mem::{ChannelMem, StreamMem};
+use super::owner::OwnerCore;
+use super::publisher::PubCore;
+use super::subscriber::SubCore;
+use super::wait::Backoff;
+use super::{RecvError, SubscriberOptions, TryRecvError};
+use crate::primitive::Ordering::Relaxed;
+
+type Stream = Arc<HeapStream>;
+type Channel = Arc<HeapChannel>;
+
+const SLOTS: u32 = 8;
+
+/// A stream, its channels, its owner and one subscriber per index.
+type World = (Stream, Vec<Channel>, OwnerCore<Stream, Channel>, Vec<SubCore<Stream, Channel>>);
+const PARK: Backoff = Backoff { spin: Duration::ZERO, park: true };
+
+fn world(subs: &[(u32, OverflowPolicy)]) -> World {
+    let n = subs.len() as u32;
+    let g = Geometry { slot_size: 8, slot_count: SLOTS, max_subscribers: n, queue_capacity: 4 };
+    let stream = Arc::new(HeapStream::new(g));
+    let channels: Vec<_> = (0..n).map(|i| Arc::new(HeapChannel::new(i, 4))).collect();
+    let mut owner = OwnerCore::new(stream.clone(), channels.clone());
+    let mut cores = Vec::new();
+    for &(credits, policy) in subs {
+        let t = owner.add(&SubscriberOptions { credits, policy, wait: WaitStrategy::Park }, 1).unwrap();
+        let s = t.index as usize;
+        cores.push(SubCore::attach(stream.clone(), channels[s].clone(), s, t.generation, PARK).unwrap());
+    }
+    (stream, channels, owner, cores)
+}
+
+/// The next frame's seq, past publisher events.
+fn take_seq(sub: &SubCore<Stream, Channel>) -> Result<u64, TryRecvError> {
+    loop {
+        match sub.try_take() {
+            Ok(info) => {
+                sub.release(info.slot);
+                return Ok(info.seq);
+            }
+            Err(TryRecvError::PublisherGone | TryRecvError::PublisherBack) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A publisher that sent frame 0, which subscribers `taking` took and
+/// returned (the others keep it queued).
+fn sent_frame_0(
+    stream: &Stream,
+    channels: &[Channel],
+    subs: &[SubCore<Stream, Channel>],
+    taking: &[usize],
+) -> PubCore<Stream, Channel> {
+    let mut p1 = PubCore::attach(stream.clone(), channels.to_vec(), 100).unwrap();
+    let s = p1.loan().unwrap();
+    p1.commit(s, 1, 0).unwrap();
+    for &i in taking {
+        let info = subs[i].try_take().unwrap();
+        subs[i].release(info.slot);
+    }
+    p1
+}
+
+/// Sends one frame, "killed" (kill -9) at crash point `k`; returns the
+/// slot it was sending if it died.
+fn send_killed_at(p: PubCore<Stream, Channel>, k: u32) -> u32 {
+    let mut p = p;
+    let slot = p.loan().unwrap();
+    hook::arm(k);
+    let died = hook::run(|| p.commit(slot, 1, 0)).is_none();
+    hook::disarm();
+    assert!(died, "the send must die at point {k}");
+    std::mem::forget(p);
+    slot
+}
+
+/// Finding 1a: the only subscriber that got the interrupted frame reads
+/// and returns it before recovery. take_over rebuilds the free list from
+/// the masks (slot free) and roll_forward then pushes it back again
+/// (delivered == 0): the slot is twice in the free list.
+#[test]
+fn a_rolled_forward_slot_returned_before_recovery_is_free_once() {
+    let (stream, channels, _owner, subs) = world(&[(2, OverflowPolicy::DropNewest)]);
+    let p1 = PubCore::attach(stream.clone(), channels.clone(), 100).unwrap();
+    // Points of the send: inflight (0), entry (1), bit (2), pushed (3):
+    // die once subscriber 0's push is complete, before `published`.
+    let x = send_killed_at(p1, 3);
+    let info = subs[0].try_take().unwrap();
+    assert_eq!((info.seq, info.slot), (0, x));
+    subs[0].release(info.slot);
+    // The role of the dead holder is free (as in crash_tests' NextPublisher).
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
+    assert_eq!(p2.free_slots(), SLOTS as usize, "free list holds more slots than the pool");
+}
+
+/// Finding 1b: same with a second subscriber not reached before the kill:
+/// the slot is rolled forward to it (bit set, queued) but also left in the
+/// free list by the rebuild; the next loan hands out the slot subscriber 1
+/// is about to read.
+#[test]
+fn a_rolled_forward_slot_is_not_loaned_while_queued() {
+    let (stream, channels, _owner, subs) = world(&[(2, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
+    // A first frame to both (taken and released), so that frame 1 is not
+    // the degenerate seq-0/slot-0 case.
+    let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 1]);
+    let x = send_killed_at(p1, 3); // subscriber 0 has frame 1, subscriber 1 not yet
+    let info = subs[0].try_take().unwrap();
+    assert_eq!(info.seq, 1);
+    subs[0].release(info.slot);
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
+    // Subscriber 1 got frame 1 in slot x by the roll-forward...
+    assert!(stream.mask(x)[0].load(Relaxed) & 0b10 != 0, "subscriber 1 holds x");
+    // ...but x is also in the free list: the next loans hand it out while
+    // subscriber 1 has it queued.
+    assert_eq!(p2.free_slots(), SLOTS as usize - 1, "slot {x} is both queued and free");
+}
+
+/// Finding 5: `holds_frame` mistakes a subscriber that never got a frame
+/// (pushed == 0: it looks at ring[cap - 1], all zeros, which equals
+/// `entry(u64::MAX, 0)` with seq 0) for one that got frame 0 in slot 0:
+/// the roll-forward skips it and it loses frame 0, lossless or not.
+#[test]
+fn a_subscriber_that_never_got_a_frame_gets_an_interrupted_frame_0() {
+    let (stream, channels, _owner, subs) = world(&[(2, OverflowPolicy::Lossless), (2, OverflowPolicy::Lossless)]);
+    let p1 = PubCore::attach(stream.clone(), channels.clone(), 100).unwrap();
+    let x = send_killed_at(p1, 3); // frame 0, slot 0: reached subscriber 0 only
+    assert_eq!(x, 0);
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    let p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
+    assert_eq!(p2.next_seq(), 1, "frame 0 was rolled forward");
+    assert_eq!(take_seq(&subs[0]), Ok(0));
+    assert_eq!(take_seq(&subs[1]), Ok(0), "lossless subscriber 1 lost frame 0");
+}
+
+/// Finding 2: the owner counts the dead publisher's departure before it
+/// rolls the interrupted frame forward. A subscriber that looks in between
+/// reports PublisherGone, then receives a frame of the departed publisher.
+/// (The owner is "paused" at a point inside roll_forward with the crash
+/// hook and resumed by a second reclaim: the state is the one a
+/// concurrently running subscriber sees.)
+#[test]
+fn the_departure_of_a_dead_publisher_comes_after_its_rolled_forward_frame() {
+    // 0 gets frame 1 before the kill; 1 is full and drops it (a point);
+    // 2 is the one that sees the departure first.
+    let (stream, channels, mut owner, subs) =
+        world(&[(2, OverflowPolicy::DropNewest), (1, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
+    let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 2]);
+    send_killed_at(p1, 3); // frame 1 reached subscriber 0 only
+    // Pause the owner inside publisher_gone, after subscriber 1's drop
+    // (its first point), before subscriber 2's push.
+    hook::arm(0);
+    assert!(hook::run(|| owner.publisher_gone()).is_none());
+    hook::disarm();
+    // Mid-recovery, the departure is not counted yet.
+    assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Empty);
+    // Resume the owner's work (as a second reclaim would).
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    assert!(owner.reclaim_detached());
+    assert_eq!(take_seq(&subs[2]), Ok(1), "the rolled-forward frame");
+    // And a whole publisher_gone: frame first, then the news.
+    let (stream, channels, mut owner, subs) =
+        world(&[(2, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
+    let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 1]);
+    send_killed_at(p1, 3); // frame 1 reached subscriber 0 only
+    owner.publisher_gone();
+    assert_eq!(subs[1].try_take().map(|i| i.seq), Ok(1));
+    assert_eq!(subs[1].try_take().unwrap_err(), TryRecvError::PublisherGone);
+}
+
+/// Finding 3: a head left claimed by a writer killed mid-eviction makes a
+/// KeepLatest subscriber's recv_timeout ignore its deadline (it busy-spins
+/// until somebody repairs the head).
+#[test]
+fn a_claimed_head_does_not_keep_a_receive_past_its_deadline() {
+    let (stream, channels, _owner, mut subs) = world(&[(1, OverflowPolicy::KeepLatest)]);
+    let p1 = sent_frame_0(&stream, &channels, &subs, &[]); // queued: the next send evicts it
+    // Points: inflight (0), claim CAS (1).
+    send_killed_at(p1, 1);
+    let head = &channels[0].header().head;
+    assert!(head.load(Relaxed) & HEAD_CLAIMED != 0);
+    let sub = subs.pop().unwrap();
+    let repairer = {
+        let channels = channels.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            // What recovery would do: move the head past the entry.
+            let head = &channels[0].header().head;
+            head.store((head.load(Relaxed) & !HEAD_CLAIMED) + 1, Relaxed);
+        })
+    };
+    let start = Instant::now();
+    let r = sub.take(Some(Instant::now() + Duration::from_millis(50)));
+    let took = start.elapsed();
+    repairer.join().unwrap();
+    assert_eq!(r.map(|i| i.seq), Err(RecvError::Timeout));
+    assert!(took < Duration::from_millis(500), "recv_timeout(50 ms) returned after {took:?}");
+}
+
+/// Finding 2, close variant: take_over acknowledges a pending close (via
+/// sync_table) before it rolls the interrupted frame forward, so a
+/// subscriber can see `Closed` and then a frame.
+#[test]
+fn a_pending_close_comes_after_the_rolled_forward_frame() {
+    let (stream, channels, mut owner, subs) =
+        world(&[(2, OverflowPolicy::DropNewest), (1, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
+    let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 2]);
+    send_killed_at(p1, 3);
+    owner.close(); // the publisher is dead: nobody acknowledges yet
+    hook::arm(0);
+    assert!(hook::run(|| owner.publisher_gone()).is_none());
+    hook::disarm();
+    // Mid-recovery, the close is not acknowledged yet.
+    assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Empty);
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    assert!(owner.reclaim_detached());
+    assert_eq!(subs[2].try_take().map(|i| i.seq), Ok(1), "the rolled-forward frame, then the end");
+    assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Closed);
+}
+
+/// Finding 4: a `Loan` dropped without `resume` keeps its budget unit for
+/// the publisher's lifetime: with the default budget of 2, two dropped
+/// loans and the publisher can never loan again.
+#[test]
+fn dropped_loans_give_their_budget_back() {
+    use super::{LoanError, StreamConfig, StreamSegment};
+    let seg = StreamSegment::create("review", &StreamConfig::new(8, 16)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    drop(publisher.loan().unwrap().detach());
+    drop(publisher.loan().unwrap().detach());
+    assert!(
+        !matches!(publisher.loan().map(drop), Err(LoanError::TooManyLoans { .. })),
+        "publisher is dead for good after two dropped Loans"
+    );
+}
+
+/// Finding 2b: the very first send of a stream killed at its first point
+/// (nothing pushed): every subscriber "holds" frame 0 in slot 0, so repair
+/// reports it reached, roll_forward delivers it to nobody and
+/// finish_delivery pushes slot 0 into the free list a second time.
+#[test]
+fn a_first_send_killed_before_any_push_is_forgotten() {
+    let (stream, channels, _owner, _subs) = world(&[(2, OverflowPolicy::DropNewest)]);
+    let p1 = PubCore::attach(stream.clone(), channels.clone(), 100).unwrap();
+    assert_eq!(send_killed_at(p1, 0), 0);
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
+    assert_eq!((p2.next_seq(), p2.free_slots()), (0, SLOTS as usize));
+}
