@@ -78,6 +78,10 @@ enum Command {
         /// Wait for this many subscribers before sending.
         #[arg(long, default_value_t = 0)]
         subscribers: u32,
+        /// Do not stamp frames with their send time (saves a clock read
+        /// per frame; subscribers see a timestamp of 0).
+        #[arg(long)]
+        no_timestamps: bool,
     },
     /// (internal) The Python benchmark's hand-rolled ring producer.
     #[command(hide = true)]
@@ -128,9 +132,10 @@ fn main() -> Result<()> {
         }
         Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
-        Command::Publish { stream, size, slots, count, rate, subscribers } => {
-            tools::publish(&socket, &tools::PublishArgs { stream: &stream, size, slots, count, rate, subscribers })
-        }
+        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => tools::publish(
+            &socket,
+            &tools::PublishArgs { stream: &stream, size, slots, count, rate, subscribers, timestamps: !no_timestamps },
+        ),
         Command::RingProducer { path, count } => tools::ring_producer(&path, count),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),
         Command::DemoSubscriber { policy, credits, work_us } => demo::subscriber(&socket, &policy, credits, work_us),

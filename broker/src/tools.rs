@@ -18,6 +18,7 @@ pub struct PublishArgs<'a> {
     pub count: u64,
     pub rate: u64,
     pub subscribers: u32,
+    pub timestamps: bool,
 }
 
 /// Publishes `count` frames of `size` bytes (the sequence number in the
@@ -28,6 +29,7 @@ pub fn publish(socket: &Path, a: &PublishArgs<'_>) -> Result<()> {
     let client = Client::connect_to(socket)?;
     let mut config = StreamConfig::new(a.size, a.slots);
     config.max_subscribers = config.max_subscribers.max(a.subscribers);
+    config.timestamps = a.timestamps;
     let mut publisher = client.publisher(a.stream, &config)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.stats(Some(a.stream))?.streams.first().map_or(0, |s| s.subscribers.len()) < a.subscribers as usize {

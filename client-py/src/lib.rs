@@ -83,8 +83,11 @@ impl Client {
     /// Becomes the publisher of stream `name` with `slots` slots of
     /// `slot_size` bytes, creating it, or taking it over if its publisher
     /// is gone (same geometry). Options: `max_subscribers` (8),
-    /// `mlock` (False), `huge_pages` (False), `prefault` (True).
-    #[pyo3(signature = (name, slot_size, slots, *, max_subscribers=None, mlock=false, huge_pages=false, prefault=true))]
+    /// `mlock` (False), `huge_pages` (False), `prefault` (True),
+    /// `timestamps` (True: each frame carries its send time; False saves a
+    /// clock read per frame and samples report 0), `loans` (how many loans
+    /// the publisher may hold at once; 0 picks 2).
+    #[pyo3(signature = (name, slot_size, slots, *, max_subscribers=None, mlock=false, huge_pages=false, prefault=true, timestamps=true, loans=0))]
     #[allow(clippy::too_many_arguments)]
     fn publisher(
         &self,
@@ -96,6 +99,8 @@ impl Client {
         mlock: bool,
         huge_pages: bool,
         prefault: bool,
+        timestamps: bool,
+        loans: u32,
     ) -> PyResult<publisher::Publisher> {
         let mut config = memsock::StreamConfig::new(slot_size, slots);
         if let Some(m) = max_subscribers {
@@ -104,6 +109,8 @@ impl Client {
         config.mlock = mlock;
         config.huge_pages = huge_pages;
         config.prefault = prefault;
+        config.timestamps = timestamps;
+        config.publisher_loans = loans;
         let inner = py.detach(|| self.inner.publisher(name, &config)).map_err(errors::client)?;
         Ok(publisher::Publisher::new(inner))
     }

@@ -2,6 +2,8 @@
 //! into a slot (one copy, contiguous or not).
 
 use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use std::os::raw::c_int;
@@ -25,8 +27,10 @@ pub(crate) struct Publisher {
     stream: String,
     took_over: bool,
     /// Loans handed out and not yet sent or discarded: their slots are
-    /// mapped through `inner`, which must stay open meanwhile.
-    loans_out: usize,
+    /// mapped through `inner`, which must stay open meanwhile. Shared with
+    /// the loans, which count themselves out even when collected while the
+    /// publisher is busy on another thread.
+    loans_out: Arc<AtomicUsize>,
 }
 
 /// Sends `sample`, waiting for room up to `deadline` in slices that let
@@ -60,7 +64,7 @@ fn send_sample(py: Python<'_>, mut sample: SampleMut<'_>, deadline: Option<Insta
 impl Publisher {
     pub(crate) fn new(inner: memsock::Publisher) -> Self {
         let (stream, took_over) = (inner.stream().to_owned(), inner.took_over());
-        Self { inner: SyncWrapper::new(Some(inner)), stream, took_over, loans_out: 0 }
+        Self { inner: SyncWrapper::new(Some(inner)), stream, took_over, loans_out: Arc::default() }
     }
 
     fn publisher(&mut self) -> PyResult<&mut memsock::Publisher> {
@@ -156,8 +160,9 @@ impl Publisher {
         sample.set_len(nbytes);
         let addr = sample.as_mut_ptr() as usize;
         let loan = sample.detach();
-        this.loans_out += 1;
-        Ok(Loan { loan: Some(loan), owner: slf.clone().unbind(), addr, nbytes, exports: 0 })
+        this.loans_out.fetch_add(1, Ordering::Relaxed);
+        let out = this.loans_out.clone();
+        Ok(Loan { loan: Some(loan), owner: slf.clone().unbind(), out, addr, nbytes, exports: 0 })
     }
 
     /// Bytes per slot: the largest frame.
@@ -187,10 +192,10 @@ impl Publisher {
     /// Stops publishing (subscribers get `PublisherGone` after the frames
     /// already sent). Also done when the publisher is collected.
     fn close(&mut self) -> PyResult<()> {
-        if self.loans_out > 0 {
+        let out = self.loans_out.load(Ordering::Relaxed);
+        if out > 0 {
             return Err(errors::Error::new_err(format!(
-                "{} loan(s) of this publisher are still open: send or discard them first",
-                self.loans_out
+                "{out} loan(s) of this publisher are still open: send or discard them first"
             )));
         }
         *self.inner.get_mut() = None;
@@ -218,6 +223,8 @@ impl Publisher {
 pub(crate) struct Loan {
     loan: Option<memsock::shm::Loan>,
     owner: Py<Publisher>,
+    /// The publisher's count of loans out.
+    out: Arc<AtomicUsize>,
     /// The slot's address in the publisher's mapping, which stays open
     /// while the loan is out (`Publisher.close` refuses).
     addr: usize,
@@ -237,10 +244,12 @@ impl Loan {
             )));
         }
         let loan = self.loan.take().ok_or_else(|| errors::Error::new_err("the loan was already sent or discarded"))?;
+        // Out from here on: should the publisher be busy, the loan is
+        // dropped below, and the publisher takes its slot back itself.
+        self.out.fetch_sub(1, Ordering::Relaxed);
         let owner = self.owner.bind(py);
         let mut publisher =
             owner.try_borrow_mut().map_err(|_| errors::Error::new_err("the publisher is busy on another thread"))?;
-        publisher.loans_out -= 1;
         let sample = match publisher.publisher()?.resume(loan) {
             Ok(sample) => sample,
             Err(_) => return Err(errors::Error::new_err("the loan belongs to another publisher")),

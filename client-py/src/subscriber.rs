@@ -25,12 +25,23 @@ pub(crate) struct Subscriber {
     // Python object.
     inner: SyncWrapper<Option<memsock::Subscriber>>,
     stream: String,
+    /// News a batch ran into after it had frames: raised by the next
+    /// receive, so that no `PublisherGone`/`PublisherBack`/end is lost.
+    pending: Option<TryRecvError>,
 }
 
 impl Subscriber {
     pub(crate) fn new(inner: memsock::Subscriber) -> Self {
         let stream = inner.stream().to_owned();
-        Self { inner: SyncWrapper::new(Some(inner)), stream }
+        Self { inner: SyncWrapper::new(Some(inner)), stream, pending: None }
+    }
+
+    /// Raises the news a batch left pending, if any.
+    fn raise_pending(&mut self) -> PyResult<()> {
+        match self.pending.take() {
+            Some(e) => Err(errors::try_recv(e)),
+            None => Ok(()),
+        }
     }
 
     /// Hands back the slots of frames released since the last receive.
@@ -47,6 +58,7 @@ impl Subscriber {
     /// Waits for a frame until `deadline`, in slices that let Python look
     /// for signals.
     fn wait_frame(&mut self, py: Python<'_>, deadline: Option<Instant>) -> PyResult<Frame> {
+        self.raise_pending()?;
         let sub = self.sub()?;
         match sub.try_recv() {
             Ok(sample) => return Ok(Frame::new(sample.detach())),
@@ -90,6 +102,7 @@ impl Subscriber {
 
     /// The next frame if one is queued, else None.
     fn try_recv(slf: &Bound<'_, Self>) -> PyResult<Option<Frame>> {
+        slf.borrow_mut().raise_pending()?;
         let got = slf.borrow_mut().sub()?.try_recv().map(memsock::Sample::detach);
         match got {
             Ok(sample) => Ok(Some(Frame::new(sample).owned_by(slf.clone().unbind()))),
@@ -101,7 +114,9 @@ impl Subscriber {
     /// Waits (like `recv`) for at least one message, then takes up to
     /// `max_n` without waiting more, copied into one `Batch` (numpy
     /// arrays: `data`, `offsets`, `seq`, `timestamp_ns`). Slots go back at
-    /// once. For many small messages per Python call.
+    /// once. For many small messages per Python call. News met after the
+    /// first message (`PublisherGone`, `PublisherBack`, the end) is raised
+    /// by the next receive, after the batch's messages.
     #[pyo3(signature = (max_n, timeout=None))]
     fn recv_batch(&mut self, py: Python<'_>, max_n: usize, timeout: Option<f64>) -> PyResult<Batch> {
         if max_n == 0 {
@@ -117,15 +132,18 @@ impl Subscriber {
         }
         let sub = self.sub()?;
         let batch_now = &mut batch;
-        py.detach(move || {
+        let news = py.detach(move || {
             let batch = batch_now;
             while batch.seq.len() < max_n {
                 match sub.try_recv() {
                     Ok(sample) => batch.push_sample(&sample),
-                    Err(_) => break,
+                    Err(TryRecvError::Empty | TryRecvError::CreditsExhausted { .. }) => break,
+                    Err(news) => return Some(news),
                 }
             }
+            None
         });
+        self.pending = news;
         Ok(batch.finish(py))
     }
 
@@ -134,6 +152,14 @@ impl Subscriber {
     fn set_credits(&mut self, py: Python<'_>, credits: u32) -> PyResult<()> {
         let sub = self.sub()?;
         py.detach(move || sub.set_credits(credits)).map_err(errors::client)
+    }
+
+    /// The publisher generation: how many times a publisher has arrived
+    /// or left, odd while one is attached. Compare two readings to learn
+    /// of a change without catching `PublisherGone` / `PublisherBack`.
+    #[getter]
+    fn publisher_generation(&mut self) -> PyResult<u64> {
+        Ok(self.sub()?.publisher_generation())
     }
 
     /// Current credits.
@@ -215,6 +241,7 @@ impl Subscriber {
     /// `Watcher.wait`). Used by `recv_async`.
     fn _poll(slf: &Bound<'_, Self>) -> PyResult<(Option<Frame>, Option<Position>)> {
         let mut this = slf.borrow_mut();
+        this.raise_pending()?;
         let sub = this.sub()?;
         let got = sub.try_recv().map(memsock::Sample::detach);
         match got {

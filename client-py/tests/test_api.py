@@ -161,9 +161,10 @@ def test_errors_are_memsock_errors_with_clear_messages(broker, tmp_path):
     client = broker.connect()
     with pytest.raises(memsock.NoSuchStream):
         client.subscribe("missing", wait=False)
-    pub = client.publisher("e", slot_size=64, slots=4)
+    pub = client.publisher("e", slot_size=64, slots=5)
     with pytest.raises(memsock.StreamExists):
-        client.publisher("e", slot_size=64, slots=4)
+        client.publisher("e", slot_size=64, slots=5)
+    # Two of the five slots are kept for the publisher's loans.
     with pytest.raises(memsock.CreditsRefused, match="4 credits refused, 3 available"):
         client.subscribe("e", credits=4, wait=False)
     with pytest.raises(memsock.InvalidArgument, match="policy"):
@@ -245,3 +246,50 @@ def test_an_exception_in_a_with_block_is_not_masked_by_a_live_view(pair):
             kept.append(buf.ndarray(np.uint32, offset=4, count=2))
             raise ValueError("also kept")
     kept.clear()
+
+
+def test_a_stream_without_timestamps_stamps_every_frame_zero(broker):
+    client = broker.connect()
+    pub = client.publisher("plain", slot_size=64, slots=4, timestamps=False)
+    sub = client.subscribe("plain", credits=2, policy="lossless", wait=False)
+    pub.send(b"x")
+    frame = sub.recv(timeout=5)
+    assert (frame.tobytes(), frame.timestamp_ns) == (b"x", 0)
+
+
+def test_the_publisher_holds_at_most_its_loan_budget(broker):
+    client = broker.connect()
+    pub = client.publisher("budget", slot_size=64, slots=8, loans=2)
+    sub = client.subscribe("budget", credits=6, policy="lossless", wait=False)
+    first, second = pub.loan(8), pub.loan(8)
+    with pytest.raises(memsock.Error, match="already holds its 2 loan"):
+        pub.loan(8)
+    memoryview(first)[:1] = b"a"
+    first.send()
+    with pub.loan(1) as buf:
+        memoryview(buf)[:] = b"b"
+    second.discard()
+    assert [sub.recv(timeout=5).tobytes()[:1] for _ in range(2)] == [b"a", b"b"]
+
+
+def test_a_batch_never_swallows_news_of_the_publisher(broker):
+    client = broker.connect()
+    pub = client.publisher("news", slot_size=64, slots=8)
+    sub = client.subscribe("news", credits=4, policy="lossless", wait=False)
+    generation = sub.publisher_generation
+    assert generation % 2 == 1  # a publisher is attached
+    pub.send(b"a")
+    pub.send(b"b")
+    pub.close()
+    # The batch holds the two frames; the departure it met comes next.
+    batch = sub.recv_batch(10, timeout=5)
+    assert [batch[i] for i in range(len(batch))] == [b"a", b"b"]
+    with pytest.raises(memsock.PublisherGone):
+        sub.recv(timeout=5)
+    assert sub.publisher_generation == generation + 1
+    pub = client.publisher("news", slot_size=64, slots=8)
+    pub.send(b"c")
+    with pytest.raises(memsock.PublisherBack):
+        sub.recv_batch(10, timeout=5)
+    assert sub.recv_batch(10, timeout=5)[0] == b"c"
+    assert sub.publisher_generation == generation + 2

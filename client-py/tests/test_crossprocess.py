@@ -1,7 +1,9 @@
 """Frames between processes through the real broker: Rust -> Python,
 Python -> Python, Python -> Rust; a killed Python subscriber; Ctrl-C."""
 
+import json
 import signal
+import subprocess
 import threading
 import time
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 import memsock
-from conftest import eventually, frame_bytes, frame_len
+from conftest import _exe, eventually, frame_bytes, frame_len
 
 
 def subscribe_in_background(broker, name, **kw):
@@ -83,13 +85,14 @@ def test_python_publisher_to_rust_subscriber(broker, rust_peer):
 
 def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
     client = broker.connect()
-    pub = client.publisher("held", slot_size=64, slots=8)
+    # Nine slots: seven to promise, two kept for the publisher's loans.
+    pub = client.publisher("held", slot_size=64, slots=9)
     holder = py_peer("hold", broker.socket, "held", 3)
     holder.read_until("ready")
     for i in range(3):
         pub.send(bytes([i]))
     holder.read_until("holding")
-    assert broker.stream("held")["free_slots"] == 5
+    assert broker.stream("held")["free_slots"] == 6
     holder.kill()
 
     # Its credits are free again at once, though the publisher is idle.
@@ -111,7 +114,7 @@ def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
         except memsock.WouldBlock:
             pass
         s = broker.stream("held")
-        return not s["subscribers"] and s["free_slots"] == 8
+        return not s["subscribers"] and s["free_slots"] == 9
     assert eventually(reclaimed)
 
 
@@ -123,3 +126,20 @@ def test_ctrl_c_interrupts_a_blocking_recv(broker, py_peer):
     time.sleep(0.2)  # inside recv(), without the GIL
     peer.proc.send_signal(signal.SIGINT)
     assert peer.finish(timeout=10) == {"interrupted": True}
+
+
+def test_memsock_publish_can_leave_frames_unstamped(broker):
+    get = subscribe_in_background(broker, "plain", credits=8, policy="lossless")
+    args = [_exe("MEMSOCK_EXE", "memsock"), "--socket", broker.socket, "publish", "--stream", "plain",
+            "--size", "64", "--slots", "16", "--count", "100", "--subscribers", "1", "--no-timestamps"]
+    publisher = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    sub = get()
+    stamps = []
+    for seq in range(100):
+        with sub.recv(timeout=30) as frame:
+            assert frame.seq == seq
+            stamps.append(frame.timestamp_ns)
+    out, _ = publisher.communicate(timeout=60)
+    assert publisher.returncode == 0
+    assert json.loads(out)["sent"] == 100
+    assert stamps == [0] * 100

@@ -35,6 +35,8 @@ class Client:
         mlock: bool = False,
         huge_pages: bool = False,
         prefault: bool = True,
+        timestamps: bool = True,
+        loans: int = 0,
     ) -> Publisher:
         """Creates stream `name` (or takes it over) and publishes to it."""
     def subscribe(
@@ -150,6 +152,9 @@ class Subscriber:
     def credits(self) -> int: ...
     @property
     def held(self) -> int: ...
+    @property
+    def publisher_generation(self) -> int:
+        """Publisher arrivals and departures so far; odd while one is attached."""
     def recv(self, timeout: Optional[float] = None) -> Frame:
         """Waits for the next frame (GIL released, Ctrl-C answered)."""
     def try_recv(self) -> Optional[Frame]:
