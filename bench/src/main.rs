@@ -86,12 +86,20 @@ fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
         let (count, lat_count) = if size == 64 { (n(10e6), n(20e3)) } else { (n(4e3), n(2e3)) };
         for (subscribers, spin) in [(1, true), (1, false), (4, false)] {
             let count = if subscribers == 4 { count / 2 } else { count };
-            let case = Case { size, subscribers, spin, count, lat_count, huge_pages, broker: None };
-            if only.is_none_or(|o| case.describe().contains(o)) {
-                cases.push(case);
-            }
+            cases.push(Case::new(size, subscribers, spin, count, lat_count, huge_pages));
+        }
+        let one_spin = Case::new(size, 1, true, count, lat_count, huge_pages);
+        if size == 64 {
+            // The clock read every stamped frame pays, and what a hostile
+            // lossy subscriber costs the publisher.
+            cases.push(Case { timestamps: false, ..one_spin });
+            cases.push(Case { hostile: true, ..Case::new(size, 1, false, count, lat_count, huge_pages) });
+        } else {
+            // Routing by header: the payload is not read.
+            cases.push(Case { read_header: true, ..one_spin });
         }
     }
+    cases.retain(|case| only.is_none_or(|o| case.describe().contains(o)));
     cases
 }
 
@@ -99,7 +107,9 @@ fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
 /// through the broker, interleaved; then the connect time.
 fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
     let broker = broker::BrokerProc::start()?;
-    let cases = stream_cases(scale, None, false);
+    let mut cases = stream_cases(scale, None, false);
+    // The hostile peer needs the stream's files, which the broker keeps.
+    cases.retain(|case| !case.hostile);
     let rounds_lines = measure_rounds(rounds, json_out, || {
         let mut lines = Vec::new();
         for case in &cases {
@@ -135,10 +145,10 @@ fn broker_targets(lines: &[Value]) -> Value {
     let mut t = serde_json::Map::new();
     t.insert("case".into(), "broker_targets".into());
     for via in lines.iter().filter(|v| v["case"] == "stream" && v["via"] == "broker") {
-        let direct = lines
-            .iter()
-            .find(|d| d["via"].is_null() && ["case", "size", "subscribers", "wait"].iter().all(|k| d[k] == via[k]));
-        let name = format!("{}x{}_{}", via["size"], via["subscribers"], via["wait"].as_str().unwrap_or("?"));
+        let mut direct_of = via.clone();
+        direct_of.as_object_mut().map(|o| o.remove("via"));
+        let direct = lines.iter().find(|d| same_case(d, &direct_of));
+        let name = stream::describe(via).trim_start_matches("stream ").replace([' ', '×'], "_").replace("__", "_");
         let ratio = |key: &str| num(Some(via), key) / num(direct, key);
         t.insert(format!("{name}_msgs_per_s_broker_vs_direct"), json!(ratio("msgs_per_s")));
         t.insert(format!("{name}_p50_broker_vs_direct"), json!(ratio("lat_p50_ns")));
@@ -156,6 +166,7 @@ fn child() -> Result<()> {
         Some("pong") => reference::pong(&spec),
         Some("stream_publisher") => stream::publisher_child(&spec),
         Some("stream_subscriber") => stream::subscriber_child(&spec),
+        Some("hostile_subscriber") => stream::hostile_child(&spec),
         Some("broker") => broker::broker_child(&spec),
         Some("connect_publisher") => broker::connect_publisher(&spec),
         Some("connect_subscriber") => broker::connect_subscriber(&spec),
@@ -178,9 +189,10 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
             reference::memcpy(64, n(2e9) as usize),
             reference::memcpy(1_153_434, n(2e9) as usize),
             reference::clock(n(2e7)),
-            reference::reference_ring(64, n(10e6), false)?,
-            reference::reference_ring(64, n(10e6), true)?,
-            reference::reference_ring(1_153_434, n(4e3), false)?,
+            reference::reference_ring(64, n(10e6), false, false)?,
+            reference::reference_ring(64, n(10e6), true, false)?,
+            reference::reference_ring(1_153_434, n(4e3), false, false)?,
+            reference::reference_ring(1_153_434, n(4e3), false, true)?,
             reference::cacheline(n(5e5))?,
             reference::futex(n(5e3) as u32)?,
         ];
@@ -232,8 +244,17 @@ fn print_json(figures: &[Value], targets: &Value) {
     println!("{targets}");
 }
 
+/// The fields that name a case: every field that is not a figure (all
+/// but numbers, and of numbers the size and subscriber count).
+fn identity(v: &Value) -> Vec<(&String, &Value)> {
+    v.as_object()
+        .map(|o| o.iter().filter(|(k, v)| !v.is_number() || ["size", "subscribers"].contains(&k.as_str())).collect())
+        .unwrap_or_default()
+}
+
+/// Whether two lines measure the same case (rounds merge by this).
 fn same_case(a: &Value, b: &Value) -> bool {
-    ["case", "size", "subscribers", "wait", "via"].iter().all(|k| a[k] == b[k])
+    identity(a) == identity(b)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -286,8 +307,21 @@ fn find(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
     lines.iter().find(|v| pred(v))
 }
 
+/// The line of the case whose identity includes every field of `pattern`,
+/// with the defaults (stamped, read whole, no hostile peer, direct) for
+/// fields the pattern does not give.
+fn line_like(lines: &[Value], pattern: Value) -> Option<&Value> {
+    let mut want = json!({"timestamps": true, "read": "whole", "hostile": false});
+    if pattern["case"] != "stream" {
+        want = json!({});
+    }
+    want.as_object_mut()?.extend(pattern.as_object()?.clone());
+    let want = want.as_object()?;
+    find(lines, |v| want.iter().all(|(k, x)| &v[k] == x) && v["via"].is_null())
+}
+
 fn stream_line<'a>(lines: &'a [Value], size: u64, subs: u64, wait: &str) -> Option<&'a Value> {
-    find(lines, |v| v["case"] == "stream" && v["size"] == size && v["subscribers"] == subs && v["wait"] == wait)
+    line_like(lines, json!({"case": "stream", "size": size, "subscribers": subs, "wait": wait}))
 }
 
 fn num(v: Option<&Value>, key: &str) -> f64 {
@@ -298,8 +332,25 @@ fn num(v: Option<&Value>, key: &str) -> f64 {
 fn targets(lines: &[Value]) -> Value {
     let reference_ring = num(find(lines, |v| v["case"] == "reference_ring" && v["size"] == 64), "msgs_per_s");
     let stamped_ring = num(find(lines, |v| v["case"] == "reference_ring_stamped"), "msgs_per_s");
-    let reference_ring_big =
-        num(find(lines, |v| v["case"] == "reference_ring" && v["size"] == 1_153_434), "gbytes_per_s");
+    let big_ring = |read: &str| {
+        num(line_like(lines, json!({"case": "reference_ring", "size": 1_153_434, "read": read})), "gbytes_per_s")
+    };
+    let reference_ring_big = big_ring("whole");
+    let nostamp = num(
+        line_like(lines, json!({"case": "stream", "size": 64, "subscribers": 1, "wait": "spin", "timestamps": false})),
+        "msgs_per_s",
+    );
+    let header = num(
+        line_like(
+            lines,
+            json!({"case": "stream", "size": 1_153_434, "subscribers": 1, "wait": "spin", "read": "header"}),
+        ),
+        "gbytes_per_s",
+    );
+    let hostile = num(
+        line_like(lines, json!({"case": "stream", "size": 64, "subscribers": 1, "wait": "block", "hostile": true})),
+        "pub_cpu_ns_per_msg",
+    );
     let memcpy_big = num(find(lines, |v| v["case"] == "memcpy" && v["size"] == 1_153_434), "gbytes_per_s");
     let cacheline = num(find(lines, |v| v["case"] == "cacheline"), "one_way_ns");
     let futex = num(find(lines, |v| v["case"] == "futex"), "one_way_ns");
@@ -312,15 +363,18 @@ fn targets(lines: &[Value]) -> Value {
     json!({
         "case": "targets",
         "small_spin_vs_reference_ring": s(64, 1, "spin", "msgs_per_s") / reference_ring,
+        "small_spin_nostamp_vs_reference_ring": nostamp / reference_ring,
         "small_spin_vs_stamped_ring": s(64, 1, "spin", "msgs_per_s") / stamped_ring,
         "stamped_ring_vs_reference_ring": stamped_ring / reference_ring,
         "big_spin_vs_memcpy": s(1_153_434, 1, "spin", "gbytes_per_s") / memcpy_big,
         "big_block_vs_memcpy": s(1_153_434, 1, "block", "gbytes_per_s") / memcpy_big,
         "big_spin_vs_reference_ring": s(1_153_434, 1, "spin", "gbytes_per_s") / reference_ring_big,
+        "big_spin_header_vs_reference_ring_header": header / big_ring("header"),
         "big_reference_ring_vs_memcpy": reference_ring_big / memcpy_big,
         "small_spin_p50_vs_cacheline": s(64, 1, "spin", "lat_p50_ns") / cacheline,
         "small_block_p50_vs_futex": s(64, 1, "block", "lat_p50_ns") / futex,
         "small_pub_cpu_4_vs_1": s(64, 4, "block", "pub_cpu_ns_per_msg") / s(64, 1, "block", "pub_cpu_ns_per_msg"),
+        "small_pub_cpu_hostile_vs_plain": hostile / s(64, 1, "block", "pub_cpu_ns_per_msg"),
         "big_pub_cpu_4_vs_1": s(1_153_434, 4, "block", "pub_cpu_ns_per_msg") / s(1_153_434, 1, "block", "pub_cpu_ns_per_msg"),
         "max_minflt_per_msg": max_minflt,
     })
@@ -328,12 +382,12 @@ fn targets(lines: &[Value]) -> Value {
 
 fn describe(v: &Value) -> String {
     match v["case"].as_str() {
-        Some("stream") => stream::describe(
-            v["size"].as_u64().unwrap_or(0) as usize,
-            v["subscribers"].as_u64().unwrap_or(0) as u32,
-            v["wait"] == "spin",
-        ),
-        Some(c) => format!("{c} {}", if v["size"].is_null() { String::new() } else { format!("{} B", v["size"]) }),
+        Some("stream") => stream::describe(v),
+        Some(c) => {
+            let size = if v["size"].is_null() { String::new() } else { format!(" {} B", v["size"]) };
+            let read = if v["read"] == "header" { " header" } else { "" };
+            format!("{c}{size}{read}")
+        }
         None => v.to_string(),
     }
 }
@@ -344,18 +398,20 @@ fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
         None => "-".into(),
     };
     println!(
-        "{:<22} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
-        "case", "size", "subs", "wait", "Mmsg/s", "GB/s", "p50 ns", "p99 ns", "pub ns/msg", "minflt/msg"
+        "{:<22} {:>9} {:>5} {:>6} {:>16} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+        "case", "size", "subs", "wait", "variant", "Mmsg/s", "GB/s", "p50 ns", "p99 ns", "pub ns/msg", "minflt/msg"
     );
     for v in lines {
         let case = v["case"].as_str().unwrap_or("?");
         let oneway = f(v, "one_way_ns", 1.0, 1);
+        let variant = stream::variant(v);
         println!(
-            "{:<22} {:>9} {:>5} {:>6} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+            "{:<22} {:>9} {:>5} {:>6} {:>16} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
             case,
             v["size"].as_u64().map_or("-".into(), |s| s.to_string()),
             v["subscribers"].as_u64().map_or("-".into(), |s| s.to_string()),
             v["wait"].as_str().unwrap_or("-"),
+            if variant.is_empty() { "-".to_string() } else { variant.join(",") },
             f(v, "msgs_per_s", 1e6, 2),
             f(v, "gbytes_per_s", 1.0, 2),
             match case {
@@ -370,17 +426,20 @@ fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
     }
     println!("\ntargets (ratios within each round; median and range of {} rounds):", rounds.len());
     let rows = [
-        ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring", ">= 0.5"),
-        ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read (info)", "-"),
+        ("small_spin_nostamp_vs_reference_ring", "64 B spin, no timestamps, msgs/s ÷ reference ring", ">= 0.5"),
+        ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read", ">= 0.9"),
+        ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring (info)", "-"),
         ("stamped_ring_vs_reference_ring", "ring + clock read ÷ reference ring (info)", "-"),
         ("big_spin_vs_memcpy", "1.1 MB spin GB/s ÷ memcpy", ">= 0.9"),
         ("big_block_vs_memcpy", "1.1 MB block GB/s ÷ memcpy", ">= 0.9"),
-        ("big_spin_vs_reference_ring", "1.1 MB spin GB/s ÷ bare ring (info)", "~ 1"),
+        ("big_spin_vs_reference_ring", "1.1 MB spin GB/s ÷ bare ring", ">= 0.95"),
+        ("big_spin_header_vs_reference_ring_header", "1.1 MB spin, header read, ÷ bare ring read so", ">= 0.95"),
         ("big_reference_ring_vs_memcpy", "1.1 MB bare ring GB/s ÷ memcpy (info)", "-"),
         ("small_spin_p50_vs_cacheline", "64 B spin p50 ÷ cache-line one-way", "<= 2"),
         ("small_block_p50_vs_futex", "64 B block p50 ÷ futex one-way", "<= 1.2"),
         ("small_pub_cpu_4_vs_1", "64 B block publisher CPU, 4 subs ÷ 1", "<= 2"),
         ("big_pub_cpu_4_vs_1", "1.1 MB block publisher CPU, 4 subs ÷ 1", "<= 2"),
+        ("small_pub_cpu_hostile_vs_plain", "64 B block publisher CPU, hostile peer ÷ none", "~ 1"),
         ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
     ];
     for (key, what, goal) in rows {

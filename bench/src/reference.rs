@@ -58,9 +58,12 @@ fn ring_len(size: usize) -> usize {
 /// `stamped`: the producer also reads the monotonic clock once per frame
 /// and writes it into the frame, as memsock stamps every frame with its
 /// publish time — the floor for any design whose samples carry one.
-pub fn reference_ring(size: usize, count: u64, stamped: bool) -> Result<Value> {
+/// `header`: the consumer reads only each frame's first
+/// [`HEADER_LEN`](crate::stream::HEADER_LEN) bytes, as a stream case that
+/// routes by header does.
+pub fn reference_ring(size: usize, count: u64, stamped: bool, header: bool) -> Result<Value> {
     let region = Region::create(ring_len(size))?;
-    let spec = json!({"role": "ring_consumer", "count": count, "size": size});
+    let spec = json!({"role": "ring_consumer", "count": count, "size": size, "header": header});
     let (mut child, _) = ChildProc::spawn(&spec, &[region.fd()])?;
     child.read()?; // ready
     pin(0);
@@ -89,8 +92,8 @@ pub fn reference_ring(size: usize, count: u64, stamped: bool) -> Result<Value> {
     let secs = r["elapsed_ns"].as_f64().unwrap_or(f64::NAN) / 1e9;
     let msgs_per_s = count as f64 / secs;
     let case = if stamped { "reference_ring_stamped" } else { "reference_ring" };
-    Ok(json!({"case": case, "size": size, "msgs_per_s": msgs_per_s,
-              "gbytes_per_s": msgs_per_s * size as f64 / 1e9}))
+    Ok(json!({"case": case, "size": size, "read": if header { "header" } else { "whole" },
+              "msgs_per_s": msgs_per_s, "gbytes_per_s": msgs_per_s * size as f64 / 1e9}))
 }
 
 /// What one read of the monotonic clock costs this thread, back to back:
@@ -110,6 +113,7 @@ pub fn clock(reads: u64) -> Value {
 pub fn ring_consumer(spec: &Value) -> Result<()> {
     let count = spec["count"].as_u64().unwrap_or(0);
     let size = spec["size"].as_u64().unwrap_or(64) as usize;
+    let read = if spec["header"] == true { size.min(crate::stream::HEADER_LEN) } else { size };
     let fd = inherited_fds(spec).pop().expect("ring fd");
     let region = Region::map(fd, ring_len(size))?;
     let (slots, stride) = ring_geometry(size);
@@ -129,7 +133,7 @@ pub fn ring_consumer(spec: &Value) -> Result<()> {
         start.get_or_insert_with(Instant::now);
         // SAFETY: frame `head` was published (head < tail) and is not
         // rewritten before `head` moves past it.
-        let frame = unsafe { region.bytes(4096 + (head as usize % slots) * stride, size) };
+        let frame = unsafe { region.bytes(4096 + (head as usize % slots) * stride, read) };
         let seq = u64::from_le_bytes(frame[..8].try_into().unwrap());
         assert_eq!(seq, head, "reference ring lost a frame");
         check = check.wrapping_add(crate::stream::fold(frame));

@@ -6,7 +6,14 @@
 //! back-pressure, as the wait mode says); every frame is written whole by
 //! the publisher and read whole by each subscriber. Latency: `lat_count`
 //! frames sent at a fixed interval, each subscriber timing receive time
-//! minus publish timestamp.
+//! minus publish timestamp (carried in the payload when the stream does
+//! not stamp its frames).
+//!
+//! A case may read only each frame's first 64 bytes (`"read":"header"`:
+//! route by header, read the payload later or never), stream without
+//! timestamps (`"timestamps":false`), or have a hostile lossy subscriber
+//! present (`"hostile":true`) that never reads and keeps its wake word set,
+//! to show what such a peer costs the publisher.
 
 use std::hint::black_box;
 use std::os::fd::AsFd;
@@ -39,12 +46,45 @@ pub struct Case {
     /// Obtain the stream through the broker listening on this socket
     /// (instead of creating it here and passing descriptors).
     pub broker: Option<&'static str>,
+    /// Frames carry their publish time (`StreamConfig::timestamps`).
+    pub timestamps: bool,
+    /// Subscribers read only the first 64 bytes of each frame.
+    pub read_header: bool,
+    /// A keep-latest subscriber that never reads and keeps its wake word
+    /// set is attached too.
+    pub hostile: bool,
 }
 
 impl Case {
+    /// A case of `size`-byte frames to `subscribers` subscribers, stamped,
+    /// read whole, with no hostile peer.
+    pub fn new(size: usize, subscribers: u32, spin: bool, count: u64, lat_count: u64, huge_pages: bool) -> Self {
+        Self {
+            size,
+            subscribers,
+            spin,
+            count,
+            lat_count,
+            huge_pages,
+            broker: None,
+            timestamps: true,
+            read_header: false,
+            hostile: false,
+        }
+    }
+
     /// The case's name.
     pub fn describe(&self) -> String {
-        describe(self.size, self.subscribers, self.spin)
+        describe(&self.identity())
+    }
+
+    /// The fields that name the case in its JSON line.
+    fn identity(&self) -> Value {
+        json!({
+            "case": "stream", "size": self.size, "subscribers": self.subscribers, "wait": wait_name(self.spin),
+            "timestamps": self.timestamps, "read": if self.read_header { "header" } else { "whole" },
+            "hostile": self.hostile,
+        })
     }
 
     fn wait(&self) -> WaitStrategy {
@@ -101,10 +141,34 @@ pub fn write_frame(buf: &mut [u8], seq: u64) {
     buf[..8].copy_from_slice(&seq.to_le_bytes());
 }
 
-/// How a case is named in the table and in `--only`.
-pub fn describe(size: usize, subscribers: u32, spin: bool) -> String {
-    format!("stream {size} B × {subscribers} {}", wait_name(spin))
+/// How a stream line is named in the table and in `--only`, e.g.
+/// "stream 64 B × 1 spin nostamp" or "stream 1153434 B × 1 spin header".
+pub fn describe(v: &Value) -> String {
+    let mut name = format!("stream {} B × {} {}", v["size"], v["subscribers"], v["wait"].as_str().unwrap_or("?"));
+    for word in variant(v) {
+        name.push(' ');
+        name.push_str(word);
+    }
+    name
 }
+
+/// How a line differs from the plain case: "nostamp", "header", "+hostile".
+pub fn variant(v: &Value) -> Vec<&'static str> {
+    let mut words = Vec::new();
+    if v["timestamps"] == false {
+        words.push("nostamp");
+    }
+    if v["read"] == "header" {
+        words.push("header");
+    }
+    if v["hostile"] == true {
+        words.push("+hostile");
+    }
+    words
+}
+
+/// Bytes of a frame a subscriber reads in "header" mode.
+pub const HEADER_LEN: usize = 64;
 
 fn wait_name(spin: bool) -> &'static str {
     if spin { "spin" } else { "block" }
@@ -115,10 +179,11 @@ fn credits(case: &Case) -> u32 {
 }
 
 fn config(case: &Case) -> StreamConfig {
-    let slots = credits(case) * case.subscribers + 1 + 2;
+    let slots = credits(case) * case.subscribers + u32::from(case.hostile) + 1 + 2;
     let mut config = StreamConfig::new(case.size as u32, slots);
-    config.max_subscribers = case.subscribers.max(4);
+    config.max_subscribers = (case.subscribers + 1).max(4);
     config.huge_pages = case.huge_pages;
+    config.timestamps = case.timestamps;
     config
 }
 
@@ -128,6 +193,7 @@ fn spec(case: &Case, role: &str) -> Value {
         "spin": case.spin, "interval_ns": case.interval().as_nanos() as u64,
         "socket": case.broker, "subscribers": case.subscribers,
         "credits": credits(case), "config": serde_json::to_value(config(case)).ok(),
+        "read_header": case.read_header,
     })
 }
 
@@ -154,6 +220,7 @@ pub fn run(case: Case) -> Result<Value> {
     for s in &mut subs {
         s.read().context("subscriber ready")?;
     }
+    let hostile = if case.hostile { Some(spawn_hostile(&mut seg)?) } else { None };
     let mut fds = vec![seg.data_fd()];
     fds.extend(seg.channel_fds());
     let mut p = spec("stream_publisher");
@@ -164,11 +231,45 @@ pub fn run(case: Case) -> Result<Value> {
     for s in subs {
         results.push(s.finish()?);
     }
+    if let Some(mut hostile) = hostile {
+        hostile.kill();
+    }
     let stats = seg.stats();
-    if stats.subscribers.iter().any(|s| s.dropped != 0 || s.faults != 0) {
+    let lossless = stats.subscribers.iter().filter(|s| s.policy == OverflowPolicy::Lossless);
+    if lossless.clone().any(|s| s.dropped != 0 || s.faults != 0) {
         bail!("lossless subscribers lost frames or saw faults: {stats:?}");
     }
     Ok(summarize(&case, &pub_result, &results))
+}
+
+/// Attaches a keep-latest, one-credit, sleeping subscriber and starts a
+/// process that maps its channel and, instead of receiving, keeps setting
+/// its wake word: the publisher keeps evicting its frame and finds it
+/// "asleep" at every frame.
+fn spawn_hostile(seg: &mut StreamSegment) -> Result<ChildProc> {
+    let opts = SubscriberOptions { credits: 1, policy: OverflowPolicy::KeepLatest, wait: WaitStrategy::Park };
+    let t = seg.add_subscriber(&opts, 0)?;
+    let spec = json!({"role": "hostile_subscriber", "queue_capacity": seg.geometry().queue_capacity});
+    let (mut child, _) = ChildProc::spawn(&spec, &[seg.channel_fd(t.index)])?;
+    child.read().context("hostile subscriber ready")?;
+    Ok(child)
+}
+
+/// Child: the hostile subscriber of [`spawn_hostile`]. Runs until killed.
+pub fn hostile_child(spec: &Value) -> Result<()> {
+    let capacity = spec["queue_capacity"].as_u64().unwrap_or(1) as u32;
+    let fd = inherited_fds(spec).pop().expect("channel fd");
+    let region = crate::sys::Region::map(fd, memsock_proto::shm::layout::channel_len(capacity))?;
+    // SAFETY: a channel file starts with its header: atomics only.
+    let header = unsafe { region.get::<memsock_proto::shm::layout::ChannelHeader>() };
+    report(&json!({"ready": true}));
+    loop {
+        // Announced as a sleeper would, again as soon as a wake clears it.
+        if header.waiting.load(std::sync::atomic::Ordering::Relaxed) & 1 == 0 {
+            header.waiting.fetch_or(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        std::hint::spin_loop();
+    }
 }
 
 /// Runs one case with the stream from the broker: subscribers ask for it
@@ -210,18 +311,19 @@ fn summarize(case: &Case, pub_result: &Value, results: &[Value]) -> Value {
     let total = (case.count + case.lat_count) as f64;
     let minflt: u64 = pub_result["minflt"].as_u64().unwrap_or(0)
         + results.iter().map(|r| r["minflt"].as_u64().unwrap_or(0)).sum::<u64>();
-    json!({
-        "case": "stream",
-        "size": case.size,
-        "subscribers": case.subscribers,
-        "wait": wait_name(case.spin),
-        "msgs_per_s": msgs_per_s,
-        "gbytes_per_s": msgs_per_s * case.size as f64 / 1e9,
-        "lat_p50_ns": p50,
-        "lat_p99_ns": p99,
-        "pub_cpu_ns_per_msg": pub_result["cpu_ns"].as_f64().unwrap_or(f64::NAN) / case.count as f64,
-        "minflt_per_msg": minflt as f64 / (total - 1.0),
-    })
+    let mut line = case.identity();
+    line.as_object_mut().expect("an object").extend(serde_json::Map::from_iter([
+        ("msgs_per_s".to_string(), json!(msgs_per_s)),
+        ("gbytes_per_s".to_string(), json!(msgs_per_s * case.size as f64 / 1e9)),
+        ("lat_p50_ns".to_string(), json!(p50)),
+        ("lat_p99_ns".to_string(), json!(p99)),
+        (
+            "pub_cpu_ns_per_msg".to_string(),
+            json!(pub_result["cpu_ns"].as_f64().unwrap_or(f64::NAN) / case.count as f64),
+        ),
+        ("minflt_per_msg".to_string(), json!(minflt as f64 / (total - 1.0))),
+    ]));
+    line
 }
 
 /// Child: the publisher.
@@ -268,12 +370,19 @@ fn publish_frames(
         send_one(publisher, size, seq, spin)?;
     }
     let (cpu1, _) = usage();
+    // Without timestamps on the stream, latency frames carry their send
+    // time in bytes 8..16 of the payload.
+    let stamp_payload = !publisher.timestamps() && size >= 16;
     for seq in count..count + lat_count {
         let next = Instant::now() + interval;
         while Instant::now() < next {
             std::hint::spin_loop();
         }
-        send_one(publisher, size, seq, spin)?;
+        if stamp_payload {
+            send_stamped(publisher, size, seq)?;
+        } else {
+            send_one(publisher, size, seq, spin)?;
+        }
     }
     let (_, flt1) = usage();
     report(&json!({
@@ -304,6 +413,17 @@ fn send_one(publisher: &mut Publisher, size: usize, seq: u64, spin: bool) -> Res
     }
 }
 
+/// Sends frame `seq` with the current time in bytes 8..16.
+fn send_stamped(publisher: &mut Publisher, size: usize, seq: u64) -> Result<()> {
+    let mut sample = publisher.loan()?;
+    let buf = &mut sample.as_mut_slice()[..size];
+    write_frame(buf, seq);
+    buf[8..16].copy_from_slice(&memsock::now_ns().to_le_bytes());
+    sample.set_len(size);
+    sample.send_timeout(Duration::from_secs(30))?;
+    Ok(())
+}
+
 /// Child: one subscriber.
 pub fn subscriber_child(spec: &Value) -> Result<()> {
     let size = spec["size"].as_u64().unwrap_or(64) as usize;
@@ -323,7 +443,7 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
             wait_for_stream: true,
         };
         let sub = client.subscriber("bench", &options)?;
-        return receive_frames(&sub, size, count, lat_count);
+        return receive_frames(&sub, size, count, lat_count, spec["read_header"] == true);
     }
     let fds = inherited_fds(spec);
     let ticket = SubscriberTicket {
@@ -332,10 +452,11 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
         wait,
     };
     let sub = Subscriber::open(fds[0].as_fd(), fds[1].as_fd(), ticket)?;
-    receive_frames(&sub, size, count, lat_count)
+    receive_frames(&sub, size, count, lat_count, spec["read_header"] == true)
 }
 
-fn receive_frames(sub: &Subscriber, size: usize, count: u64, lat_count: u64) -> Result<()> {
+fn receive_frames(sub: &Subscriber, size: usize, count: u64, lat_count: u64, header_only: bool) -> Result<()> {
+    let read = if header_only { size.min(HEADER_LEN) } else { size };
     let mut lat = Vec::with_capacity(lat_count as usize);
     report(&json!({"ready": true}));
 
@@ -353,12 +474,16 @@ fn receive_frames(sub: &Subscriber, size: usize, count: u64, lat_count: u64) -> 
         if sample.seq() != expect || sample.len() != size {
             bail!("expected frame {expect} of {size} bytes, got {} of {}", sample.seq(), sample.len());
         }
-        check = check.wrapping_add(fold(&sample));
+        check = check.wrapping_add(fold(&sample[..read]));
         if u64::from_le_bytes(sample[..8].try_into().unwrap()) != expect {
             bail!("frame {expect} carries the wrong payload");
         }
         if expect >= count {
-            lat.push(now.saturating_sub(sample.timestamp_ns()));
+            let sent = match sample.timestamp_ns() {
+                0 if size >= 16 => u64::from_le_bytes(sample[8..16].try_into().unwrap()),
+                t => t,
+            };
+            lat.push(now.saturating_sub(sent));
         }
         drop(sample);
         if expect == 0 {
