@@ -72,6 +72,23 @@ fn sent_frame_0(
     p1
 }
 
+/// Pauses the owner inside `publisher_gone`, at its first point of the
+/// roll-forward (after subscriber 1's drop, before subscriber 2's push):
+/// `watcher` must hear of nothing yet — no departure, no close. Then
+/// resumes the owner's work, as a second reclaim would.
+fn pause_and_resume_recovery(
+    stream: &Stream,
+    owner: &mut OwnerCore<Stream, Channel>,
+    watcher: &SubCore<Stream, Channel>,
+) {
+    hook::arm(0);
+    assert!(hook::run(|| owner.publisher_gone()).is_none());
+    hook::disarm();
+    assert_eq!(watcher.try_take().unwrap_err(), TryRecvError::Empty, "news before the rolled-forward frame");
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    assert!(owner.reclaim_detached());
+}
+
 /// Sends one frame, "killed" (kill -9) at crash point `k`; returns the
 /// slot it was sending if it died.
 fn send_killed_at(p: PubCore<Stream, Channel>, k: u32) -> u32 {
@@ -156,16 +173,7 @@ fn the_departure_of_a_dead_publisher_comes_after_its_rolled_forward_frame() {
         world(&[(2, OverflowPolicy::DropNewest), (1, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
     let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 2]);
     send_killed_at(p1, 3); // frame 1 reached subscriber 0 only
-    // Pause the owner inside publisher_gone, after subscriber 1's drop
-    // (its first point), before subscriber 2's push.
-    hook::arm(0);
-    assert!(hook::run(|| owner.publisher_gone()).is_none());
-    hook::disarm();
-    // Mid-recovery, the departure is not counted yet.
-    assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Empty);
-    // Resume the owner's work (as a second reclaim would).
-    stream.header().control.writer.store(WRITER_NONE, Relaxed);
-    assert!(owner.reclaim_detached());
+    pause_and_resume_recovery(&stream, &mut owner, &subs[2]);
     assert_eq!(take_seq(&subs[2]), Ok(1), "the rolled-forward frame");
     // And a whole publisher_gone: frame first, then the news.
     let (stream, channels, mut owner, subs) =
@@ -219,13 +227,7 @@ fn a_pending_close_comes_after_the_rolled_forward_frame() {
     let p1 = sent_frame_0(&stream, &channels, &subs, &[0, 2]);
     send_killed_at(p1, 3);
     owner.close(); // the publisher is dead: nobody acknowledges yet
-    hook::arm(0);
-    assert!(hook::run(|| owner.publisher_gone()).is_none());
-    hook::disarm();
-    // Mid-recovery, the close is not acknowledged yet.
-    assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Empty);
-    stream.header().control.writer.store(WRITER_NONE, Relaxed);
-    assert!(owner.reclaim_detached());
+    pause_and_resume_recovery(&stream, &mut owner, &subs[2]);
     assert_eq!(subs[2].try_take().map(|i| i.seq), Ok(1), "the rolled-forward frame, then the end");
     assert_eq!(subs[2].try_take().unwrap_err(), TryRecvError::Closed);
 }
