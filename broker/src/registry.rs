@@ -1,6 +1,20 @@
 //! What the broker knows: streams, who publishes and subscribes to them,
-//! and the clients whose leases hold them. Synchronous and free of I/O:
-//! every operation returns the messages to send, which the server routes.
+//! and the clients whose leases hold them. Synchronous and free of socket
+//! I/O: every operation returns the messages to send, which the server
+//! routes.
+//!
+//! # Who may write a stream
+//! The writer role lives in the stream's shared memory; the broker takes
+//! it from a publisher (to recover and hand it on) only once that
+//! publisher's process is known to be dead: its pidfd, taken when it
+//! connected, says so. A live publisher keeps the role until it exits or
+//! lets go — even after its connection ends or the stream is closed —
+//! so it never writes into a slot a successor has delivered. Where no pidfd
+//! can be had (a kernel before 5.3; a peer in another pid namespace on a
+//! kernel before 6.5), the connection is the lease, as it was: when it
+//! ends the role is taken back, and a publisher that lives on gets
+//! `Replaced` at its next loan or send — a sample it was writing then may
+//! still reach subscribers.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -9,10 +23,12 @@ use std::time::Instant;
 use memsock_proto::control::{
     ControlError, Event, Reply, ServerMessage, StatsReport, StreamReport, SubscriberReport, valid_stream_name,
 };
-use memsock_proto::platform::MAX_FDS_PER_MESSAGE;
+use memsock_proto::platform::{MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::{
-    AddSubscriberError, StreamConfig, StreamSegment, StreamStats, SubscriberOpError, SubscriberOptions,
+    AddSubscriberError, BarrierPassed, EndProgress, StreamConfig, StreamSegment, StreamStats, SubscriberOpError,
+    SubscriberOptions,
 };
+use std::sync::Arc;
 
 /// A client connection's id.
 pub type ConnId = u64;
@@ -39,6 +55,10 @@ impl Outgoing {
 struct Stream {
     segment: StreamSegment,
     publisher: Option<ConnId>,
+    /// A publisher whose connection ended while its process lives on and
+    /// holds the writer role: nobody else may publish until it exits or
+    /// lets go (see the module docs).
+    lingering: Option<Holder>,
     /// Subscription ids.
     subscribers: Vec<u64>,
     /// Counters a second ago and now, for rates.
@@ -73,7 +93,36 @@ struct Pending {
 
 #[derive(Debug)]
 struct Client {
+    holder: Holder,
+}
+
+/// A client's process, as far as the broker can tell whether it lives.
+#[derive(Debug, Clone)]
+struct Holder {
     pid: u32,
+    /// Its pidfd; `None` where none could be had (the connection is then
+    /// the lease).
+    process: Option<Arc<ProcessHandle>>,
+}
+
+impl Holder {
+    /// Known to have exited.
+    fn exited(&self) -> bool {
+        self.process.as_ref().is_some_and(|p| p.has_exited())
+    }
+
+    /// Known to be alive.
+    fn alive(&self) -> bool {
+        self.process.as_ref().is_some_and(|p| !p.has_exited())
+    }
+}
+
+/// A closed stream whose publisher has not acknowledged the close yet.
+#[derive(Debug)]
+struct Closing {
+    at: Instant,
+    segment: StreamSegment,
+    holder: Option<Holder>,
 }
 
 /// The broker's state.
@@ -84,9 +133,9 @@ pub struct Registry {
     pending: Vec<Pending>,
     clients: HashMap<ConnId, Client>,
     next_subscription: u64,
-    /// Closed streams whose publisher may still be attached, and when they
-    /// were closed (see [`Registry::finish_closing`]).
-    closing: Vec<(Instant, StreamSegment)>,
+    /// Closed streams whose publisher may still be attached (see
+    /// [`Registry::finish_closing`]).
+    closing: Vec<Closing>,
     shutting_down: bool,
 }
 
@@ -99,9 +148,10 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, ControlError> {
 }
 
 impl Registry {
-    /// A client completed its handshake.
-    pub fn connect(&mut self, conn: ConnId, pid: u32) {
-        self.clients.insert(conn, Client { pid });
+    /// A client completed its handshake. `process` is its pidfd, if one
+    /// could be had.
+    pub fn connect(&mut self, conn: ConnId, pid: u32, process: Option<ProcessHandle>) {
+        self.clients.insert(conn, Client { holder: Holder { pid, process: process.map(Arc::new) } });
     }
 
     /// Every connection, for a shutdown notice.
@@ -110,7 +160,30 @@ impl Registry {
     }
 
     fn pid(&self, conn: ConnId) -> u32 {
-        self.clients.get(&conn).map_or(0, |c| c.pid)
+        self.clients.get(&conn).map_or(0, |c| c.holder.pid)
+    }
+
+    fn holder(&self, conn: ConnId) -> Holder {
+        self.clients.get(&conn).map_or(Holder { pid: 0, process: None }, |c| c.holder.clone())
+    }
+
+    /// Refuses a new publisher while a live process holds stream `name`'s
+    /// writer role; takes the role back from one that died (whether or not
+    /// its connection has ended: a child may have inherited it), so the
+    /// new publisher takes over at once.
+    fn check_holder(&mut self, name: &str, out: &mut Vec<Outgoing>) -> Result<(), ControlError> {
+        let Some(stream) = self.streams.get(name) else { return Ok(()) };
+        let (holder, connected) = match (stream.publisher, &stream.lingering) {
+            (Some(conn), _) => (self.holder(conn), true),
+            (None, Some(h)) => (h.clone(), false),
+            (None, None) => return Ok(()),
+        };
+        if !holder.exited() && (connected || stream.segment.publisher_attached()) {
+            return Err(ControlError::PublisherExists { stream: name.into(), pid: holder.pid });
+        }
+        tracing::info!(stream = name, pid = holder.pid, "the publisher exited or let go: its role is free");
+        self.publisher_gone(name, out);
+        Ok(())
     }
 
     /// Connections that use `stream`: its subscribers', and its
@@ -161,12 +234,9 @@ impl Registry {
             )));
         }
         config.geometry().map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        self.check_holder(name, out)?;
         let takeover = match self.streams.get_mut(name) {
             Some(stream) => {
-                if let Some(other) = stream.publisher {
-                    let pid = self.clients.get(&other).map_or(0, |c| c.pid);
-                    return Err(ControlError::PublisherExists { stream: name.into(), pid });
-                }
                 let g = stream.segment.geometry();
                 if (g.slot_size, g.slot_count) != (config.slot_size, config.slot_count) {
                     return Err(ControlError::GeometryMismatch {
@@ -181,7 +251,13 @@ impl Registry {
             }
             None => {
                 let segment = StreamSegment::create(name, config).map_err(segment_error)?;
-                let stream = Stream { segment, publisher: None, subscribers: Vec::new(), rates: Rates::default() };
+                let stream = Stream {
+                    segment,
+                    publisher: None,
+                    lingering: None,
+                    subscribers: Vec::new(),
+                    rates: Rates::default(),
+                };
                 self.streams.insert(name.into(), stream);
                 false
             }
@@ -353,9 +429,31 @@ impl Registry {
         out
     }
 
+    /// A publisher's lease ended (its connection, or its Unpublish). A
+    /// process that lives on and still holds the writer role keeps it.
     fn publisher_left(&mut self, name: &str, out: &mut Vec<Outgoing>) {
+        let Some(conn) = self.streams.get(name).and_then(|s| s.publisher) else { return };
+        let holder = self.holder(conn);
+        let stream = self.streams.get_mut(name).expect("just found");
+        stream.publisher = None;
+        if holder.alive() && stream.segment.publisher_attached() {
+            tracing::info!(
+                stream = name,
+                pid = holder.pid,
+                "the publisher's lease ended, its process lives and keeps the stream until it exits or lets go"
+            );
+            stream.lingering = Some(holder);
+            return;
+        }
+        self.publisher_gone(name, out);
+    }
+
+    /// The publisher's process exited or let go: take the writer role back
+    /// (recovering what a dead one left half done) and tell the subscribers.
+    fn publisher_gone(&mut self, name: &str, out: &mut Vec<Outgoing>) {
         let Some(stream) = self.streams.get_mut(name) else { return };
         stream.publisher = None;
+        stream.lingering = None;
         // A crashed publisher still holds the writer role: hand it back. A
         // clean one already let go, and this only wakes the subscribers.
         stream.segment.publisher_gone();
@@ -368,7 +466,11 @@ impl Registry {
     /// Forgets a stream nobody uses any more: its memory goes once the
     /// last process that mapped it lets go.
     fn drop_if_unused(&mut self, name: &str) {
-        if self.streams.get(name).is_some_and(|s| s.publisher.is_none() && s.subscribers.is_empty()) {
+        if self
+            .streams
+            .get(name)
+            .is_some_and(|s| s.publisher.is_none() && s.lingering.is_none() && s.subscribers.is_empty())
+        {
             self.streams.remove(name);
             tracing::info!(stream = name, "stream removed");
         }
@@ -386,7 +488,8 @@ impl Registry {
                 for s in &stream.subscribers {
                     self.subscriptions.remove(s);
                 }
-                self.closing.push((Instant::now(), stream.segment));
+                let holder = stream.publisher.map(|c| self.holder(c)).or(stream.lingering);
+                self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder });
                 tracing::info!(stream = name, conn, "stream closed");
                 Ok(Reply::Done)
             }
@@ -398,7 +501,6 @@ impl Registry {
     /// A connection ended: its lease is over. Reclaims everything it held.
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        self.clients.remove(&conn);
         self.pending.retain(|p| p.conn != conn);
         let published: Vec<String> =
             self.streams.iter().filter(|(_, s)| s.publisher == Some(conn)).map(|(n, _)| n.clone()).collect();
@@ -409,7 +511,31 @@ impl Registry {
         for s in subs {
             self.remove_subscription(s, false);
         }
+        self.clients.remove(&conn);
         out.retain(|o| o.conn != conn);
+        out
+    }
+
+    /// Looks at every publisher's process: one that exited while its
+    /// connection lives on (a child inherited it), or one that outlived
+    /// its lease and has now exited or let go, leaves its stream here.
+    /// Called every few hundred milliseconds (a `poll` per publisher).
+    pub fn watch_publishers(&mut self) -> Vec<Outgoing> {
+        let gone: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| match (s.publisher, &s.lingering) {
+                (Some(conn), _) => self.holder(conn).exited(),
+                (None, Some(h)) => h.exited() || !s.segment.publisher_attached(),
+                (None, None) => false,
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut out = Vec::new();
+        for name in gone {
+            tracing::info!(stream = name, "the publisher's process exited or let go");
+            self.publisher_gone(&name, &mut out);
+        }
         out
     }
 
@@ -421,30 +547,49 @@ impl Registry {
 
     pub fn close_all(&mut self) {
         self.shutting_down = true;
-        for (name, mut stream) in self.streams.drain() {
+        let streams: Vec<(String, Stream)> = self.streams.drain().collect();
+        for (name, mut stream) in streams {
             stream.segment.close();
             tracing::info!(stream = name, "stream closed for shutdown");
-            self.closing.push((Instant::now(), stream.segment));
+            let holder = stream.publisher.map(|c| self.holder(c)).or(stream.lingering);
+            self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder });
         }
         self.subscriptions.clear();
         self.pending.clear();
     }
 
-    /// Ends the publisher role on streams closed at least `grace` ago.
+    /// Ends the closes begun at least `grace` ago. Returns whether one
+    /// needs a [`system_barrier`](memsock_proto::shm::system_barrier)
+    /// (run it outside the registry's lock, then call again with it).
     ///
     /// A close takes effect for subscribers once the publisher has
     /// acknowledged it, which it does at its next loan or send, so that a
     /// frame it is sending right then still arrives. An idle publisher
     /// would leave its subscribers waiting: after the grace period the
-    /// broker declares it gone, which ends the close for everyone.
-    pub fn finish_closing(&mut self, grace: std::time::Duration) {
-        self.closing.retain_mut(|(at, segment)| {
-            if at.elapsed() < grace {
+    /// close ends for them anyway. A dead publisher (or one whose lease
+    /// was its connection) is declared gone; a live one keeps its role —
+    /// its next send fails with `Closed` — and a frame it is delivering
+    /// right then arrives before the end (the next tick tries again).
+    pub fn finish_closing(&mut self, grace: std::time::Duration, barrier: Option<BarrierPassed>) -> bool {
+        let mut needs_barrier = false;
+        self.closing.retain_mut(|c| {
+            if c.at.elapsed() < grace {
                 return true;
             }
-            segment.publisher_gone();
-            false
+            if !c.holder.as_ref().is_some_and(Holder::alive) {
+                c.segment.publisher_gone();
+                return false;
+            }
+            match c.segment.end_for_subscribers(barrier) {
+                EndProgress::NeedsBarrier => {
+                    needs_barrier = true;
+                    true
+                }
+                EndProgress::Delivering => true,
+                EndProgress::Ended | EndProgress::Open => false,
+            }
         });
+        needs_barrier
     }
 
     /// Samples every stream's counters for the per-second rates. Called

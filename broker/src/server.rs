@@ -17,7 +17,7 @@ use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use memsock_proto::control::{
     self, ClientMessage, ControlError, Event, FrameError, PROTOCOL_VERSION, Reply, Request, ServerMessage,
 };
-use memsock_proto::platform;
+use memsock_proto::platform::{self, ProcessHandle};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, mpsc};
@@ -118,11 +118,15 @@ pub async fn serve(options: Options) -> Result<()> {
             let mut tick = tokio::time::interval(CLOSE_GRACE);
             for n in 0u64.. {
                 tick.tick().await;
-                let mut registry = lock(&broker.registry);
-                registry.finish_closing(CLOSE_GRACE);
-                if n % 10 == 0 {
-                    registry.sample_rates();
+                {
+                    let mut registry = lock(&broker.registry);
+                    let out = registry.watch_publishers();
+                    broker.route(out);
+                    if n % 10 == 0 {
+                        registry.sample_rates();
+                    }
                 }
+                end_closes(&broker, CLOSE_GRACE).await;
             }
         })
     };
@@ -156,7 +160,7 @@ pub async fn serve(options: Options) -> Result<()> {
     }
     // Publishers in the middle of a send finish it; then every close is final.
     tokio::time::sleep(CLOSE_GRACE).await;
-    lock(&broker.registry).finish_closing(Duration::ZERO);
+    end_closes(&broker, Duration::ZERO).await;
     // Let every connection flush its notice and end.
     for handle in lock(&broker.conns).values() {
         handle.kill.notify_one();
@@ -164,6 +168,21 @@ pub async fn serve(options: Options) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), async { while tasks.join_next().await.is_some() {} }).await;
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Ends the closes begun at least `grace` ago. Ending one under a live
+/// publisher takes a system-wide memory barrier (milliseconds), run here
+/// outside the registry's lock.
+async fn end_closes(broker: &Broker, grace: Duration) {
+    if !lock(&broker.registry).finish_closing(grace, None) {
+        return;
+    }
+    match tokio::task::spawn_blocking(memsock_proto::shm::system_barrier).await {
+        Ok(barrier) => {
+            lock(&broker.registry).finish_closing(grace, Some(barrier));
+        }
+        Err(e) => tracing::error!("the memory barrier for a close failed: {e}"),
+    }
 }
 
 /// Creates the listening socket, replacing a stale one and refusing to
@@ -255,6 +274,11 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
         Err(e) => return tracing::warn!("cannot register the connection: {e}"),
     };
     let pid = platform::peer_pid(socket.as_fd()).unwrap_or(0);
+    // Taken now, while the peer is surely the process that connected.
+    let process = ProcessHandle::of_peer(socket.as_fd(), pid);
+    if process.is_none() {
+        tracing::info!(pid, "no pidfd for this client: its connection is its lease");
+    }
     let conn = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(QUEUE_PER_CLIENT);
     let kill = Arc::new(Notify::new());
@@ -263,7 +287,7 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     tracing::debug!(conn, pid, "client connected");
 
     let reason = tokio::select! {
-        r = read_loop(&broker, &socket, conn, pid) => r,
+        r = read_loop(&broker, &socket, conn, pid, process) => r,
         () = kill.notified() => "dropped by the broker".to_owned(),
     };
     tracing::debug!(conn, pid, "client gone: {reason}");
@@ -285,7 +309,13 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
 }
 
 /// Reads and serves requests; returns why the connection ended.
-async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32) -> String {
+async fn read_loop(
+    broker: &Broker,
+    socket: &UnixStream,
+    conn: ConnId,
+    pid: u32,
+    mut process: Option<ProcessHandle>,
+) -> String {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
     let mut greeted = false;
@@ -308,7 +338,7 @@ async fn read_loop(broker: &Broker, socket: &UnixStream, conn: ConnId, pid: u32)
                     Request::Hello { version, client_name } if version == PROTOCOL_VERSION => {
                         greeted = true;
                         let mut registry = lock(&broker.registry);
-                        registry.connect(conn, pid);
+                        registry.connect(conn, pid, process.take());
                         tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
                         broker.route(vec![reply(conn, id, Ok(welcome))]);

@@ -75,3 +75,50 @@ pub(crate) fn unpark(_word: &AtomicU32) {
     let _guard = lock.lock().unwrap();
     cond.notify_all();
 }
+
+/// The light side of an asymmetric fence: orders this thread's earlier
+/// stores before its later loads against a [`system_barrier`] elsewhere.
+/// Free at run time (a compiler fence); a full fence in the model checker,
+/// which cannot see the heavy side's effect on other threads.
+#[inline(always)]
+pub(crate) fn light_barrier() {
+    #[cfg(loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(loom))]
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
+/// Barriers begun so far in this process (for [`BarrierPassed`]).
+static BARRIERS_BEGUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Proof that a [`system_barrier`] ran: every thread that was running
+/// anywhere has since passed a full memory barrier.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct BarrierPassed(u64);
+
+impl BarrierPassed {
+    /// Whether this barrier began after [`barrier_mark`] returned `mark`.
+    pub(crate) fn follows(self, mark: u64) -> bool {
+        self.0 > mark
+    }
+}
+
+/// Taken right after the stores a later [`system_barrier`] must publish.
+pub(crate) fn barrier_mark() -> u64 {
+    BARRIERS_BEGUN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The heavy side of an asymmetric fence, paired with [`light_barrier`]:
+/// after it, a thread anywhere that passes a light barrier after its
+/// stores either had them visible to us by now, or sees our stores made
+/// before this call. Takes milliseconds (a system call): call it outside
+/// any lock, and only off the hot path.
+pub fn system_barrier() -> BarrierPassed {
+    let n = BARRIERS_BEGUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    #[cfg(loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(loom))]
+    crate::platform::system_wide_barrier();
+    BarrierPassed(n)
+}

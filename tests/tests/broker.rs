@@ -501,3 +501,74 @@ fn an_index_given_back_serves_another_process_at_once() -> Result<()> {
     other.read_until("holding")?;
     Ok(())
 }
+
+/// The next frame's sequence number, past publisher news; panics on the
+/// end or after two minutes (a hang).
+fn next_seq(sub: &memsock::Subscriber) -> u64 {
+    loop {
+        match sub.recv_timeout(Duration::from_secs(120)) {
+            Ok(sample) => return sample.seq(),
+            Err(memsock::RecvError::PublisherGone | memsock::RecvError::PublisherBack) => {}
+            Err(e) => panic!("no frame: {e}"),
+        }
+    }
+}
+
+/// A publisher whose connection ends while its process lives keeps the
+/// stream: a would-be successor is refused with its pid, and its frames
+/// keep coming. Once it dies, a Publish takes over at once — the broker
+/// has no connection to see end, it asks the kernel (a pidfd).
+#[test]
+fn a_live_publisher_keeps_its_stream_after_its_connection_ends() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut p = spec(&broker, "publisher", "held");
+    p["lease"] = "hang_up".into();
+    p["pace_ns"] = 200_000.into();
+    p["report_every"] = 10.into();
+    let mut holder = Peer::spawn(PEER, &p, &[])?;
+    holder.read_until("sent")?;
+    let sub = client.subscriber("held", &SubscribeOptions { credits: 4, ..Default::default() })?;
+    let config = {
+        let mut c = StreamConfig::new(512, 16);
+        c.max_subscribers = 8;
+        c
+    };
+    match client.publisher("held", &config) {
+        Err(ClientError::Refused(ControlError::PublisherExists { pid, .. })) => assert_eq!(pid, holder.pid()),
+        r => panic!("expected the live holder to keep the stream, got {r:?}"),
+    }
+    // Its frames keep coming, in order, after the refusal.
+    let first = next_seq(&sub);
+    assert!(next_seq(&sub) > first);
+    holder.kill()?; // SIGKILL, reaped: dead, but nobody told the broker
+    let mut successor = client.publisher("held", &config)?;
+    assert!(successor.took_over());
+    let sent = successor.send(b"after")?.seq;
+    while next_seq(&sub) != sent {}
+    Ok(())
+}
+
+/// A publisher that dies while a child it started holds its connection
+/// open: the connection never ends, yet a Publish takes over at once.
+#[test]
+fn a_dead_publisher_whose_connection_lives_on_is_replaced_at_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let mut p = spec(&broker, "publisher", "orphan");
+    p["lease"] = "share".into();
+    p["pace_ns"] = 200_000.into();
+    p["report_every"] = 10.into();
+    let mut holder = Peer::spawn(PEER, &p, &[])?;
+    let child = holder.read_until("child")?["child"].as_u64().unwrap() as i32;
+    holder.read_until("sent")?;
+    let client = Client::connect_to(broker.socket())?;
+    let _sub = client.subscriber("orphan", &SubscribeOptions::default())?;
+    holder.kill()?;
+    let mut config = StreamConfig::new(512, 16);
+    config.max_subscribers = 8;
+    let taken = client.publisher("orphan", &config);
+    let child = rustix::process::Pid::from_raw(child).unwrap();
+    let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+    assert!(taken?.took_over());
+    Ok(())
+}

@@ -306,3 +306,83 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// A handle on another process that outlives its pid: a pidfd. Unlike a
+/// pid, it can never come to name a different process, so "this process
+/// has exited" read from it is final.
+#[derive(Debug)]
+pub struct ProcessHandle(OwnedFd);
+
+/// `SO_PEERPIDFD` (Linux 6.5): a pidfd of a Unix socket's peer, taken when
+/// it connected, valid across pid namespaces. (Not yet in `libc`; the
+/// value is the same on every architecture Rust targets but SPARC.)
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SO_PEERPIDFD: libc::c_int = 77;
+
+impl ProcessHandle {
+    /// A handle on the process at the other end of a connected Unix
+    /// socket, whose pid the socket reported as `pid` (0 if the peer lives
+    /// in a pid namespace we cannot see).
+    ///
+    /// `SO_PEERPIDFD` first; on older kernels `pidfd_open(pid)`, which may
+    /// name another process only if the peer exited and its pid was reused
+    /// between its `connect` and this call. `None` where neither works (an
+    /// old kernel, or a pid of 0): the caller must treat the connection
+    /// itself as the peer's lease.
+    pub fn of_peer(socket: BorrowedFd<'_>, pid: u32) -> Option<Self> {
+        #[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+        {
+            let mut fd: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: `fd` and `len` are valid, correctly sized out-parameters
+            // for SO_PEERPIDFD, and `socket` is an open descriptor.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_PEERPIDFD,
+                    (&raw mut fd).cast::<libc::c_void>(),
+                    &mut len,
+                )
+            };
+            if rc == 0 && fd >= 0 {
+                // SAFETY: the kernel just created this descriptor for us;
+                // nothing else owns it.
+                return Some(Self(unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        Self::of_pid(pid)
+    }
+
+    /// A handle on process `pid` of our pid namespace, if it runs.
+    pub fn of_pid(pid: u32) -> Option<Self> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok().map(Self)
+    }
+
+    /// Whether the process has exited (a pidfd polls readable from then on).
+    pub fn has_exited(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+    }
+}
+
+/// The heavy side of an asymmetric fence: returns once every thread of
+/// every process running at the time of the call has passed a full memory
+/// barrier (`membarrier(MEMBARRIER_CMD_GLOBAL)`). Takes milliseconds; it
+/// lets the other side of the fence be a mere compiler fence, which is
+/// free on a hot path.
+///
+/// Where the kernel or a seccomp filter refuses `membarrier`, a full fence
+/// and a 10 ms sleep stand in: that relies on store buffers draining within
+/// microseconds, as they do on every CPU we know of.
+pub fn system_wide_barrier() {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if membarrier(MembarrierCommand::Global).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}

@@ -28,6 +28,9 @@ pub(crate) fn point() {
 pub(crate) mod hook {
     use std::cell::Cell;
 
+    /// An action to run at a point, its lifetime erased (see [`act_at`]).
+    type Action = *mut (dyn FnMut() + 'static);
+
     thread_local! {
         /// Points still to pass before the crash, if one is armed.
         static LEFT: Cell<Option<u32>> = const { Cell::new(None) };
@@ -36,6 +39,31 @@ pub(crate) mod hook {
         static DYING: Cell<bool> = const { Cell::new(false) };
         /// Where the last crash happened.
         static AT: Cell<Option<&'static std::panic::Location<'static>>> = const { Cell::new(None) };
+        /// Points still to pass before running the action of [`act_at`].
+        static ACTION: Cell<Option<(u32, Action)>> = const { Cell::new(None) };
+    }
+
+    /// Runs `body`; when it reaches its `k`-th point (0: the first), runs
+    /// `action` there, once, as another thread would if this one were
+    /// preempted at that point. Returns `body`'s result and whether the
+    /// action ran.
+    pub(crate) fn act_at<R>(k: u32, action: &mut dyn FnMut(), body: impl FnOnce() -> R) -> (R, bool) {
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                ACTION.with(|a| a.set(None));
+            }
+        }
+        // SAFETY: only the lifetime is erased. The pointer is used by
+        // `reached` on this thread while `body` runs, and `Clear` removes
+        // it before `action`'s borrow ends, on return and on unwind alike.
+        let erased: Action = unsafe { std::mem::transmute(action) };
+        ACTION.with(|a| a.set(Some((k, erased))));
+        let clear = Clear;
+        let r = body();
+        let ran = ACTION.with(Cell::get).is_none();
+        drop(clear);
+        (r, ran)
     }
 
     /// Where the last simulated kill stopped the thread.
@@ -59,6 +87,15 @@ pub(crate) mod hook {
 
     #[track_caller]
     pub(super) fn reached() {
+        if let Some((n, action)) = ACTION.with(Cell::get) {
+            ACTION.with(|a| a.set(n.checked_sub(1).map(|left| (left, action))));
+            if n == 0 {
+                // SAFETY: set by `act_at`, whose frame (and the borrow
+                // behind the pointer) is still live below us; taken out of
+                // the cell first, so it runs once and never re-entrantly.
+                unsafe { (*action)() };
+            }
+        }
         let here = std::panic::Location::caller();
         LEFT.with(|left| match left.get() {
             Some(0) => {

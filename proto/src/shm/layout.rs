@@ -93,6 +93,13 @@ pub const STREAM_CLOSED: u32 = 1;
 /// publisher acknowledges (moving it to [`STREAM_CLOSED`]) on its next loan,
 /// send or detach, after the last frame it delivered.
 pub const STREAM_CLOSING: u32 = 2;
+/// [`StreamControl::state`]: the owner ends a close the publisher has not
+/// acknowledged, without taking its role (its process still lives). A
+/// publisher that sees it before a delivery does not deliver, and moves it
+/// to [`STREAM_CLOSED`] itself; the owner does so once `inflight` shows no
+/// delivery under way (see `OwnerCore::end_for_subscribers`). Subscribers
+/// treat it as closing.
+pub const STREAM_ENDING: u32 = 3;
 
 /// [`StreamControl::writer`]: nobody owns the publisher-side bookkeeping.
 pub const WRITER_NONE: u32 = 0;
@@ -212,7 +219,7 @@ pub struct StreamControl {
     /// Bumped (`Release`) by the owner after every change to the subscriber
     /// table; the publisher polls it (`Acquire`) once per frame.
     pub table_gen: AtomicU64,
-    /// [`STREAM_OPEN`], [`STREAM_CLOSING`] or [`STREAM_CLOSED`].
+    /// [`STREAM_OPEN`], [`STREAM_CLOSING`], [`STREAM_ENDING`] or [`STREAM_CLOSED`].
     pub state: AtomicU32,
     /// `WRITER_*`: who may change the holder masks and delivery rings.
     pub writer: AtomicU32,

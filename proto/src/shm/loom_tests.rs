@@ -15,7 +15,7 @@ use loom::cell::UnsafeCell;
 use super::layout::{Geometry, OverflowPolicy, WaitStrategy};
 use super::mem::StreamMem;
 use super::mem::heap::{HeapChannel, HeapStream};
-use super::owner::{OwnerCore, SubscriberOptions};
+use super::owner::{EndProgress, OwnerCore, SubscriberOptions};
 use super::publisher::{CommitRefusal, PubCore};
 use super::subscriber::{RecvError, SubCore};
 use super::wait::Backoff;
@@ -252,6 +252,57 @@ fn loom_close_racing_sends_loses_no_sent_frame() {
         let sent = sender.join().unwrap();
         // Every frame whose send succeeded arrives before `Closed`.
         assert_eq!(receiver.join().unwrap(), sent);
+    });
+}
+
+/// The close grace is over with the publisher alive: the owner ends the
+/// close for the subscribers (a system-wide barrier between its mark and
+/// its look) while the publisher sends. Every frame whose send succeeded
+/// arrives before `Closed`, and the role is never taken from the publisher.
+#[test]
+fn loom_ending_a_close_under_a_live_publisher_loses_no_sent_frame() {
+    model(|| {
+        let (mut owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
+        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let mut p = publisher(&owner);
+        let written = payload.clone();
+        let sender = loom::thread::spawn(move || {
+            let mut sent = 0;
+            for _ in 0..2 {
+                let Ok(slot) = p.loan() else { break };
+                written.0[slot as usize].with_mut(|v| unsafe_write(v, p.next_seq()));
+                match p.commit(slot, 1, 0) {
+                    Ok(_) => sent += 1,
+                    Err(CommitRefusal::WouldBlock { subscriber }) => {
+                        p.abandon(slot);
+                        if !p.wait_for_room(subscriber as usize, PARK, None) {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        p.abandon(slot);
+                        break;
+                    }
+                }
+            }
+            // Still attached: the owner must not have taken the role.
+            (sent, p)
+        });
+        let receiver = loom::thread::spawn(move || receive_all(stream, channel, tickets[0], payload).len());
+        owner.close();
+        let mut barrier = None;
+        loop {
+            match owner.end_for_subscribers(barrier) {
+                EndProgress::Ended => break,
+                EndProgress::NeedsBarrier => barrier = Some(crate::primitive::system_barrier()),
+                EndProgress::Delivering => loom::thread::yield_now(),
+                EndProgress::Open => unreachable!("closed above"),
+            }
+        }
+        let (sent, p) = sender.join().unwrap();
+        assert_eq!(receiver.join().unwrap(), sent);
+        assert_eq!(owner.stream().header().control.writer.load(Relaxed), super::layout::WRITER_PUBLISHER);
+        drop(p);
     });
 }
 

@@ -53,10 +53,11 @@ mod recovery_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
+pub use crate::primitive::{BarrierPassed, system_barrier};
 pub use layout::{Geometry, LayoutError, OverflowPolicy, WaitStrategy};
 pub use mem::MapError;
 pub use owner::{
-    AddSubscriberError, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions, SubscriberStats,
+    AddSubscriberError, EndProgress, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions, SubscriberStats,
     SubscriberTicket,
 };
 pub use publisher::{LoanError, SendInfo};

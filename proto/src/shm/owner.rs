@@ -10,14 +10,15 @@
 //! publisher is attached.
 
 use super::layout::{
-    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, LAYOUT_VERSION, LayoutError, MAX_PUBLISHER_LOANS,
-    NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE,
-    WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, INFLIGHT_IDLE, LAYOUT_VERSION, LayoutError,
+    MAX_PUBLISHER_LOANS, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING,
+    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
 };
 use super::mem::{ChannelMem, StreamMem};
 use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
 use super::wait;
-use crate::primitive::Ordering::{Acquire, Relaxed, Release};
+use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use crate::primitive::{BarrierPassed, barrier_mark};
 
 /// What a subscriber asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -161,13 +162,31 @@ pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
     /// `table_gen` that lowered them. Until the publisher has applied that
     /// generation it may still deliver by the old credits.
     lowered: Vec<Option<(u32, u64)>>,
+    /// [`barrier_mark`] taken when we marked the stream ending: the barrier
+    /// that makes the mark seen must begin after it.
+    ending_mark: Option<u64>,
+}
+
+/// How far [`OwnerCore::end_for_subscribers`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndProgress {
+    /// Subscribers see the end once they have received every frame sent.
+    Ended,
+    /// The stream is marked ending: run [`system_barrier`](crate::shm::system_barrier)
+    /// (outside any lock: it takes milliseconds) and call again with its proof.
+    NeedsBarrier,
+    /// The publisher is delivering a frame right now: call again later. It
+    /// ends the close itself if it gets to its next send first.
+    Delivering,
+    /// The stream is not closing: nothing to end.
+    Open,
 }
 
 impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
         assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
         let n = channels.len();
-        Self { stream, channels, cursor: 0, lowered: vec![None; n] }
+        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending_mark: None }
     }
 
     pub(crate) fn stream(&self) -> &S {
@@ -431,12 +450,17 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             // Release pairs with the next writer's Acquire CAS.
             ctl.writer.store(WRITER_NONE, Release);
         }
-        // Subscribers asleep see the publisher gone.
-        super::publisher::wake_all(&self.channels);
         // Should the old publisher still be alive, it notices on its next
         // loan or send that it no longer holds the role, and stops.
         self.bump_table();
         self.lowered.fill(None);
+        // Subscribers asleep see the publisher gone; a revoked publisher
+        // asleep in a send (waiting for a lossless subscriber's credit)
+        // wakes, re-reads the table bumped above and finds itself replaced.
+        super::publisher::wake_all(&self.channels);
+        for ch in &self.channels {
+            wait::wake(&ch.header().pub_waiting);
+        }
         self.reclaim_detached();
         // A close it never acknowledged ends here.
         acknowledge_close(&self.stream, &self.channels);
@@ -463,6 +487,60 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
             acknowledge_close(&self.stream, &self.channels);
         }
+    }
+
+    /// Ends a close for the subscribers while the publisher, whose process
+    /// still lives, has not acknowledged it — without taking its writer
+    /// role or reclaiming anything, since it may still be writing.
+    ///
+    /// A publisher that sees the stream ending before a delivery does not
+    /// deliver (its send fails with `Closed`); one already delivering
+    /// finishes, and the stream ends after its frame. The check on either
+    /// side is an asymmetric fence: the publisher's is free, ours is
+    /// [`system_barrier`](crate::shm::system_barrier), which the caller
+    /// runs between our first call (which marks the stream and returns
+    /// [`EndProgress::NeedsBarrier`]) and the next.
+    pub(crate) fn end_for_subscribers(&mut self, barrier: Option<BarrierPassed>) -> EndProgress {
+        let ctl = &self.stream.header().control;
+        let state = ctl.state.load(Acquire);
+        if state == STREAM_OPEN {
+            return EndProgress::Open;
+        }
+        if state == STREAM_CLOSED {
+            return EndProgress::Ended;
+        }
+        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
+            // It let go meanwhile (its `Drop` acknowledges too).
+            acknowledge_close(&self.stream, &self.channels);
+            return EndProgress::Ended;
+        }
+        // SeqCst: the mark precedes `barrier_mark` in the single total order,
+        // so a barrier numbered after the mark began after the mark.
+        if state == STREAM_CLOSING
+            && ctl.state.compare_exchange(STREAM_CLOSING, STREAM_ENDING, SeqCst, Relaxed).is_err()
+        {
+            return self.end_for_subscribers(barrier); // it acknowledged just now
+        }
+        let mark = *self.ending_mark.get_or_insert_with(barrier_mark);
+        if !barrier.is_some_and(|b| b.follows(mark)) {
+            return EndProgress::NeedsBarrier;
+        }
+        // Acquire pairs with the publisher's Release store of INFLIGHT_IDLE
+        // (`PubCore::idle`): every frame it delivered is visible to whoever
+        // sees the end from our Release in `acknowledge_close`.
+        if self.stream.header().publisher.inflight.load(Acquire) != INFLIGHT_IDLE {
+            return EndProgress::Delivering;
+        }
+        // It delivers nothing more: past the barrier, its next look before
+        // a delivery sees the mark.
+        acknowledge_close(&self.stream, &self.channels);
+        EndProgress::Ended
+    }
+
+    /// Whether a publisher holds the writer role (it may be alive or dead:
+    /// the caller knows which).
+    pub(crate) fn publisher_attached(&self) -> bool {
+        self.stream.header().control.writer.load(Acquire) == WRITER_PUBLISHER
     }
 
     pub(crate) fn stats(&self, now_ns: u64) -> StreamStats {
@@ -615,7 +693,7 @@ mod api {
     use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
     use super::{
-        AddSubscriberError, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
+        AddSubscriberError, EndProgress, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
         SubscriberTicket,
     };
     use crate::platform;
@@ -797,9 +875,14 @@ mod api {
             self.core.release(index)
         }
 
-        /// Tells the stream its publisher is gone (its process exited or its
-        /// lease ended): another publisher may attach and continue. A
-        /// publisher still alive after this gets `Replaced` errors.
+        /// Tells the stream its publisher is gone: takes the writer role
+        /// back, finishes what the publisher left half done, and lets
+        /// another publisher attach and continue. Call it once the
+        /// publisher's process has exited (or let go): one still alive
+        /// gets `Replaced` at its next loan or send, but a sample it is
+        /// writing at that moment may still reach subscribers. Where only
+        /// the connection tells whether it lives, that is the weaker
+        /// guarantee you get.
         pub fn publisher_gone(&mut self) {
             self.core.publisher_gone();
         }
@@ -808,6 +891,24 @@ mod api {
         /// attached to do it. Returns whether it could.
         pub fn reclaim(&self) -> bool {
             self.core.reclaim_detached()
+        }
+
+        /// Ends a close its publisher has not acknowledged while its process
+        /// still lives — the close grace is over — without taking the
+        /// writer role from it: subscribers get `Closed` after every frame
+        /// it sent, its next send fails with `Closed`. A first call marks
+        /// the stream and asks for a [`system_barrier`](crate::shm::system_barrier);
+        /// run it outside any lock and call again with its proof. A
+        /// publisher caught mid-delivery makes it answer
+        /// [`EndProgress::Delivering`]: try again a little later.
+        pub fn end_for_subscribers(&mut self, barrier: Option<crate::shm::BarrierPassed>) -> EndProgress {
+            self.core.end_for_subscribers(barrier)
+        }
+
+        /// Whether a publisher holds the stream's writer role, alive or
+        /// dead (it let go if not).
+        pub fn publisher_attached(&self) -> bool {
+            self.core.publisher_attached()
         }
 
         /// Closes the stream for good. The publisher's next loan or send

@@ -33,8 +33,8 @@
 
 use super::crash;
 use super::layout::{
-    HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_OPEN, SUB_ACTIVE,
-    SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
+    HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING, STREAM_OPEN,
+    SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
 };
 use super::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
 use super::mem::{ChannelMem, StreamMem};
@@ -190,6 +190,10 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 Err(_) => return Err(AttachRefusal::PublisherExists { pid: ctl.publisher_pid.load(Relaxed) }),
             }
         }
+        // Pairs with the SeqCst fence in `OwnerCore::close`, after its mark
+        // of the state: either it sees our role taken (and leaves the
+        // acknowledgement to us), or `take_over` sees the stream closing.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
         let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
         ctl.publisher_epoch.store(epoch, Relaxed);
         ctl.publisher_pid.store(pid, Relaxed);
@@ -461,7 +465,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 return Err(CommitRefusal::WouldBlock { subscriber: s as u32 });
             }
         }
-        let info = self.deliver(slot, len, timestamp_ns);
+        let info = self.deliver(slot, len, timestamp_ns)?;
         // After the delivery: should it panic, the sample's drop gives the
         // loan back (`abandon`), and only once.
         self.loans_out -= 1;
@@ -478,14 +482,37 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         self.free.len()
     }
 
-    fn deliver(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> SendInfo {
+    fn deliver(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
         let seq = self.published;
+        let header = self.stream.header();
         // One word names the frame in flight, so no kill leaves half a name.
-        self.stream.header().publisher.inflight.store(inflight(seq, slot), Relaxed);
+        header.publisher.inflight.store(inflight(seq, slot), Relaxed);
         crash::point();
+        // The owner may end a close we were slow to acknowledge while we
+        // live (`OwnerCore::end_for_subscribers`): it marks the stream
+        // ending, runs a system-wide barrier, then ends it only if no frame
+        // is in flight. The light barrier pairs with that one: either it
+        // sees our frame in flight and waits, or we see the mark here and
+        // deliver nothing — so no subscriber sees the end before a frame
+        // whose send returns Ok. (Same cache line as `table_gen`: free.)
+        crate::primitive::light_barrier();
+        if matches!(header.control.state.load(Relaxed), STREAM_ENDING | STREAM_CLOSED) {
+            self.idle();
+            self.closed = true;
+            acknowledge_close(&self.stream, &self.channels);
+            return Err(CommitRefusal::Closed);
+        }
         let info = self.deliver_each(slot, len, seq, timestamp_ns, |_| false);
         self.finish_delivery(slot, len, seq, info);
-        info
+        Ok(info)
+    }
+
+    /// No frame in flight any more. Release pairs with the owner's Acquire
+    /// load in `OwnerCore::end_for_subscribers`: whoever sees the stream
+    /// end from it sees every frame delivered before.
+    #[inline]
+    fn idle(&self) {
+        self.stream.header().publisher.inflight.store(INFLIGHT_IDLE, Release);
     }
 
     /// Offers frame `seq` in `slot` to every active subscriber but those
@@ -556,7 +583,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         p.published.store(self.published, Relaxed);
         crash::point();
         p.bytes.store(self.bytes, Relaxed);
-        p.inflight.store(INFLIGHT_IDLE, Relaxed);
+        self.idle();
     }
 
     /// Queues `slot` for subscriber `s` (which has credit).
@@ -738,7 +765,7 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         // attached and left the acknowledgement to us. The SeqCst fence pairs
         // with the one in `OwnerCore::close`: one of us sees the other.
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
-        if ctl.state.load(Relaxed) == STREAM_CLOSING {
+        if ctl.state.load(Relaxed) != STREAM_OPEN {
             acknowledge_close(&self.stream, &self.channels);
         }
         wake_all(&self.channels);
@@ -761,9 +788,13 @@ pub(crate) fn wake_all<C: ChannelMem>(channels: &[C]) {
 pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) {
     // Release pairs with the subscribers' Acquire load of the state in
     // `SubCore::empty`: every frame delivered before is visible with it.
-    if stream.header().control.state.compare_exchange(STREAM_CLOSING, STREAM_CLOSED, Release, Relaxed).is_ok() {
-        for ch in channels {
-            wait::wake(&ch.header().waiting);
+    let state = &stream.header().control.state;
+    for from in [STREAM_CLOSING, STREAM_ENDING] {
+        if state.compare_exchange(from, STREAM_CLOSED, Release, Relaxed).is_ok() {
+            for ch in channels {
+                wait::wake(&ch.header().waiting);
+            }
+            return;
         }
     }
 }
@@ -978,7 +1009,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) ->
     let (seq_low, slot) = split_inflight(p.inflight.load(Relaxed));
     let seq = p.published.load(Relaxed);
     if slot == NO_SLOT || slot >= g.slot_count || seq_low != seq as u32 {
-        p.inflight.store(INFLIGHT_IDLE, Relaxed);
+        p.inflight.store(INFLIGHT_IDLE, Release);
         return None;
     }
     let mut got = None;
@@ -1004,7 +1035,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) ->
         }
     }
     if got.is_none() {
-        p.inflight.store(INFLIGHT_IDLE, Relaxed);
+        p.inflight.store(INFLIGHT_IDLE, Release);
     }
     tracing::debug!(slot, seq, reached = got.is_some(), "repaired an interrupted delivery");
     got

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::crash::hook;
-use super::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy};
+use super::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WRITER_PUBLISHER, WaitStrategy};
 use super::mem::heap::{HeapChannel, HeapStream};
 use super::mem::{ChannelMem, StreamMem};
-use super::owner::OwnerCore;
-use super::publisher::PubCore;
+use super::owner::{EndProgress, OwnerCore};
+use super::publisher::{CommitRefusal, PubCore};
 use super::subscriber::SubCore;
 use super::wait::Backoff;
-use super::{RecvError, SubscriberOptions, TryRecvError};
+use super::{LoanError, RecvError, SubscriberOptions, TryRecvError};
 use crate::primitive::Ordering::Relaxed;
 
 type Stream = Arc<HeapStream>;
@@ -260,4 +260,137 @@ fn a_first_send_killed_before_any_push_is_forgotten() {
     stream.header().control.writer.store(WRITER_NONE, Relaxed);
     let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
     assert_eq!((p2.next_seq(), p2.free_slots()), (0, SLOTS as usize));
+}
+
+/// Ends a close the way the broker does — a system-wide barrier between
+/// the mark and the look — as far as it can go now.
+fn end_for_subscribers(owner: &mut OwnerCore<Stream, Channel>) -> EndProgress {
+    let mut barrier = None;
+    loop {
+        match owner.end_for_subscribers(barrier) {
+            EndProgress::NeedsBarrier => barrier = Some(crate::primitive::system_barrier()),
+            other => return other,
+        }
+    }
+}
+
+/// Every frame a subscriber gets until the end.
+fn until_closed(sub: &SubCore<Stream, Channel>) -> Vec<u64> {
+    let mut seen = Vec::new();
+    loop {
+        match take_seq(sub) {
+            Ok(seq) => seen.push(seq),
+            Err(TryRecvError::Closed) => return seen,
+            Err(e) => panic!("{e:?} after {seen:?}: the stream must have ended"),
+        }
+    }
+}
+
+/// 2b: the close grace is over and the publisher's process lives, so the
+/// owner ends the close for the subscribers without taking the role —
+/// while the publisher is at each point of a send in turn (as if preempted
+/// there). A send that returns Ok reaches every subscriber before the end;
+/// one that fails delivered nothing; the role stays the publisher's.
+#[test]
+fn ending_a_close_at_every_point_of_a_send_loses_no_sent_frame() {
+    let (mut ok, mut refused) = (0, 0);
+    for k in 0.. {
+        let (stream, channels, mut owner, subs) =
+            world(&[(2, OverflowPolicy::Lossless), (1, OverflowPolicy::DropNewest), (1, OverflowPolicy::KeepLatest)]);
+        // Subscriber 2 keeps frame 0: frame 1 evicts it.
+        let mut p = sent_frame_0(&stream, &channels, &subs, &[0, 1]);
+        let slot = p.loan().unwrap();
+        let mut during = None;
+        let (result, ran) = hook::act_at(
+            k,
+            &mut || {
+                owner.close();
+                during = Some(end_for_subscribers(&mut owner));
+            },
+            || p.commit(slot, 1, 0),
+        );
+        if !ran {
+            assert!(result.is_ok());
+            break; // past the last point of a send
+        }
+        let during = during.expect("ran");
+        assert_eq!(end_for_subscribers(&mut owner), EndProgress::Ended, "point {k}");
+        let got: Vec<Vec<u64>> = subs.iter().map(until_closed).collect();
+        match result {
+            Ok(info) => {
+                assert_eq!(during, EndProgress::Delivering, "point {k}: ended under a delivery");
+                assert_eq!((info.seq, info.delivered), (1, 3), "point {k}");
+                assert_eq!(got, [vec![1], vec![1], vec![1]], "point {k}: a sent frame was lost");
+                ok += 1;
+            }
+            Err(CommitRefusal::Closed) => {
+                p.abandon(slot);
+                assert_eq!(got, [vec![], vec![], vec![0]], "point {k}: a refused frame was delivered");
+                refused += 1;
+            }
+            Err(e) => panic!("point {k}: {e:?}"),
+        }
+        assert!(matches!(p.loan(), Err(LoanError::Closed)), "point {k}");
+        assert_eq!(stream.header().control.writer.load(Relaxed), WRITER_PUBLISHER, "point {k}: role taken");
+        drop(p);
+        assert_eq!(stream.header().control.writer.load(Relaxed), WRITER_NONE);
+    }
+    assert!(ok > 0 && refused > 0, "ok at {ok} points, refused at {refused}");
+}
+
+/// 2b: a publisher stopped mid-delivery (its process alive, say under
+/// SIGSTOP) holds the end back however often the owner tries; once it
+/// goes on, the end comes after its frame.
+#[test]
+fn a_publisher_stopped_mid_delivery_holds_the_end_back() {
+    let (stream, channels, mut owner, subs) = world(&[(2, OverflowPolicy::Lossless)]);
+    let mut p = sent_frame_0(&stream, &channels, &subs, &[0]);
+    let slot = p.loan().unwrap();
+    let (mut tries, mut early) = (Vec::new(), None);
+    // Point 1: after the first push of frame 1.
+    let (result, ran) = hook::act_at(
+        1,
+        &mut || {
+            owner.close();
+            tries = (0..3).map(|_| end_for_subscribers(&mut owner)).collect();
+            early = take_seq(&subs[0]).ok();
+            assert_ne!(take_seq(&subs[0]), Err(TryRecvError::Closed), "ended under a delivery");
+        },
+        || p.commit(slot, 1, 0),
+    );
+    assert!(ran);
+    assert_eq!(tries, [EndProgress::Delivering; 3]);
+    assert_eq!(result.unwrap().seq, 1);
+    assert_eq!(end_for_subscribers(&mut owner), EndProgress::Ended);
+    let got: Vec<u64> = early.into_iter().chain(until_closed(&subs[0])).collect();
+    assert_eq!(got, [1]);
+}
+
+/// 2b: a publisher asleep in a send, waiting for a lossless subscriber's
+/// credit, when the owner revokes it (where its connection was its lease
+/// and has ended): it wakes at once and finds itself replaced, rather
+/// than sleeping out its deadline.
+#[test]
+fn a_revoked_publisher_asleep_in_a_send_wakes() {
+    let (stream, channels, mut owner, subs) = world(&[(1, OverflowPolicy::Lossless)]);
+    // Subscriber 0 keeps frame 0: no credit left for frame 1.
+    let mut p = sent_frame_0(&stream, &channels, &subs, &[]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let slot = p.loan().unwrap();
+        let Err(CommitRefusal::WouldBlock { subscriber }) = p.commit(slot, 1, 0) else { panic!("room for frame 1") };
+        // No deadline of its own: only the wake-up ends this wait.
+        let woken = p.wait_for_room(subscriber as usize, PARK, None);
+        tx.send((woken, p.commit(slot, 1, 0).err())).unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !super::wait::is_waiting(&channels[0].header().pub_waiting) {
+        assert!(Instant::now() < deadline, "the publisher never went to sleep");
+        std::thread::yield_now();
+    }
+    owner.publisher_gone();
+    let (woken, refusal) = rx.recv_timeout(Duration::from_secs(120)).expect("the revoked publisher slept on");
+    assert!(woken);
+    assert_eq!(refusal, Some(CommitRefusal::Replaced));
+    sender.join().unwrap();
 }

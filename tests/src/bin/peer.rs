@@ -50,7 +50,29 @@ fn stream_config(spec: &Value) -> memsock::StreamConfig {
 }
 
 /// Sends `count` frames (forever if 0) until the stream closes.
+///
+/// With `"lease"` it publishes through a control connection of its own
+/// (the raw protocol) and then, for `"hang_up"`, ends that connection
+/// while it goes on publishing, or, for `"share"`, lets a child process
+/// (`sleep`, reported as `{"child": pid}`) inherit it, so the connection
+/// outlives this process.
 fn publisher(spec: &Value) -> Result<()> {
+    if let Some(lease) = spec["lease"].as_str() {
+        let (socket, fds) = publish_raw(spec)?;
+        let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+        let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
+        match lease {
+            "hang_up" => memsock_proto::platform::shutdown_socket(socket.as_fd())?,
+            "share" => {
+                let inherited = memsock_proto::platform::dup_for_child(socket.as_fd())?;
+                let child = std::process::Command::new("sleep").arg("600").spawn()?;
+                drop(inherited);
+                say(json!({"child": child.id()}));
+            }
+            other => bail!("unknown lease {other:?}"),
+        }
+        return publish(spec, &mut publisher);
+    }
     if let Some(client) = broker_client(spec)? {
         let name = spec["stream"].as_str().unwrap_or("test");
         let mut publisher = client.publisher(name, &stream_config(spec))?;
@@ -60,6 +82,37 @@ fn publisher(spec: &Value) -> Result<()> {
     let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
     publish(spec, &mut publisher)
+}
+
+/// Says Hello and Publish on a connection of our own; returns it and the
+/// stream's descriptors.
+fn publish_raw(spec: &Value) -> Result<(std::os::unix::net::UnixStream, Vec<std::os::fd::OwnedFd>)> {
+    use memsock_proto::control::{self, ClientMessage, PROTOCOL_VERSION, Reply, Request, ServerMessage};
+    let socket = std::os::unix::net::UnixStream::connect(spec["socket"].as_str().context("a socket")?)?;
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let mut ask = |id: u64, request: Request| -> Result<Reply> {
+        let mut frame = Vec::new();
+        control::encode(&ClientMessage { id, request }, &mut frame)?;
+        std::io::Write::write_all(&mut &socket, &frame)?;
+        loop {
+            if let Some(m) = control::decode::<ServerMessage>(&mut buf)? {
+                match m {
+                    ServerMessage::Reply { result, .. } => return Ok(result?),
+                    _ => continue, // events
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = memsock_proto::platform::recv_with_fds(socket.as_fd(), &mut chunk, &mut fds)?;
+            if n == 0 {
+                bail!("the broker hung up");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    ask(1, Request::Hello { version: PROTOCOL_VERSION, client_name: "raw peer".into() })?;
+    let name = spec["stream"].as_str().unwrap_or("test").to_owned();
+    ask(2, Request::Publish { stream: name, config: stream_config(spec) })?;
+    Ok((socket, fds))
 }
 
 fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {
