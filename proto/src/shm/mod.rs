@@ -3,16 +3,14 @@
 //!
 //! # Map
 //! - [`layout`]: every shared structure, its constants and offsets.
-//! - `mem`: typed access to mapped files (the only pointer arithmetic).
-//! - `publisher`: loans, delivery, overflow policies, taking slots back,
-//!   crash recovery; [`Publisher`] and [`SampleMut`].
-//! - `subscriber`: taking frames, returning slots, waiting; [`Subscriber`]
-//!   and [`Sample`].
-//! - `owner`: creation, admission by credits, detach and reclamation,
-//!   statistics; [`StreamSegment`].
-//! - `wait`: spin-then-park and its wake-up protocol.
-//! - `crash`: the points where a killed writer may stop, and the test hook
-//!   that stops one there (`crash_tests`, `recovery_tests`).
+//! - `core`: the lock-free algorithms of the publisher, the subscribers and
+//!   the owner, over any memory implementing the layout (what loom and
+//!   proptest run), with the wake-up protocol and the crash points.
+//! - `map`: mappings of the shared files (the only pointer arithmetic on
+//!   shared memory).
+//! - `publisher`: the user's handles [`Publisher`], [`SampleMut`], [`Loan`].
+//! - `subscriber`: [`Subscriber`], [`Sample`], [`Watcher`].
+//! - `owner`: [`StreamSegment`], the owner's handle on a stream's files.
 //!
 //! # Who maps what
 //! A stream is one data file plus one channel file per subscriber index,
@@ -36,35 +34,31 @@
 //! after a crash (the memory goes with the last descriptor or mapping), and
 //! no two streams can collide on a name.
 
-mod crash;
+mod core;
 pub mod layout;
-mod mem;
+#[cfg(not(loom))]
+mod map;
+#[cfg(not(loom))]
 mod owner;
+#[cfg(not(loom))]
 mod publisher;
+#[cfg(not(loom))]
 mod subscriber;
-mod wait;
 
-#[cfg(all(test, not(loom)))]
-mod crash_tests;
-#[cfg(all(test, loom))]
-mod loom_tests;
-#[cfg(all(test, not(loom)))]
-mod recovery_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
-pub use crate::primitive::{BarrierPassed, system_barrier};
-pub use layout::{Geometry, LayoutError, OverflowPolicy, WaitStrategy};
-pub use mem::MapError;
-pub use owner::{
+pub use self::core::owner::{
     AddSubscriberError, EndProgress, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions, SubscriberStats,
     SubscriberTicket,
 };
-pub use publisher::{LoanError, SendInfo};
-pub use subscriber::{FrameInfo, KeepAlive, Position, RecvError, TryRecvError};
+pub use self::core::publisher::{LoanError, SendInfo};
+pub use self::core::subscriber::{FrameInfo, KeepAlive, Position, RecvError, TryRecvError};
+pub use crate::primitive::{BarrierPassed, system_barrier};
+pub use layout::{Geometry, LayoutError, OverflowPolicy, WaitStrategy};
 
 #[cfg(not(loom))]
-pub use mem::{ChannelMap, StreamMap};
+pub use map::{ChannelMap, MapError, StreamMap};
 #[cfg(not(loom))]
 pub use owner::{CreateError, OpenLocalError, StreamSegment};
 #[cfg(not(loom))]

@@ -1,975 +1,286 @@
-//! The owner side of a stream: creating its files, admitting subscribers
-//! against the credit budget, changing credits, detaching and reclaiming,
-//! closing, and reading statistics — everything the broker does with a
-//! stream, none of it on the per-frame path.
-//!
-//! The owner writes subscriber records and bumps `table_gen`; the publisher
-//! notices on its next loan or send. Reclaiming a detached subscriber's
-//! slots changes holder masks, which only the writer may do: the attached
-//! publisher does it, or the owner itself (taking the writer role) when no
-//! publisher is attached.
+//! The owner's handle on a stream's files: [`StreamSegment`] creates and
+//! maps them and runs the lock-free owner core (`core::owner`) on them.
 
-use super::layout::{
-    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, INFLIGHT_IDLE, LAYOUT_VERSION, LayoutError,
-    MAX_PUBLISHER_LOANS, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING,
-    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use super::core::mem::StreamMem;
+use super::core::owner::{
+    AddSubscriberError, EndProgress, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
+    SubscriberTicket,
 };
-use super::mem::{ChannelMem, StreamMem};
-use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
-use super::wait;
-use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use crate::primitive::{BarrierPassed, barrier_mark};
+use super::map::{ChannelMap, MapError, StreamMap};
+use crate::platform;
+use crate::shm::layout::{
+    FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, FLAG_TIMESTAMPS, Geometry, Layout, LayoutError, PAGE, channel_len,
+};
+use crate::shm::{OpenPublisherError, OpenSubscriberError, Publisher, Subscriber};
 
-/// What a subscriber asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SubscriberOptions {
-    /// Most slots it may hold at once, queued plus borrowed (its queue depth).
-    pub credits: u32,
-    /// What happens to frames when its credits are used up.
-    pub policy: OverflowPolicy,
-    /// How its blocking receives wait.
-    pub wait: WaitStrategy,
-}
-
-impl Default for SubscriberOptions {
-    fn default() -> Self {
-        Self { credits: 4, policy: OverflowPolicy::default(), wait: WaitStrategy::default() }
-    }
-}
-
-/// What a subscriber process needs, besides the files, to open its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubscriberTicket {
-    /// Its index in the stream (which channel file is its own).
-    pub index: u32,
-    /// Attach generation of that index, so a stale ticket is refused.
-    pub generation: u64,
-    /// The wait strategy it was admitted with.
-    pub wait: WaitStrategy,
-}
-
-/// Why a subscriber was not admitted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a stream could not be created.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AddSubscriberError {
-    /// Credits must be at least 1 and at most the queue capacity.
-    #[error("credits must be between 1 and {max}, got {credits}")]
-    CreditsOutOfRange {
-        /// Requested.
-        credits: u32,
-        /// The stream's queue capacity.
-        max: u32,
+pub enum CreateError {
+    /// The configuration is out of range.
+    #[error("invalid stream configuration: {0}")]
+    Config(#[from] LayoutError),
+    /// Creating a shared-memory file failed.
+    #[error("cannot create shared memory for stream {name:?}: {source}")]
+    Io {
+        /// Stream name.
+        name: String,
+        /// The system error.
+        source: io::Error,
     },
-    /// The pool cannot honour the credits on top of those already granted.
-    #[error(
-        "cannot grant {requested} credits: {available} of {slot_count} slots are free to promise \
-         ({committed} promised to other subscribers, the rest kept for the publisher's loans)"
-    )]
-    CreditsRefused {
-        /// Requested.
-        requested: u32,
-        /// Still grantable.
-        available: u32,
-        /// Pool size.
-        slot_count: u32,
-        /// Already granted.
-        committed: u32,
-    },
-    /// Every subscriber index is taken.
-    #[error("stream is full: all {max} subscriber places are taken")]
-    Full {
-        /// The stream's subscriber capacity.
-        max: u32,
-    },
-    /// The stream is closed.
-    #[error("the stream is closed")]
-    Closed,
-}
-
-/// Why an operation on an existing subscriber failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SubscriberOpError {
-    /// No attached subscriber has this index.
-    #[error("no subscriber #{0} is attached")]
-    NotAttached(u32),
-    /// The new credits are refused (see [`AddSubscriberError`]).
+    /// Mapping or locking failed.
     #[error(transparent)]
-    Credits(#[from] AddSubscriberError),
+    Map(#[from] MapError),
 }
 
-/// A subscriber as the owner sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscriberStats {
-    /// Index in the stream.
-    pub index: u32,
-    /// Process id given at attach.
-    pub pid: u32,
-    /// Overflow policy.
-    pub policy: OverflowPolicy,
-    /// Current credits.
-    pub credits: u32,
-    /// Still being reclaimed after a detach.
-    pub detaching: bool,
-    /// Stream sequence number at attach.
-    pub attach_seq: u64,
-    /// Frames it has taken from its queue.
-    pub delivered: u64,
-    /// Frames it lost (not queued for lack of credit, or evicted).
-    pub dropped: u64,
-    /// Of `dropped`, frames evicted under `KeepLatest`.
-    pub evicted: u64,
-    /// Frames waiting in its queue.
-    pub queued: u64,
-    /// Slots it holds: queued, borrowed, or returned and not yet read back.
-    pub held: u32,
-    /// Age of the oldest queued frame, in nanoseconds (0 if none).
-    pub lag_ns: u64,
-    /// Protocol violations seen from it.
-    pub faults: u64,
-}
-
-/// A stream as the owner sees it: read from shared memory, no messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamStats {
-    /// Slot size in bytes.
-    pub slot_size: u32,
-    /// Slots in the pool.
-    pub slot_count: u32,
-    /// Slots held by no subscriber (the publisher's loan, if any, included).
-    pub free_slots: u32,
-    /// Frames sent.
-    pub published: u64,
-    /// Payload bytes sent.
-    pub bytes: u64,
-    /// Pid of the attached publisher, 0 if none.
-    pub publisher_pid: u32,
-    /// The stream was closed.
-    pub closed: bool,
-    /// Attached (and detaching) subscribers.
-    pub subscribers: Vec<SubscriberStats>,
-}
-
-/// The owner algorithm over any memory implementing the layout.
+/// A stream's shared-memory files, held by their owner (the broker, or
+/// a parent process): the data file and one channel file per subscriber
+/// index, all anonymous (`memfd`), handed to other processes as file
+/// descriptors. The memory is gone once the owner and every process
+/// that mapped it have dropped it: nothing is left in `/dev/shm`.
 #[derive(Debug)]
-pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
-    stream: S,
-    channels: Vec<C>,
-    /// Where the search for a free index starts: indices are reused as
-    /// late as possible, which keeps stale handles from meeting new peers.
-    cursor: usize,
-    /// Per index: credits in force before they were lowered, and the
-    /// `table_gen` that lowered them. Until the publisher has applied that
-    /// generation it may still deliver by the old credits.
-    lowered: Vec<Option<(u32, u64)>>,
-    /// [`barrier_mark`] taken when we marked the stream ending: the barrier
-    /// that makes the mark seen must begin after it.
-    ending_mark: Option<u64>,
+pub struct StreamSegment {
+    name: String,
+    data: OwnedFd,
+    channels: Vec<OwnedFd>,
+    core: OwnerCore<StreamMap, ChannelMap>,
+    huge_pages: bool,
 }
 
-/// How far [`OwnerCore::end_for_subscribers`] got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndProgress {
-    /// Subscribers see the end once they have received every frame sent.
-    Ended,
-    /// The stream is marked ending: run [`system_barrier`](crate::shm::system_barrier)
-    /// (outside any lock: it takes milliseconds) and call again with its proof.
-    NeedsBarrier,
-    /// The publisher is delivering a frame right now: call again later. It
-    /// ends the close itself if it gets to its next send first.
-    Delivering,
-    /// The stream is not closing: nothing to end.
-    Open,
-}
-
-impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
-    pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
-        assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
-        let n = channels.len();
-        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending_mark: None }
-    }
-
-    pub(crate) fn stream(&self) -> &S {
-        &self.stream
-    }
-
-    #[cfg(loom)]
-    pub(crate) fn channels(&self) -> &[C] {
-        &self.channels
-    }
-
-    /// Announces a change of the subscriber table; returns the new generation.
-    fn bump_table(&self) -> u64 {
-        // Release pairs with the publisher's Acquire load in `sync_table`.
-        self.stream.header().control.table_gen.fetch_add(1, Release) + 1
-    }
-
-    /// Slots each subscriber index holds (bits set in the masks).
-    fn held_per_subscriber(&self) -> Vec<u32> {
-        let g = self.stream.layout().geometry;
-        let mut held = vec![0u32; g.max_subscribers as usize];
-        for slot in 0..g.slot_count {
-            for (w, word) in self.stream.mask(slot).iter().enumerate() {
-                let mut bits = word.load(Relaxed);
-                while bits != 0 {
-                    let s = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    if let Some(h) = held.get_mut(s) {
-                        *h += 1;
-                    }
-                }
-            }
-        }
-        held
-    }
-
-    /// Credits promised to attached subscribers other than `except`: for
-    /// each, the larger of its credits and what it holds now (after lowered
-    /// credits it may hold more until it releases).
-    fn committed(&self, except: Option<usize>) -> u64 {
-        let header = self.stream.header();
-        // Acquire pairs with the publisher's Release store in `sync_table_slow`.
-        let applied = header.publisher.applied_gen.load(Acquire);
-        let publisher_attached = header.control.writer.load(Acquire) == WRITER_PUBLISHER;
-        let held = self.held_per_subscriber();
-        (0..held.len())
-            .filter(|&s| Some(s) != except)
-            .map(|s| {
-                let cfg = &self.stream.record(s).config;
-                // A detaching subscriber promises nothing any more: the
-                // publisher reclaims what it holds before its next loan or
-                // delivery, so its slots are back before anyone needs them
-                // (an idle publisher must not keep a dead subscriber's
-                // credits from a new one).
-                if matches!(cfg.state.load(Acquire), SUB_FREE | SUB_DETACHING) {
-                    return 0;
-                }
-                let pending = match self.lowered[s] {
-                    Some((old, lowered_at)) if publisher_attached && applied < lowered_at => old,
-                    _ => 0,
-                };
-                u64::from(cfg.credits.load(Relaxed).max(held[s]).max(pending))
-            })
-            .sum()
-    }
-
-    fn check_credits(&self, credits: u32, except: Option<usize>) -> Result<(), AddSubscriberError> {
-        let g = self.stream.layout().geometry;
-        if credits == 0 || credits > g.queue_capacity {
-            return Err(AddSubscriberError::CreditsOutOfRange { credits, max: g.queue_capacity });
-        }
-        let committed = self.committed(except);
-        let loans = self.stream.header().ident.publisher_loans.load(Relaxed);
-        let budget = u64::from(g.slot_count.saturating_sub(loans));
-        if committed + u64::from(credits) > budget {
-            return Err(AddSubscriberError::CreditsRefused {
-                requested: credits,
-                available: budget.saturating_sub(committed) as u32,
-                slot_count: g.slot_count,
-                committed: committed as u32,
-            });
-        }
-        Ok(())
-    }
-
-    pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
-        let header = self.stream.header();
-        if header.control.state.load(Acquire) != STREAM_OPEN {
-            return Err(AddSubscriberError::Closed);
-        }
-        self.reclaim_detached();
-        let n = self.channels.len();
-        let me = crate::platform::current_pid();
-        let requester = if pid == 0 { u32::MAX } else { pid };
-        let index = (0..n)
-            .map(|i| (self.cursor + i) % n)
-            .find(|&s| {
-                let cfg = &self.stream.record(s).config;
-                // Acquire pairs with the Release store of SUB_FREE by whoever
-                // reclaimed the index: its mask changes are visible.
-                cfg.state.load(Acquire) == SUB_FREE && {
-                    // A process that was removed but still lives keeps its
-                    // mapping of this channel: do not hand the channel to
-                    // somebody else while it could still write there (the
-                    // same process may have it back).
-                    let pid = cfg.pid.load(Relaxed);
-                    pid == 0 || pid == me || pid == requester || !crate::platform::process_alive(pid)
-                }
-            })
-            .ok_or(AddSubscriberError::Full { max: n as u32 })?;
-        self.check_credits(opts.credits, None)?;
-
-        // The index is free: neither the publisher nor any subscriber uses
-        // its ring, counters or channel, so they can be reset.
-        for e in self.stream.ring(index) {
-            e.word.store(0, Relaxed);
-        }
-        let counters = &self.stream.record(index).counters;
-        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.ret_read] {
-            c.store(0, Relaxed);
-        }
-        let cfg = &self.stream.record(index).config;
-        let generation = cfg.generation.load(Relaxed) + 1;
-        // The previous subscriber could write anything in the channel:
-        // rewrite all of it.
-        let ch = self.channels[index].header();
-        let id = &ch.ident;
-        id.magic.store(CHANNEL_MAGIC, Relaxed);
-        id.index.store(index as u32, Relaxed);
-        id.capacity.store(self.stream.layout().geometry.queue_capacity, Relaxed);
-        id.claimed.store(0, Relaxed);
-        id.generation.store(generation, Relaxed);
-        for c in [&ch.head, &ch.tail, &ch.ret_head] {
-            c.store(0, Relaxed);
-        }
-        ch.waiting.store(0, Relaxed);
-        ch.pub_waiting.store(0, Relaxed);
-        for r in self.channels[index].returns() {
-            r.store(NO_SLOT, Relaxed);
-        }
-        // Release pairs with the subscriber's Acquire load in `ChannelMap::open`.
-        id.version.store(LAYOUT_VERSION, Release);
-        self.lowered[index] = None;
-
-        cfg.policy.store(opts.policy as u32, Relaxed);
-        cfg.credits.store(opts.credits, Relaxed);
-        cfg.parks.store(u32::from(opts.wait.parks()), Relaxed);
-        cfg.pid.store(pid, Relaxed);
-        cfg.attach_seq.store(header.publisher.published.load(Relaxed), Relaxed);
-        cfg.generation.store(generation, Relaxed);
-        // Release pairs with the Acquire loads of the state by the
-        // publisher (`sync_table_slow`) and the subscriber (`attach`).
-        cfg.state.store(SUB_ACTIVE, Release);
-        self.bump_table();
-        self.cursor = index + 1;
-        Ok(SubscriberTicket { index: index as u32, generation, wait: opts.wait })
-    }
-
-    fn active_index(&self, index: u32) -> Result<usize, SubscriberOpError> {
-        let s = index as usize;
-        if s < self.channels.len() && self.stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
-            Ok(s)
-        } else {
-            Err(SubscriberOpError::NotAttached(index))
-        }
-    }
-
-    pub(crate) fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
-        let s = self.active_index(index)?;
-        self.check_credits(credits, Some(s))?;
-        let cfg = &self.stream.record(s).config;
-        let old = cfg.credits.swap(credits, Relaxed);
-        let gen_now = self.bump_table();
-        if credits < old {
-            let before = self.lowered[s].map_or(old, |(o, _)| o.max(old));
-            self.lowered[s] = Some((before, gen_now));
-        }
-        // A publisher blocked on this lossless subscriber re-reads credits.
-        wait::wake(&self.channels[s].header().pub_waiting);
-        Ok(())
-    }
-
-    /// Detaches subscriber `index`: its queued and borrowed slots return to
-    /// the pool. Use it for a subscriber that left and for one that died.
-    pub(crate) fn remove(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-        let s = self.active_index(index)?;
-        // Release pairs with the publisher's Acquire load in `sync_table_slow`.
-        self.stream.record(s).config.state.store(SUB_DETACHING, Release);
-        self.bump_table();
-        let ch = self.channels[s].header();
-        wait::wake(&ch.waiting);
-        wait::wake(&ch.pub_waiting);
-        self.reclaim_detached();
-        Ok(())
-    }
-
-    /// Detaches subscriber `index`, which has let go of its channel (its
-    /// own process said so): like [`remove`](Self::remove), but the index
-    /// may serve any process once reclaimed, rather than waiting for this
-    /// one to end.
-    pub(crate) fn release(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-        self.remove(index)?;
-        // Read back by `add` (and `stats`, which then shows pid 0 while the
-        // index is reclaimed), both on this, the owner's, thread.
-        self.stream.record(index as usize).config.pid.store(0, Relaxed);
-        Ok(())
-    }
-
-    /// Reclaims detaching subscribers' slots if no publisher is attached
-    /// (an attached one does it on its next loan or send). Returns whether
-    /// it ran.
-    pub(crate) fn reclaim_detached(&self) -> bool {
-        let ctl = &self.stream.header().control;
-        // Acquire pairs with the Release store of WRITER_NONE by the last
-        // writer (publisher `Drop`, or here).
-        if ctl.writer.compare_exchange(WRITER_NONE, WRITER_OWNER, Acquire, Relaxed).is_err() {
-            return false;
-        }
-        self.reclaim_as_writer();
-        // Release pairs with the next writer's Acquire CAS.
-        ctl.writer.store(WRITER_NONE, Release);
-        true
-    }
-
-    /// Holding the writer role as owner: finishes a dead writer's work
-    /// (rolling an interrupted delivery forward) and reclaims detaching
-    /// subscribers' slots.
-    fn reclaim_as_writer(&self) {
-        let ctl = &self.stream.header().control;
-        if ctl.dirty.load(Relaxed) != 0 {
-            let channels = self.channels.iter().collect();
-            drop(PubCore::take_over(&self.stream, channels, WRITER_OWNER, 0));
-            ctl.dirty.store(0, Relaxed);
-        }
-        for s in 0..self.channels.len() {
-            let state = &self.stream.record(s).config.state;
-            if state.load(Acquire) == SUB_DETACHING {
-                clear_subscriber_bits(&self.stream, s, |_| {});
-                state.store(SUB_FREE, Release);
-            }
-        }
-    }
-
-    /// The attached publisher's lease ended (it exited or died): release
-    /// the writer role so another publisher can take over, and reclaim.
-    pub(crate) fn publisher_gone(&mut self) {
-        let ctl = &self.stream.header().control;
-        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_OWNER, Acquire, Relaxed).is_ok() {
-            ctl.publisher_pid.store(0, Relaxed);
-            // Finish what it left half done first — a frame some subscriber
-            // got reaches the others — so that its departure comes after
-            // every frame it sent.
-            self.reclaim_as_writer();
-            // Count the departure, unless the publisher did as it left.
-            // Release pairs with the subscribers' Acquire fence after their
-            // load in `SubCore::publisher_event`.
-            let now = ctl.publisher_changes.load(Relaxed);
-            if now % 2 == 1 {
-                let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
-            }
-            // Release pairs with the next writer's Acquire CAS.
-            ctl.writer.store(WRITER_NONE, Release);
-        }
-        // Should the old publisher still be alive, it notices on its next
-        // loan or send that it no longer holds the role, and stops.
-        self.bump_table();
-        self.lowered.fill(None);
-        // Subscribers asleep see the publisher gone; a revoked publisher
-        // asleep in a send (waiting for a lossless subscriber's credit)
-        // wakes, re-reads the table bumped above and finds itself replaced.
-        super::publisher::wake_all(&self.channels);
-        for ch in &self.channels {
-            wait::wake(&ch.header().pub_waiting);
-        }
-        self.reclaim_detached();
-        // A close it never acknowledged ends here.
-        acknowledge_close(&self.stream, &self.channels);
-    }
-
-    /// Closes the stream: the publisher's next loan or send fails, and
-    /// subscribers get `Closed` once they have received every frame it
-    /// sent. An attached publisher acknowledges the close on its next loan,
-    /// send or detach (a frame it was sending meanwhile is still delivered);
-    /// until then its subscribers simply see no new frames.
-    pub(crate) fn close(&mut self) {
-        let ctl = &self.stream.header().control;
-        if ctl.state.compare_exchange(STREAM_OPEN, STREAM_CLOSING, Release, Relaxed).is_err() {
-            return; // already closing or closed
-        }
-        self.bump_table();
-        // A publisher blocked on a lossless subscriber re-reads the table.
-        for ch in &self.channels {
-            wait::wake(&ch.header().pub_waiting);
-        }
-        // The SeqCst fence pairs with the one in `PubCore::drop`: either we
-        // see its writer role released, or it sees the stream closing.
-        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
-        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
-            acknowledge_close(&self.stream, &self.channels);
-        }
-    }
-
-    /// Ends a close for the subscribers while the publisher, whose process
-    /// still lives, has not acknowledged it — without taking its writer
-    /// role or reclaiming anything, since it may still be writing.
-    ///
-    /// A publisher that sees the stream ending before a delivery does not
-    /// deliver (its send fails with `Closed`); one already delivering
-    /// finishes, and the stream ends after its frame. The check on either
-    /// side is an asymmetric fence: the publisher's is free, ours is
-    /// [`system_barrier`](crate::shm::system_barrier), which the caller
-    /// runs between our first call (which marks the stream and returns
-    /// [`EndProgress::NeedsBarrier`]) and the next.
-    pub(crate) fn end_for_subscribers(&mut self, barrier: Option<BarrierPassed>) -> EndProgress {
-        let ctl = &self.stream.header().control;
-        let state = ctl.state.load(Acquire);
-        if state == STREAM_OPEN {
-            return EndProgress::Open;
-        }
-        if state == STREAM_CLOSED {
-            return EndProgress::Ended;
-        }
-        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
-            // It let go meanwhile (its `Drop` acknowledges too).
-            acknowledge_close(&self.stream, &self.channels);
-            return EndProgress::Ended;
-        }
-        // SeqCst: the mark precedes `barrier_mark` in the single total order,
-        // so a barrier numbered after the mark began after the mark.
-        if state == STREAM_CLOSING
-            && ctl.state.compare_exchange(STREAM_CLOSING, STREAM_ENDING, SeqCst, Relaxed).is_err()
-        {
-            return self.end_for_subscribers(barrier); // it acknowledged just now
-        }
-        let mark = *self.ending_mark.get_or_insert_with(barrier_mark);
-        if !barrier.is_some_and(|b| b.follows(mark)) {
-            return EndProgress::NeedsBarrier;
-        }
-        // Acquire pairs with the publisher's Release store of INFLIGHT_IDLE
-        // (`PubCore::idle`): every frame it delivered is visible to whoever
-        // sees the end from our Release in `acknowledge_close`.
-        if self.stream.header().publisher.inflight.load(Acquire) != INFLIGHT_IDLE {
-            return EndProgress::Delivering;
-        }
-        // It delivers nothing more: past the barrier, its next look before
-        // a delivery sees the mark.
-        acknowledge_close(&self.stream, &self.channels);
-        EndProgress::Ended
-    }
-
-    /// Whether a publisher holds the writer role (it may be alive or dead:
-    /// the caller knows which).
-    pub(crate) fn publisher_attached(&self) -> bool {
-        self.stream.header().control.writer.load(Acquire) == WRITER_PUBLISHER
-    }
-
-    pub(crate) fn stats(&self, now_ns: u64) -> StreamStats {
-        let g = self.stream.layout().geometry;
-        let header = self.stream.header();
-        let held = self.held_per_subscriber();
-        let cap_mask = u64::from(g.queue_capacity) - 1;
-        let used = (0..g.slot_count).filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0)).count()
-            as u32;
-        let subscribers = (0..self.channels.len())
-            .filter_map(|s| {
-                let cfg = &self.stream.record(s).config;
-                let state = cfg.state.load(Acquire);
-                if state == SUB_FREE {
-                    return None;
-                }
-                let c = &self.stream.record(s).counters;
-                let pushed = c.pushed.load(Relaxed);
-                let evicted = c.evicted.load(Relaxed);
-                // The subscriber writes its head: clamp what it claims.
-                let head = (self.channels[s].header().head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
-                let queued = pushed - head;
-                let lag_ns = if queued > 0 {
-                    let e = &self.stream.ring(s)[(head & cap_mask) as usize];
-                    now_ns.saturating_sub(e.timestamp_ns.load(Relaxed))
-                } else {
-                    0
-                };
-                Some(SubscriberStats {
-                    index: s as u32,
-                    pid: cfg.pid.load(Relaxed),
-                    policy: OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default(),
-                    credits: cfg.credits.load(Relaxed),
-                    detaching: state == SUB_DETACHING,
-                    attach_seq: cfg.attach_seq.load(Relaxed),
-                    delivered: head.saturating_sub(evicted),
-                    dropped: c.dropped.load(Relaxed),
-                    evicted,
-                    queued,
-                    held: held[s],
-                    lag_ns,
-                    faults: c.faults.load(Relaxed),
-                })
-            })
-            .collect();
-        StreamStats {
-            slot_size: g.slot_size,
-            slot_count: g.slot_count,
-            free_slots: g.slot_count.saturating_sub(used),
-            published: header.publisher.published.load(Relaxed),
-            bytes: header.publisher.bytes.load(Relaxed),
-            publisher_pid: header.control.publisher_pid.load(Relaxed),
-            closed: header.control.state.load(Acquire) != STREAM_OPEN,
-            subscribers,
-        }
-    }
-}
-
-/// How to create a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StreamConfig {
-    /// Bytes per slot: the largest frame.
-    pub slot_size: u32,
-    /// Slots in the pool; the credits of all subscribers together can be
-    /// at most `slot_count - 1` (one slot is kept for the publisher's loan).
-    pub slot_count: u32,
-    /// Most subscribers attached at once.
-    pub max_subscribers: u32,
-    /// Most credits one subscriber may have (rounded up to a power of
-    /// two); 0 picks `slot_count - 1`, rounded up, at most 65536.
-    pub queue_capacity: u32,
-    /// Lock the segment in memory (`mlock`) in every process that maps it.
-    pub mlock: bool,
-    /// Back the pool with 2 MiB huge pages if the system has them reserved,
-    /// else fall back to ordinary pages.
-    pub huge_pages: bool,
-    /// Fault every page in when mapping, so no frame pays a page fault.
-    pub prefault: bool,
-    /// Stamp every frame with its send time. Off saves a clock read per
-    /// frame (tens of nanoseconds, which bounds small frames); samples then
-    /// report a `timestamp_ns` of 0.
-    pub timestamps: bool,
-    /// Slots the publisher may hold on loan at once — samples being written
-    /// plus detached loans — kept out of every subscriber's credits; 0 picks
-    /// [`DEFAULT_PUBLISHER_LOANS`] (fewer if the pool is tiny).
-    pub publisher_loans: u32,
-}
-
-impl StreamConfig {
-    /// A stream of `slot_count` slots of `slot_size` bytes, for up to 32
-    /// subscribers, pre-faulted, not locked, on ordinary pages.
-    pub fn new(slot_size: u32, slot_count: u32) -> Self {
-        Self {
-            slot_size,
-            slot_count,
-            max_subscribers: 32,
-            queue_capacity: 0,
-            mlock: false,
-            huge_pages: false,
-            prefault: true,
-            timestamps: true,
-            publisher_loans: 0,
-        }
-    }
-
-    /// The publisher's loan budget this configuration asks for.
-    pub fn loans(&self) -> u32 {
-        match self.publisher_loans {
-            0 => DEFAULT_PUBLISHER_LOANS.min(self.slot_count.saturating_sub(1)).max(PUBLISHER_LOANS),
-            n => n,
-        }
-    }
-
-    /// The geometry this configuration asks for.
+impl StreamSegment {
+    /// Creates a stream's files and maps them.
     ///
     /// # Errors
-    /// [`LayoutError`] if a number is out of range.
-    pub fn geometry(&self) -> Result<Geometry, LayoutError> {
-        let cap = match self.queue_capacity {
-            0 => self.slot_count.saturating_sub(self.loans()).max(1),
-            n => n,
-        };
-        let g = Geometry {
-            slot_size: self.slot_size,
-            slot_count: self.slot_count,
-            max_subscribers: self.max_subscribers,
-            queue_capacity: cap.checked_next_power_of_two().unwrap_or(u32::MAX).min(super::layout::MAX_QUEUE_CAPACITY),
-        };
-        g.validate()?;
-        let loans = self.loans();
-        let max_loans = MAX_PUBLISHER_LOANS.min(self.slot_count - 1);
-        if !(PUBLISHER_LOANS..=max_loans).contains(&loans) {
-            return Err(LayoutError::OutOfRange {
-                field: "publisher_loans",
-                value: loans.into(),
-                min: PUBLISHER_LOANS.into(),
-                max: max_loans.into(),
-            });
+    /// [`CreateError`] for a bad configuration or a failed system call
+    /// (including `mlock` when asked for).
+    pub fn create(name: &str, config: &StreamConfig) -> Result<Self, CreateError> {
+        let geometry = config.geometry()?;
+        let io_err = |source| CreateError::Io { name: name.to_owned(), source };
+        let mut flags = 0;
+        if config.mlock {
+            flags |= FLAG_MLOCK;
         }
-        Ok(g)
+        if config.prefault {
+            flags |= FLAG_PREFAULT;
+        }
+        if config.timestamps {
+            flags |= FLAG_TIMESTAMPS;
+        }
+        let loans = config.loans();
+        let huge = if config.huge_pages { try_huge(name, geometry, flags, loans) } else { None };
+        let huge_pages = huge.is_some();
+        let (data, map) = match huge {
+            Some(pair) => pair,
+            None => {
+                let layout = Layout::new(geometry, PAGE)?;
+                let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, false)
+                    .map_err(io_err)?;
+                let map = StreamMap::create(fd.as_fd(), layout, flags, loans)?;
+                (fd, map)
+            }
+        };
+        let len = channel_len(geometry.queue_capacity) as u64;
+        let mut channels = Vec::with_capacity(geometry.max_subscribers as usize);
+        let mut maps = Vec::with_capacity(geometry.max_subscribers as usize);
+        for index in 0..geometry.max_subscribers {
+            let fd = platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false).map_err(io_err)?;
+            maps.push(ChannelMap::create(fd.as_fd(), index, geometry.queue_capacity, flags & !FLAG_HUGE_PAGES)?);
+            channels.push(fd);
+        }
+        tracing::debug!(name, ?geometry, huge_pages, "stream created");
+        Ok(Self { name: name.to_owned(), data, channels, core: OwnerCore::new(map, maps), huge_pages })
+    }
+
+    /// The stream's name (for diagnostics; the files are anonymous).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.core.stream().layout().geometry
+    }
+
+    /// Whether the pool got huge pages.
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+
+    /// The data file, read-write: for the publisher only.
+    pub fn data_fd(&self) -> BorrowedFd<'_> {
+        self.data.as_fd()
+    }
+
+    /// A new read-only descriptor of the data file: what a subscriber
+    /// gets, so that it cannot map the pool writable.
+    ///
+    /// # Errors
+    /// If `/proc/self/fd` cannot be opened.
+    pub fn read_only_data_fd(&self) -> io::Result<OwnedFd> {
+        platform::reopen_read_only(self.data.as_fd())
+    }
+
+    /// Every channel file, in index order: for the publisher.
+    pub fn channel_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.channels.iter().map(AsFd::as_fd).collect()
+    }
+
+    /// Subscriber `index`'s channel file: for that subscriber only.
+    ///
+    /// # Panics
+    /// If `index` is not below the subscriber capacity.
+    pub fn channel_fd(&self, index: u32) -> BorrowedFd<'_> {
+        self.channels[index as usize].as_fd()
+    }
+
+    /// Admits a subscriber of process `pid` if the pool can honour its
+    /// credits.
+    ///
+    /// # Errors
+    /// [`AddSubscriberError`]: credits refused or out of range, no free
+    /// index, stream closed.
+    pub fn add_subscriber(
+        &mut self,
+        opts: &SubscriberOptions,
+        pid: u32,
+    ) -> Result<SubscriberTicket, AddSubscriberError> {
+        self.core.add(opts, pid)
+    }
+
+    /// Changes a live subscriber's credits.
+    ///
+    /// # Errors
+    /// [`SubscriberOpError`] if it is not attached or the pool cannot
+    /// honour the new credits.
+    pub fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
+        self.core.set_credits(index, credits)
+    }
+
+    /// Detaches subscriber `index`, whether it left or died: its queued
+    /// and borrowed slots go back to the pool (at once if no publisher
+    /// is attached, else at the publisher's next loan or send).
+    ///
+    /// Call it once the subscriber has gone — its process ended or it
+    /// dropped its [`Subscriber`] — as the broker does when a lease ends:
+    /// samples a live subscriber still holds would be reused under it.
+    /// The index is not handed to a new subscriber while the process
+    /// given at [`add_subscriber`](Self::add_subscriber) still runs.
+    ///
+    /// # Errors
+    /// [`SubscriberOpError::NotAttached`].
+    pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        self.core.remove(index)
+    }
+
+    /// Detaches subscriber `index` whose own process gave it up (it
+    /// dropped its [`Subscriber`] and every sample, and said so): as
+    /// [`remove_subscriber`](Self::remove_subscriber), but the index
+    /// may serve another process at once, since this one no longer
+    /// maps its channel.
+    ///
+    /// # Errors
+    /// [`SubscriberOpError::NotAttached`].
+    pub fn release_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        self.core.release(index)
+    }
+
+    /// Tells the stream its publisher is gone: takes the writer role
+    /// back, finishes what the publisher left half done, and lets
+    /// another publisher attach and continue. Call it once the
+    /// publisher's process has exited (or let go): one still alive
+    /// gets `Replaced` at its next loan or send, but a sample it is
+    /// writing at that moment may still reach subscribers. Where only
+    /// the connection tells whether it lives, that is the weaker
+    /// guarantee you get.
+    pub fn publisher_gone(&mut self) {
+        self.core.publisher_gone();
+    }
+
+    /// Finishes reclaiming detached subscribers if no publisher is
+    /// attached to do it. Returns whether it could.
+    pub fn reclaim(&self) -> bool {
+        self.core.reclaim_detached()
+    }
+
+    /// Ends a close its publisher has not acknowledged while its process
+    /// still lives — the close grace is over — without taking the
+    /// writer role from it: subscribers get `Closed` after every frame
+    /// it sent, its next send fails with `Closed`. A first call marks
+    /// the stream and asks for a [`system_barrier`](crate::shm::system_barrier);
+    /// run it outside any lock and call again with its proof. A
+    /// publisher caught mid-delivery makes it answer
+    /// [`EndProgress::Delivering`]: try again a little later.
+    pub fn end_for_subscribers(&mut self, barrier: Option<crate::shm::BarrierPassed>) -> EndProgress {
+        self.core.end_for_subscribers(barrier)
+    }
+
+    /// Whether a publisher holds the stream's writer role, alive or
+    /// dead (it let go if not).
+    pub fn publisher_attached(&self) -> bool {
+        self.core.publisher_attached()
+    }
+
+    /// Closes the stream for good. The publisher's next loan or send
+    /// fails with `Closed`; subscribers get `Closed` once they have
+    /// received every frame it sent. An attached publisher acknowledges
+    /// the close on its next loan, send or detach (or when the owner
+    /// declares it gone); until then its subscribers just see no frames.
+    pub fn close(&mut self) {
+        self.core.close();
+    }
+
+    /// Counters and queue states, read from shared memory.
+    pub fn stats(&self) -> StreamStats {
+        self.core.stats(platform::now_ns())
+    }
+
+    /// Attaches a publisher in this process.
+    ///
+    /// # Errors
+    /// As [`Publisher::open`].
+    pub fn open_publisher(&self) -> Result<Publisher, OpenPublisherError> {
+        Publisher::open(self.data_fd(), &self.channel_fds())
+    }
+
+    /// Admits a subscriber and opens it in this process.
+    ///
+    /// # Errors
+    /// As [`add_subscriber`](Self::add_subscriber) and [`Subscriber::open`].
+    pub fn open_subscriber(&mut self, opts: &SubscriberOptions) -> Result<Subscriber, OpenLocalError> {
+        let ticket = self.add_subscriber(opts, platform::current_pid())?;
+        let data = self.read_only_data_fd().map_err(|e| OpenSubscriberError::Map(MapError::Io(e)))?;
+        Ok(Subscriber::open(data.as_fd(), self.channel_fd(ticket.index), ticket)?)
     }
 }
 
-#[cfg(not(loom))]
-pub use api::{CreateError, OpenLocalError, StreamSegment};
+/// Why [`StreamSegment::open_subscriber`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenLocalError {
+    /// Admission failed.
+    #[error(transparent)]
+    Add(#[from] AddSubscriberError),
+    /// Opening failed.
+    #[error(transparent)]
+    Open(#[from] OpenSubscriberError),
+}
 
-#[cfg(not(loom))]
-mod api {
-    use std::io;
-    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-    use super::{
-        AddSubscriberError, EndProgress, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
-        SubscriberTicket,
+/// Creates and maps a huge-page data file, or says why not in the log.
+fn try_huge(name: &str, geometry: Geometry, flags: u32, loans: u32) -> Option<(OwnedFd, StreamMap)> {
+    let attempt = || -> Result<(OwnedFd, StreamMap), Box<dyn std::error::Error>> {
+        let layout = Layout::new(geometry, platform::HUGE_PAGE_SIZE)?;
+        let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, true)?;
+        let map = StreamMap::create(fd.as_fd(), layout, flags | FLAG_HUGE_PAGES, loans)?;
+        Ok((fd, map))
     };
-    use crate::platform;
-    use crate::shm::layout::{
-        FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, FLAG_TIMESTAMPS, Geometry, Layout, LayoutError, PAGE, channel_len,
-    };
-    use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
-    use crate::shm::{OpenPublisherError, OpenSubscriberError, Publisher, Subscriber};
-
-    /// Why a stream could not be created.
-    #[derive(Debug, thiserror::Error)]
-    #[non_exhaustive]
-    pub enum CreateError {
-        /// The configuration is out of range.
-        #[error("invalid stream configuration: {0}")]
-        Config(#[from] LayoutError),
-        /// Creating a shared-memory file failed.
-        #[error("cannot create shared memory for stream {name:?}: {source}")]
-        Io {
-            /// Stream name.
-            name: String,
-            /// The system error.
-            source: io::Error,
-        },
-        /// Mapping or locking failed.
-        #[error(transparent)]
-        Map(#[from] MapError),
-    }
-
-    /// A stream's shared-memory files, held by their owner (the broker, or
-    /// a parent process): the data file and one channel file per subscriber
-    /// index, all anonymous (`memfd`), handed to other processes as file
-    /// descriptors. The memory is gone once the owner and every process
-    /// that mapped it have dropped it: nothing is left in `/dev/shm`.
-    #[derive(Debug)]
-    pub struct StreamSegment {
-        name: String,
-        data: OwnedFd,
-        channels: Vec<OwnedFd>,
-        core: OwnerCore<StreamMap, ChannelMap>,
-        huge_pages: bool,
-    }
-
-    impl StreamSegment {
-        /// Creates a stream's files and maps them.
-        ///
-        /// # Errors
-        /// [`CreateError`] for a bad configuration or a failed system call
-        /// (including `mlock` when asked for).
-        pub fn create(name: &str, config: &StreamConfig) -> Result<Self, CreateError> {
-            let geometry = config.geometry()?;
-            let io_err = |source| CreateError::Io { name: name.to_owned(), source };
-            let mut flags = 0;
-            if config.mlock {
-                flags |= FLAG_MLOCK;
-            }
-            if config.prefault {
-                flags |= FLAG_PREFAULT;
-            }
-            if config.timestamps {
-                flags |= FLAG_TIMESTAMPS;
-            }
-            let loans = config.loans();
-            let huge = if config.huge_pages { try_huge(name, geometry, flags, loans) } else { None };
-            let huge_pages = huge.is_some();
-            let (data, map) = match huge {
-                Some(pair) => pair,
-                None => {
-                    let layout = Layout::new(geometry, PAGE)?;
-                    let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, false)
-                        .map_err(io_err)?;
-                    let map = StreamMap::create(fd.as_fd(), layout, flags, loans)?;
-                    (fd, map)
-                }
-            };
-            let len = channel_len(geometry.queue_capacity) as u64;
-            let mut channels = Vec::with_capacity(geometry.max_subscribers as usize);
-            let mut maps = Vec::with_capacity(geometry.max_subscribers as usize);
-            for index in 0..geometry.max_subscribers {
-                let fd =
-                    platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false).map_err(io_err)?;
-                maps.push(ChannelMap::create(fd.as_fd(), index, geometry.queue_capacity, flags & !FLAG_HUGE_PAGES)?);
-                channels.push(fd);
-            }
-            tracing::debug!(name, ?geometry, huge_pages, "stream created");
-            Ok(Self { name: name.to_owned(), data, channels, core: OwnerCore::new(map, maps), huge_pages })
-        }
-
-        /// The stream's name (for diagnostics; the files are anonymous).
-        pub fn name(&self) -> &str {
-            &self.name
-        }
-
-        /// The stream's geometry.
-        pub fn geometry(&self) -> Geometry {
-            self.core.stream().layout().geometry
-        }
-
-        /// Whether the pool got huge pages.
-        pub fn huge_pages(&self) -> bool {
-            self.huge_pages
-        }
-
-        /// The data file, read-write: for the publisher only.
-        pub fn data_fd(&self) -> BorrowedFd<'_> {
-            self.data.as_fd()
-        }
-
-        /// A new read-only descriptor of the data file: what a subscriber
-        /// gets, so that it cannot map the pool writable.
-        ///
-        /// # Errors
-        /// If `/proc/self/fd` cannot be opened.
-        pub fn read_only_data_fd(&self) -> io::Result<OwnedFd> {
-            platform::reopen_read_only(self.data.as_fd())
-        }
-
-        /// Every channel file, in index order: for the publisher.
-        pub fn channel_fds(&self) -> Vec<BorrowedFd<'_>> {
-            self.channels.iter().map(AsFd::as_fd).collect()
-        }
-
-        /// Subscriber `index`'s channel file: for that subscriber only.
-        ///
-        /// # Panics
-        /// If `index` is not below the subscriber capacity.
-        pub fn channel_fd(&self, index: u32) -> BorrowedFd<'_> {
-            self.channels[index as usize].as_fd()
-        }
-
-        /// Admits a subscriber of process `pid` if the pool can honour its
-        /// credits.
-        ///
-        /// # Errors
-        /// [`AddSubscriberError`]: credits refused or out of range, no free
-        /// index, stream closed.
-        pub fn add_subscriber(
-            &mut self,
-            opts: &SubscriberOptions,
-            pid: u32,
-        ) -> Result<SubscriberTicket, AddSubscriberError> {
-            self.core.add(opts, pid)
-        }
-
-        /// Changes a live subscriber's credits.
-        ///
-        /// # Errors
-        /// [`SubscriberOpError`] if it is not attached or the pool cannot
-        /// honour the new credits.
-        pub fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
-            self.core.set_credits(index, credits)
-        }
-
-        /// Detaches subscriber `index`, whether it left or died: its queued
-        /// and borrowed slots go back to the pool (at once if no publisher
-        /// is attached, else at the publisher's next loan or send).
-        ///
-        /// Call it once the subscriber has gone — its process ended or it
-        /// dropped its [`Subscriber`] — as the broker does when a lease ends:
-        /// samples a live subscriber still holds would be reused under it.
-        /// The index is not handed to a new subscriber while the process
-        /// given at [`add_subscriber`](Self::add_subscriber) still runs.
-        ///
-        /// # Errors
-        /// [`SubscriberOpError::NotAttached`].
-        pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-            self.core.remove(index)
-        }
-
-        /// Detaches subscriber `index` whose own process gave it up (it
-        /// dropped its [`Subscriber`] and every sample, and said so): as
-        /// [`remove_subscriber`](Self::remove_subscriber), but the index
-        /// may serve another process at once, since this one no longer
-        /// maps its channel.
-        ///
-        /// # Errors
-        /// [`SubscriberOpError::NotAttached`].
-        pub fn release_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-            self.core.release(index)
-        }
-
-        /// Tells the stream its publisher is gone: takes the writer role
-        /// back, finishes what the publisher left half done, and lets
-        /// another publisher attach and continue. Call it once the
-        /// publisher's process has exited (or let go): one still alive
-        /// gets `Replaced` at its next loan or send, but a sample it is
-        /// writing at that moment may still reach subscribers. Where only
-        /// the connection tells whether it lives, that is the weaker
-        /// guarantee you get.
-        pub fn publisher_gone(&mut self) {
-            self.core.publisher_gone();
-        }
-
-        /// Finishes reclaiming detached subscribers if no publisher is
-        /// attached to do it. Returns whether it could.
-        pub fn reclaim(&self) -> bool {
-            self.core.reclaim_detached()
-        }
-
-        /// Ends a close its publisher has not acknowledged while its process
-        /// still lives — the close grace is over — without taking the
-        /// writer role from it: subscribers get `Closed` after every frame
-        /// it sent, its next send fails with `Closed`. A first call marks
-        /// the stream and asks for a [`system_barrier`](crate::shm::system_barrier);
-        /// run it outside any lock and call again with its proof. A
-        /// publisher caught mid-delivery makes it answer
-        /// [`EndProgress::Delivering`]: try again a little later.
-        pub fn end_for_subscribers(&mut self, barrier: Option<crate::shm::BarrierPassed>) -> EndProgress {
-            self.core.end_for_subscribers(barrier)
-        }
-
-        /// Whether a publisher holds the stream's writer role, alive or
-        /// dead (it let go if not).
-        pub fn publisher_attached(&self) -> bool {
-            self.core.publisher_attached()
-        }
-
-        /// Closes the stream for good. The publisher's next loan or send
-        /// fails with `Closed`; subscribers get `Closed` once they have
-        /// received every frame it sent. An attached publisher acknowledges
-        /// the close on its next loan, send or detach (or when the owner
-        /// declares it gone); until then its subscribers just see no frames.
-        pub fn close(&mut self) {
-            self.core.close();
-        }
-
-        /// Counters and queue states, read from shared memory.
-        pub fn stats(&self) -> StreamStats {
-            self.core.stats(platform::now_ns())
-        }
-
-        /// Attaches a publisher in this process.
-        ///
-        /// # Errors
-        /// As [`Publisher::open`].
-        pub fn open_publisher(&self) -> Result<Publisher, OpenPublisherError> {
-            Publisher::open(self.data_fd(), &self.channel_fds())
-        }
-
-        /// Admits a subscriber and opens it in this process.
-        ///
-        /// # Errors
-        /// As [`add_subscriber`](Self::add_subscriber) and [`Subscriber::open`].
-        pub fn open_subscriber(&mut self, opts: &SubscriberOptions) -> Result<Subscriber, OpenLocalError> {
-            let ticket = self.add_subscriber(opts, platform::current_pid())?;
-            let data = self.read_only_data_fd().map_err(|e| OpenSubscriberError::Map(MapError::Io(e)))?;
-            Ok(Subscriber::open(data.as_fd(), self.channel_fd(ticket.index), ticket)?)
-        }
-    }
-
-    /// Why [`StreamSegment::open_subscriber`] failed.
-    #[derive(Debug, thiserror::Error)]
-    #[non_exhaustive]
-    pub enum OpenLocalError {
-        /// Admission failed.
-        #[error(transparent)]
-        Add(#[from] AddSubscriberError),
-        /// Opening failed.
-        #[error(transparent)]
-        Open(#[from] OpenSubscriberError),
-    }
-
-    /// Creates and maps a huge-page data file, or says why not in the log.
-    fn try_huge(name: &str, geometry: Geometry, flags: u32, loans: u32) -> Option<(OwnedFd, StreamMap)> {
-        let attempt = || -> Result<(OwnedFd, StreamMap), Box<dyn std::error::Error>> {
-            let layout = Layout::new(geometry, platform::HUGE_PAGE_SIZE)?;
-            let fd = platform::create_shared_file(&format!("memsock:{name}"), layout.total_len as u64, true)?;
-            let map = StreamMap::create(fd.as_fd(), layout, flags | FLAG_HUGE_PAGES, loans)?;
-            Ok((fd, map))
-        };
-        match attempt() {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                tracing::info!(name, error = %e, "huge pages unavailable, using ordinary pages");
-                None
-            }
+    match attempt() {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            tracing::info!(name, error = %e, "huge pages unavailable, using ordinary pages");
+            None
         }
     }
 }

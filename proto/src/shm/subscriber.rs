@@ -1,1153 +1,359 @@
-//! The subscriber side: taking frames from the delivery ring, handing slots
-//! back through the return ring, waiting, and the checks that keep a bad
-//! peer from causing more than an error.
-//!
-//! # Algorithm
-//!
-//! The subscriber polls the ring entry at its `head`: it is ready when the
-//! stamp in its word is `head + 1` (the publisher stores the word last,
-//! with `Release`). It reads the entry, then takes it by advancing `head` —
-//! with a plain `Release` store, or for `KeepLatest` with a compare-and-swap,
-//! because the publisher may be evicting that very entry; losing the CAS
-//! means the entry was evicted (and what was read may be torn) and the
-//! subscriber retries at the new head. Polling the entry rather than a
-//! separate tail index costs one cache miss per frame instead of two.
-//!
-//! The entry cannot be overwritten while it is being read: the publisher
-//! reuses ring position `p` for `p + capacity` only after the subscriber has
-//! returned a slot taken at or after `p` (held ≤ credits ≤ capacity), or,
-//! under `KeepLatest`, after winning the CAS on `head`, which the reader then
-//! loses.
-//!
-//! The subscriber maps the data file read-only, and Rust promises only
-//! `Relaxed` atomic loads on read-only memory (an `Acquire` load may be a
-//! read-modify-write on some targets). So every load from the data file is
-//! `Relaxed`, followed by an `Acquire` fence where the value orders later
-//! reads; the fence sits after the check, on the path that uses the value.
-//! Loads from the subscriber's own channel, mapped read-write, are ordinary.
-//!
-//! Everything read from shared memory — slot numbers, lengths, stamps — is
-//! checked before use, so a faulty publisher yields [`TryRecvError::Corrupt`],
-//! never an out-of-bounds access.
+//! The subscriber's handles: [`Subscriber`], the samples it lends
+//! ([`Sample`], [`OwnedSample`]) and the [`Watcher`] that waits for it, over
+//! the lock-free core (`core::subscriber`).
 
-use std::cell::{Cell, OnceCell};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::layout::{HEAD_CLAIMED, OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry};
-use super::mem::{ChannelMem, StreamMem};
-use super::wait::{self, Backoff};
-use crate::primitive::AtomicU64;
-use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use crate::primitive::fence;
+use super::core::mem::StreamMem;
+use super::core::owner::SubscriberTicket;
+use super::core::subscriber::{
+    FrameInfo, KeepAlive, Position, RecvError, ReturnBoard, SubAttachRefusal, SubCore, TryRecvError, wake_sleeper,
+};
+use super::core::wait::Backoff;
+use super::map::{ChannelMap, MapError, StreamMap};
+use crate::shm::layout::{OverflowPolicy, WaitStrategy};
 
-/// A frame taken from the ring: where it is and what it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameInfo {
-    /// Pool slot holding the payload.
-    pub slot: u32,
-    /// Payload length in bytes.
-    pub len: u32,
-    /// Stream sequence number.
-    pub seq: u64,
-    /// Publish time, nanoseconds on the monotonic clock (0 if the stream
-    /// does not stamp its frames).
-    pub timestamp_ns: u64,
-}
-
-/// Why [`try_recv`](crate::shm::Subscriber::try_recv) returned no frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a subscriber could not be opened.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TryRecvError {
-    /// Nothing is queued.
-    #[error("no frame is queued")]
-    Empty,
-    /// The subscriber already holds as many samples as it has credits.
-    #[error("holding {held} samples with {credits} credits: release one before receiving more")]
-    CreditsExhausted {
-        /// Samples currently borrowed.
-        held: u32,
-        /// The subscriber's credits.
-        credits: u32,
-    },
-    /// The owner detached this subscriber; its queued frames are gone.
-    #[error("the subscriber was detached from the stream")]
-    Detached,
-    /// The owner closed the stream and every queued frame has been received.
-    #[error("the stream is closed")]
-    Closed,
-    /// The publisher left (detached, or declared gone after a crash) and
-    /// every frame it sent has been received. Reported once; receiving
-    /// again waits for a new publisher. Not reported once the subscriber
-    /// sees the stream closing: the close supersedes a departure it has
-    /// not reported yet.
-    #[error("the publisher is gone")]
-    PublisherGone,
-    /// A publisher attached after [`PublisherGone`](Self::PublisherGone) was
-    /// reported; its frames follow.
-    #[error("a publisher is back")]
-    PublisherBack,
-    /// The shared memory holds something the protocol does not allow.
-    #[error("corrupt stream: {0}")]
-    Corrupt(&'static str),
-}
-
-/// Why a blocking receive returned no frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RecvError {
-    /// `recv_timeout` waited its whole timeout.
-    #[error("timed out waiting for a frame")]
-    Timeout,
-    /// The subscriber already holds as many samples as it has credits.
-    #[error("holding {held} samples with {credits} credits: release one before receiving more")]
-    CreditsExhausted {
-        /// Samples currently borrowed.
-        held: u32,
-        /// The subscriber's credits.
-        credits: u32,
-    },
-    /// The owner detached this subscriber.
-    #[error("the subscriber was detached from the stream")]
-    Detached,
-    /// The owner closed the stream and every queued frame has been received.
-    #[error("the stream is closed")]
-    Closed,
-    /// The publisher left and every frame it sent has been received.
-    /// Reported once; receiving again waits for a new publisher. Not
-    /// reported once the subscriber sees the stream closing: the close
-    /// supersedes a departure it has not reported yet.
-    #[error("the publisher is gone")]
-    PublisherGone,
-    /// A publisher attached after `PublisherGone` was reported.
-    #[error("a publisher is back")]
-    PublisherBack,
-    /// The shared memory holds something the protocol does not allow.
-    #[error("corrupt stream: {0}")]
-    Corrupt(&'static str),
-}
-
-impl RecvError {
-    /// Whether this reports a change of publisher rather than a failure:
-    /// receiving again goes on with the stream.
-    pub fn is_publisher_event(&self) -> bool {
-        matches!(self, Self::PublisherGone | Self::PublisherBack)
-    }
-}
-
-impl TryRecvError {
-    /// Whether this reports a change of publisher rather than a failure.
-    pub fn is_publisher_event(&self) -> bool {
-        matches!(self, Self::PublisherGone | Self::PublisherBack)
-    }
-}
-
-impl From<TryRecvError> for RecvError {
-    fn from(e: TryRecvError) -> Self {
-        match e {
-            TryRecvError::Empty => RecvError::Timeout,
-            TryRecvError::CreditsExhausted { held, credits } => RecvError::CreditsExhausted { held, credits },
-            TryRecvError::Detached => RecvError::Detached,
-            TryRecvError::Closed => RecvError::Closed,
-            TryRecvError::PublisherGone => RecvError::PublisherGone,
-            TryRecvError::PublisherBack => RecvError::PublisherBack,
-            TryRecvError::Corrupt(what) => RecvError::Corrupt(what),
-        }
-    }
-}
-
-/// How far `stamp` is past the stamp expected at `head`: 0 when the entry
-/// for `head` is ready, negative while it is not written yet, positive if
-/// the ring moved past `head` (eviction, or a faulty publisher).
-#[inline]
-fn stamp_ahead(stamp: u32, head: u64) -> i32 {
-    stamp.wrapping_sub(entry_stamp(head)) as i32
-}
-
-/// The subscriber algorithm over any memory implementing the layout.
-///
-/// Not `Sync`: one thread receives (samples may be released from the
-/// same thread only; interior mutability through `Cell`).
-#[derive(Debug)]
-pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
-    stream: S,
-    channel: C,
-    index: usize,
-    generation: u64,
-    policy: OverflowPolicy,
-    backoff: Backoff,
-    cap_mask: u64,
-    /// Next position to take (own copy; `KeepLatest` reads the shared one).
-    head: Cell<u64>,
-    /// Next return-ring position to write, and the last publisher
-    /// `ret_head` seen.
-    ret_tail: Cell<u64>,
-    ret_head_seen: Cell<u64>,
-    /// Samples currently borrowed.
-    borrowed: Cell<u32>,
-    /// Protocol violations this side has seen.
-    faults: Cell<u64>,
-    /// `publisher_changes` as last accounted for, and whether a
-    /// `PublisherGone` was reported that a `PublisherBack` should answer.
-    publisher_seen: Cell<u64>,
-    gone_reported: Cell<bool>,
-    /// Where samples released on other threads wait to be handed back;
-    /// created by the first [`detach`](Self::detach).
-    board: OnceCell<Arc<ReturnBoard<S, C>>>,
-    /// Kept alive by the subscriber and every detached sample.
-    keep: Option<KeepAlive>,
-}
-
-/// Something kept alive as long as a subscriber or any sample detached from
-/// it exists (the client's lease, whose end reclaims the slots).
-pub type KeepAlive = Arc<dyn std::fmt::Debug + Send + Sync>;
-
-/// Slots released by detached samples, possibly on other threads, until
-/// the subscriber hands them back through its single-writer return ring.
-///
-/// One bit per pool slot, set by [`post`](Self::post) and cleared by
-/// [`drain`](Self::drain); a summary word has bit `w % 64` set when word
-/// `w` may hold bits, so the subscriber's check costs one load. A bit is
-/// always set before its summary bit and the summary is swapped before the
-/// words, so a posted slot is never missed: at worst a summary bit outlives
-/// its word's bits and one drain finds nothing.
-pub(crate) struct ReturnBoard<S, C> {
-    /// Keeps the payloads mapped while detached samples read them.
-    stream: S,
-    /// Holds the wake word of the subscriber (or its watcher) asleep.
-    channel: C,
-    bits: Box<[AtomicU64]>,
-    summary: AtomicU64,
-    /// Dropped with the last detached sample or the subscriber.
-    _keep: Option<KeepAlive>,
-}
-
-impl<S, C> std::fmt::Debug for ReturnBoard<S, C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReturnBoard").field("summary", &self.summary.load(Relaxed)).finish_non_exhaustive()
-    }
-}
-
-impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
-    fn new(stream: S, channel: C, keep: Option<KeepAlive>) -> Self {
-        let words = (stream.layout().geometry.slot_count as usize).div_ceil(64);
-        Self {
-            stream,
-            channel,
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            summary: AtomicU64::new(0),
-            _keep: keep,
-        }
-    }
-
-    /// The stream memory the detached samples read.
-    pub(crate) fn stream(&self) -> &S {
-        &self.stream
-    }
-
-    /// Posts `slot` (held by this subscriber, detached, now released) for
-    /// the subscriber to hand back, and wakes the subscriber if it sleeps:
-    /// until it hands the slot back, the publisher counts it as held.
-    pub(crate) fn post(&self, slot: u32) {
-        let (word, bit) = (slot as usize / 64, slot % 64);
-        // Release pairs with the Acquire swap in `drain`: this thread's
-        // reads of the slot happen before the subscriber returns it to the
-        // publisher (which writes it next).
-        let old = self.bits[word].fetch_or(1 << bit, Release);
-        debug_assert_eq!(old & (1 << bit), 0, "slot {slot} posted twice");
-        // Release pairs with the Acquire swap in `drain`.
-        self.summary.fetch_or(1 << (word % 64), Release);
-        // The sleeper announces itself, fences and then checks `pending`:
-        // see `wait` for the protocol.
-        wait::fence_before_wake();
-        wait::wake_if_waiting(&self.channel.header().waiting);
-    }
-
-    /// Whether posted slots may be waiting.
-    #[inline]
-    fn pending(&self) -> bool {
-        self.summary.load(Relaxed) != 0
-    }
-
-    /// Takes every posted slot.
-    fn drain(&self, mut each: impl FnMut(u32)) {
-        // Acquire pairs with the Release `fetch_or` of the summary in `post`.
-        let mut summary = self.summary.swap(0, Acquire);
-        while summary != 0 {
-            let first = summary.trailing_zeros() as usize;
-            summary &= summary - 1;
-            for word in (first..self.bits.len()).step_by(64) {
-                // Acquire pairs with the Release `fetch_or` in `post`.
-                let mut bits = self.bits[word].swap(0, Acquire);
-                while bits != 0 {
-                    let bit = bits.trailing_zeros();
-                    bits &= bits - 1;
-                    each(word as u32 * 64 + bit);
-                }
-            }
-        }
-    }
-}
-
-/// Where a subscriber stood when it found nothing to take: what a
-/// [`Watcher`](crate::shm::Watcher) waits to move past.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    head: u64,
-    publisher_seen: u64,
-}
-
-/// Wakes whoever sleeps on the subscriber's wake word in `channel`: a
-/// subscriber or its watcher, which then re-checks its condition.
-pub(crate) fn wake_sleeper<C: ChannelMem>(channel: &C) {
-    wait::wake(&channel.header().waiting);
-}
-
-/// Why the core could not attach as a subscriber.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SubAttachRefusal {
-    /// The index is not active, or active for another generation.
-    NotAttached,
-    /// The ticket was already opened once.
-    AlreadyOpen,
-}
-
-impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
-    /// Attaches to subscriber index `index` of generation `generation`,
-    /// which the owner set up.
-    pub(crate) fn attach(
-        stream: S,
-        channel: C,
-        index: usize,
+pub enum OpenSubscriberError {
+    /// A segment file could not be mapped or is invalid.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// The ticket does not match an attached subscriber of this stream.
+    #[error("subscriber #{index} (generation {generation}) is not attached to this stream")]
+    NotAttached {
+        /// Ticket index.
+        index: u32,
+        /// Ticket generation.
         generation: u64,
-        backoff: Backoff,
-    ) -> Result<Self, SubAttachRefusal> {
+    },
+    /// The ticket was already used to open a subscriber.
+    #[error("subscriber #{0} is already open: a ticket opens one subscriber")]
+    AlreadyOpen(u32),
+}
+
+/// The receiving end of a stream, created by the owner with
+/// [`StreamSegment::add_subscriber`](crate::shm::StreamSegment::add_subscriber).
+///
+/// `Send` but not `Sync`: samples are released on the thread that receives.
+#[derive(Debug)]
+pub struct Subscriber {
+    core: Core,
+    wait: WaitStrategy,
+}
+
+type Core = SubCore<Arc<StreamMap>, Arc<ChannelMap>>;
+type Board = ReturnBoard<Arc<StreamMap>, Arc<ChannelMap>>;
+
+pub(crate) fn backoff(wait: WaitStrategy) -> Backoff {
+    match wait {
+        WaitStrategy::Spin => Backoff { spin: Duration::MAX, park: false },
+        WaitStrategy::SpinThenPark { spin_us } => Backoff { spin: Duration::from_micros(spin_us.into()), park: true },
+        WaitStrategy::Park => Backoff { spin: Duration::ZERO, park: true },
+    }
+}
+
+impl Subscriber {
+    /// Opens subscriber `ticket` from the stream's data file (read-only
+    /// is enough, and what a subscriber should be given) and the
+    /// subscriber's own channel file.
+    ///
+    /// # Errors
+    /// [`OpenSubscriberError`] if a file is invalid or the ticket is stale.
+    pub fn open(
+        data: BorrowedFd<'_>,
+        channel: BorrowedFd<'_>,
+        ticket: SubscriberTicket,
+    ) -> Result<Self, OpenSubscriberError> {
+        let stream = Arc::new(StreamMap::open(data, false)?);
         let g = stream.layout().geometry;
-        if index >= g.max_subscribers as usize {
-            return Err(SubAttachRefusal::NotAttached);
+        let not_attached = OpenSubscriberError::NotAttached { index: ticket.index, generation: ticket.generation };
+        if ticket.index >= g.max_subscribers {
+            return Err(not_attached);
         }
-        let cfg = &stream.record(index).config;
-        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.generation.load(Relaxed) != generation {
-            return Err(SubAttachRefusal::NotAttached);
-        }
-        // Pairs with the owner's Release store of SUB_ACTIVE: the record
-        // and channel it set up are visible.
-        fence(Acquire);
-        let policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
-        let ch = channel.header();
-        // One handle per ticket: two would hand the same slots back twice.
-        if ch.ident.claimed.compare_exchange(0, 1, AcqRel, Relaxed).is_err() {
-            return Err(SubAttachRefusal::AlreadyOpen);
-        }
-        let changes = stream.header().control.publisher_changes.load(Relaxed);
-        // Pairs with the publisher's Release store in `attach`.
-        fence(Acquire);
-        // A stream whose publisher left before we came: the next one to
-        // attach is "back".
-        let gone = changes % 2 == 0 && changes > 0;
-        let this = Self {
-            publisher_seen: Cell::new(changes),
-            gone_reported: Cell::new(gone),
-            index,
-            generation,
-            policy,
-            backoff,
-            cap_mask: u64::from(g.queue_capacity) - 1,
-            head: Cell::new(ch.head.load(Acquire)),
-            ret_tail: Cell::new(ch.tail.load(Relaxed)),
-            ret_head_seen: Cell::new(ch.ret_head.load(Acquire)),
-            borrowed: Cell::new(0),
-            faults: Cell::new(0),
-            board: OnceCell::new(),
-            keep: None,
-            stream,
-            channel,
-        };
-        Ok(this)
+        let channel = Arc::new(ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?);
+        let core = SubCore::attach(stream, channel, ticket.index as usize, ticket.generation, backoff(ticket.wait))
+            .map_err(|refusal| match refusal {
+                SubAttachRefusal::NotAttached => not_attached,
+                SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
+            })?;
+        Ok(Self { core, wait: ticket.wait })
     }
 
-    /// Keeps `keep` alive as long as this subscriber or any sample
-    /// detached from it afterwards.
-    pub(crate) fn set_keep_alive(&mut self, keep: KeepAlive) {
-        self.keep = Some(keep);
+    /// Takes the next frame if one is queued.
+    ///
+    /// # Errors
+    /// [`TryRecvError::Empty`] if none is, or another [`TryRecvError`].
+    #[inline]
+    pub fn try_recv(&self) -> Result<Sample<'_>, TryRecvError> {
+        self.core.try_take().map(|info| self.sample(info))
     }
 
-    /// The board of detached samples, created on first use. A detached
-    /// sample stays counted as borrowed until `drain_board` hands it back.
-    pub(crate) fn board(&self) -> &Arc<ReturnBoard<S, C>>
-    where
-        S: Clone,
-        C: Clone,
-    {
-        self.board
-            .get_or_init(|| Arc::new(ReturnBoard::new(self.stream.clone(), self.channel.clone(), self.keep.clone())))
+    /// Waits for the next frame, as the subscriber's [`WaitStrategy`] says.
+    ///
+    /// # Errors
+    /// Any [`RecvError`] but `Timeout`.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn demo(subscriber: &memsock_proto::shm::Subscriber) -> Result<(), memsock_proto::shm::RecvError> {
+    /// let sample = subscriber.recv()?;
+    /// println!("frame {} of {} bytes", sample.seq(), sample.len());
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn recv(&self) -> Result<Sample<'_>, RecvError> {
+        self.core.take(None).map(|info| self.sample(info))
     }
 
-    /// Where the subscriber stands now (for a [`Position`] watcher).
-    pub(crate) fn position(&self) -> Position {
-        Position { head: self.head.get(), publisher_seen: self.publisher_seen.get() }
+    /// Waits up to `timeout` for the next frame.
+    ///
+    /// # Errors
+    /// [`RecvError::Timeout`], or another [`RecvError`].
+    #[inline]
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Sample<'_>, RecvError> {
+        self.core.take(Instant::now().checked_add(timeout)).map(|info| self.sample(info))
     }
 
-    /// A copy of this core that only watches for news from `position`
-    /// on: it never takes or releases (it does not claim the ticket).
-    pub(crate) fn watcher(&self) -> Self
-    where
-        S: Clone,
-        C: Clone,
-    {
-        let board = OnceCell::new();
-        let _ = board.set(self.board().clone());
-        Self {
-            stream: self.stream.clone(),
-            channel: self.channel.clone(),
-            index: self.index,
-            generation: self.generation,
-            policy: self.policy,
-            backoff: self.backoff,
-            cap_mask: self.cap_mask,
-            head: Cell::new(self.head.get()),
-            ret_tail: Cell::new(0),
-            ret_head_seen: Cell::new(0),
-            borrowed: Cell::new(0),
-            faults: Cell::new(0),
-            publisher_seen: Cell::new(self.publisher_seen.get()),
-            gone_reported: Cell::new(self.gone_reported.get()),
-            board,
-            keep: None,
-        }
-    }
-
-    /// For a watcher: waits until the subscriber at `from` has news — a
-    /// frame, a change of publisher, detached samples to hand back, a close
-    /// or detach — or `stop()` holds after a [`wake_watcher`](Self::wake_watcher),
-    /// or `deadline` passes. Returns whether there was news (or a stop).
-    pub(crate) fn watch(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
-        self.head.set(from.head);
-        self.publisher_seen.set(from.publisher_seen);
-        wait::wait_for(&self.channel.header().waiting, self.backoff, deadline, || {
-            if stop() { wait::Poll::Ready } else { self.poll_news() }
-        })
-    }
-
-    /// The channel memory (what an interrupter wakes).
-    pub(crate) fn channel(&self) -> &C {
-        &self.channel
-    }
-
-    /// The stream memory.
-    pub(crate) fn stream(&self) -> &S {
-        &self.stream
+    #[inline]
+    fn sample(&self, info: FrameInfo) -> Sample<'_> {
+        Sample { subscriber: self, ptr: self.core.stream().payload_ptr(info.slot), info }
     }
 
     /// This subscriber's index in the stream.
-    pub(crate) fn index(&self) -> usize {
-        self.index
+    pub fn index(&self) -> u32 {
+        self.core.index() as u32
     }
 
-    /// This subscriber's overflow policy.
-    pub(crate) fn policy(&self) -> OverflowPolicy {
-        self.policy
+    /// The overflow policy the subscriber was created with.
+    pub fn policy(&self) -> OverflowPolicy {
+        self.core.policy()
+    }
+
+    /// How blocking receives wait.
+    pub fn wait_strategy(&self) -> WaitStrategy {
+        self.wait
+    }
+
+    /// Current credits: the most samples it may hold, queued plus borrowed.
+    pub fn credits(&self) -> u32 {
+        self.core.credits()
     }
 
     /// Samples currently borrowed.
-    pub(crate) fn borrowed(&self) -> u32 {
-        self.borrowed.get()
+    pub fn borrowed(&self) -> u32 {
+        self.core.borrowed()
     }
 
-    /// The subscriber's current credits.
-    pub(crate) fn credits(&self) -> u32 {
-        self.stream.record(self.index).config.credits.load(Relaxed)
+    /// Protocol violations this subscriber has seen from its peers.
+    pub fn faults(&self) -> u64 {
+        self.core.faults()
     }
 
-    /// Protocol violations this side has seen.
-    pub(crate) fn faults(&self) -> u64 {
-        self.faults.get()
+    /// The stream's publisher generation: how many times a publisher
+    /// has arrived or left, odd while one is attached. Unlike
+    /// `PublisherGone`/`PublisherBack`, which a receive reports once,
+    /// it can be read at any time and compared with an earlier reading:
+    /// if they differ, the publisher changed in between (its last
+    /// frames may still be queued).
+    pub fn publisher_generation(&self) -> u64 {
+        self.core.publisher_generation()
     }
 
-    /// Publisher arrivals and departures so far (odd while one is attached).
-    pub(crate) fn publisher_generation(&self) -> u64 {
-        self.stream.header().control.publisher_changes.load(Relaxed)
+    /// Bytes per slot: the largest frame.
+    pub fn slot_size(&self) -> usize {
+        self.core.stream().layout().geometry.slot_size as usize
     }
 
-    /// Whether the owner still has this subscriber attached.
-    #[inline]
-    fn attached(&self) -> bool {
-        let cfg = &self.stream.record(self.index).config;
-        // Relaxed: nothing read later depends on it. A detached subscriber
-        // only stops; one attached was synchronised with at `attach`.
-        cfg.state.load(Relaxed) == SUB_ACTIVE && cfg.generation.load(Relaxed) == self.generation
+    /// Hands back now the slots of detached samples dropped since the
+    /// last receive (receives do this themselves).
+    pub fn hand_back(&self) {
+        self.core.hand_back();
     }
 
-    /// Where the next frame will be: the shared head under `KeepLatest`,
-    /// which the publisher may move, else our own copy.
-    #[inline]
-    fn current_head(&self) -> u64 {
-        if self.policy == OverflowPolicy::KeepLatest {
-            // Acquire pairs with the publisher's AcqRel CAS in `evict_oldest`.
-            self.channel.header().head.load(Acquire)
-        } else {
-            self.head.get()
-        }
+    /// Keeps `keep` alive as long as this subscriber or any sample
+    /// detached from it later exists. A client passes its lease here,
+    /// so that the slots a detached sample reads are not reclaimed
+    /// under it. Set it before detaching samples.
+    pub fn set_keep_alive(&mut self, keep: KeepAlive) {
+        self.core.set_keep_alive(keep);
     }
 
-    /// Whether a frame is ready to take (for waiting).
-    #[inline]
-    fn ready(&self) -> bool {
-        let head = self.current_head();
-        if head & HEAD_CLAIMED != 0 {
-            // The writer is evicting the entry at the head; see `poll_news`.
-            // (Frames are queued: news of the publisher waits for them.)
-            return !self.attached();
-        }
-        let word = self.stream.ring(self.index)[(head & self.cap_mask) as usize].word.load(Relaxed);
-        // A stamp at or past `head + 1` is a frame (or, under KeepLatest, an
-        // eviction to catch up with); older ones are stale. (`try_take`
-        // loads the entry again with Acquire before using it.)
-        stamp_ahead(split_entry(word).0, head) >= 0 || !self.attached() || self.publisher_changed()
+    /// Where the subscriber stands: pass it to [`Watcher::wait`] after
+    /// a receive found nothing.
+    pub fn position(&self) -> Position {
+        self.core.position()
     }
 
-    /// Whether receiving would not find the queue plainly empty: a frame,
-    /// a publisher change, a close or detach, or detached samples to hand
-    /// back. What a sleeper waits for.
-    fn has_news(&self) -> bool {
-        self.ready()
-            || self.board.get().is_some_and(|b| b.pending())
-            || self.stream.header().control.state.load(Relaxed) == STREAM_CLOSED
-    }
-
-    /// [`has_news`](Self::has_news) for a sleeper: a head the writer has
-    /// claimed to evict its entry means frames are queued, and the writer
-    /// wakes a subscriber only for a frame into an empty queue — so sleep
-    /// briefly rather than until woken (the claim lasts nanoseconds, or
-    /// until recovery if the writer died).
-    fn poll_news(&self) -> wait::Poll {
-        if self.has_news() {
-            wait::Poll::Ready
-        } else if self.policy == OverflowPolicy::KeepLatest
-            && self.channel.header().head.load(Acquire) & HEAD_CLAIMED != 0
-        {
-            wait::Poll::Soon
-        } else {
-            wait::Poll::NotYet
-        }
-    }
-
-    /// Whether the publisher changed since we last looked, in a stream
-    /// that is still open (a close supersedes any change not yet reported).
-    #[inline]
-    fn publisher_changed(&self) -> bool {
-        let ctl = &self.stream.header().control;
-        ctl.publisher_changes.load(Relaxed) != self.publisher_seen.get() && ctl.state.load(Relaxed) == STREAM_OPEN
-    }
-
-    /// A change of publisher to report, if any, with the state to note
-    /// once it is reported (`publisher_seen`, `gone_reported`). A first
-    /// publisher is noted at once, without an event.
-    ///
-    /// Once the stream is closing, no change is reported: the close
-    /// supersedes a departure the subscriber has not seen yet — including
-    /// the one the owner counts when it ends the close of an idle
-    /// publisher — and the subscriber waits for `Closed` instead.
-    fn publisher_event(&self) -> Option<(TryRecvError, u64, bool)> {
-        let ctl = &self.stream.header().control;
-        // Acquire pairs with the Release updates of `publisher_changes` by
-        // the publisher (`attach`, `drop`) and the owner (`publisher_gone`):
-        // frames a departed publisher sent are visible from here on, and so
-        // is a close that began before the change was counted (the owner
-        // marks the stream closing before it declares a publisher gone).
-        let now = ctl.publisher_changes.load(Relaxed);
-        let seen = self.publisher_seen.get();
-        if now == seen {
-            return None;
-        }
-        fence(Acquire);
-        // After the fence: a close begun before the change is seen.
-        if ctl.state.load(Relaxed) != STREAM_OPEN {
-            return None;
-        }
-        // The count only grows. A departure happened since `seen` if a
-        // publisher was there and the count moved, or if one arrived and
-        // the count moved again.
-        if seen % 2 == 0 && self.gone_reported.get() {
-            // After a reported departure, whoever came since is "back"
-            // first, even if it has left again (that is reported next).
-            return Some((TryRecvError::PublisherBack, seen + 1, false));
-        }
-        let departed = if seen % 2 == 1 { now > seen } else { now >= seen.saturating_add(2) };
-        if departed {
-            // Accounted up to the last departure; a publisher already
-            // back (odd count) is reported on the next look.
-            return Some((TryRecvError::PublisherGone, now - now % 2, true));
-        }
-        self.publisher_seen.set(now);
-        None
-    }
-
-    #[cold]
-    fn check_publisher_back(&self) -> Result<(), TryRecvError> {
-        match self.publisher_event() {
-            Some((event @ TryRecvError::PublisherBack, seen, gone)) => {
-                self.publisher_seen.set(seen);
-                self.gone_reported.set(gone);
-                Err(event)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Takes the next frame, if one is queued.
-    #[inline]
-    pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
-        self.hand_back();
-        if !self.attached() {
-            return Err(TryRecvError::Detached);
-        }
-        if self.gone_reported.get() {
-            // After `PublisherGone`, the news of a new publisher comes before its frames.
-            self.check_publisher_back()?;
-        }
-        let credits = self.credits();
-        if self.borrowed.get() >= credits {
-            return Err(TryRecvError::CreditsExhausted { held: self.borrowed.get(), credits });
-        }
-        let ring = self.stream.ring(self.index);
-        let ch = self.channel.header();
-        let mut head = self.current_head();
-        // Under KeepLatest every retry means the publisher evicted an entry;
-        // bound the loop so a hostile head cannot spin us forever.
-        for _ in 0..=self.cap_mask + 64 {
-            if head & HEAD_CLAIMED != 0 {
-                // An eviction is under way: the writer moves the head on
-                // in a moment (or recovery does, if it died). Frames are
-                // queued, so no news is reported meanwhile; a waiting
-                // receive sleeps briefly (`poll_news`).
-                crate::primitive::spin_hint();
-                head = ch.head.load(Acquire);
-                if head & HEAD_CLAIMED != 0 {
-                    return Err(if self.attached() { TryRecvError::Empty } else { TryRecvError::Detached });
-                }
-                continue;
-            }
-            let e = &ring[(head & self.cap_mask) as usize];
-            let (stamp, slot) = split_entry(e.word.load(Relaxed));
-            let next = head.wrapping_add(1);
-            if stamp != entry_stamp(head) {
-                let ahead = stamp_ahead(stamp, head);
-                if ahead > 0 && self.policy == OverflowPolicy::KeepLatest {
-                    // Overwritten after an eviction: find the new head. The
-                    // fence pairs with the Release store of the newer entry
-                    // in `push`, which the writer made after moving the head
-                    // past this one: the head loaded next is at least that.
-                    fence(Acquire);
-                    head = ch.head.load(Acquire);
-                    continue;
-                }
-                if ahead > 0 {
-                    return Err(self.corrupt("the publisher overran the queue"));
-                }
-                match self.empty() {
-                    // Closing synchronised us with everything published
-                    // before it: the entry may be ready after all.
-                    TryRecvError::Closed if stamp_ahead(split_entry(e.word.load(Relaxed)).0, head) >= 0 => continue,
-                    TryRecvError::Empty => {}
-                    err => return Err(err),
-                }
-                if let Some((event, seen, gone)) = self.publisher_event() {
-                    // Likewise for a publisher leaving: its last frames
-                    // come before the news.
-                    if event == TryRecvError::PublisherGone
-                        && stamp_ahead(split_entry(e.word.load(Relaxed)).0, head) >= 0
-                    {
-                        continue;
-                    }
-                    self.publisher_seen.set(seen);
-                    self.gone_reported.set(gone);
-                    return Err(event);
-                }
-                return Err(TryRecvError::Empty);
-            }
-            // Pairs with the publisher's Release store of the entry's word
-            // in `push`: the entry's other fields are complete.
-            fence(Acquire);
-            let info = FrameInfo {
-                slot,
-                len: e.len.load(Relaxed),
-                seq: e.seq.load(Relaxed),
-                timestamp_ns: e.timestamp_ns.load(Relaxed),
-            };
-            if self.policy == OverflowPolicy::KeepLatest {
-                // AcqRel pairs with the publisher's CAS in `evict_oldest`:
-                // whoever moves `head` past this entry owns it. Losing means
-                // it was evicted (and the fields above may be torn).
-                if let Err(now) = ch.head.compare_exchange(head, next, AcqRel, Acquire) {
-                    head = now;
-                    continue;
-                }
-            } else {
-                // Release pairs with the publisher's and owner's Acquire
-                // loads of `head` (statistics, eviction).
-                ch.head.store(next, Release);
-            }
-            self.head.set(next);
-            let g = self.stream.layout().geometry;
-            if slot >= g.slot_count {
-                return Err(self.corrupt("slot number out of range"));
-            }
-            self.borrowed.set(self.borrowed.get() + 1);
-            if info.len > g.slot_size {
-                self.release(info.slot);
-                return Err(self.corrupt("frame length exceeds the slot size"));
-            }
-            return Ok(info);
-        }
-        Err(TryRecvError::Empty)
-    }
-
-    /// Hands back the slots of detached samples released since last time,
-    /// if any.
-    #[inline]
-    pub(crate) fn hand_back(&self) {
-        if let Some(board) = self.board.get() {
-            if board.pending() {
-                self.drain_board(board);
-            }
-        }
-    }
-
-    /// Hands back the slots of detached samples released since last time.
-    #[cold]
-    fn drain_board(&self, board: &ReturnBoard<S, C>) {
-        board.drain(|slot| self.release(slot));
-    }
-
-    #[cold]
-    fn empty(&self) -> TryRecvError {
-        if !self.attached() {
-            TryRecvError::Detached
-        } else if self.stream.header().control.state.load(Relaxed) == STREAM_CLOSED {
-            // Pairs with the Release store of STREAM_CLOSED in
-            // `acknowledge_close`: frames published before it are visible
-            // from here on (the caller re-checks the entry before reporting
-            // `Closed`).
-            fence(Acquire);
-            TryRecvError::Closed
-        } else {
-            TryRecvError::Empty
-        }
-    }
-
-    #[cold]
-    fn corrupt(&self, what: &'static str) -> TryRecvError {
-        self.faults.set(self.faults.get() + 1);
-        TryRecvError::Corrupt(what)
-    }
-
-    /// Waits for the next frame until `deadline` (forever if `None`).
-    pub(crate) fn take(&self, deadline: Option<Instant>) -> Result<FrameInfo, RecvError> {
-        loop {
-            match self.try_take() {
-                Err(TryRecvError::Empty) => {}
-                other => return other.map_err(RecvError::from),
-            }
-            let word = &self.channel.header().waiting;
-            if !wait::wait_for(word, self.backoff, deadline, || self.poll_news()) {
-                return Err(RecvError::Timeout);
-            }
-        }
-    }
-
-    /// Hands `slot` back to the publisher.
-    #[inline]
-    pub(crate) fn release(&self, slot: u32) {
-        self.borrowed.set(self.borrowed.get() - 1);
-        if !self.attached() {
-            // The owner reclaimed everything we held; the channel may belong
-            // to somebody else soon.
-            return;
-        }
-        let ch = self.channel.header();
-        let tail = self.ret_tail.get();
-        if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
-            // Acquire pairs with the publisher's Release store of
-            // `ret_head` in `drain_returns`.
-            self.ret_head_seen.set(ch.ret_head.load(Acquire));
-            if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
-                // Cannot happen while we hold at most `credits` slots: the
-                // publisher reads the ring before giving us more.
-                self.faults.set(self.faults.get() + 1);
-                return;
-            }
-        }
-        self.channel.returns()[(tail & self.cap_mask) as usize].store(slot, Relaxed);
-        // Release pairs with the publisher's Acquire load of `tail` in
-        // `drain_returns`: the slot number is visible with it.
-        ch.tail.store(tail.wrapping_add(1), Release);
-        self.ret_tail.set(tail.wrapping_add(1));
-        if self.policy == OverflowPolicy::Lossless {
-            // A publisher may be asleep waiting for this very slot.
-            wait::fence_before_wake();
-            wait::wake_if_waiting(&ch.pub_waiting);
-        }
+    /// A watcher that can wait for this subscriber's next frame on
+    /// another thread, so that an async task need not block.
+    pub fn watcher(&self) -> Watcher {
+        Watcher { core: self.core.watcher() }
     }
 }
 
-#[cfg(not(loom))]
-pub use api::{Interrupter, OpenSubscriberError, OwnedSample, Sample, Subscriber, Watcher};
+/// Waits, on a thread of its own, for news for a subscriber: a frame, a
+/// change of publisher, a close, or detached samples to hand back. It
+/// never takes anything: the subscriber's next `try_recv` does. What an
+/// async wrapper parks instead of the task.
+#[derive(Debug)]
+pub struct Watcher {
+    core: Core,
+}
 
-#[cfg(not(loom))]
-mod api {
-    use std::os::fd::BorrowedFd;
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use super::{FrameInfo, KeepAlive, Position, RecvError, ReturnBoard, SubAttachRefusal, SubCore, TryRecvError};
-    use crate::shm::layout::{OverflowPolicy, WaitStrategy};
-    use crate::shm::mem::{ChannelMap, MapError, StreamMap, StreamMem};
-    use crate::shm::owner::SubscriberTicket;
-    use crate::shm::wait::Backoff;
-
-    /// Why a subscriber could not be opened.
-    #[derive(Debug, thiserror::Error)]
-    #[non_exhaustive]
-    pub enum OpenSubscriberError {
-        /// A segment file could not be mapped or is invalid.
-        #[error(transparent)]
-        Map(#[from] MapError),
-        /// The ticket does not match an attached subscriber of this stream.
-        #[error("subscriber #{index} (generation {generation}) is not attached to this stream")]
-        NotAttached {
-            /// Ticket index.
-            index: u32,
-            /// Ticket generation.
-            generation: u64,
-        },
-        /// The ticket was already used to open a subscriber.
-        #[error("subscriber #{0} is already open: a ticket opens one subscriber")]
-        AlreadyOpen(u32),
+impl Watcher {
+    /// Blocks until the subscriber, at `from`, would find something on
+    /// its next receive, or `stop()` holds (checked after
+    /// [`Interrupter::interrupt`]), or `deadline` passes. Spins or
+    /// sleeps as the subscriber's [`WaitStrategy`] says. Returns false
+    /// only on the deadline.
+    pub fn wait(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
+        self.core.watch(from, deadline, stop)
     }
 
-    /// The receiving end of a stream, created by the owner with
-    /// [`StreamSegment::add_subscriber`](crate::shm::StreamSegment::add_subscriber).
-    ///
-    /// `Send` but not `Sync`: samples are released on the thread that receives.
-    #[derive(Debug)]
-    pub struct Subscriber {
-        core: Core,
-        wait: WaitStrategy,
+    /// A handle that wakes a [`wait`](Self::wait) in progress from
+    /// another thread.
+    pub fn interrupter(&self) -> Interrupter {
+        Interrupter { channel: self.core.channel().clone() }
+    }
+}
+
+/// Wakes a [`Watcher::wait`] in progress, on any thread.
+#[derive(Debug, Clone)]
+pub struct Interrupter {
+    channel: Arc<ChannelMap>,
+}
+
+impl Interrupter {
+    /// Makes a waiting watcher check its `stop()`: make that true first.
+    pub fn interrupt(&self) {
+        wake_sleeper(&self.channel);
+    }
+}
+
+/// A received frame: derefs to its bytes, read in place in shared memory.
+/// The slot goes back to the publisher when the sample is dropped.
+#[derive(Debug)]
+pub struct Sample<'s> {
+    subscriber: &'s Subscriber,
+    ptr: *const u8,
+    info: FrameInfo,
+}
+
+impl Sample<'_> {
+    /// Detaches the sample from the subscriber's borrow: the result may
+    /// be kept, and dropped on any thread. Its slot counts against the
+    /// subscriber's credits until it is dropped and the subscriber's
+    /// next receive hands it back (dropping it wakes a sleeping
+    /// receive for that).
+    pub fn detach(self) -> OwnedSample {
+        let this = std::mem::ManuallyDrop::new(self);
+        OwnedSample { board: this.subscriber.core.board().clone(), ptr: this.ptr, info: this.info }
     }
 
-    type Core = SubCore<Arc<StreamMap>, Arc<ChannelMap>>;
-    type Board = ReturnBoard<Arc<StreamMap>, Arc<ChannelMap>>;
-
-    pub(crate) fn backoff(wait: WaitStrategy) -> Backoff {
-        match wait {
-            WaitStrategy::Spin => Backoff { spin: Duration::MAX, park: false },
-            WaitStrategy::SpinThenPark { spin_us } => {
-                Backoff { spin: Duration::from_micros(spin_us.into()), park: true }
-            }
-            WaitStrategy::Park => Backoff { spin: Duration::ZERO, park: true },
-        }
+    /// Stream sequence number; a jump shows frames this subscriber lost.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.info.seq
     }
 
-    impl Subscriber {
-        /// Opens subscriber `ticket` from the stream's data file (read-only
-        /// is enough, and what a subscriber should be given) and the
-        /// subscriber's own channel file.
-        ///
-        /// # Errors
-        /// [`OpenSubscriberError`] if a file is invalid or the ticket is stale.
-        pub fn open(
-            data: BorrowedFd<'_>,
-            channel: BorrowedFd<'_>,
-            ticket: SubscriberTicket,
-        ) -> Result<Self, OpenSubscriberError> {
-            let stream = Arc::new(StreamMap::open(data, false)?);
-            let g = stream.layout().geometry;
-            let not_attached = OpenSubscriberError::NotAttached { index: ticket.index, generation: ticket.generation };
-            if ticket.index >= g.max_subscribers {
-                return Err(not_attached);
-            }
-            let channel = Arc::new(ChannelMap::open(channel, ticket.index, g.queue_capacity, stream.flags())?);
-            let core = SubCore::attach(stream, channel, ticket.index as usize, ticket.generation, backoff(ticket.wait))
-                .map_err(|refusal| match refusal {
-                    SubAttachRefusal::NotAttached => not_attached,
-                    SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
-                })?;
-            Ok(Self { core, wait: ticket.wait })
-        }
-
-        /// Takes the next frame if one is queued.
-        ///
-        /// # Errors
-        /// [`TryRecvError::Empty`] if none is, or another [`TryRecvError`].
-        #[inline]
-        pub fn try_recv(&self) -> Result<Sample<'_>, TryRecvError> {
-            self.core.try_take().map(|info| self.sample(info))
-        }
-
-        /// Waits for the next frame, as the subscriber's [`WaitStrategy`] says.
-        ///
-        /// # Errors
-        /// Any [`RecvError`] but `Timeout`.
-        ///
-        /// # Examples
-        /// ```no_run
-        /// # fn demo(subscriber: &memsock_proto::shm::Subscriber) -> Result<(), memsock_proto::shm::RecvError> {
-        /// let sample = subscriber.recv()?;
-        /// println!("frame {} of {} bytes", sample.seq(), sample.len());
-        /// # Ok(()) }
-        /// ```
-        #[inline]
-        pub fn recv(&self) -> Result<Sample<'_>, RecvError> {
-            self.core.take(None).map(|info| self.sample(info))
-        }
-
-        /// Waits up to `timeout` for the next frame.
-        ///
-        /// # Errors
-        /// [`RecvError::Timeout`], or another [`RecvError`].
-        #[inline]
-        pub fn recv_timeout(&self, timeout: Duration) -> Result<Sample<'_>, RecvError> {
-            self.core.take(Instant::now().checked_add(timeout)).map(|info| self.sample(info))
-        }
-
-        #[inline]
-        fn sample(&self, info: FrameInfo) -> Sample<'_> {
-            Sample { subscriber: self, ptr: self.core.stream().payload_ptr(info.slot), info }
-        }
-
-        /// This subscriber's index in the stream.
-        pub fn index(&self) -> u32 {
-            self.core.index() as u32
-        }
-
-        /// The overflow policy the subscriber was created with.
-        pub fn policy(&self) -> OverflowPolicy {
-            self.core.policy()
-        }
-
-        /// How blocking receives wait.
-        pub fn wait_strategy(&self) -> WaitStrategy {
-            self.wait
-        }
-
-        /// Current credits: the most samples it may hold, queued plus borrowed.
-        pub fn credits(&self) -> u32 {
-            self.core.credits()
-        }
-
-        /// Samples currently borrowed.
-        pub fn borrowed(&self) -> u32 {
-            self.core.borrowed()
-        }
-
-        /// Protocol violations this subscriber has seen from its peers.
-        pub fn faults(&self) -> u64 {
-            self.core.faults()
-        }
-
-        /// The stream's publisher generation: how many times a publisher
-        /// has arrived or left, odd while one is attached. Unlike
-        /// `PublisherGone`/`PublisherBack`, which a receive reports once,
-        /// it can be read at any time and compared with an earlier reading:
-        /// if they differ, the publisher changed in between (its last
-        /// frames may still be queued).
-        pub fn publisher_generation(&self) -> u64 {
-            self.core.publisher_generation()
-        }
-
-        /// Bytes per slot: the largest frame.
-        pub fn slot_size(&self) -> usize {
-            self.core.stream().layout().geometry.slot_size as usize
-        }
-
-        /// Hands back now the slots of detached samples dropped since the
-        /// last receive (receives do this themselves).
-        pub fn hand_back(&self) {
-            self.core.hand_back();
-        }
-
-        /// Keeps `keep` alive as long as this subscriber or any sample
-        /// detached from it later exists. A client passes its lease here,
-        /// so that the slots a detached sample reads are not reclaimed
-        /// under it. Set it before detaching samples.
-        pub fn set_keep_alive(&mut self, keep: KeepAlive) {
-            self.core.set_keep_alive(keep);
-        }
-
-        /// Where the subscriber stands: pass it to [`Watcher::wait`] after
-        /// a receive found nothing.
-        pub fn position(&self) -> Position {
-            self.core.position()
-        }
-
-        /// A watcher that can wait for this subscriber's next frame on
-        /// another thread, so that an async task need not block.
-        pub fn watcher(&self) -> Watcher {
-            Watcher { core: self.core.watcher() }
-        }
+    /// When the frame was sent: nanoseconds on the monotonic clock
+    /// (`CLOCK_MONOTONIC`, comparable across processes); 0 if the
+    /// stream does not stamp its frames (`StreamConfig::timestamps`).
+    #[inline]
+    pub fn timestamp_ns(&self) -> u64 {
+        self.info.timestamp_ns
     }
 
-    /// Waits, on a thread of its own, for news for a subscriber: a frame, a
-    /// change of publisher, a close, or detached samples to hand back. It
-    /// never takes anything: the subscriber's next `try_recv` does. What an
-    /// async wrapper parks instead of the task.
-    #[derive(Debug)]
-    pub struct Watcher {
-        core: Core,
+    /// Where and what the frame is.
+    #[inline]
+    pub fn info(&self) -> FrameInfo {
+        self.info
+    }
+}
+
+impl std::ops::Deref for Sample<'_> {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is the start of slot `info.slot` in the
+        // subscriber's read-only mapping (StreamMap::payload_ptr checked
+        // the index) and `info.len <= slot_size` was checked in
+        // `try_take`. The slot carries this subscriber's holder bit until
+        // the sample is dropped, so a publisher keeping the protocol does
+        // not write it meanwhile. (The owner clears the bit only when it
+        // removes the subscriber, which it does once the subscriber has
+        // gone: see `StreamSegment::remove_subscriber`.)
+        unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
+    }
+}
+
+impl Drop for Sample<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.subscriber.core.release(self.info.slot);
+    }
+}
+
+/// A received frame that does not borrow its subscriber
+/// ([`Sample::detach`]): `Send` and `Sync`, it can move to another
+/// thread or task. Derefs to its bytes in shared memory; the slot goes
+/// back when it is dropped. The mapping, and the subscriber's lease
+/// (see [`Subscriber::set_keep_alive`]), last as long as it does.
+#[derive(Debug)]
+pub struct OwnedSample {
+    board: Arc<Board>,
+    ptr: *const u8,
+    info: FrameInfo,
+}
+
+// SAFETY: `ptr` points into the mapping that `board` keeps alive; the
+// bytes are only read, and the slot is ours until `post` in `drop`
+// hands it back, which any thread may do (the board is atomic).
+unsafe impl Send for OwnedSample {}
+// SAFETY: shared access only reads the slot, as above.
+unsafe impl Sync for OwnedSample {}
+
+impl OwnedSample {
+    /// Stream sequence number; a jump shows frames the subscriber lost.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.info.seq
     }
 
-    impl Watcher {
-        /// Blocks until the subscriber, at `from`, would find something on
-        /// its next receive, or `stop()` holds (checked after
-        /// [`Interrupter::interrupt`]), or `deadline` passes. Spins or
-        /// sleeps as the subscriber's [`WaitStrategy`] says. Returns false
-        /// only on the deadline.
-        pub fn wait(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
-            self.core.watch(from, deadline, stop)
-        }
-
-        /// A handle that wakes a [`wait`](Self::wait) in progress from
-        /// another thread.
-        pub fn interrupter(&self) -> Interrupter {
-            Interrupter { channel: self.core.channel().clone() }
-        }
+    /// When the frame was sent: nanoseconds on the monotonic clock; 0
+    /// if the stream does not stamp its frames.
+    #[inline]
+    pub fn timestamp_ns(&self) -> u64 {
+        self.info.timestamp_ns
     }
 
-    /// Wakes a [`Watcher::wait`] in progress, on any thread.
-    #[derive(Debug, Clone)]
-    pub struct Interrupter {
-        channel: Arc<ChannelMap>,
+    /// Where and what the frame is.
+    #[inline]
+    pub fn info(&self) -> FrameInfo {
+        self.info
     }
+}
 
-    impl Interrupter {
-        /// Makes a waiting watcher check its `stop()`: make that true first.
-        pub fn interrupt(&self) {
-            super::wake_sleeper(&self.channel);
-        }
+impl std::ops::Deref for OwnedSample {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        debug_assert_eq!(self.ptr, self.board.stream().payload_ptr(self.info.slot).cast_const());
+        // SAFETY: as for `Sample`: `ptr` is slot `info.slot` of the
+        // mapping `board` keeps alive, `info.len <= slot_size` was
+        // checked when it was taken, and the slot keeps this
+        // subscriber's holder bit until `drop` posts it back (the owner
+        // reclaims it only after the lease in the board has ended).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
     }
+}
 
-    /// A received frame: derefs to its bytes, read in place in shared memory.
-    /// The slot goes back to the publisher when the sample is dropped.
-    #[derive(Debug)]
-    pub struct Sample<'s> {
-        subscriber: &'s Subscriber,
-        ptr: *const u8,
-        info: FrameInfo,
-    }
-
-    impl Sample<'_> {
-        /// Detaches the sample from the subscriber's borrow: the result may
-        /// be kept, and dropped on any thread. Its slot counts against the
-        /// subscriber's credits until it is dropped and the subscriber's
-        /// next receive hands it back (dropping it wakes a sleeping
-        /// receive for that).
-        pub fn detach(self) -> OwnedSample {
-            let this = std::mem::ManuallyDrop::new(self);
-            OwnedSample { board: this.subscriber.core.board().clone(), ptr: this.ptr, info: this.info }
-        }
-
-        /// Stream sequence number; a jump shows frames this subscriber lost.
-        #[inline]
-        pub fn seq(&self) -> u64 {
-            self.info.seq
-        }
-
-        /// When the frame was sent: nanoseconds on the monotonic clock
-        /// (`CLOCK_MONOTONIC`, comparable across processes); 0 if the
-        /// stream does not stamp its frames (`StreamConfig::timestamps`).
-        #[inline]
-        pub fn timestamp_ns(&self) -> u64 {
-            self.info.timestamp_ns
-        }
-
-        /// Where and what the frame is.
-        #[inline]
-        pub fn info(&self) -> FrameInfo {
-            self.info
-        }
-    }
-
-    impl std::ops::Deref for Sample<'_> {
-        type Target = [u8];
-        #[inline]
-        fn deref(&self) -> &[u8] {
-            // SAFETY: `ptr` is the start of slot `info.slot` in the
-            // subscriber's read-only mapping (StreamMap::payload_ptr checked
-            // the index) and `info.len <= slot_size` was checked in
-            // `try_take`. The slot carries this subscriber's holder bit until
-            // the sample is dropped, so a publisher keeping the protocol does
-            // not write it meanwhile. (The owner clears the bit only when it
-            // removes the subscriber, which it does once the subscriber has
-            // gone: see `StreamSegment::remove_subscriber`.)
-            unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
-        }
-    }
-
-    impl Drop for Sample<'_> {
-        #[inline]
-        fn drop(&mut self) {
-            self.subscriber.core.release(self.info.slot);
-        }
-    }
-
-    /// A received frame that does not borrow its subscriber
-    /// ([`Sample::detach`]): `Send` and `Sync`, it can move to another
-    /// thread or task. Derefs to its bytes in shared memory; the slot goes
-    /// back when it is dropped. The mapping, and the subscriber's lease
-    /// (see [`Subscriber::set_keep_alive`]), last as long as it does.
-    #[derive(Debug)]
-    pub struct OwnedSample {
-        board: Arc<Board>,
-        ptr: *const u8,
-        info: FrameInfo,
-    }
-
-    // SAFETY: `ptr` points into the mapping that `board` keeps alive; the
-    // bytes are only read, and the slot is ours until `post` in `drop`
-    // hands it back, which any thread may do (the board is atomic).
-    unsafe impl Send for OwnedSample {}
-    // SAFETY: shared access only reads the slot, as above.
-    unsafe impl Sync for OwnedSample {}
-
-    impl OwnedSample {
-        /// Stream sequence number; a jump shows frames the subscriber lost.
-        #[inline]
-        pub fn seq(&self) -> u64 {
-            self.info.seq
-        }
-
-        /// When the frame was sent: nanoseconds on the monotonic clock; 0
-        /// if the stream does not stamp its frames.
-        #[inline]
-        pub fn timestamp_ns(&self) -> u64 {
-            self.info.timestamp_ns
-        }
-
-        /// Where and what the frame is.
-        #[inline]
-        pub fn info(&self) -> FrameInfo {
-            self.info
-        }
-    }
-
-    impl std::ops::Deref for OwnedSample {
-        type Target = [u8];
-        #[inline]
-        fn deref(&self) -> &[u8] {
-            debug_assert_eq!(self.ptr, self.board.stream().payload_ptr(self.info.slot).cast_const());
-            // SAFETY: as for `Sample`: `ptr` is slot `info.slot` of the
-            // mapping `board` keeps alive, `info.len <= slot_size` was
-            // checked when it was taken, and the slot keeps this
-            // subscriber's holder bit until `drop` posts it back (the owner
-            // reclaims it only after the lease in the board has ended).
-            unsafe { std::slice::from_raw_parts(self.ptr, self.info.len as usize) }
-        }
-    }
-
-    impl Drop for OwnedSample {
-        fn drop(&mut self) {
-            self.board.post(self.info.slot);
-        }
+impl Drop for OwnedSample {
+    fn drop(&mut self) {
+        self.board.post(self.info.slot);
     }
 }

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use super::core::mem::heap::{HeapChannel, HeapStream};
+use super::core::mem::{ChannelMem, StreamMem};
+use super::core::owner::OwnerCore;
+use super::core::publisher::{CommitRefusal, PubCore};
+use super::core::subscriber::SubCore;
+use super::core::wait::Backoff;
 use super::layout::{Geometry, OverflowPolicy, WaitStrategy};
-use super::mem::heap::{HeapChannel, HeapStream};
-use super::mem::{ChannelMem, StreamMem};
-use super::owner::OwnerCore;
-use super::publisher::{CommitRefusal, PubCore};
-use super::subscriber::SubCore;
-use super::wait::Backoff;
 use super::*;
 use crate::primitive::Ordering::Relaxed;
 

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use loom::cell::UnsafeCell;
 
-use super::layout::{Geometry, OverflowPolicy, WaitStrategy};
 use super::mem::StreamMem;
 use super::mem::heap::{HeapChannel, HeapStream};
 use super::owner::{EndProgress, OwnerCore, SubscriberOptions};
@@ -20,6 +19,7 @@ use super::publisher::{CommitRefusal, PubCore};
 use super::subscriber::{RecvError, SubCore};
 use super::wait::Backoff;
 use crate::primitive::Ordering::Relaxed;
+use crate::shm::layout::{Geometry, OverflowPolicy, WaitStrategy};
 
 /// One payload word per slot.
 struct Payload(Vec<UnsafeCell<u64>>);
@@ -301,7 +301,7 @@ fn loom_ending_a_close_under_a_live_publisher_loses_no_sent_frame() {
         }
         let (sent, p) = sender.join().unwrap();
         assert_eq!(receiver.join().unwrap(), sent);
-        assert_eq!(owner.stream().header().control.writer.load(Relaxed), super::layout::WRITER_PUBLISHER);
+        assert_eq!(owner.stream().header().control.writer.load(Relaxed), crate::shm::layout::WRITER_PUBLISHER);
         drop(p);
     });
 }

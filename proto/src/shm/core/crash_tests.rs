@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::crash::hook;
-use super::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy};
 use super::mem::heap::{HeapChannel, HeapStream};
 use super::mem::{ChannelMem, StreamMem};
 use super::owner::OwnerCore;
+use super::owner::SubscriberOptions;
 use super::publisher::PubCore;
 use super::subscriber::SubCore;
+use super::subscriber::TryRecvError;
 use super::wait::Backoff;
-use super::{SubscriberOptions, TryRecvError};
 use crate::primitive::Ordering::Relaxed;
+use crate::shm::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy};
 
 type Stream = Arc<HeapStream>;
 type Channel = Arc<HeapChannel>;

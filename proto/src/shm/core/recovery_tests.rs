@@ -6,15 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::crash::hook;
-use super::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WRITER_PUBLISHER, WaitStrategy};
 use super::mem::heap::{HeapChannel, HeapStream};
 use super::mem::{ChannelMem, StreamMem};
+use super::owner::SubscriberOptions;
 use super::owner::{EndProgress, OwnerCore};
+use super::publisher::LoanError;
 use super::publisher::{CommitRefusal, PubCore};
 use super::subscriber::SubCore;
+use super::subscriber::{RecvError, TryRecvError};
 use super::wait::Backoff;
-use super::{LoanError, RecvError, SubscriberOptions, TryRecvError};
 use crate::primitive::Ordering::Relaxed;
+use crate::shm::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WRITER_PUBLISHER, WaitStrategy};
 
 type Stream = Arc<HeapStream>;
 type Channel = Arc<HeapChannel>;
@@ -237,7 +239,7 @@ fn a_pending_close_comes_after_the_rolled_forward_frame() {
 /// dropped loans and the publisher could never loan again).
 #[test]
 fn dropped_loans_give_their_budget_back() {
-    use super::{LoanError, StreamConfig, StreamSegment};
+    use crate::shm::{LoanError, StreamConfig, StreamSegment};
     let seg = StreamSegment::create("review", &StreamConfig::new(8, 16)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
     drop(publisher.loan().unwrap().detach());

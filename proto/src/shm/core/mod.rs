@@ -1,0 +1,30 @@
+//! The lock-free core: the publisher, subscriber and owner algorithms over
+//! any memory that implements the layout ([`mem`]'s traits) — shared
+//! mappings in production, heap allocations under unit tests, proptest and
+//! the loom model checker, which therefore run the very code that runs in
+//! production. No handle, mapping or system call lives here (but the
+//! futex behind [`wait`] and the barrier behind `primitive`).
+//!
+//! - `publisher`: loans, delivery, overflow policies, taking slots back,
+//!   crash recovery (`PubCore`).
+//! - `subscriber`: taking frames, returning slots, waiting (`SubCore`).
+//! - `owner`: admission by credits, detach and reclamation, close,
+//!   statistics (`OwnerCore`).
+//! - `wait`: spin-then-park and its wake-up protocol.
+//! - `crash`: the points where a killed writer may stop, and the test hook
+//!   that stops one there (`crash_tests`, `recovery_tests`).
+//! - `mem`: the memory traits, and the heap memory of the tests.
+
+pub(crate) mod crash;
+pub(crate) mod mem;
+pub(crate) mod owner;
+pub(crate) mod publisher;
+pub(crate) mod subscriber;
+pub(crate) mod wait;
+
+#[cfg(all(test, not(loom)))]
+mod crash_tests;
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod recovery_tests;

@@ -1,0 +1,688 @@
+//! The owner side of a stream: creating its files, admitting subscribers
+//! against the credit budget, changing credits, detaching and reclaiming,
+//! closing, and reading statistics — everything the broker does with a
+//! stream, none of it on the per-frame path.
+//!
+//! The owner writes subscriber records and bumps `table_gen`; the publisher
+//! notices on its next loan or send. Reclaiming a detached subscriber's
+//! slots changes holder masks, which only the writer may do: the attached
+//! publisher does it, or the owner itself (taking the writer role) when no
+//! publisher is attached.
+
+use super::mem::{ChannelMem, StreamMem};
+use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
+use super::wait;
+use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use crate::primitive::{BarrierPassed, barrier_mark};
+use crate::shm::layout::{
+    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, INFLIGHT_IDLE, LAYOUT_VERSION, LayoutError,
+    MAX_PUBLISHER_LOANS, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING,
+    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+};
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriberOptions {
+    /// Most slots it may hold at once, queued plus borrowed (its queue depth).
+    pub credits: u32,
+    /// What happens to frames when its credits are used up.
+    pub policy: OverflowPolicy,
+    /// How its blocking receives wait.
+    pub wait: WaitStrategy,
+}
+
+impl Default for SubscriberOptions {
+    fn default() -> Self {
+        Self { credits: 4, policy: OverflowPolicy::default(), wait: WaitStrategy::default() }
+    }
+}
+
+/// What a subscriber process needs, besides the files, to open its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberTicket {
+    /// Its index in the stream (which channel file is its own).
+    pub index: u32,
+    /// Attach generation of that index, so a stale ticket is refused.
+    pub generation: u64,
+    /// The wait strategy it was admitted with.
+    pub wait: WaitStrategy,
+}
+
+/// Why a subscriber was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddSubscriberError {
+    /// Credits must be at least 1 and at most the queue capacity.
+    #[error("credits must be between 1 and {max}, got {credits}")]
+    CreditsOutOfRange {
+        /// Requested.
+        credits: u32,
+        /// The stream's queue capacity.
+        max: u32,
+    },
+    /// The pool cannot honour the credits on top of those already granted.
+    #[error(
+        "cannot grant {requested} credits: {available} of {slot_count} slots are free to promise \
+         ({committed} promised to other subscribers, the rest kept for the publisher's loans)"
+    )]
+    CreditsRefused {
+        /// Requested.
+        requested: u32,
+        /// Still grantable.
+        available: u32,
+        /// Pool size.
+        slot_count: u32,
+        /// Already granted.
+        committed: u32,
+    },
+    /// Every subscriber index is taken.
+    #[error("stream is full: all {max} subscriber places are taken")]
+    Full {
+        /// The stream's subscriber capacity.
+        max: u32,
+    },
+    /// The stream is closed.
+    #[error("the stream is closed")]
+    Closed,
+}
+
+/// Why an operation on an existing subscriber failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscriberOpError {
+    /// No attached subscriber has this index.
+    #[error("no subscriber #{0} is attached")]
+    NotAttached(u32),
+    /// The new credits are refused (see [`AddSubscriberError`]).
+    #[error(transparent)]
+    Credits(#[from] AddSubscriberError),
+}
+
+/// A subscriber as the owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// Index in the stream.
+    pub index: u32,
+    /// Process id given at attach.
+    pub pid: u32,
+    /// Overflow policy.
+    pub policy: OverflowPolicy,
+    /// Current credits.
+    pub credits: u32,
+    /// Still being reclaimed after a detach.
+    pub detaching: bool,
+    /// Stream sequence number at attach.
+    pub attach_seq: u64,
+    /// Frames it has taken from its queue.
+    pub delivered: u64,
+    /// Frames it lost (not queued for lack of credit, or evicted).
+    pub dropped: u64,
+    /// Of `dropped`, frames evicted under `KeepLatest`.
+    pub evicted: u64,
+    /// Frames waiting in its queue.
+    pub queued: u64,
+    /// Slots it holds: queued, borrowed, or returned and not yet read back.
+    pub held: u32,
+    /// Age of the oldest queued frame, in nanoseconds (0 if none).
+    pub lag_ns: u64,
+    /// Protocol violations seen from it.
+    pub faults: u64,
+}
+
+/// A stream as the owner sees it: read from shared memory, no messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Slot size in bytes.
+    pub slot_size: u32,
+    /// Slots in the pool.
+    pub slot_count: u32,
+    /// Slots held by no subscriber (the publisher's loan, if any, included).
+    pub free_slots: u32,
+    /// Frames sent.
+    pub published: u64,
+    /// Payload bytes sent.
+    pub bytes: u64,
+    /// Pid of the attached publisher, 0 if none.
+    pub publisher_pid: u32,
+    /// The stream was closed.
+    pub closed: bool,
+    /// Attached (and detaching) subscribers.
+    pub subscribers: Vec<SubscriberStats>,
+}
+
+/// The owner algorithm over any memory implementing the layout.
+#[derive(Debug)]
+pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
+    stream: S,
+    channels: Vec<C>,
+    /// Where the search for a free index starts: indices are reused as
+    /// late as possible, which keeps stale handles from meeting new peers.
+    cursor: usize,
+    /// Per index: credits in force before they were lowered, and the
+    /// `table_gen` that lowered them. Until the publisher has applied that
+    /// generation it may still deliver by the old credits.
+    lowered: Vec<Option<(u32, u64)>>,
+    /// [`barrier_mark`] taken when we marked the stream ending: the barrier
+    /// that makes the mark seen must begin after it.
+    ending_mark: Option<u64>,
+}
+
+/// How far [`OwnerCore::end_for_subscribers`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndProgress {
+    /// Subscribers see the end once they have received every frame sent.
+    Ended,
+    /// The stream is marked ending: run [`system_barrier`](crate::shm::system_barrier)
+    /// (outside any lock: it takes milliseconds) and call again with its proof.
+    NeedsBarrier,
+    /// The publisher is delivering a frame right now: call again later. It
+    /// ends the close itself if it gets to its next send first.
+    Delivering,
+    /// The stream is not closing: nothing to end.
+    Open,
+}
+
+impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
+    pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
+        assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
+        let n = channels.len();
+        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending_mark: None }
+    }
+
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn channels(&self) -> &[C] {
+        &self.channels
+    }
+
+    /// Announces a change of the subscriber table; returns the new generation.
+    fn bump_table(&self) -> u64 {
+        // Release pairs with the publisher's Acquire load in `sync_table`.
+        self.stream.header().control.table_gen.fetch_add(1, Release) + 1
+    }
+
+    /// Slots each subscriber index holds (bits set in the masks).
+    fn held_per_subscriber(&self) -> Vec<u32> {
+        let g = self.stream.layout().geometry;
+        let mut held = vec![0u32; g.max_subscribers as usize];
+        for slot in 0..g.slot_count {
+            for (w, word) in self.stream.mask(slot).iter().enumerate() {
+                let mut bits = word.load(Relaxed);
+                while bits != 0 {
+                    let s = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Some(h) = held.get_mut(s) {
+                        *h += 1;
+                    }
+                }
+            }
+        }
+        held
+    }
+
+    /// Credits promised to attached subscribers other than `except`: for
+    /// each, the larger of its credits and what it holds now (after lowered
+    /// credits it may hold more until it releases).
+    fn committed(&self, except: Option<usize>) -> u64 {
+        let header = self.stream.header();
+        // Acquire pairs with the publisher's Release store in `sync_table_slow`.
+        let applied = header.publisher.applied_gen.load(Acquire);
+        let publisher_attached = header.control.writer.load(Acquire) == WRITER_PUBLISHER;
+        let held = self.held_per_subscriber();
+        (0..held.len())
+            .filter(|&s| Some(s) != except)
+            .map(|s| {
+                let cfg = &self.stream.record(s).config;
+                // A detaching subscriber promises nothing any more: the
+                // publisher reclaims what it holds before its next loan or
+                // delivery, so its slots are back before anyone needs them
+                // (an idle publisher must not keep a dead subscriber's
+                // credits from a new one).
+                if matches!(cfg.state.load(Acquire), SUB_FREE | SUB_DETACHING) {
+                    return 0;
+                }
+                let pending = match self.lowered[s] {
+                    Some((old, lowered_at)) if publisher_attached && applied < lowered_at => old,
+                    _ => 0,
+                };
+                u64::from(cfg.credits.load(Relaxed).max(held[s]).max(pending))
+            })
+            .sum()
+    }
+
+    fn check_credits(&self, credits: u32, except: Option<usize>) -> Result<(), AddSubscriberError> {
+        let g = self.stream.layout().geometry;
+        if credits == 0 || credits > g.queue_capacity {
+            return Err(AddSubscriberError::CreditsOutOfRange { credits, max: g.queue_capacity });
+        }
+        let committed = self.committed(except);
+        let loans = self.stream.header().ident.publisher_loans.load(Relaxed);
+        let budget = u64::from(g.slot_count.saturating_sub(loans));
+        if committed + u64::from(credits) > budget {
+            return Err(AddSubscriberError::CreditsRefused {
+                requested: credits,
+                available: budget.saturating_sub(committed) as u32,
+                slot_count: g.slot_count,
+                committed: committed as u32,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
+        let header = self.stream.header();
+        if header.control.state.load(Acquire) != STREAM_OPEN {
+            return Err(AddSubscriberError::Closed);
+        }
+        self.reclaim_detached();
+        let n = self.channels.len();
+        let me = crate::platform::current_pid();
+        let requester = if pid == 0 { u32::MAX } else { pid };
+        let index = (0..n)
+            .map(|i| (self.cursor + i) % n)
+            .find(|&s| {
+                let cfg = &self.stream.record(s).config;
+                // Acquire pairs with the Release store of SUB_FREE by whoever
+                // reclaimed the index: its mask changes are visible.
+                cfg.state.load(Acquire) == SUB_FREE && {
+                    // A process that was removed but still lives keeps its
+                    // mapping of this channel: do not hand the channel to
+                    // somebody else while it could still write there (the
+                    // same process may have it back).
+                    let pid = cfg.pid.load(Relaxed);
+                    pid == 0 || pid == me || pid == requester || !crate::platform::process_alive(pid)
+                }
+            })
+            .ok_or(AddSubscriberError::Full { max: n as u32 })?;
+        self.check_credits(opts.credits, None)?;
+
+        // The index is free: neither the publisher nor any subscriber uses
+        // its ring, counters or channel, so they can be reset.
+        for e in self.stream.ring(index) {
+            e.word.store(0, Relaxed);
+        }
+        let counters = &self.stream.record(index).counters;
+        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.ret_read] {
+            c.store(0, Relaxed);
+        }
+        let cfg = &self.stream.record(index).config;
+        let generation = cfg.generation.load(Relaxed) + 1;
+        // The previous subscriber could write anything in the channel:
+        // rewrite all of it.
+        let ch = self.channels[index].header();
+        let id = &ch.ident;
+        id.magic.store(CHANNEL_MAGIC, Relaxed);
+        id.index.store(index as u32, Relaxed);
+        id.capacity.store(self.stream.layout().geometry.queue_capacity, Relaxed);
+        id.claimed.store(0, Relaxed);
+        id.generation.store(generation, Relaxed);
+        for c in [&ch.head, &ch.tail, &ch.ret_head] {
+            c.store(0, Relaxed);
+        }
+        ch.waiting.store(0, Relaxed);
+        ch.pub_waiting.store(0, Relaxed);
+        for r in self.channels[index].returns() {
+            r.store(NO_SLOT, Relaxed);
+        }
+        // Release pairs with the subscriber's Acquire load in `ChannelMap::open`.
+        id.version.store(LAYOUT_VERSION, Release);
+        self.lowered[index] = None;
+
+        cfg.policy.store(opts.policy as u32, Relaxed);
+        cfg.credits.store(opts.credits, Relaxed);
+        cfg.parks.store(u32::from(opts.wait.parks()), Relaxed);
+        cfg.pid.store(pid, Relaxed);
+        cfg.attach_seq.store(header.publisher.published.load(Relaxed), Relaxed);
+        cfg.generation.store(generation, Relaxed);
+        // Release pairs with the Acquire loads of the state by the
+        // publisher (`sync_table_slow`) and the subscriber (`attach`).
+        cfg.state.store(SUB_ACTIVE, Release);
+        self.bump_table();
+        self.cursor = index + 1;
+        Ok(SubscriberTicket { index: index as u32, generation, wait: opts.wait })
+    }
+
+    fn active_index(&self, index: u32) -> Result<usize, SubscriberOpError> {
+        let s = index as usize;
+        if s < self.channels.len() && self.stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
+            Ok(s)
+        } else {
+            Err(SubscriberOpError::NotAttached(index))
+        }
+    }
+
+    pub(crate) fn set_credits(&mut self, index: u32, credits: u32) -> Result<(), SubscriberOpError> {
+        let s = self.active_index(index)?;
+        self.check_credits(credits, Some(s))?;
+        let cfg = &self.stream.record(s).config;
+        let old = cfg.credits.swap(credits, Relaxed);
+        let gen_now = self.bump_table();
+        if credits < old {
+            let before = self.lowered[s].map_or(old, |(o, _)| o.max(old));
+            self.lowered[s] = Some((before, gen_now));
+        }
+        // A publisher blocked on this lossless subscriber re-reads credits.
+        wait::wake(&self.channels[s].header().pub_waiting);
+        Ok(())
+    }
+
+    /// Detaches subscriber `index`: its queued and borrowed slots return to
+    /// the pool. Use it for a subscriber that left and for one that died.
+    pub(crate) fn remove(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        let s = self.active_index(index)?;
+        // Release pairs with the publisher's Acquire load in `sync_table_slow`.
+        self.stream.record(s).config.state.store(SUB_DETACHING, Release);
+        self.bump_table();
+        let ch = self.channels[s].header();
+        wait::wake(&ch.waiting);
+        wait::wake(&ch.pub_waiting);
+        self.reclaim_detached();
+        Ok(())
+    }
+
+    /// Detaches subscriber `index`, which has let go of its channel (its
+    /// own process said so): like [`remove`](Self::remove), but the index
+    /// may serve any process once reclaimed, rather than waiting for this
+    /// one to end.
+    pub(crate) fn release(&mut self, index: u32) -> Result<(), SubscriberOpError> {
+        self.remove(index)?;
+        // Read back by `add` (and `stats`, which then shows pid 0 while the
+        // index is reclaimed), both on this, the owner's, thread.
+        self.stream.record(index as usize).config.pid.store(0, Relaxed);
+        Ok(())
+    }
+
+    /// Reclaims detaching subscribers' slots if no publisher is attached
+    /// (an attached one does it on its next loan or send). Returns whether
+    /// it ran.
+    pub(crate) fn reclaim_detached(&self) -> bool {
+        let ctl = &self.stream.header().control;
+        // Acquire pairs with the Release store of WRITER_NONE by the last
+        // writer (publisher `Drop`, or here).
+        if ctl.writer.compare_exchange(WRITER_NONE, WRITER_OWNER, Acquire, Relaxed).is_err() {
+            return false;
+        }
+        self.reclaim_as_writer();
+        // Release pairs with the next writer's Acquire CAS.
+        ctl.writer.store(WRITER_NONE, Release);
+        true
+    }
+
+    /// Holding the writer role as owner: finishes a dead writer's work
+    /// (rolling an interrupted delivery forward) and reclaims detaching
+    /// subscribers' slots.
+    fn reclaim_as_writer(&self) {
+        let ctl = &self.stream.header().control;
+        if ctl.dirty.load(Relaxed) != 0 {
+            let channels = self.channels.iter().collect();
+            drop(PubCore::take_over(&self.stream, channels, WRITER_OWNER, 0));
+            ctl.dirty.store(0, Relaxed);
+        }
+        for s in 0..self.channels.len() {
+            let state = &self.stream.record(s).config.state;
+            if state.load(Acquire) == SUB_DETACHING {
+                clear_subscriber_bits(&self.stream, s, |_| {});
+                state.store(SUB_FREE, Release);
+            }
+        }
+    }
+
+    /// The attached publisher's lease ended (it exited or died): release
+    /// the writer role so another publisher can take over, and reclaim.
+    pub(crate) fn publisher_gone(&mut self) {
+        let ctl = &self.stream.header().control;
+        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_OWNER, Acquire, Relaxed).is_ok() {
+            ctl.publisher_pid.store(0, Relaxed);
+            // Finish what it left half done first — a frame some subscriber
+            // got reaches the others — so that its departure comes after
+            // every frame it sent.
+            self.reclaim_as_writer();
+            // Count the departure, unless the publisher did as it left.
+            // Release pairs with the subscribers' Acquire fence after their
+            // load in `SubCore::publisher_event`.
+            let now = ctl.publisher_changes.load(Relaxed);
+            if now % 2 == 1 {
+                let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
+            }
+            // Release pairs with the next writer's Acquire CAS.
+            ctl.writer.store(WRITER_NONE, Release);
+        }
+        // Should the old publisher still be alive, it notices on its next
+        // loan or send that it no longer holds the role, and stops.
+        self.bump_table();
+        self.lowered.fill(None);
+        // Subscribers asleep see the publisher gone; a revoked publisher
+        // asleep in a send (waiting for a lossless subscriber's credit)
+        // wakes, re-reads the table bumped above and finds itself replaced.
+        super::publisher::wake_all(&self.channels);
+        for ch in &self.channels {
+            wait::wake(&ch.header().pub_waiting);
+        }
+        self.reclaim_detached();
+        // A close it never acknowledged ends here.
+        acknowledge_close(&self.stream, &self.channels);
+    }
+
+    /// Closes the stream: the publisher's next loan or send fails, and
+    /// subscribers get `Closed` once they have received every frame it
+    /// sent. An attached publisher acknowledges the close on its next loan,
+    /// send or detach (a frame it was sending meanwhile is still delivered);
+    /// until then its subscribers simply see no new frames.
+    pub(crate) fn close(&mut self) {
+        let ctl = &self.stream.header().control;
+        if ctl.state.compare_exchange(STREAM_OPEN, STREAM_CLOSING, Release, Relaxed).is_err() {
+            return; // already closing or closed
+        }
+        self.bump_table();
+        // A publisher blocked on a lossless subscriber re-reads the table.
+        for ch in &self.channels {
+            wait::wake(&ch.header().pub_waiting);
+        }
+        // The SeqCst fence pairs with the one in `PubCore::drop`: either we
+        // see its writer role released, or it sees the stream closing.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
+            acknowledge_close(&self.stream, &self.channels);
+        }
+    }
+
+    /// Ends a close for the subscribers while the publisher, whose process
+    /// still lives, has not acknowledged it — without taking its writer
+    /// role or reclaiming anything, since it may still be writing.
+    ///
+    /// A publisher that sees the stream ending before a delivery does not
+    /// deliver (its send fails with `Closed`); one already delivering
+    /// finishes, and the stream ends after its frame. The check on either
+    /// side is an asymmetric fence: the publisher's is free, ours is
+    /// [`system_barrier`](crate::shm::system_barrier), which the caller
+    /// runs between our first call (which marks the stream and returns
+    /// [`EndProgress::NeedsBarrier`]) and the next.
+    pub(crate) fn end_for_subscribers(&mut self, barrier: Option<BarrierPassed>) -> EndProgress {
+        let ctl = &self.stream.header().control;
+        let state = ctl.state.load(Acquire);
+        if state == STREAM_OPEN {
+            return EndProgress::Open;
+        }
+        if state == STREAM_CLOSED {
+            return EndProgress::Ended;
+        }
+        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
+            // It let go meanwhile (its `Drop` acknowledges too).
+            acknowledge_close(&self.stream, &self.channels);
+            return EndProgress::Ended;
+        }
+        // SeqCst: the mark precedes `barrier_mark` in the single total order,
+        // so a barrier numbered after the mark began after the mark.
+        if state == STREAM_CLOSING
+            && ctl.state.compare_exchange(STREAM_CLOSING, STREAM_ENDING, SeqCst, Relaxed).is_err()
+        {
+            return self.end_for_subscribers(barrier); // it acknowledged just now
+        }
+        let mark = *self.ending_mark.get_or_insert_with(barrier_mark);
+        if !barrier.is_some_and(|b| b.follows(mark)) {
+            return EndProgress::NeedsBarrier;
+        }
+        // Acquire pairs with the publisher's Release store of INFLIGHT_IDLE
+        // (`PubCore::idle`): every frame it delivered is visible to whoever
+        // sees the end from our Release in `acknowledge_close`.
+        if self.stream.header().publisher.inflight.load(Acquire) != INFLIGHT_IDLE {
+            return EndProgress::Delivering;
+        }
+        // It delivers nothing more: past the barrier, its next look before
+        // a delivery sees the mark.
+        acknowledge_close(&self.stream, &self.channels);
+        EndProgress::Ended
+    }
+
+    /// Whether a publisher holds the writer role (it may be alive or dead:
+    /// the caller knows which).
+    pub(crate) fn publisher_attached(&self) -> bool {
+        self.stream.header().control.writer.load(Acquire) == WRITER_PUBLISHER
+    }
+
+    pub(crate) fn stats(&self, now_ns: u64) -> StreamStats {
+        let g = self.stream.layout().geometry;
+        let header = self.stream.header();
+        let held = self.held_per_subscriber();
+        let cap_mask = u64::from(g.queue_capacity) - 1;
+        let used = (0..g.slot_count).filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0)).count()
+            as u32;
+        let subscribers = (0..self.channels.len())
+            .filter_map(|s| {
+                let cfg = &self.stream.record(s).config;
+                let state = cfg.state.load(Acquire);
+                if state == SUB_FREE {
+                    return None;
+                }
+                let c = &self.stream.record(s).counters;
+                let pushed = c.pushed.load(Relaxed);
+                let evicted = c.evicted.load(Relaxed);
+                // The subscriber writes its head: clamp what it claims.
+                let head = (self.channels[s].header().head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
+                let queued = pushed - head;
+                let lag_ns = if queued > 0 {
+                    let e = &self.stream.ring(s)[(head & cap_mask) as usize];
+                    now_ns.saturating_sub(e.timestamp_ns.load(Relaxed))
+                } else {
+                    0
+                };
+                Some(SubscriberStats {
+                    index: s as u32,
+                    pid: cfg.pid.load(Relaxed),
+                    policy: OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default(),
+                    credits: cfg.credits.load(Relaxed),
+                    detaching: state == SUB_DETACHING,
+                    attach_seq: cfg.attach_seq.load(Relaxed),
+                    delivered: head.saturating_sub(evicted),
+                    dropped: c.dropped.load(Relaxed),
+                    evicted,
+                    queued,
+                    held: held[s],
+                    lag_ns,
+                    faults: c.faults.load(Relaxed),
+                })
+            })
+            .collect();
+        StreamStats {
+            slot_size: g.slot_size,
+            slot_count: g.slot_count,
+            free_slots: g.slot_count.saturating_sub(used),
+            published: header.publisher.published.load(Relaxed),
+            bytes: header.publisher.bytes.load(Relaxed),
+            publisher_pid: header.control.publisher_pid.load(Relaxed),
+            closed: header.control.state.load(Acquire) != STREAM_OPEN,
+            subscribers,
+        }
+    }
+}
+
+/// How to create a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamConfig {
+    /// Bytes per slot: the largest frame.
+    pub slot_size: u32,
+    /// Slots in the pool; the credits of all subscribers together can be
+    /// at most `slot_count - 1` (one slot is kept for the publisher's loan).
+    pub slot_count: u32,
+    /// Most subscribers attached at once.
+    pub max_subscribers: u32,
+    /// Most credits one subscriber may have (rounded up to a power of
+    /// two); 0 picks `slot_count - 1`, rounded up, at most 65536.
+    pub queue_capacity: u32,
+    /// Lock the segment in memory (`mlock`) in every process that maps it.
+    pub mlock: bool,
+    /// Back the pool with 2 MiB huge pages if the system has them reserved,
+    /// else fall back to ordinary pages.
+    pub huge_pages: bool,
+    /// Fault every page in when mapping, so no frame pays a page fault.
+    pub prefault: bool,
+    /// Stamp every frame with its send time. Off saves a clock read per
+    /// frame (tens of nanoseconds, which bounds small frames); samples then
+    /// report a `timestamp_ns` of 0.
+    pub timestamps: bool,
+    /// Slots the publisher may hold on loan at once — samples being written
+    /// plus detached loans — kept out of every subscriber's credits; 0 picks
+    /// [`DEFAULT_PUBLISHER_LOANS`] (fewer if the pool is tiny).
+    pub publisher_loans: u32,
+}
+
+impl StreamConfig {
+    /// A stream of `slot_count` slots of `slot_size` bytes, for up to 32
+    /// subscribers, pre-faulted, not locked, on ordinary pages.
+    pub fn new(slot_size: u32, slot_count: u32) -> Self {
+        Self {
+            slot_size,
+            slot_count,
+            max_subscribers: 32,
+            queue_capacity: 0,
+            mlock: false,
+            huge_pages: false,
+            prefault: true,
+            timestamps: true,
+            publisher_loans: 0,
+        }
+    }
+
+    /// The publisher's loan budget this configuration asks for.
+    pub fn loans(&self) -> u32 {
+        match self.publisher_loans {
+            0 => DEFAULT_PUBLISHER_LOANS.min(self.slot_count.saturating_sub(1)).max(PUBLISHER_LOANS),
+            n => n,
+        }
+    }
+
+    /// The geometry this configuration asks for.
+    ///
+    /// # Errors
+    /// [`LayoutError`] if a number is out of range.
+    pub fn geometry(&self) -> Result<Geometry, LayoutError> {
+        let cap = match self.queue_capacity {
+            0 => self.slot_count.saturating_sub(self.loans()).max(1),
+            n => n,
+        };
+        let g = Geometry {
+            slot_size: self.slot_size,
+            slot_count: self.slot_count,
+            max_subscribers: self.max_subscribers,
+            queue_capacity: cap
+                .checked_next_power_of_two()
+                .unwrap_or(u32::MAX)
+                .min(crate::shm::layout::MAX_QUEUE_CAPACITY),
+        };
+        g.validate()?;
+        let loans = self.loans();
+        let max_loans = MAX_PUBLISHER_LOANS.min(self.slot_count - 1);
+        if !(PUBLISHER_LOANS..=max_loans).contains(&loans) {
+            return Err(LayoutError::OutOfRange {
+                field: "publisher_loans",
+                value: loans.into(),
+                min: PUBLISHER_LOANS.into(),
+                max: max_loans.into(),
+            });
+        }
+        Ok(g)
+    }
+}

@@ -1,0 +1,1042 @@
+//! The publisher side: slot loans, delivery to every subscriber's queue,
+//! overflow policies, taking slots back, and recovery after a crash.
+//!
+//! # Algorithm
+//!
+//! The publisher is the only writer of the holder masks (one bit per
+//! subscriber per slot) and of the delivery rings; it keeps the free list
+//! and each subscriber's `held` count (bits set = queued + borrowed +
+//! returned-but-not-yet-read) in private memory. Sending a frame in slot `x`:
+//!
+//! 1. for each active subscriber `s` with `held[s] < credits[s]` (after
+//!    reading `s`'s return ring if it looked full): write the ring entry at
+//!    `pushed[s]` (sequence number, timestamp, length), publish it by
+//!    storing its word `(stamp, x)` with `Release`, then set bit `s` of `x`;
+//! 2. a subscriber without credit drops the frame (`DropNewest`), has its
+//!    oldest queued entry evicted first (`KeepLatest`, by compare-and-swap
+//!    on its `head` against the subscriber's own CAS), or — checked before
+//!    step 1 so that a frame is never half-sent — makes `send` fail with
+//!    `WouldBlock` (`Lossless`);
+//! 3. if no bit was set, `x` goes straight back to the free list.
+//!
+//! Subscribers hand slots back through their own return ring. The
+//! publisher reads a ring only when that subscriber looks full or the free
+//! list is empty, checks every returned slot against the subscriber's bit
+//! (a slot it does not hold, or a second return, is a counted fault and is
+//! ignored) and frees a slot when its mask becomes empty.
+//!
+//! Because `held[s] <= credits[s]` always, and the owner admits subscribers
+//! only while `sum(credits) + PUBLISHER_LOANS <= slot_count`, a loan always
+//! finds a free slot after the return rings are read — whatever any
+//! subscriber does with its own channel. A misbehaving subscriber can only
+//! make its own `held` stay high.
+
+use super::crash;
+use super::mem::{ChannelMem, StreamMem};
+use super::wait::{self, Backoff};
+use crate::primitive::AtomicU32;
+use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use crate::shm::layout::{
+    HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING, STREAM_OPEN,
+    SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
+};
+use crate::shm::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// How many loans ahead the publisher prefetches slots.
+const PREFETCH_AHEAD: usize = 4;
+
+/// What became of one sent frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendInfo {
+    /// The frame's sequence number.
+    pub seq: u64,
+    /// Subscribers it was queued for.
+    pub delivered: u32,
+    /// Subscribers that lost it for lack of credit.
+    pub dropped: u32,
+}
+
+/// Why the core could not attach as publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttachRefusal {
+    Closed,
+    PublisherExists { pid: u32 },
+    Busy,
+}
+
+/// Why the core refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitRefusal {
+    /// Lossless subscriber `subscriber` has no credit left.
+    WouldBlock {
+        subscriber: u32,
+    },
+    Closed,
+    Replaced,
+}
+
+/// Why no slot could be loaned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoanError {
+    /// Every slot is held. Cannot happen while all subscribers keep to
+    /// their credits; seen only if credits were lowered below what a
+    /// subscriber already held.
+    #[error("no free slot: every slot is held by a subscriber")]
+    PoolExhausted,
+    /// The owner closed the stream.
+    #[error("the stream is closed")]
+    Closed,
+    /// The owner declared this publisher gone and another may have taken
+    /// over: this handle may no longer publish.
+    #[error("this publisher was declared gone; another may have taken over")]
+    Replaced,
+    /// The publisher already holds as many loans (samples being written
+    /// and detached loans) as its stream allows: send or drop one first.
+    #[error("the publisher already holds its {budget} loan(s): send or drop one first")]
+    TooManyLoans {
+        /// The stream's loan budget (`StreamConfig::publisher_loans`).
+        budget: u32,
+    },
+}
+
+/// The publisher's private view of one subscriber index.
+#[derive(Debug, Clone, Default)]
+struct SubState {
+    active: bool,
+    generation: u64,
+    policy: OverflowPolicy,
+    credits: u32,
+    parks: bool,
+    /// Slots whose mask has this subscriber's bit set.
+    held: u32,
+    /// Next queue position.
+    pushed: u64,
+    /// One more than the sequence number last queued for it (0: none yet).
+    last_push: u64,
+    /// Next return-ring position to read.
+    ret_head: u64,
+    dropped: u64,
+    evicted: u64,
+    faults: u64,
+}
+
+/// The publisher algorithm over any memory implementing the layout.
+#[derive(Debug)]
+pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
+    stream: S,
+    channels: Vec<C>,
+    subs: Vec<SubState>,
+    /// Indices of active subscribers, and the subsets that are lossless
+    /// and that may be asleep.
+    active: Vec<usize>,
+    lossless: Vec<usize>,
+    parkers: Vec<usize>,
+    /// Free slots, reused in the order they were freed: the slot written
+    /// next is the one released longest ago, whose lines have most likely
+    /// left the subscribers' caches, so writing it does not have to
+    /// invalidate them there (reusing the latest costs ~35 % on 1 MB frames).
+    free: VecDeque<u32>,
+    table_gen: u64,
+    published: u64,
+    bytes: u64,
+    closed: bool,
+    /// The writer role we hold: `WRITER_PUBLISHER`, or `WRITER_OWNER` for
+    /// the owner recovering while no publisher is attached.
+    role: u32,
+    /// Our `publisher_epoch`: if the owner hands the role on, it changes.
+    epoch: u64,
+    replaced: bool,
+    cap_mask: u64,
+    /// The odd `publisher_changes` our arrival made.
+    arrival: u64,
+    /// Set while `take_over` rolls an interrupted delivery forward: a close
+    /// is acknowledged only after, or a subscriber could see the end and
+    /// then a frame.
+    hold_close: bool,
+    /// Slots on loan now, and the most the stream allows: the owner keeps
+    /// that many out of the subscribers' credits, which is what makes a
+    /// loan always find a free slot.
+    loans_out: u32,
+    loan_budget: u32,
+}
+
+impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
+    /// Attaches as the stream's only publisher: takes the writer role,
+    /// recovers from a previous writer's crash if needed and rebuilds the
+    /// private state from the holder masks.
+    pub(crate) fn attach(stream: S, channels: Vec<C>, pid: u32) -> Result<Self, AttachRefusal> {
+        let g = stream.layout().geometry;
+        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        let ctl = &stream.header().control;
+        if ctl.state.load(Acquire) != STREAM_OPEN {
+            return Err(AttachRefusal::Closed);
+        }
+        let mut tries = 0u32;
+        loop {
+            // Acquire pairs with the Release store of WRITER_NONE by the
+            // previous writer (`Drop` here, `owner::reclaim_detached`): its
+            // changes to masks and rings are visible to us.
+            match ctl.writer.compare_exchange(WRITER_NONE, WRITER_PUBLISHER, Acquire, Relaxed) {
+                Ok(_) => break,
+                Err(WRITER_OWNER) if tries < 100_000 => {
+                    // The owner reclaims for a moment while no publisher is attached.
+                    tries += 1;
+                    crate::primitive::yield_now();
+                }
+                Err(WRITER_OWNER) => return Err(AttachRefusal::Busy),
+                Err(_) => return Err(AttachRefusal::PublisherExists { pid: ctl.publisher_pid.load(Relaxed) }),
+            }
+        }
+        // Pairs with the SeqCst fence in `OwnerCore::close`, after its mark
+        // of the state: either it sees our role taken (and leaves the
+        // acknowledgement to us), or `take_over` sees the stream closing.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
+        ctl.publisher_epoch.store(epoch, Relaxed);
+        ctl.publisher_pid.store(pid, Relaxed);
+        let mut this = Self::take_over(stream, channels, WRITER_PUBLISHER, epoch);
+        // Only a writer changes the count, and it is even (no publisher):
+        // make it odd. Release pairs with the subscribers' Acquire load in
+        // `SubCore::publisher_event`.
+        // (Odd would mean a predecessor's departure went uncounted: count it.)
+        let changes = &this.stream.header().control.publisher_changes;
+        let now = changes.load(Relaxed);
+        this.arrival = if now % 2 == 0 { now + 1 } else { now + 2 };
+        changes.store(this.arrival, Release);
+        wake_all(&this.channels);
+        Ok(this)
+    }
+
+    /// Builds the writer's private state once the caller holds the writer
+    /// `role`: finishes whatever a writer that died left half done (see
+    /// [`repair`]), reads every return ring to its end, rebuilds the free
+    /// list and each subscriber's `held` from the holder masks, and rolls
+    /// an interrupted delivery forward.
+    pub(crate) fn take_over(stream: S, channels: Vec<C>, role: u32, epoch: u64) -> Self {
+        let g = stream.layout().geometry;
+        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        let ctl = &stream.header().control;
+        let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&stream, &channels) } else { None };
+        // A predecessor may have died part-way through reading a return
+        // ring: read them all to the end now, before any slot is delivered
+        // again. A return it had applied finds its bit clear and changes
+        // nothing; one it had not is applied now.
+        for (s, channel) in channels.iter().enumerate() {
+            if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
+                finish_returns(&stream, channel, s);
+            }
+        }
+        ctl.dirty.store(1, Relaxed);
+
+        let subs_n = g.max_subscribers as usize;
+        let mut subs = vec![SubState::default(); subs_n];
+        let mut free = VecDeque::with_capacity(g.slot_count as usize);
+        for slot in (0..g.slot_count).rev() {
+            let mut empty = true;
+            for (w, word) in stream.mask(slot).iter().enumerate() {
+                let mut bits = word.load(Relaxed);
+                empty &= bits == 0;
+                while bits != 0 {
+                    let s = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if s < subs_n {
+                        subs[s].held += 1;
+                    }
+                }
+            }
+            if empty {
+                free.push_front(slot);
+            }
+        }
+        let ctl_loans = stream.header().ident.publisher_loans.load(Relaxed).clamp(1, g.slot_count - 1);
+        let p = &stream.header().publisher;
+        let mut this = Self {
+            published: p.published.load(Relaxed),
+            bytes: p.bytes.load(Relaxed),
+            stream,
+            channels,
+            subs,
+            active: Vec::with_capacity(subs_n),
+            lossless: Vec::with_capacity(subs_n),
+            parkers: Vec::with_capacity(subs_n),
+            free,
+            table_gen: u64::MAX,
+            closed: false,
+            role,
+            epoch,
+            replaced: false,
+            cap_mask: u64::from(g.queue_capacity) - 1,
+            arrival: 0,
+            loans_out: 0,
+            loan_budget: ctl_loans,
+            hold_close: true,
+        };
+        this.sync_table();
+        if let Some(frame) = interrupted {
+            this.roll_forward(frame);
+        }
+        this.hold_close = false;
+        if !this.replaced && this.stream.header().control.state.load(Acquire) != STREAM_OPEN {
+            this.closed = true;
+            acknowledge_close(&this.stream, &this.channels);
+        }
+        this
+    }
+
+    /// Finishes the delivery of `frame`, which some subscriber may have
+    /// read already: every subscriber that has not got it gets it now, by
+    /// the rules of its policy, as if the delivery had never stopped.
+    ///
+    /// A subscriber with no room gets it as its policy says: a lossless one
+    /// whose credits the owner lowered since the send began drops it, like
+    /// a drop-newest one (the send never returned, so no promise is broken).
+    fn roll_forward(&mut self, frame: Interrupted) {
+        let Interrupted { slot, seq, len, timestamp_ns } = frame;
+        // Those that had the frame may have returned it since, so the
+        // rebuild may have found the slot free: it is the frame's again.
+        self.free.retain(|&x| x != slot);
+        let stream = &self.stream;
+        let has_it = |s: usize| holds_frame(stream, s, slot, seq);
+        let had = (0..self.subs.len()).filter(|&s| has_it(s)).collect::<Vec<_>>();
+        let info = self.deliver_each(slot, len, seq, timestamp_ns, |s| had.contains(&s));
+        self.finish_delivery(slot, len, seq, info);
+        tracing::debug!(slot, seq, delivered = info.delivered, "rolled an interrupted delivery forward");
+    }
+
+    /// The memory this publisher works on.
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// Sequence number the next frame will get.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.published
+    }
+
+    /// Number of subscribers frames currently go to.
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Picks up changes the owner made to the subscriber table: one
+    /// `Acquire` load per call while nothing changed.
+    #[inline]
+    fn sync_table(&mut self) {
+        // Acquire pairs with the owner's Release increment of `table_gen`
+        // (owner.rs `bump_table`): the records it changed are visible.
+        let gen_now = self.stream.header().control.table_gen.load(Acquire);
+        if gen_now != self.table_gen {
+            self.sync_table_slow(gen_now);
+        }
+    }
+
+    #[cold]
+    fn sync_table_slow(&mut self, gen_now: u64) {
+        self.table_gen = gen_now;
+        let ctl = &self.stream.header().control;
+        if self.role == WRITER_PUBLISHER
+            && (ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch)
+        {
+            // The owner declared us gone (`publisher_gone`) while we were
+            // still alive: touch nothing more. (If it closed the stream
+            // too, that is what the caller hears.)
+            self.replaced = true;
+            self.closed = ctl.state.load(Acquire) != STREAM_OPEN;
+            return;
+        }
+        self.active.clear();
+        self.lossless.clear();
+        self.parkers.clear();
+        let cap = self.cap_mask as u32 + 1;
+        for s in 0..self.subs.len() {
+            let cfg = &self.stream.record(s).config;
+            let state = cfg.state.load(Acquire);
+            let generation = cfg.generation.load(Relaxed);
+            match state {
+                SUB_ACTIVE => {
+                    let st = &mut self.subs[s];
+                    if !st.active || st.generation != generation {
+                        // A new subscriber: the owner reset its ring,
+                        // counters and channel while the index was free.
+                        let counters = &self.stream.record(s).counters;
+                        // (Counters go on from the shared ones: a new writer
+                        // takes over a subscriber mid-stream.)
+                        *st = SubState {
+                            active: true,
+                            generation,
+                            held: st.held,
+                            pushed: counters.pushed.load(Relaxed),
+                            ret_head: counters.ret_read.load(Relaxed),
+                            dropped: counters.dropped.load(Relaxed),
+                            evicted: counters.evicted.load(Relaxed),
+                            faults: counters.faults.load(Relaxed),
+                            ..SubState::default()
+                        };
+                    }
+                    st.policy = OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default();
+                    st.credits = cfg.credits.load(Relaxed).min(cap);
+                    st.parks = cfg.parks.load(Relaxed) != 0;
+                    self.active.push(s);
+                    if st.policy == OverflowPolicy::Lossless {
+                        self.lossless.push(s);
+                    }
+                    if st.parks {
+                        self.parkers.push(s);
+                    }
+                }
+                SUB_DETACHING => {
+                    let free = &mut self.free;
+                    clear_subscriber_bits(&self.stream, s, |slot| free.push_back(slot));
+                    self.subs[s] = SubState::default();
+                    // Release pairs with the owner's Acquire load of the
+                    // state before it reuses the index.
+                    let _ = cfg.state.compare_exchange(SUB_DETACHING, SUB_FREE, Release, Relaxed);
+                }
+                _ => self.subs[s].active = false,
+            }
+        }
+        // Release pairs with the owner's Acquire load in `committed`.
+        self.stream.header().publisher.applied_gen.store(gen_now, Release);
+        if !self.hold_close && self.stream.header().control.state.load(Acquire) != STREAM_OPEN {
+            // From here on nothing is delivered: tell the subscribers.
+            self.closed = true;
+            acknowledge_close(&self.stream, &self.channels);
+        }
+    }
+
+    /// Takes a free slot.
+    pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
+        self.sync_table();
+        if self.closed || self.replaced {
+            return Err(if self.closed { LoanError::Closed } else { LoanError::Replaced });
+        }
+        if self.loans_out >= self.loan_budget {
+            return Err(LoanError::TooManyLoans { budget: self.loan_budget });
+        }
+        let slot = match self.free.pop_front() {
+            Some(slot) => slot,
+            None => self.loan_slow()?,
+        };
+        self.loans_out += 1;
+        // Take the slot loaned a few frames from now back from the
+        // subscribers' caches while we work on this one.
+        if let Some(&ahead) = self.free.get(PREFETCH_AHEAD) {
+            self.stream.prefetch_slot(ahead);
+        }
+        Ok(slot)
+    }
+
+    #[cold]
+    fn loan_slow(&mut self) -> Result<u32, LoanError> {
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            self.drain(s);
+        }
+        self.free.pop_front().ok_or(LoanError::PoolExhausted)
+    }
+
+    /// Gives a loaned slot back unsent.
+    pub(crate) fn abandon(&mut self, slot: u32) {
+        self.loans_out -= 1;
+        if self.replaced {
+            return;
+        }
+        // Unsent, so untouched by subscribers: reuse it first. (A slot whose
+        // delivery was interrupted by a panic carries holder bits: it is
+        // not free, and recovery sorts it out.)
+        if self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
+            self.free.push_front(slot);
+        }
+    }
+
+    /// Sends the loaned `slot` holding `len` bytes to every subscriber.
+    /// On refusal the slot stays loaned.
+    pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
+        self.sync_table();
+        if self.closed || self.replaced {
+            return Err(if self.closed { CommitRefusal::Closed } else { CommitRefusal::Replaced });
+        }
+        for i in 0..self.lossless.len() {
+            let s = self.lossless[i];
+            if !self.has_room(s) {
+                return Err(CommitRefusal::WouldBlock { subscriber: s as u32 });
+            }
+        }
+        let info = self.deliver(slot, len, timestamp_ns)?;
+        // After the delivery: should it panic, the sample's drop gives the
+        // loan back (`abandon`), and only once.
+        self.loans_out -= 1;
+        Ok(info)
+    }
+
+    /// Slots free (not loaned, held by nobody) once every return ring is read.
+    #[cfg(test)]
+    pub(crate) fn free_slots(&mut self) -> usize {
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            self.drain(s);
+        }
+        self.free.len()
+    }
+
+    fn deliver(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
+        let seq = self.published;
+        let header = self.stream.header();
+        // One word names the frame in flight, so no kill leaves half a name.
+        header.publisher.inflight.store(inflight(seq, slot), Relaxed);
+        crash::point();
+        // The owner may end a close we were slow to acknowledge while we
+        // live (`OwnerCore::end_for_subscribers`): it marks the stream
+        // ending, runs a system-wide barrier, then ends it only if no frame
+        // is in flight. The light barrier pairs with that one: either it
+        // sees our frame in flight and waits, or we see the mark here and
+        // deliver nothing — so no subscriber sees the end before a frame
+        // whose send returns Ok. (Same cache line as `table_gen`: free.)
+        crate::primitive::light_barrier();
+        if matches!(header.control.state.load(Relaxed), STREAM_ENDING | STREAM_CLOSED) {
+            self.idle();
+            self.closed = true;
+            acknowledge_close(&self.stream, &self.channels);
+            return Err(CommitRefusal::Closed);
+        }
+        let info = self.deliver_each(slot, len, seq, timestamp_ns, |_| false);
+        self.finish_delivery(slot, len, seq, info);
+        Ok(info)
+    }
+
+    /// No frame in flight any more. Release pairs with the owner's Acquire
+    /// load in `OwnerCore::end_for_subscribers`: whoever sees the stream
+    /// end from it sees every frame delivered before.
+    #[inline]
+    fn idle(&self) {
+        self.stream.header().publisher.inflight.store(INFLIGHT_IDLE, Release);
+    }
+
+    /// Offers frame `seq` in `slot` to every active subscriber but those
+    /// `skip` names, in index order.
+    #[inline]
+    fn deliver_each(
+        &mut self,
+        slot: u32,
+        len: u32,
+        seq: u64,
+        timestamp_ns: u64,
+        skip: impl Fn(usize) -> bool,
+    ) -> SendInfo {
+        let (mut delivered, mut dropped) = (0u32, 0u32);
+        let mut wake = false;
+        for i in 0..self.active.len() {
+            let s = self.active[i];
+            if skip(s) {
+                continue;
+            }
+            let room = self.has_room(s) || (self.subs[s].policy == OverflowPolicy::KeepLatest && self.evict_oldest(s));
+            if room {
+                self.push(s, slot, len, seq, timestamp_ns);
+                delivered += 1;
+                wake |= self.subs[s].parks;
+            } else {
+                let st = &mut self.subs[s];
+                st.dropped += 1;
+                self.stream.record(s).counters.dropped.store(st.dropped, Relaxed);
+                crash::point();
+                dropped += 1;
+            }
+        }
+        if wake {
+            // The SeqCst fence pairs with the one a waiter makes between
+            // announcing itself and looking at its queue (`wait::wait_until`).
+            wait::fence_before_wake();
+            for &s in &self.parkers {
+                let st = &self.subs[s];
+                let ch = self.channels[s].header();
+                // Only a subscriber this frame went to, asleep (or about
+                // to be) and whose queue held nothing before it: one with
+                // frames queued was woken for the first of them, or sees
+                // them as it announces itself. So a subscriber that keeps
+                // its word set costs a load per frame, not a system call.
+                // (A stale head here means the waiter's fence came after
+                // ours, and it sees this frame itself.)
+                if st.last_push == seq + 1
+                    && wait::is_waiting(&ch.waiting)
+                    && ch.head.load(Relaxed) == st.pushed.wrapping_sub(1)
+                {
+                    wait::wake_announced(&ch.waiting);
+                }
+            }
+        }
+        SendInfo { seq, delivered, dropped }
+    }
+
+    /// Counts frame `seq` as sent once every subscriber has been offered it.
+    #[inline]
+    fn finish_delivery(&mut self, slot: u32, len: u32, seq: u64, info: SendInfo) {
+        if info.delivered == 0 && self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
+            self.free.push_front(slot);
+        }
+        self.published = seq + 1;
+        self.bytes += u64::from(len);
+        let p = &self.stream.header().publisher;
+        p.published.store(self.published, Relaxed);
+        crash::point();
+        p.bytes.store(self.bytes, Relaxed);
+        self.idle();
+    }
+
+    /// Queues `slot` for subscriber `s` (which has credit).
+    #[inline]
+    fn push(&mut self, s: usize, slot: u32, len: u32, seq: u64, timestamp_ns: u64) {
+        let st = &mut self.subs[s];
+        let pos = st.pushed;
+        if pos & 1 == 0 {
+            // A line of entries a few frames ahead, before the subscriber polls it.
+            self.stream.prefetch_entry(s, ((pos + 4) & self.cap_mask) as usize);
+        }
+        let e = &self.stream.ring(s)[(pos & self.cap_mask) as usize];
+        e.seq.store(seq, Relaxed);
+        e.timestamp_ns.store(timestamp_ns, Relaxed);
+        e.len.store(len, Relaxed);
+        // Release pairs with the subscriber's Acquire load of the word in
+        // `SubCore::try_take`: the fields above are visible with it.
+        e.word.store(entry(pos, slot), Release);
+        crash::point();
+        // The bit after the entry: a bit never exists without its entry (see
+        // `recover`). The subscriber's return of this slot is read later, on
+        // this thread, so it always finds the bit set.
+        let word = &self.stream.mask(slot)[s / 64];
+        // Only the writer changes masks: no read-modify-write instruction needed.
+        word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+        crash::point();
+        st.pushed = pos + 1;
+        st.last_push = seq + 1;
+        st.held += 1;
+        self.stream.record(s).counters.pushed.store(pos + 1, Relaxed);
+        crash::point();
+    }
+
+    /// Whether subscriber `s` may be given one more slot, reading its
+    /// return ring first if it looks full.
+    #[inline]
+    fn has_room(&mut self, s: usize) -> bool {
+        let st = &self.subs[s];
+        st.held < st.credits || {
+            self.drain(s);
+            let st = &self.subs[s];
+            st.held < st.credits
+        }
+    }
+
+    /// Reads subscriber `s`'s return ring.
+    fn drain(&mut self, s: usize) {
+        drain_returns(&self.stream, &self.channels[s], &mut self.subs[s], &mut self.free, s, self.cap_mask);
+    }
+
+    /// `KeepLatest`: drops the oldest frames still queued for `s` until it
+    /// has room (more than one if its credits were lowered); returns whether
+    /// it has room.
+    fn evict_oldest(&mut self, s: usize) -> bool {
+        // One eviction makes room, more only if credits were lowered.
+        let excess = self.subs[s].held.saturating_sub(self.subs[s].credits) + 1;
+        for _ in 0..excess {
+            if !self.evict_one(s) {
+                // Nothing left to evict: the subscriber took it meanwhile,
+                // and may have returned slots since we last looked.
+                return self.has_room(s);
+            }
+            let st = &self.subs[s];
+            if st.held < st.credits {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drops the oldest frame queued for `s`; returns whether it did.
+    fn evict_one(&mut self, s: usize) -> bool {
+        let ch = self.channels[s].header();
+        // Acquire pairs with the subscriber's AcqRel CAS on `head` in
+        // `SubCore::try_take`.
+        let mut head = ch.head.load(Acquire);
+        // Each failed CAS must show the head moved forward, so the queue
+        // shrinks at every try: a subscriber racing us wins at most once per
+        // frame it had queued (it then holds them), and a hostile one that
+        // moves its head costs at most its credits in failed CASes.
+        loop {
+            let st = &mut self.subs[s];
+            let queued = st.pushed.wrapping_sub(head);
+            if queued == 0 {
+                return false; // everything it holds is borrowed
+            }
+            if queued > u64::from(st.held) {
+                // More queued than it holds (or a claim it forged): the head
+                // was scribbled over.
+                fault(&self.stream, st, s);
+                return false;
+            }
+            let (_, slot) = split_entry(self.stream.ring(s)[(head & self.cap_mask) as usize].word.load(Relaxed));
+            // AcqRel: winning this CAS means the subscriber never took the
+            // entry at `head`; it pairs with the subscriber's own CAS. The
+            // head stays claimed until the slot is taken back, so that a
+            // writer killed in between leaves a mark recovery finishes
+            // (`repair`) instead of a holder bit nobody clears.
+            match ch.head.compare_exchange(head, head | HEAD_CLAIMED, AcqRel, Acquire) {
+                Ok(_) => {}
+                Err(now) if now.wrapping_sub(head) as i64 > 0 => {
+                    head = now; // it took the entry: try the next
+                    continue;
+                }
+                Err(_) => return false, // moved back: not a subscriber keeping the protocol
+            }
+            crash::point();
+            let free = &mut self.free;
+            if !take_back(&self.stream, st, s, slot, |x| free.push_back(x)) {
+                fault(&self.stream, st, s);
+            }
+            // Release pairs with the subscriber's Acquire loads of `head`
+            // (`SubCore::current_head`, its failed CAS).
+            ch.head.store(head.wrapping_add(1), Release);
+            crash::point();
+            // Counted once the claim is over, so that recovery, which finds
+            // a claim, counts the eviction itself. (A kill right here loses
+            // one count: statistics only.)
+            st.evicted += 1;
+            st.dropped += 1;
+            let counters = &self.stream.record(s).counters;
+            counters.evicted.store(st.evicted, Relaxed);
+            counters.dropped.store(st.dropped, Relaxed);
+            return true;
+        }
+    }
+
+    /// Waits until lossless subscriber `s` has room, the subscriber table
+    /// changes or `deadline` passes; returns false on timeout.
+    pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
+        let Self { stream, channels, subs, free, table_gen, cap_mask, .. } = self;
+        let (stream, channel, st) = (&*stream, &channels[s], &mut subs[s]);
+        wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
+            if stream.header().control.table_gen.load(Acquire) != *table_gen {
+                return true; // detached or credits changed: let the caller retry
+            }
+            if st.held < st.credits {
+                return true;
+            }
+            drain_returns(stream, channel, st, free, s, *cap_mask);
+            st.held < st.credits
+        })
+    }
+}
+
+impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
+    fn drop(&mut self) {
+        #[cfg(all(test, not(loom)))]
+        if crash::hook::dying() {
+            return; // a simulated kill -9: nothing runs
+        }
+        // Finish any detach the owner asked for: only a writer may.
+        self.sync_table();
+        if self.replaced || self.role != WRITER_PUBLISHER {
+            return; // the role is somebody else's now, or the owner's to end
+        }
+        let ctl = &self.stream.header().control;
+        // Count our departure. Release pairs with the subscribers' Acquire
+        // load in `SubCore::publisher_event`: every frame we sent is visible
+        // to a subscriber that sees us gone. Failing means the owner
+        // declared us gone since our last look (and counted it): the role
+        // may be somebody else's already, touch nothing.
+        if ctl.publisher_changes.compare_exchange(self.arrival, self.arrival + 1, Release, Relaxed).is_err() {
+            return;
+        }
+        ctl.publisher_pid.store(0, Relaxed);
+        if !std::thread::panicking() {
+            // A panic may have cut a delivery short: leave `dirty` set so
+            // the next writer runs recovery.
+            ctl.dirty.store(0, Relaxed);
+        }
+        // Release pairs with the next writer's Acquire CAS in `attach` or
+        // `owner::reclaim_detached`. (A CAS, not a store: should the owner
+        // have taken the role back meanwhile, it is not ours to release.)
+        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Release, Relaxed).is_err() {
+            return;
+        }
+        // A close may have begun after our last look: the owner saw us still
+        // attached and left the acknowledgement to us. The SeqCst fence pairs
+        // with the one in `OwnerCore::close`: one of us sees the other.
+        crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        if ctl.state.load(Relaxed) != STREAM_OPEN {
+            acknowledge_close(&self.stream, &self.channels);
+        }
+        wake_all(&self.channels);
+    }
+}
+
+/// Wakes every subscriber asleep, so it sees a change of publisher made
+/// just before. The SeqCst fence pairs with the one a subscriber makes
+/// between announcing its sleep and re-checking (`wait::wait_until`).
+pub(crate) fn wake_all<C: ChannelMem>(channels: &[C]) {
+    wait::fence_before_wake();
+    for ch in channels {
+        wait::wake_if_waiting(&ch.header().waiting);
+    }
+}
+
+/// Moves a closing stream to [`STREAM_CLOSED`] and wakes every sleeping
+/// subscriber. Called by whoever ends delivery: the publisher on its first
+/// look after the close, the owner if no publisher is attached.
+pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) {
+    // Release pairs with the subscribers' Acquire load of the state in
+    // `SubCore::empty`: every frame delivered before is visible with it.
+    let state = &stream.header().control.state;
+    for from in [STREAM_CLOSING, STREAM_ENDING] {
+        if state.compare_exchange(from, STREAM_CLOSED, Release, Relaxed).is_ok() {
+            for ch in channels {
+                wait::wake(&ch.header().waiting);
+            }
+            return;
+        }
+    }
+}
+
+/// Reads subscriber `s`'s return ring into the free list.
+fn drain_returns<S: StreamMem, C: ChannelMem>(
+    stream: &S,
+    channel: &C,
+    st: &mut SubState,
+    free: &mut VecDeque<u32>,
+    s: usize,
+    cap_mask: u64,
+) {
+    let ch = channel.header();
+    // Acquire pairs with the subscriber's Release store of `tail` in
+    // `SubCore::release`: the slot numbers before it are visible.
+    let tail = ch.tail.load(Acquire);
+    let n = tail.wrapping_sub(st.ret_head);
+    if n == 0 {
+        return;
+    }
+    if n > u64::from(st.held) || n > cap_mask + 1 {
+        // More returns than slots it holds: the tail was scribbled over.
+        // Skip what it claims; only this subscriber's credit suffers.
+        fault(stream, st, s);
+    } else {
+        let ring = channel.returns();
+        // The subscriber has just written these lines: fetch them all at
+        // once rather than one miss after another.
+        // (16 returns to a 64-byte line.)
+        for offset in (0..n).step_by(16) {
+            let pos = st.ret_head.wrapping_add(offset);
+            crate::platform::prefetch_for_read((&ring[(pos & cap_mask) as usize] as *const AtomicU32).cast());
+        }
+        let mut pos = st.ret_head;
+        while pos != tail {
+            let slot = ring[(pos & cap_mask) as usize].load(Relaxed);
+            pos = pos.wrapping_add(1);
+            if !take_back(stream, st, s, slot, |x| free.push_back(x)) {
+                fault(stream, st, s);
+            }
+        }
+    }
+    // Persisted after the batch: a successor re-reads from here (see
+    // `PubCore::attach`, which finishes the batch before any delivery).
+    stream.record(s).counters.ret_read.store(tail, Relaxed);
+    crash::point();
+    st.ret_head = tail;
+    // Release pairs with the subscriber's Acquire load of `ret_head` when
+    // its return ring looks full.
+    ch.ret_head.store(tail, Release);
+}
+
+/// Applies subscriber `s`'s returns from the persisted read position to the
+/// tail, for a publisher taking over (bits only: the free list is rebuilt
+/// from the masks afterwards).
+fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize) {
+    let counters = &stream.record(s).counters;
+    let cap = stream.layout().geometry.queue_capacity as usize;
+    let ring = channel.returns();
+    let mut pos = counters.ret_read.load(Relaxed);
+    // Acquire pairs with the subscriber's Release store of `tail` in `release`.
+    let tail = channel.header().tail.load(Acquire);
+    if tail.wrapping_sub(pos) <= cap as u64 {
+        let (w, bit) = (s / 64, 1u64 << (s % 64));
+        while pos != tail {
+            let slot = ring[pos as usize % cap].load(Relaxed);
+            if slot < stream.layout().geometry.slot_count {
+                let word = &stream.mask(slot)[w];
+                word.store(word.load(Relaxed) & !bit, Relaxed);
+                crash::point();
+            }
+            pos = pos.wrapping_add(1);
+        }
+    }
+    crash::point();
+    counters.ret_read.store(tail, Relaxed);
+    channel.header().ret_head.store(tail, Release);
+}
+
+/// Clears subscriber `s`'s bit on `slot`, calling `on_free` if no one else
+/// holds the slot. Returns false (changing nothing) if `slot` is out of
+/// range or `s` does not hold it.
+#[inline]
+fn take_back<S: StreamMem>(stream: &S, st: &mut SubState, s: usize, slot: u32, on_free: impl FnOnce(u32)) -> bool {
+    if slot >= stream.layout().geometry.slot_count {
+        return false;
+    }
+    let mask = stream.mask(slot);
+    let (w, bit) = (s / 64, 1u64 << (s % 64));
+    let word = mask[w].load(Relaxed);
+    if word & bit == 0 {
+        return false;
+    }
+    mask[w].store(word & !bit, Relaxed);
+    crash::point();
+    st.held -= 1;
+    if word == bit && mask.iter().all(|m| m.load(Relaxed) == 0) {
+        on_free(slot);
+    }
+    true
+}
+
+#[cold]
+fn fault<S: StreamMem>(stream: &S, st: &mut SubState, s: usize) {
+    st.faults += 1;
+    stream.record(s).counters.faults.store(st.faults, Relaxed);
+}
+
+/// Clears subscriber `s`'s bit from every slot, calling `on_free` for each
+/// slot no one holds any more; returns the number of bits cleared. Only the
+/// writer may call it.
+pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_free: impl FnMut(u32)) -> u32 {
+    let (w, bit) = (s / 64, 1u64 << (s % 64));
+    let mut cleared = 0;
+    for slot in 0..stream.layout().geometry.slot_count {
+        let mask = stream.mask(slot);
+        let word = mask[w].load(Relaxed);
+        if word & bit != 0 {
+            mask[w].store(word & !bit, Relaxed);
+            crash::point();
+            cleared += 1;
+            if mask.iter().all(|m| m.load(Relaxed) == 0) {
+                on_free(slot);
+            }
+        }
+    }
+    cleared
+}
+
+/// A frame whose delivery a writer's death cut short after some
+/// subscriber may have read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Interrupted {
+    slot: u32,
+    seq: u64,
+    len: u32,
+    timestamp_ns: u64,
+}
+
+/// Whether subscriber `s`'s latest entry is frame `seq` in `slot`.
+fn holds_frame<S: StreamMem>(stream: &S, s: usize, slot: u32, seq: u64) -> bool {
+    if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
+        return false;
+    }
+    let cap_mask = u64::from(stream.layout().geometry.queue_capacity) - 1;
+    let pushed = stream.record(s).counters.pushed.load(Relaxed);
+    if pushed == 0 {
+        return false; // nothing was ever queued (its zeroed ring means nothing)
+    }
+    let last = pushed - 1;
+    let e = &stream.ring(s)[(last & cap_mask) as usize];
+    e.word.load(Relaxed) == entry(last, slot) && e.seq.load(Relaxed) == seq
+}
+
+/// Finishes, in shared memory, what a writer that died left half done.
+/// Only the writer may call it, before relying on masks or rings; the
+/// caller then reads the return rings and, if this returns a frame, rolls
+/// its delivery forward ([`PubCore::take_over`]).
+///
+/// - An eviction cut short left its subscriber's head claimed
+///   ([`HEAD_CLAIMED`]): the slot of the claimed entry loses that
+///   subscriber's bit (if it still has it) and the head moves past the
+///   entry. Only a claimed head is acted on, and only on the bit of the
+///   subscriber whose channel holds it: a subscriber that forges a claim
+///   can free nothing but its own slot.
+/// - A delivery publishes each subscriber's entry, then sets its holder
+///   bit, then counts the entry in `pushed`; `published` is counted after
+///   every subscriber. So while the frame named by `inflight` is not
+///   counted, a subscriber whose entry at `pushed` names it got the frame
+///   and only its bit or count may be missing. If any subscriber got it,
+///   the frame is returned to be delivered to the rest; if none did, its
+///   number is reused and its slot is free.
+pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) -> Option<Interrupted> {
+    let g = stream.layout().geometry;
+    let cap = u64::from(g.queue_capacity);
+    for (s, channel) in channels.iter().enumerate() {
+        let cfg = &stream.record(s).config;
+        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.policy.load(Relaxed) != OverflowPolicy::KeepLatest as u32 {
+            continue;
+        }
+        let head = &channel.header().head;
+        // Acquire pairs with the subscriber's Release CAS on `head`.
+        let claimed = head.load(Acquire);
+        if claimed & HEAD_CLAIMED == 0 {
+            continue;
+        }
+        let pos = claimed & !HEAD_CLAIMED;
+        let counters = &stream.record(s).counters;
+        let queued = counters.pushed.load(Relaxed).wrapping_sub(pos);
+        let (stamp, slot) = split_entry(stream.ring(s)[(pos & (cap - 1)) as usize].word.load(Relaxed));
+        if (1..=cap).contains(&queued) && stamp == entry_stamp(pos) && slot < g.slot_count {
+            let word = &stream.mask(slot)[s / 64];
+            word.store(word.load(Relaxed) & !(1 << (s % 64)), Relaxed);
+            crash::point();
+            // Release pairs with the subscriber's Acquire loads of `head`.
+            head.store(pos.wrapping_add(1), Release);
+            crash::point();
+            // The writer counts an eviction after it ends the claim.
+            counters.evicted.store(counters.evicted.load(Relaxed) + 1, Relaxed);
+            counters.dropped.store(counters.dropped.load(Relaxed) + 1, Relaxed);
+            tracing::debug!(subscriber = s, pos, slot, "finished an interrupted eviction");
+        } else {
+            // Not a claim any writer made: only this subscriber's queue suffers.
+            counters.faults.store(counters.faults.load(Relaxed) + 1, Relaxed);
+            head.store(pos, Release);
+        }
+        crash::point();
+    }
+
+    let p = &stream.header().publisher;
+    let (seq_low, slot) = split_inflight(p.inflight.load(Relaxed));
+    let seq = p.published.load(Relaxed);
+    if slot == NO_SLOT || slot >= g.slot_count || seq_low != seq as u32 {
+        p.inflight.store(INFLIGHT_IDLE, Release);
+        return None;
+    }
+    let mut got = None;
+    for s in 0..g.max_subscribers as usize {
+        if stream.record(s).config.state.load(Relaxed) != SUB_ACTIVE {
+            continue;
+        }
+        let counters = &stream.record(s).counters;
+        let pushed = counters.pushed.load(Relaxed);
+        let e = &stream.ring(s)[(pushed & (cap - 1)) as usize];
+        if e.word.load(Relaxed) == entry(pushed, slot) && e.seq.load(Relaxed) == seq {
+            // Published but not yet held or counted: finish both.
+            let word = &stream.mask(slot)[s / 64];
+            word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+            crash::point();
+            counters.pushed.store(pushed.wrapping_add(1), Relaxed);
+            crash::point();
+        }
+        if got.is_none() && holds_frame(stream, s, slot, seq) {
+            let last = counters.pushed.load(Relaxed).wrapping_sub(1);
+            let e = &stream.ring(s)[(last & (cap - 1)) as usize];
+            got = Some(Interrupted { slot, seq, len: e.len.load(Relaxed), timestamp_ns: e.timestamp_ns.load(Relaxed) });
+        }
+    }
+    if got.is_none() {
+        p.inflight.store(INFLIGHT_IDLE, Release);
+    }
+    tracing::debug!(slot, seq, reached = got.is_some(), "repaired an interrupted delivery");
+    got
+}
