@@ -23,7 +23,7 @@ use std::time::Instant;
 use memsock_proto::control::{
     ControlError, Event, Reply, ServerMessage, StatsReport, StreamReport, SubscriberReport, valid_stream_name,
 };
-use memsock_proto::platform::{MAX_FDS_PER_MESSAGE, ProcessHandle};
+use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::{
     AddSubscriberError, BarrierPassed, EndProgress, StreamConfig, StreamSegment, StreamStats, SubscriberOpError,
     SubscriberOptions,
@@ -123,6 +123,25 @@ struct Closing {
     at: Instant,
     segment: StreamSegment,
     holder: Option<Holder>,
+    /// The publisher's connection, if it was connected at the close.
+    conn: Option<ConnId>,
+}
+
+/// How a publisher left, as far as its writer role goes.
+#[derive(Debug, Clone, Copy)]
+enum Departure {
+    /// Its process is dead (or, without a pidfd, its connection ended):
+    /// the role may be taken back.
+    Died,
+    /// It let go of the role itself and may live on: take nothing.
+    LetGo,
+}
+
+/// Whether `holder` holds the stream's writer role in shared memory, by
+/// the pid it gave there (a pid of 0 — a peer in a pid namespace we
+/// cannot see — matches any).
+fn holds_role(stream: &Stream, holder: &Holder) -> bool {
+    stream.segment.publisher_attached().is_some_and(|pid| holder.pid == 0 || pid == holder.pid)
 }
 
 /// The broker's state.
@@ -173,16 +192,28 @@ impl Registry {
     /// new publisher takes over at once.
     fn check_holder(&mut self, name: &str, out: &mut Vec<Outgoing>) -> Result<(), ControlError> {
         let Some(stream) = self.streams.get(name) else { return Ok(()) };
-        let (holder, connected) = match (stream.publisher, &stream.lingering) {
-            (Some(conn), _) => (self.holder(conn), true),
-            (None, Some(h)) => (h.clone(), false),
-            (None, None) => return Ok(()),
+        let exists = |pid| Err(ControlError::PublisherExists { stream: name.into(), pid });
+        let departure = match (stream.publisher, &stream.lingering) {
+            (Some(conn), _) => {
+                let holder = self.holder(conn);
+                if !holder.exited() {
+                    return exists(holder.pid);
+                }
+                Departure::Died
+            }
+            (None, Some(holder)) if holder.exited() => Departure::Died,
+            (None, Some(holder)) if holds_role(stream, holder) => return exists(holder.pid),
+            (None, Some(_)) => Departure::LetGo,
+            // A writer the broker does not know of (a client dropped between
+            // its Publish and its attach): its own pid says whether it lives.
+            (None, None) => match stream.segment.publisher_attached() {
+                Some(pid) if platform::process_alive(pid) => return exists(pid),
+                Some(_) => Departure::Died,
+                None => return Ok(()),
+            },
         };
-        if !holder.exited() && (connected || stream.segment.publisher_attached()) {
-            return Err(ControlError::PublisherExists { stream: name.into(), pid: holder.pid });
-        }
-        tracing::info!(stream = name, pid = holder.pid, "the publisher exited or let go: its role is free");
-        self.publisher_gone(name, out);
+        tracing::info!(stream = name, ?departure, "the publisher is gone: its role is free");
+        self.publisher_gone(name, departure, out);
         Ok(())
     }
 
@@ -436,27 +467,37 @@ impl Registry {
         let holder = self.holder(conn);
         let stream = self.streams.get_mut(name).expect("just found");
         stream.publisher = None;
-        if holder.alive() && stream.segment.publisher_attached() {
-            tracing::info!(
-                stream = name,
-                pid = holder.pid,
-                "the publisher's lease ended, its process lives and keeps the stream until it exits or lets go"
-            );
-            stream.lingering = Some(holder);
-            return;
-        }
-        self.publisher_gone(name, out);
+        let departure = if holder.alive() {
+            if holds_role(stream, &holder) {
+                tracing::info!(
+                    stream = name,
+                    pid = holder.pid,
+                    "the publisher's lease ended, its process lives and keeps the stream until it exits or lets go"
+                );
+                stream.lingering = Some(holder);
+                return;
+            }
+            Departure::LetGo
+        } else {
+            // Dead, or no pidfd: then the connection was the lease.
+            Departure::Died
+        };
+        self.publisher_gone(name, departure, out);
     }
 
-    /// The publisher's process exited or let go: take the writer role back
-    /// (recovering what a dead one left half done) and tell the subscribers.
-    fn publisher_gone(&mut self, name: &str, out: &mut Vec<Outgoing>) {
+    /// The publisher died (or its lease ended and only the lease tells) or
+    /// let go: after a death, take the writer role back (recovering what it
+    /// left half done); either way, tell the subscribers.
+    fn publisher_gone(&mut self, name: &str, departure: Departure, out: &mut Vec<Outgoing>) {
         let Some(stream) = self.streams.get_mut(name) else { return };
         stream.publisher = None;
         stream.lingering = None;
-        // A crashed publisher still holds the writer role: hand it back. A
-        // clean one already let go, and this only wakes the subscribers.
-        stream.segment.publisher_gone();
+        match departure {
+            // A crashed publisher still holds the writer role: take it back.
+            Departure::Died => stream.segment.publisher_gone(),
+            // A live one let go: take nothing from anybody.
+            Departure::LetGo => stream.segment.publisher_released(),
+        }
         tracing::info!(stream = name, "publisher gone");
         let stream = &self.streams[name];
         self.tell_subscribers(stream, &Event::PublisherGone { stream: name.into() }, out);
@@ -489,7 +530,8 @@ impl Registry {
                     self.subscriptions.remove(s);
                 }
                 let holder = stream.publisher.map(|c| self.holder(c)).or(stream.lingering);
-                self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder });
+                let conn = stream.publisher;
+                self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder, conn });
                 tracing::info!(stream = name, conn, "stream closed");
                 Ok(Reply::Done)
             }
@@ -517,24 +559,32 @@ impl Registry {
     }
 
     /// Looks at every publisher's process: one that exited while its
-    /// connection lives on (a child inherited it), or one that outlived
-    /// its lease and has now exited or let go, leaves its stream here.
-    /// Called every few hundred milliseconds (a `poll` per publisher).
+    /// connection lives on (a child inherited it), one that outlived its
+    /// lease and has now exited or let go, or a writer the broker does not
+    /// know of that died, leaves its stream here. Called every few hundred
+    /// milliseconds (a `poll` per publisher).
     pub fn watch_publishers(&mut self) -> Vec<Outgoing> {
-        let gone: Vec<String> = self
+        let gone: Vec<(String, Departure)> = self
             .streams
             .iter()
-            .filter(|(_, s)| match (s.publisher, &s.lingering) {
-                (Some(conn), _) => self.holder(conn).exited(),
-                (None, Some(h)) => h.exited() || !s.segment.publisher_attached(),
-                (None, None) => false,
+            .filter_map(|(n, s)| {
+                let departure = match (s.publisher, &s.lingering) {
+                    (Some(conn), _) => self.holder(conn).exited().then_some(Departure::Died)?,
+                    (None, Some(h)) if h.exited() => Departure::Died,
+                    (None, Some(h)) if !holds_role(s, h) => Departure::LetGo,
+                    (None, Some(_)) => return None,
+                    (None, None) => {
+                        let pid = s.segment.publisher_attached()?;
+                        (!platform::process_alive(pid)).then_some(Departure::Died)?
+                    }
+                };
+                Some((n.clone(), departure))
             })
-            .map(|(n, _)| n.clone())
             .collect();
         let mut out = Vec::new();
-        for name in gone {
-            tracing::info!(stream = name, "the publisher's process exited or let go");
-            self.publisher_gone(&name, &mut out);
+        for (name, departure) in gone {
+            tracing::info!(stream = name, ?departure, "the publisher is gone");
+            self.publisher_gone(&name, departure, &mut out);
         }
         out
     }
@@ -552,7 +602,8 @@ impl Registry {
             stream.segment.close();
             tracing::info!(stream = name, "stream closed for shutdown");
             let holder = stream.publisher.map(|c| self.holder(c)).or(stream.lingering);
-            self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder });
+            let conn = stream.publisher;
+            self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder, conn });
         }
         self.subscriptions.clear();
         self.pending.clear();
@@ -572,11 +623,19 @@ impl Registry {
     /// right then arrives before the end (the next tick tries again).
     pub fn finish_closing(&mut self, grace: std::time::Duration, barrier: Option<BarrierPassed>) -> bool {
         let mut needs_barrier = false;
+        let clients = &self.clients;
         self.closing.retain_mut(|c| {
             if c.at.elapsed() < grace {
                 return true;
             }
-            if !c.holder.as_ref().is_some_and(Holder::alive) {
+            let dead = match &c.holder {
+                Some(h) if h.process.is_none() => !c.conn.is_some_and(|conn| clients.contains_key(&conn)),
+                Some(h) => h.exited(),
+                None => c.segment.publisher_attached().is_some_and(|pid| !platform::process_alive(pid)),
+            };
+            if dead {
+                // Dead (or, without a pidfd, its connection ended): recover
+                // what it left half done, which ends the close too.
                 c.segment.publisher_gone();
                 return false;
             }
@@ -590,6 +649,11 @@ impl Registry {
             }
         });
         needs_barrier
+    }
+
+    /// Closes still waiting for their publisher.
+    pub fn closes_pending(&self) -> usize {
+        self.closing.len()
     }
 
     /// Samples every stream's counters for the per-second rates. Called
@@ -687,5 +751,75 @@ fn credit_error(stream: &str, e: AddSubscriberError) -> ControlError {
         AddSubscriberError::Full { max } => ControlError::TooManySubscribers { stream: stream.into(), max },
         AddSubscriberError::Closed => ControlError::StreamClosed(stream.into()),
         other => ControlError::InvalidConfig(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use memsock_proto::shm::{LoanError, Publisher, system_barrier};
+
+    use super::*;
+
+    fn config() -> StreamConfig {
+        let mut c = StreamConfig::new(64, 8);
+        c.max_subscribers = 2;
+        c
+    }
+
+    /// Publishes `name` on `conn` and attaches a publisher in this process
+    /// with the descriptors of the reply.
+    fn publish(registry: &mut Registry, conn: ConnId, name: &str) -> Result<Publisher, ControlError> {
+        let mut out = registry.publish(conn, 1, name, &config());
+        let reply = out.remove(0);
+        let ServerMessage::Reply { result, .. } = reply.message else { panic!("a reply first") };
+        result?;
+        let channels: Vec<_> = reply.fds[1..].iter().map(AsFd::as_fd).collect();
+        Ok(Publisher::open(reply.fds[0].as_fd(), &channels).expect("attach"))
+    }
+
+    /// Review finding: a publisher without a pidfd whose connection lives
+    /// is not revoked at the close grace — the connection is its lease —
+    /// yet the close ends for its subscribers. (It was revoked: its next
+    /// loan said `Replaced`.)
+    #[test]
+    fn the_close_grace_takes_no_role_from_a_publisher_whose_lease_holds() {
+        let mut registry = Registry::default();
+        registry.connect(1, platform::current_pid(), None);
+        registry.connect(2, platform::current_pid(), None);
+        let mut publisher = publish(&mut registry, 1, "s").unwrap();
+        registry.close(2, 1, "s");
+        let mut barrier = None;
+        while registry.finish_closing(Duration::ZERO, barrier) {
+            barrier = Some(system_barrier());
+        }
+        assert_eq!(registry.closes_pending(), 0, "the close ended");
+        assert_eq!(publisher.loan().err(), Some(LoanError::Closed));
+    }
+
+    /// Review finding: a writer the broker does not know of — its client
+    /// was dropped between the Publish reply and its attach — holds the
+    /// stream while it lives: a new Publish is refused with its pid rather
+    /// than given a stream it cannot attach to.
+    #[test]
+    fn an_unknown_live_writer_keeps_its_stream() {
+        let mut registry = Registry::default();
+        let me = platform::current_pid();
+        registry.connect(1, me, None);
+        let mut out = registry.publish(1, 1, "s", &config());
+        let reply = out.remove(0);
+        // A subscriber keeps the stream registered.
+        registry.connect(3, me, None);
+        registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false);
+        registry.disconnect(1);
+        let channels: Vec<_> = reply.fds[1..].iter().map(AsFd::as_fd).collect();
+        let _late = Publisher::open(reply.fds[0].as_fd(), &channels).expect("attach after the lease ended");
+        registry.connect(2, me, ProcessHandle::of_pid(me));
+        match publish(&mut registry, 2, "s") {
+            Err(ControlError::PublisherExists { pid, .. }) => assert_eq!(pid, me),
+            other => panic!("expected the live writer to keep the stream, got {other:?}"),
+        }
     }
 }

@@ -158,9 +158,17 @@ pub async fn serve(options: Options) -> Result<()> {
         let notices = registry.connections().into_iter().map(|c| Outgoing::event(c, Event::BrokerShutdown));
         broker.route(notices.collect());
     }
-    // Publishers in the middle of a send finish it; then every close is final.
+    // Publishers in the middle of a send finish it; then every close is
+    // final (one caught mid-delivery gets a second until its frame is out).
     tokio::time::sleep(CLOSE_GRACE).await;
-    end_closes(&broker, Duration::ZERO).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        end_closes(&broker, Duration::ZERO).await;
+        if lock(&broker.registry).closes_pending() == 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Let every connection flush its notice and end.
     for handle in lock(&broker.conns).values() {
         handle.kill.notify_one();

@@ -572,3 +572,35 @@ fn a_dead_publisher_whose_connection_lives_on_is_replaced_at_once() -> Result<()
     assert!(taken?.took_over());
     Ok(())
 }
+
+/// A publisher's process forks; the child's copy of the publisher must
+/// not write (the role is the parent's) nor, when dropped, let go of the
+/// parent's role: its loan is refused and the parent publishes on, with no
+/// departure seen by anybody.
+#[test]
+fn a_forked_copy_of_a_publisher_neither_writes_nor_lets_go() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut p = spec(&broker, "publisher", "forks");
+    p["lease"] = "hang_up".into();
+    p["pace_ns"] = 200_000.into();
+    p["report_every"] = 10.into();
+    p["fork_after"] = 20.into();
+    let mut parent = Peer::spawn(PEER, &p, &[])?;
+    parent.read_until("sent")?;
+    let sub = client.subscriber("forks", &SubscribeOptions { credits: 4, ..Default::default() })?;
+    assert_eq!(parent.read_until("child_exit")?["child_exit"], 0, "the forked copy could loan");
+    // The parent goes on, and nobody hears of a departure.
+    let mut last = None;
+    for _ in 0..50 {
+        match sub.recv_timeout(Duration::from_secs(120)) {
+            Ok(sample) => {
+                assert!(last.is_none_or(|l| sample.seq() > l));
+                last = Some(sample.seq());
+            }
+            Err(e) => panic!("after the fork: {e}"),
+        }
+    }
+    assert_eq!(stats_of(&client, "forks").unwrap().publisher_pid, Some(parent.pid()));
+    Ok(())
+}

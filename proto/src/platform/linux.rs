@@ -381,8 +381,42 @@ impl ProcessHandle {
 pub fn system_wide_barrier() {
     use rustix::thread::{MembarrierCommand, membarrier};
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    if membarrier(MembarrierCommand::Global).is_err() {
+    if let Err(e) = membarrier(MembarrierCommand::Global) {
+        // Refused under `nohz_full` (EINVAL), by old kernels and by some
+        // seccomp filters.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| tracing::warn!("membarrier refused ({e}): a fence and a 10 ms wait stand in"));
         std::thread::sleep(Duration::from_millis(10));
     }
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Forks this process has gone through as the child (see [`watch_forks`]).
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Starts counting the forks this process goes through as the child (an
+/// `atfork` handler, installed once), so that state inherited from the
+/// parent — a publisher's writer role — can tell it is not its own.
+pub fn watch_forks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handler only increments an atomic (async-signal-safe,
+        // as a handler run in the child of a multithreaded fork must be).
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        if rc != 0 {
+            tracing::warn!("cannot watch for forks (pthread_atfork: {rc})");
+        }
+    });
+}
+
+/// How many forks this process has gone through as the child since
+/// [`watch_forks`]: a value taken before and compared after tells whether
+/// this is still the same process.
+#[inline]
+pub fn fork_count() -> u64 {
+    FORKS.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -199,6 +199,14 @@ impl StreamSegment {
         self.core.publisher_gone();
     }
 
+    /// The publisher let go of the stream itself (dropped its
+    /// [`Publisher`]; its process may live on): wakes whoever waits on it,
+    /// reclaims, and ends a close it left open. Takes the writer role from
+    /// nobody.
+    pub fn publisher_released(&mut self) {
+        self.core.publisher_released();
+    }
+
     /// Finishes reclaiming detached subscribers if no publisher is
     /// attached to do it. Returns whether it could.
     pub fn reclaim(&self) -> bool {
@@ -217,9 +225,10 @@ impl StreamSegment {
         self.core.end_for_subscribers(barrier)
     }
 
-    /// Whether a publisher holds the stream's writer role, alive or
-    /// dead (it let go if not).
-    pub fn publisher_attached(&self) -> bool {
+    /// The pid of the publisher holding the stream's writer role, as it
+    /// gave it when it attached (in its own pid namespace), alive or dead;
+    /// `None` if none holds it.
+    pub fn publisher_attached(&self) -> Option<u32> {
         self.core.publisher_attached()
     }
 

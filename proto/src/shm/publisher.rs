@@ -77,8 +77,9 @@ pub enum SendError {
     /// The owner closed the stream.
     #[error("the stream is closed")]
     Closed,
-    /// The owner declared this publisher gone; another may have taken over.
-    #[error("this publisher was declared gone; another may have taken over")]
+    /// The owner declared this publisher gone (another may have taken
+    /// over), or this is a copy in a child forked since it opened.
+    #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
 }
 
@@ -104,6 +105,18 @@ pub struct Publisher {
     dropped: Arc<DroppedLoans>,
     /// Tells this publisher's detached loans from others'.
     id: u64,
+    /// [`platform::fork_count`] when it opened: in a child forked since,
+    /// the writer role is the parent's, and this copy must not write.
+    forks: u64,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.forked() {
+            // The parent holds the role: leave shared memory alone.
+            self.core.disown();
+        }
+    }
 }
 
 /// Source of [`Publisher`] ids.
@@ -182,7 +195,9 @@ impl Publisher {
             AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
         })?;
         let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
-        Ok(Self { core, stamps, dropped: Arc::default(), id: NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed) })
+        platform::watch_forks();
+        let id = NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count() })
     }
 
     /// Takes a detached loan back to write and send it.
@@ -254,6 +269,9 @@ impl Publisher {
     /// ```
     #[inline]
     pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
+        if self.forked() {
+            return Err(LoanError::Replaced);
+        }
         if self.dropped.pending.load(Ordering::Acquire) {
             self.take_back_dropped_loans();
         }
@@ -280,6 +298,24 @@ impl Publisher {
     /// `WouldBlock`.
     pub fn send_timeout(&mut self, payload: &[u8], timeout: Duration) -> Result<SendInfo, SendError> {
         self.copy_in(payload)?.send_timeout(timeout)
+    }
+
+    /// Whether this is a copy in a child forked since it opened: the
+    /// parent holds the role, and a send here would race its sends.
+    #[inline]
+    fn forked(&self) -> bool {
+        platform::fork_count() != self.forks
+    }
+
+    /// Sends the loaned `slot` (see `PubCore::commit`), stamped if the
+    /// stream says so.
+    #[inline]
+    fn commit(&mut self, slot: u32, len: u32) -> Result<SendInfo, CommitRefusal> {
+        if self.forked() {
+            return Err(CommitRefusal::Replaced);
+        }
+        let ts = self.timestamp();
+        self.core.commit(slot, len, ts)
     }
 
     fn copy_in(&mut self, payload: &[u8]) -> Result<SampleMut<'_>, SendError> {
@@ -374,8 +410,7 @@ impl<'p> SampleMut<'p> {
     /// [`SendError::Closed`]; the sample comes back in [`Unsent`].
     #[inline]
     pub fn try_send(self) -> Result<SendInfo, Unsent<'p>> {
-        let ts = self.publisher.timestamp();
-        match self.publisher.core.commit(self.slot, self.len, ts) {
+        match self.publisher.commit(self.slot, self.len) {
             Ok(info) => {
                 std::mem::forget(self);
                 Ok(info)
@@ -402,8 +437,7 @@ impl<'p> SampleMut<'p> {
     pub fn try_send_timeout(self, timeout: Duration) -> Result<SendInfo, Unsent<'p>> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            let ts = self.publisher.timestamp();
-            match self.publisher.core.commit(self.slot, self.len, ts) {
+            match self.publisher.commit(self.slot, self.len) {
                 Ok(info) => {
                     std::mem::forget(self);
                     return Ok(info);

@@ -160,9 +160,44 @@ fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {
         if every != 0 && sent % every == 0 {
             say(json!({"sent": sent}));
         }
+        if sent == u(spec, "fork_after", 0) {
+            say(json!({"child_exit": fork_and_try(publisher)?}));
+        }
     }
     say(json!({"report": {"sent": sent, "timeouts": timeouts, "closed": false}}));
     Ok(())
+}
+
+/// Forks; the child tries to loan from its copy of `publisher`, drops it
+/// and exits with 0 if the loan was refused as `Replaced`, 1 if it was
+/// granted. Returns the child's exit status. (Only where this peer has no
+/// other thread: the raw `"lease"` modes.)
+fn fork_and_try(publisher: &mut Publisher) -> Result<i32> {
+    // SAFETY: this process has one thread, so the child may run anything;
+    // it ends with `_exit`, running no destructor but the one below.
+    match unsafe { libc::fork() } {
+        0 => {
+            let code = match publisher.loan() {
+                Err(LoanError::Replaced) => 0,
+                Ok(_) => 1,
+                Err(_) => 2,
+            };
+            // SAFETY: the child's own copy of the publisher, dropped once;
+            // nothing uses it afterwards (the child exits at once).
+            unsafe { std::ptr::drop_in_place(std::ptr::from_mut(publisher)) };
+            // SAFETY: ends the child without unwinding or running atexit.
+            unsafe { libc::_exit(code) }
+        }
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out-parameter.
+            if unsafe { libc::waitpid(child, &mut status, 0) } != child {
+                bail!("waitpid: {}", std::io::Error::last_os_error());
+            }
+            Ok(libc::WEXITSTATUS(status))
+        }
+    }
 }
 
 fn ticket(spec: &Value) -> SubscriberTicket {

@@ -162,9 +162,18 @@ pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
     /// `table_gen` that lowered them. Until the publisher has applied that
     /// generation it may still deliver by the old credits.
     lowered: Vec<Option<(u32, u64)>>,
-    /// [`barrier_mark`] taken when we marked the stream ending: the barrier
-    /// that makes the mark seen must begin after it.
-    ending_mark: Option<u64>,
+    /// Set once we marked the stream ending (see `end_for_subscribers`).
+    ending: Option<Ending>,
+}
+
+/// A close being ended under a live publisher.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    /// [`barrier_mark`] taken after the mark: the barrier that makes the
+    /// mark seen must begin after it.
+    mark: u64,
+    /// Such a barrier has run.
+    seen: bool,
 }
 
 /// How far [`OwnerCore::end_for_subscribers`] got.
@@ -186,7 +195,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
         assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
         let n = channels.len();
-        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending_mark: None }
+        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending: None }
     }
 
     pub(crate) fn stream(&self) -> &S {
@@ -450,8 +459,16 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             // Release pairs with the next writer's Acquire CAS.
             ctl.writer.store(WRITER_NONE, Release);
         }
-        // Should the old publisher still be alive, it notices on its next
-        // loan or send that it no longer holds the role, and stops.
+        self.publisher_released();
+    }
+
+    /// The attached publisher let go of the writer role itself (its
+    /// `Drop` counted its departure): wake whoever waits on it, reclaim,
+    /// and end a close it left open. Takes no role from anybody — use it
+    /// whenever the publisher's process may still live.
+    pub(crate) fn publisher_released(&mut self) {
+        // A revoked publisher still alive notices on its next loan or send
+        // that it no longer holds the role, and stops.
         self.bump_table();
         self.lowered.fill(None);
         // Subscribers asleep see the publisher gone; a revoked publisher
@@ -461,9 +478,24 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         for ch in &self.channels {
             wait::wake(&ch.header().pub_waiting);
         }
-        self.reclaim_detached();
-        // A close it never acknowledged ends here.
-        acknowledge_close(&self.stream, &self.channels);
+        // A close it never acknowledged ends here (unless a successor
+        // holds the role already: it acknowledges).
+        if self.stream.header().control.state.load(Acquire) == STREAM_OPEN {
+            self.reclaim_detached();
+        } else {
+            self.end_without_publisher();
+        }
+    }
+
+    /// Ends a close while no publisher holds the writer role. One that
+    /// panicked mid-delivery let go with `dirty` set: the reclaim rolls its
+    /// frame forward first (and acknowledges after it, in `take_over`), so
+    /// the end never comes before a frame some subscriber got. If a
+    /// publisher holds the role again, it acknowledges itself.
+    fn end_without_publisher(&self) {
+        if self.reclaim_detached() {
+            acknowledge_close(&self.stream, &self.channels);
+        }
     }
 
     /// Closes the stream: the publisher's next loan or send fails, and
@@ -485,7 +517,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // see its writer role released, or it sees the stream closing.
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
-            acknowledge_close(&self.stream, &self.channels);
+            self.end_without_publisher();
         }
     }
 
@@ -502,27 +534,32 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// [`EndProgress::NeedsBarrier`]) and the next.
     pub(crate) fn end_for_subscribers(&mut self, barrier: Option<BarrierPassed>) -> EndProgress {
         let ctl = &self.stream.header().control;
-        let state = ctl.state.load(Acquire);
-        if state == STREAM_OPEN {
-            return EndProgress::Open;
+        loop {
+            let state = ctl.state.load(Acquire);
+            if state == STREAM_OPEN {
+                return EndProgress::Open;
+            }
+            if state == STREAM_CLOSED {
+                return EndProgress::Ended;
+            }
+            if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
+                // It let go meanwhile (its `Drop` acknowledges too).
+                self.end_without_publisher();
+                return EndProgress::Ended;
+            }
+            // SeqCst: the mark precedes `barrier_mark` in the single total
+            // order, so a barrier numbered after the mark began after it.
+            // (Failing means the publisher acknowledged just now: look again.)
+            if state == STREAM_ENDING
+                || ctl.state.compare_exchange(STREAM_CLOSING, STREAM_ENDING, SeqCst, Relaxed).is_ok()
+            {
+                break;
+            }
         }
-        if state == STREAM_CLOSED {
-            return EndProgress::Ended;
-        }
-        if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
-            // It let go meanwhile (its `Drop` acknowledges too).
-            acknowledge_close(&self.stream, &self.channels);
-            return EndProgress::Ended;
-        }
-        // SeqCst: the mark precedes `barrier_mark` in the single total order,
-        // so a barrier numbered after the mark began after the mark.
-        if state == STREAM_CLOSING
-            && ctl.state.compare_exchange(STREAM_CLOSING, STREAM_ENDING, SeqCst, Relaxed).is_err()
-        {
-            return self.end_for_subscribers(barrier); // it acknowledged just now
-        }
-        let mark = *self.ending_mark.get_or_insert_with(barrier_mark);
-        if !barrier.is_some_and(|b| b.follows(mark)) {
+        let ending = self.ending.get_or_insert_with(|| Ending { mark: barrier_mark(), seen: false });
+        // One barrier after the mark is enough for every later look.
+        ending.seen |= barrier.is_some_and(|b| b.follows(ending.mark));
+        if !ending.seen {
             return EndProgress::NeedsBarrier;
         }
         // Acquire pairs with the publisher's Release store of INFLIGHT_IDLE
@@ -537,10 +574,11 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         EndProgress::Ended
     }
 
-    /// Whether a publisher holds the writer role (it may be alive or dead:
-    /// the caller knows which).
-    pub(crate) fn publisher_attached(&self) -> bool {
-        self.stream.header().control.writer.load(Acquire) == WRITER_PUBLISHER
+    /// The pid a publisher holding the writer role gave (it may be alive
+    /// or dead: the caller knows which); `None` if none holds it.
+    pub(crate) fn publisher_attached(&self) -> Option<u32> {
+        let ctl = &self.stream.header().control;
+        (ctl.writer.load(Acquire) == WRITER_PUBLISHER).then(|| ctl.publisher_pid.load(Relaxed))
     }
 
     pub(crate) fn stats(&self, now_ns: u64) -> StreamStats {

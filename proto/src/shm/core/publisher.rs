@@ -90,8 +90,10 @@ pub enum LoanError {
     #[error("the stream is closed")]
     Closed,
     /// The owner declared this publisher gone and another may have taken
-    /// over: this handle may no longer publish.
-    #[error("this publisher was declared gone; another may have taken over")]
+    /// over, or this is a copy of the publisher in a child forked since it
+    /// opened (the role stays the parent's): this handle may no longer
+    /// publish.
+    #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
     /// The publisher already holds as many loans (samples being written
     /// and detached loans) as its stream allows: send or drop one first.
@@ -407,11 +409,18 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         }
     }
 
+    /// Forgets the writer role without touching shared memory: this is a
+    /// copy of the publisher in a forked child, and the role is the
+    /// parent's.
+    pub(crate) fn disown(&mut self) {
+        self.role = WRITER_NONE;
+    }
+
     /// Takes a free slot.
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
         self.sync_table();
         if self.closed || self.replaced {
-            return Err(if self.closed { LoanError::Closed } else { LoanError::Replaced });
+            return Err(if self.replaced { LoanError::Replaced } else { LoanError::Closed });
         }
         if self.loans_out >= self.loan_budget {
             return Err(LoanError::TooManyLoans { budget: self.loan_budget });
@@ -457,7 +466,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
         self.sync_table();
         if self.closed || self.replaced {
-            return Err(if self.closed { CommitRefusal::Closed } else { CommitRefusal::Replaced });
+            return Err(if self.replaced { CommitRefusal::Replaced } else { CommitRefusal::Closed });
         }
         for i in 0..self.lossless.len() {
             let s = self.lossless[i];
@@ -734,6 +743,9 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         #[cfg(all(test, not(loom)))]
         if crash::hook::dying() {
             return; // a simulated kill -9: nothing runs
+        }
+        if self.role == WRITER_NONE {
+            return; // disowned: a copy in a forked child
         }
         // Finish any detach the owner asked for: only a writer may.
         self.sync_table();

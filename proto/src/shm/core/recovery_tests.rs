@@ -396,3 +396,71 @@ fn a_revoked_publisher_asleep_in_a_send_wakes() {
     assert_eq!(refusal, Some(CommitRefusal::Replaced));
     sender.join().unwrap();
 }
+
+/// Review finding: a publisher that panicked mid-delivery let go of the
+/// role with `dirty` set (its `Drop` under a panic). A close that finds no
+/// writer must roll that frame forward before the end: subscriber 1 got
+/// `Closed` and then frame 0 (`Ok(0)` after `Closed`).
+#[test]
+fn a_close_after_a_panicked_delivery_ends_after_its_frame() {
+    let (stream, channels, mut owner, subs) =
+        world(&[(2, OverflowPolicy::DropNewest), (2, OverflowPolicy::DropNewest)]);
+    let p1 = PubCore::attach(stream.clone(), channels.clone(), 100).unwrap();
+    // Stopped after subscriber 0's push, before subscriber 1's.
+    send_killed_at(p1, 3);
+    // What `PubCore::drop` does under a panic: count the departure, keep
+    // `dirty`, let go of the role.
+    stream.header().control.publisher_changes.fetch_add(1, Relaxed);
+    stream.header().control.writer.store(WRITER_NONE, Relaxed);
+    assert_eq!(take_seq(&subs[0]), Ok(0));
+    owner.close();
+    assert_eq!(until_closed(&subs[1]), [0], "the end before a frame another subscriber got");
+    owner.publisher_gone();
+    assert_eq!(take_seq(&subs[1]), Err(TryRecvError::Closed));
+}
+
+/// Review: the owner ends a close under a live publisher at send point
+/// `k`; the publisher then dies at every later point `j` and is declared
+/// gone. Every frame reaches all subscribers or none, the stream ends,
+/// and the role is free.
+#[test]
+fn a_publisher_killed_after_its_close_was_ended_leaves_a_whole_frame() {
+    for k in 0.. {
+        let mut killed = false;
+        for j in k.. {
+            let (stream, channels, mut owner, subs) = world(&[
+                (2, OverflowPolicy::Lossless),
+                (1, OverflowPolicy::DropNewest),
+                (1, OverflowPolicy::KeepLatest),
+            ]);
+            let mut p = sent_frame_0(&stream, &channels, &subs, &[0, 1]);
+            let slot = p.loan().unwrap();
+            let mut during = None;
+            hook::arm(j);
+            let r = hook::run(|| {
+                hook::act_at(
+                    k,
+                    &mut || {
+                        owner.close();
+                        during = Some(end_for_subscribers(&mut owner));
+                    },
+                    || p.commit(slot, 1, 0),
+                )
+            });
+            hook::disarm();
+            match r {
+                Some((_, false)) if j == k => return, // past the last point of a send
+                Some(_) => break,                     // survived: no later point
+                None => std::mem::forget(p),          // killed at j
+            }
+            killed = true;
+            owner.publisher_gone();
+            assert_eq!(end_for_subscribers(&mut owner), EndProgress::Ended, "k {k} j {j} ({during:?})");
+            let got: Vec<Vec<u64>> = subs.iter().map(until_closed).collect();
+            let with_1 = got.iter().filter(|g| g.contains(&1)).count();
+            assert!(with_1 == 0 || with_1 == got.len(), "k {k} j {j}: {got:?} ({during:?})");
+            assert_eq!(stream.header().control.writer.load(Relaxed), WRITER_NONE);
+        }
+        assert!(killed || k == 0);
+    }
+}
