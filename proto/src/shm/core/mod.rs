@@ -13,6 +13,8 @@
 //! - `wait`: spin-then-park and its wake-up protocol.
 //! - `crash`: the points where a killed writer may stop, and the test hook
 //!   that stops one there (`crash_tests`, `recovery_tests`).
+//! - `writer`: the writer role as a value (`Writer`), and the holder-mask
+//!   bits only a writer changes.
 //! - `mem`: the memory traits, and the heap memory of the tests.
 
 pub(crate) mod crash;
@@ -21,6 +23,7 @@ pub(crate) mod owner;
 pub(crate) mod publisher;
 pub(crate) mod subscriber;
 pub(crate) mod wait;
+pub(crate) mod writer;
 
 #[cfg(all(test, not(loom)))]
 mod crash_tests;

@@ -12,6 +12,7 @@
 use super::mem::{ChannelMem, StreamMem};
 use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
 use super::wait;
+use super::writer::{Writer, holders, is_free};
 use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use crate::primitive::{BarrierPassed, barrier_mark};
 use crate::shm::layout::{
@@ -218,14 +219,9 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let g = self.stream.layout().geometry;
         let mut held = vec![0u32; g.max_subscribers as usize];
         for slot in 0..g.slot_count {
-            for (w, word) in self.stream.mask(slot).iter().enumerate() {
-                let mut bits = word.load(Relaxed);
-                while bits != 0 {
-                    let s = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    if let Some(h) = held.get_mut(s) {
-                        *h += 1;
-                    }
+            for s in holders(self.stream.mask(slot)) {
+                if let Some(h) = held.get_mut(s) {
+                    *h += 1;
                 }
             }
         }
@@ -409,46 +405,42 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// it ran.
     pub(crate) fn reclaim_detached(&self) -> bool {
         let ctl = &self.stream.header().control;
-        // Acquire pairs with the Release store of WRITER_NONE by the last
-        // writer (publisher `Drop`, or here).
-        if ctl.writer.compare_exchange(WRITER_NONE, WRITER_OWNER, Acquire, Relaxed).is_err() {
-            return false;
-        }
-        self.reclaim_as_writer();
-        // Release pairs with the next writer's Acquire CAS.
-        ctl.writer.store(WRITER_NONE, Release);
+        // The last writer let go (publisher `Drop`, or here).
+        let Ok(writer) = Writer::acquire(ctl, WRITER_NONE, WRITER_OWNER) else { return false };
+        self.reclaim_as_writer(writer).release(ctl);
         true
     }
 
     /// Holding the writer role as owner: finishes a dead writer's work
     /// (rolling an interrupted delivery forward) and reclaims detaching
-    /// subscribers' slots.
-    fn reclaim_as_writer(&self) {
+    /// subscribers' slots. Gives the role back.
+    fn reclaim_as_writer(&self, mut writer: Writer) -> Writer {
         let ctl = &self.stream.header().control;
         if ctl.dirty.load(Relaxed) != 0 {
             let channels = self.channels.iter().collect();
-            drop(PubCore::take_over(&self.stream, channels, WRITER_OWNER, 0));
+            writer = PubCore::take_over(&self.stream, channels, writer).into_writer();
             ctl.dirty.store(0, Relaxed);
         }
         for s in 0..self.channels.len() {
             let state = &self.stream.record(s).config.state;
             if state.load(Acquire) == SUB_DETACHING {
-                clear_subscriber_bits(&self.stream, s, |_| {});
+                clear_subscriber_bits(&writer, &self.stream, s, |_| {});
                 state.store(SUB_FREE, Release);
             }
         }
+        writer
     }
 
     /// The attached publisher's lease ended (it exited or died): release
     /// the writer role so another publisher can take over, and reclaim.
     pub(crate) fn publisher_gone(&mut self) {
         let ctl = &self.stream.header().control;
-        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_OWNER, Acquire, Relaxed).is_ok() {
+        if let Ok(writer) = Writer::acquire(ctl, WRITER_PUBLISHER, WRITER_OWNER) {
             ctl.publisher_pid.store(0, Relaxed);
             // Finish what it left half done first — a frame some subscriber
             // got reaches the others — so that its departure comes after
             // every frame it sent.
-            self.reclaim_as_writer();
+            let writer = self.reclaim_as_writer(writer);
             // Count the departure, unless the publisher did as it left.
             // Release pairs with the subscribers' Acquire fence after their
             // load in `SubCore::publisher_event`.
@@ -456,8 +448,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             if now % 2 == 1 {
                 let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
             }
-            // Release pairs with the next writer's Acquire CAS.
-            ctl.writer.store(WRITER_NONE, Release);
+            writer.release(ctl);
         }
         self.publisher_released();
     }
@@ -586,8 +577,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let header = self.stream.header();
         let held = self.held_per_subscriber();
         let cap_mask = u64::from(g.queue_capacity) - 1;
-        let used = (0..g.slot_count).filter(|&slot| self.stream.mask(slot).iter().any(|w| w.load(Relaxed) != 0)).count()
-            as u32;
+        let used = (0..g.slot_count).filter(|&slot| !is_free(self.stream.mask(slot))).count() as u32;
         let subscribers = (0..self.channels.len())
             .filter_map(|s| {
                 let cfg = &self.stream.record(s).config;

@@ -34,6 +34,7 @@
 use super::crash;
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
+use super::writer::{HolderBit, Writer, holders, is_free};
 use crate::primitive::AtomicU32;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::shm::layout::{
@@ -145,11 +146,9 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     published: u64,
     bytes: u64,
     closed: bool,
-    /// The writer role we hold: `WRITER_PUBLISHER`, or `WRITER_OWNER` for
+    /// The writer role we hold: as publisher (with its loan budget), or as
     /// the owner recovering while no publisher is attached.
-    role: u32,
-    /// Our `publisher_epoch`: if the owner hands the role on, it changes.
-    epoch: u64,
+    writer: Writer,
     replaced: bool,
     cap_mask: u64,
     /// The odd `publisher_changes` our arrival made.
@@ -158,11 +157,6 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     /// is acknowledged only after, or a subscriber could see the end and
     /// then a frame.
     hold_close: bool,
-    /// Slots on loan now, and the most the stream allows: the owner keeps
-    /// that many out of the subscribers' credits, which is what makes a
-    /// loan always find a free slot.
-    loans_out: u32,
-    loan_budget: u32,
 }
 
 impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
@@ -177,12 +171,10 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             return Err(AttachRefusal::Closed);
         }
         let mut tries = 0u32;
-        loop {
-            // Acquire pairs with the Release store of WRITER_NONE by the
-            // previous writer (`Drop` here, `owner::reclaim_detached`): its
-            // changes to masks and rings are visible to us.
-            match ctl.writer.compare_exchange(WRITER_NONE, WRITER_PUBLISHER, Acquire, Relaxed) {
-                Ok(_) => break,
+        let writer = loop {
+            // The previous writer let go (`Drop` here, `OwnerCore::reclaim_detached`).
+            match Writer::acquire(ctl, WRITER_NONE, WRITER_PUBLISHER) {
+                Ok(writer) => break writer,
                 Err(WRITER_OWNER) if tries < 100_000 => {
                     // The owner reclaims for a moment while no publisher is attached.
                     tries += 1;
@@ -191,15 +183,13 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 Err(WRITER_OWNER) => return Err(AttachRefusal::Busy),
                 Err(_) => return Err(AttachRefusal::PublisherExists { pid: ctl.publisher_pid.load(Relaxed) }),
             }
-        }
+        };
         // Pairs with the SeqCst fence in `OwnerCore::close`, after its mark
         // of the state: either it sees our role taken (and leaves the
         // acknowledgement to us), or `take_over` sees the stream closing.
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
-        let epoch = ctl.publisher_epoch.load(Relaxed) + 1;
-        ctl.publisher_epoch.store(epoch, Relaxed);
         ctl.publisher_pid.store(pid, Relaxed);
-        let mut this = Self::take_over(stream, channels, WRITER_PUBLISHER, epoch);
+        let mut this = Self::take_over(stream, channels, writer);
         // Only a writer changes the count, and it is even (no publisher):
         // make it odd. Release pairs with the subscribers' Acquire load in
         // `SubCore::publisher_event`.
@@ -217,18 +207,18 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// [`repair`]), reads every return ring to its end, rebuilds the free
     /// list and each subscriber's `held` from the holder masks, and rolls
     /// an interrupted delivery forward.
-    pub(crate) fn take_over(stream: S, channels: Vec<C>, role: u32, epoch: u64) -> Self {
+    pub(crate) fn take_over(stream: S, channels: Vec<C>, mut writer: Writer) -> Self {
         let g = stream.layout().geometry;
         assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
         let ctl = &stream.header().control;
-        let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&stream, &channels) } else { None };
+        let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&writer, &stream, &channels) } else { None };
         // A predecessor may have died part-way through reading a return
         // ring: read them all to the end now, before any slot is delivered
         // again. A return it had applied finds its bit clear and changes
         // nothing; one it had not is applied now.
         for (s, channel) in channels.iter().enumerate() {
             if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
-                finish_returns(&stream, channel, s);
+                finish_returns(&writer, &stream, channel, s);
             }
         }
         ctl.dirty.store(1, Relaxed);
@@ -238,15 +228,10 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let mut free = VecDeque::with_capacity(g.slot_count as usize);
         for slot in (0..g.slot_count).rev() {
             let mut empty = true;
-            for (w, word) in stream.mask(slot).iter().enumerate() {
-                let mut bits = word.load(Relaxed);
-                empty &= bits == 0;
-                while bits != 0 {
-                    let s = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    if s < subs_n {
-                        subs[s].held += 1;
-                    }
+            for s in holders(stream.mask(slot)) {
+                empty = false;
+                if s < subs_n {
+                    subs[s].held += 1;
                 }
             }
             if empty {
@@ -254,6 +239,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
         }
         let ctl_loans = stream.header().ident.publisher_loans.load(Relaxed).clamp(1, g.slot_count - 1);
+        writer.set_loan_budget(ctl_loans);
         let p = &stream.header().publisher;
         let mut this = Self {
             published: p.published.load(Relaxed),
@@ -267,13 +253,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             free,
             table_gen: u64::MAX,
             closed: false,
-            role,
-            epoch,
+            writer,
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
             arrival: 0,
-            loans_out: 0,
-            loan_budget: ctl_loans,
+
             hold_close: true,
         };
         this.sync_table();
@@ -339,9 +323,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn sync_table_slow(&mut self, gen_now: u64) {
         self.table_gen = gen_now;
         let ctl = &self.stream.header().control;
-        if self.role == WRITER_PUBLISHER
-            && (ctl.writer.load(Acquire) != WRITER_PUBLISHER || ctl.publisher_epoch.load(Relaxed) != self.epoch)
-        {
+        if self.writer.role() == WRITER_PUBLISHER && !self.writer.is_current(ctl) {
             // The owner declared us gone (`publisher_gone`) while we were
             // still alive: touch nothing more. (If it closed the stream
             // too, that is what the caller hears.)
@@ -391,7 +373,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 }
                 SUB_DETACHING => {
                     let free = &mut self.free;
-                    clear_subscriber_bits(&self.stream, s, |slot| free.push_back(slot));
+                    clear_subscriber_bits(&self.writer, &self.stream, s, |slot| free.push_back(slot));
                     self.subs[s] = SubState::default();
                     // Release pairs with the owner's Acquire load of the
                     // state before it reuses the index.
@@ -413,7 +395,13 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// copy of the publisher in a forked child, and the role is the
     /// parent's.
     pub(crate) fn disown(&mut self) {
-        self.role = WRITER_NONE;
+        self.writer = Writer::disowned();
+    }
+
+    /// Hands the writer role back to whoever gave it to
+    /// [`take_over`](Self::take_over) (the owner, after recovering).
+    pub(crate) fn into_writer(mut self) -> Writer {
+        std::mem::replace(&mut self.writer, Writer::disowned())
     }
 
     /// Takes a free slot.
@@ -422,14 +410,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         if self.closed || self.replaced {
             return Err(if self.replaced { LoanError::Replaced } else { LoanError::Closed });
         }
-        if self.loans_out >= self.loan_budget {
-            return Err(LoanError::TooManyLoans { budget: self.loan_budget });
-        }
+        self.writer.take_loan().map_err(|budget| LoanError::TooManyLoans { budget })?;
         let slot = match self.free.pop_front() {
             Some(slot) => slot,
-            None => self.loan_slow()?,
+            None => self.loan_slow().inspect_err(|_| self.writer.end_loan())?,
         };
-        self.loans_out += 1;
         // Take the slot loaned a few frames from now back from the
         // subscribers' caches while we work on this one.
         if let Some(&ahead) = self.free.get(PREFETCH_AHEAD) {
@@ -449,14 +434,14 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Gives a loaned slot back unsent.
     pub(crate) fn abandon(&mut self, slot: u32) {
-        self.loans_out -= 1;
+        self.writer.end_loan();
         if self.replaced {
             return;
         }
         // Unsent, so untouched by subscribers: reuse it first. (A slot whose
         // delivery was interrupted by a panic carries holder bits: it is
         // not free, and recovery sorts it out.)
-        if self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
+        if is_free(self.stream.mask(slot)) {
             self.free.push_front(slot);
         }
     }
@@ -477,7 +462,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let info = self.deliver(slot, len, timestamp_ns)?;
         // After the delivery: should it panic, the sample's drop gives the
         // loan back (`abandon`), and only once.
-        self.loans_out -= 1;
+        self.writer.end_loan();
         Ok(info)
     }
 
@@ -583,7 +568,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Counts frame `seq` as sent once every subscriber has been offered it.
     #[inline]
     fn finish_delivery(&mut self, slot: u32, len: u32, seq: u64, info: SendInfo) {
-        if info.delivered == 0 && self.stream.mask(slot).iter().all(|w| w.load(Relaxed) == 0) {
+        if info.delivered == 0 && is_free(self.stream.mask(slot)) {
             self.free.push_front(slot);
         }
         self.published = seq + 1;
@@ -615,9 +600,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         // The bit after the entry: a bit never exists without its entry (see
         // `recover`). The subscriber's return of this slot is read later, on
         // this thread, so it always finds the bit set.
-        let word = &self.stream.mask(slot)[s / 64];
-        // Only the writer changes masks: no read-modify-write instruction needed.
-        word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+        HolderBit::of(s).set(&self.writer, self.stream.mask(slot));
         crash::point();
         st.pushed = pos + 1;
         st.last_push = seq + 1;
@@ -640,7 +623,15 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Reads subscriber `s`'s return ring.
     fn drain(&mut self, s: usize) {
-        drain_returns(&self.stream, &self.channels[s], &mut self.subs[s], &mut self.free, s, self.cap_mask);
+        drain_returns(
+            &self.writer,
+            &self.stream,
+            &self.channels[s],
+            &mut self.subs[s],
+            &mut self.free,
+            s,
+            self.cap_mask,
+        );
     }
 
     /// `KeepLatest`: drops the oldest frames still queued for `s` until it
@@ -701,7 +692,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
             crash::point();
             let free = &mut self.free;
-            if !take_back(&self.stream, st, s, slot, |x| free.push_back(x)) {
+            if !take_back(&self.writer, &self.stream, st, s, slot, |x| free.push_back(x)) {
                 fault(&self.stream, st, s);
             }
             // Release pairs with the subscriber's Acquire loads of `head`
@@ -723,7 +714,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Waits until lossless subscriber `s` has room, the subscriber table
     /// changes or `deadline` passes; returns false on timeout.
     pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
-        let Self { stream, channels, subs, free, table_gen, cap_mask, .. } = self;
+        let Self { writer, stream, channels, subs, free, table_gen, cap_mask, .. } = self;
         let (stream, channel, st) = (&*stream, &channels[s], &mut subs[s]);
         wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
             if stream.header().control.table_gen.load(Acquire) != *table_gen {
@@ -732,7 +723,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             if st.held < st.credits {
                 return true;
             }
-            drain_returns(stream, channel, st, free, s, *cap_mask);
+            drain_returns(writer, stream, channel, st, free, s, *cap_mask);
             st.held < st.credits
         })
     }
@@ -744,12 +735,12 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         if crash::hook::dying() {
             return; // a simulated kill -9: nothing runs
         }
-        if self.role == WRITER_NONE {
-            return; // disowned: a copy in a forked child
+        if self.writer.role() == WRITER_NONE {
+            return; // disowned: a copy in a forked child, or handed back
         }
         // Finish any detach the owner asked for: only a writer may.
         self.sync_table();
-        if self.replaced || self.role != WRITER_PUBLISHER {
+        if self.replaced || self.writer.role() != WRITER_PUBLISHER {
             return; // the role is somebody else's now, or the owner's to end
         }
         let ctl = &self.stream.header().control;
@@ -767,10 +758,9 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
             // the next writer runs recovery.
             ctl.dirty.store(0, Relaxed);
         }
-        // Release pairs with the next writer's Acquire CAS in `attach` or
-        // `owner::reclaim_detached`. (A CAS, not a store: should the owner
-        // have taken the role back meanwhile, it is not ours to release.)
-        if ctl.writer.compare_exchange(WRITER_PUBLISHER, WRITER_NONE, Release, Relaxed).is_err() {
+        // (Should the owner have taken the role back meanwhile, it is not
+        // ours to release.)
+        if !std::mem::replace(&mut self.writer, Writer::disowned()).release(ctl) {
             return;
         }
         // A close may have begun after our last look: the owner saw us still
@@ -813,6 +803,7 @@ pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channel
 
 /// Reads subscriber `s`'s return ring into the free list.
 fn drain_returns<S: StreamMem, C: ChannelMem>(
+    writer: &Writer,
     stream: &S,
     channel: &C,
     st: &mut SubState,
@@ -845,7 +836,7 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
         while pos != tail {
             let slot = ring[(pos & cap_mask) as usize].load(Relaxed);
             pos = pos.wrapping_add(1);
-            if !take_back(stream, st, s, slot, |x| free.push_back(x)) {
+            if !take_back(writer, stream, st, s, slot, |x| free.push_back(x)) {
                 fault(stream, st, s);
             }
         }
@@ -863,7 +854,7 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
 /// Applies subscriber `s`'s returns from the persisted read position to the
 /// tail, for a publisher taking over (bits only: the free list is rebuilt
 /// from the masks afterwards).
-fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize) {
+fn finish_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, channel: &C, s: usize) {
     let counters = &stream.record(s).counters;
     let cap = stream.layout().geometry.queue_capacity as usize;
     let ring = channel.returns();
@@ -871,12 +862,11 @@ fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize
     // Acquire pairs with the subscriber's Release store of `tail` in `release`.
     let tail = channel.header().tail.load(Acquire);
     if tail.wrapping_sub(pos) <= cap as u64 {
-        let (w, bit) = (s / 64, 1u64 << (s % 64));
+        let bit = HolderBit::of(s);
         while pos != tail {
             let slot = ring[pos as usize % cap].load(Relaxed);
             if slot < stream.layout().geometry.slot_count {
-                let word = &stream.mask(slot)[w];
-                word.store(word.load(Relaxed) & !bit, Relaxed);
+                bit.clear(writer, stream.mask(slot));
                 crash::point();
             }
             pos = pos.wrapping_add(1);
@@ -891,20 +881,21 @@ fn finish_returns<S: StreamMem, C: ChannelMem>(stream: &S, channel: &C, s: usize
 /// holds the slot. Returns false (changing nothing) if `slot` is out of
 /// range or `s` does not hold it.
 #[inline]
-fn take_back<S: StreamMem>(stream: &S, st: &mut SubState, s: usize, slot: u32, on_free: impl FnOnce(u32)) -> bool {
+fn take_back<S: StreamMem>(
+    writer: &Writer,
+    stream: &S,
+    st: &mut SubState,
+    s: usize,
+    slot: u32,
+    on_free: impl FnOnce(u32),
+) -> bool {
     if slot >= stream.layout().geometry.slot_count {
         return false;
     }
-    let mask = stream.mask(slot);
-    let (w, bit) = (s / 64, 1u64 << (s % 64));
-    let word = mask[w].load(Relaxed);
-    if word & bit == 0 {
-        return false;
-    }
-    mask[w].store(word & !bit, Relaxed);
+    let Some(now_free) = HolderBit::of(s).clear(writer, stream.mask(slot)) else { return false };
     crash::point();
     st.held -= 1;
-    if word == bit && mask.iter().all(|m| m.load(Relaxed) == 0) {
+    if now_free {
         on_free(slot);
     }
     true
@@ -919,17 +910,19 @@ fn fault<S: StreamMem>(stream: &S, st: &mut SubState, s: usize) {
 /// Clears subscriber `s`'s bit from every slot, calling `on_free` for each
 /// slot no one holds any more; returns the number of bits cleared. Only the
 /// writer may call it.
-pub(crate) fn clear_subscriber_bits<S: StreamMem>(stream: &S, s: usize, mut on_free: impl FnMut(u32)) -> u32 {
-    let (w, bit) = (s / 64, 1u64 << (s % 64));
+pub(crate) fn clear_subscriber_bits<S: StreamMem>(
+    writer: &Writer,
+    stream: &S,
+    s: usize,
+    mut on_free: impl FnMut(u32),
+) -> u32 {
+    let bit = HolderBit::of(s);
     let mut cleared = 0;
     for slot in 0..stream.layout().geometry.slot_count {
-        let mask = stream.mask(slot);
-        let word = mask[w].load(Relaxed);
-        if word & bit != 0 {
-            mask[w].store(word & !bit, Relaxed);
+        if let Some(now_free) = bit.clear(writer, stream.mask(slot)) {
             crash::point();
             cleared += 1;
-            if mask.iter().all(|m| m.load(Relaxed) == 0) {
+            if now_free {
                 on_free(slot);
             }
         }
@@ -980,7 +973,7 @@ fn holds_frame<S: StreamMem>(stream: &S, s: usize, slot: u32, seq: u64) -> bool 
 ///   and only its bit or count may be missing. If any subscriber got it,
 ///   the frame is returned to be delivered to the rest; if none did, its
 ///   number is reused and its slot is free.
-pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) -> Option<Interrupted> {
+pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, channels: &[C]) -> Option<Interrupted> {
     let g = stream.layout().geometry;
     let cap = u64::from(g.queue_capacity);
     for (s, channel) in channels.iter().enumerate() {
@@ -999,8 +992,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) ->
         let queued = counters.pushed.load(Relaxed).wrapping_sub(pos);
         let (stamp, slot) = split_entry(stream.ring(s)[(pos & (cap - 1)) as usize].word.load(Relaxed));
         if (1..=cap).contains(&queued) && stamp == entry_stamp(pos) && slot < g.slot_count {
-            let word = &stream.mask(slot)[s / 64];
-            word.store(word.load(Relaxed) & !(1 << (s % 64)), Relaxed);
+            HolderBit::of(s).clear(writer, stream.mask(slot));
             crash::point();
             // Release pairs with the subscriber's Acquire loads of `head`.
             head.store(pos.wrapping_add(1), Release);
@@ -1034,8 +1026,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) ->
         let e = &stream.ring(s)[(pushed & (cap - 1)) as usize];
         if e.word.load(Relaxed) == entry(pushed, slot) && e.seq.load(Relaxed) == seq {
             // Published but not yet held or counted: finish both.
-            let word = &stream.mask(slot)[s / 64];
-            word.store(word.load(Relaxed) | (1 << (s % 64)), Relaxed);
+            HolderBit::of(s).set(writer, stream.mask(slot));
             crash::point();
             counters.pushed.store(pushed.wrapping_add(1), Relaxed);
             crash::point();
