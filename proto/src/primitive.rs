@@ -109,7 +109,7 @@ pub(crate) fn barrier_mark() -> u64 {
     BARRIERS_BEGUN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// The heavy side of an asymmetric fence, paired with [`light_barrier`]:
+/// The heavy side of an asymmetric fence, paired with a light one (a compiler fence):
 /// after it, a thread anywhere that passes a light barrier after its
 /// stores either had them visible to us by now, or sees our stores made
 /// before this call. Takes milliseconds (a system call): call it outside

@@ -67,7 +67,7 @@ pub const DEFAULT_PUBLISHER_LOANS: u32 = 2;
 /// Most slots a publisher may be allowed to hold on loan.
 pub const MAX_PUBLISHER_LOANS: u32 = 64;
 
-/// [`ChannelHeader::head`]: set by a writer evicting the entry at the head
+/// [`ChannelHeader::queue_head`]: set by a writer evicting the entry at the head
 /// (the position in the low bits) until the eviction is complete.
 pub const HEAD_CLAIMED: u64 = 1 << 63;
 
@@ -307,7 +307,7 @@ pub struct SubscriberCounters {
     /// Next return-ring position the publisher will read. Kept here, where
     /// only the writer writes, and stored before each return is applied: a
     /// publisher that dies mid-way never has a return applied twice.
-    pub ret_read: AtomicU64,
+    pub collected: AtomicU64,
 }
 
 /// One subscriber index of the table in the data file.
@@ -396,23 +396,26 @@ pub struct ChannelIdent {
 pub struct ChannelHeader {
     /// Written by the owner.
     pub ident: Line<ChannelIdent>,
-    /// Next queue position the subscriber will take. Subscriber-written;
+    /// Delivery ring: next queue position the subscriber will take.
+    /// Subscriber-written;
     /// under `KeepLatest` the writer evicts the entry at the head by a
     /// compare-and-swap to `head |` [`HEAD_CLAIMED`], takes the slot back,
     /// then stores `head + 1`. A claimed head is never the subscriber's to
     /// move; recovery finishes an eviction it finds claimed.
-    pub head: Line<AtomicU64>,
+    pub queue_head: Line<AtomicU64>,
     /// Futex word of the subscriber's waiters (its receive, its watcher):
     /// a wake count above a "may sleep" flag in bit 0, which a waiter sets
     /// and a waker clears as it counts a wake (see `wait`). The publisher
     /// wakes on a frame only a subscriber whose queue was empty before it:
     /// one that has frames queued was woken for the first of them.
     pub waiting: Line<AtomicU32>,
-    /// Return ring tail: subscriber-written.
-    pub tail: Line<AtomicU64>,
-    /// Return ring head: publisher-written, for the subscriber's flow
-    /// control only (the publisher's own copy is `SubscriberCounters::ret_read`).
-    pub ret_head: Line<AtomicU64>,
+    /// Return ring: slots returned so far (the next position the
+    /// subscriber writes). Subscriber-written.
+    pub returned: Line<AtomicU64>,
+    /// Return ring: returns collected so far (the next position the writer
+    /// reads). Writer-written, for the subscriber's flow control only (the
+    /// writer's own, persisted copy is `SubscriberCounters::collected`).
+    pub collected: Line<AtomicU64>,
     /// Futex word of the publisher waiting for room in a full lossless
     /// subscriber, as `waiting`; the subscriber wakes it.
     pub pub_waiting: Line<AtomicU32>,

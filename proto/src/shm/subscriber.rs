@@ -294,7 +294,7 @@ impl std::ops::Deref for Sample<'_> {
 impl Drop for Sample<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.subscriber.core.release(self.info.slot);
+        self.subscriber.core.return_slot(self.info.slot);
     }
 }
 

@@ -403,7 +403,7 @@ fn hostile_returns_are_counted_and_change_nothing() {
     for (i, s) in [u32::MAX, 5, slot, slot].into_iter().enumerate() {
         ch.returns()[i].store(s, Relaxed);
     }
-    h.tail.store(4, Relaxed);
+    h.returned.store(4, Relaxed);
     publisher.send(&[8]).unwrap();
     publisher.send(&[9]).unwrap();
     // More returns than the one slot it holds: the batch is refused.
@@ -411,11 +411,11 @@ fn hostile_returns_are_counted_and_change_nothing() {
     let stats = seg.stats();
     assert!(stats.subscribers[1].faults >= 1, "{stats:?}");
     // Returns of slots it does not hold, one at a time, are refused singly.
-    let tail = h.tail.load(Relaxed);
+    let tail = h.returned.load(Relaxed);
     for (i, s) in [u32::MAX, 6].into_iter().enumerate() {
         ch.returns()[(tail as usize + i) % 8].store(s, Relaxed);
     }
-    h.tail.store(tail + 2, Relaxed);
+    h.returned.store(tail + 2, Relaxed);
     publisher.send(&[11]).unwrap();
     assert!(seg.stats().subscribers[1].faults >= 3, "{:?}", seg.stats());
     assert_eq!(stats.subscribers[0].faults, 0);
@@ -423,7 +423,7 @@ fn hostile_returns_are_counted_and_change_nothing() {
     assert_eq!(&*keep, [7]);
     assert_eq!(*honest.try_recv().unwrap(), [8]);
     // A tail far ahead is a fault too, and nothing breaks.
-    h.tail.store(1 << 40, Relaxed);
+    h.returned.store(1 << 40, Relaxed);
     for i in 0..20u8 {
         publisher.send(&[i]).unwrap();
     }
@@ -569,7 +569,7 @@ impl Harness {
                 let (core, m) = self.subs.get_mut(&s).unwrap();
                 if !m.borrowed.is_empty() {
                     let (_, slot) = m.borrowed.remove(i % m.borrowed.len());
-                    core.release(slot);
+                    core.return_slot(slot);
                 }
             }
             Op::Attach(credits, policy) => {
@@ -715,7 +715,7 @@ fn a_keep_latest_head_scribbled_to_the_limit_harms_nobody_else() {
     let mut publisher = seg.open_publisher().unwrap();
     let ch = ChannelMap::open_for_publisher(seg.channel_fd(bad.index()), seg.geometry().queue_capacity, 0).unwrap();
     for (i, head) in [u64::MAX, u64::MAX - 1, 1 << 63, 3].into_iter().enumerate() {
-        ch.header().head.store(head, Relaxed);
+        ch.header().queue_head.store(head, Relaxed);
         for j in 0..3u8 {
             publisher.send(&[i as u8 * 10 + j]).unwrap();
         }
@@ -1070,7 +1070,7 @@ fn a_subscriber_keeping_its_wake_word_set_is_woken_only_for_a_frame_into_an_empt
         }
         // Once it has read everything, the next frame wakes it again.
         while let Ok(info) = sub.try_take() {
-            sub.release(info.slot);
+            sub.return_slot(info.slot);
         }
         send(&mut publisher);
         assert_eq!(flag(), 0, "{policy:?}: a frame into an empty queue wakes");

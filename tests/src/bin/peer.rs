@@ -356,14 +356,14 @@ fn hostile(spec: &Value) -> Result<()> {
             4 => {
                 // Return the slot it last had once more, and a random one.
                 for slot in [last_slot, (next() % (2 * slot_count)) as u32] {
-                    let tail = ch.tail.load(Relaxed);
+                    let tail = ch.returned.load(Relaxed);
                     word((ret_base + (tail as usize % capacity) * 4) & !7)
                         .store(u64::from(slot) * 0x1_0000_0001, Relaxed);
-                    ch.tail.store(tail + 1, Relaxed);
+                    ch.returned.store(tail + 1, Relaxed);
                 }
             }
-            5 => ch.tail.store(next(), Relaxed),
-            6 => ch.head.store(ch.head.load(Relaxed).wrapping_add(next() % 5).wrapping_sub(2), Relaxed),
+            5 => ch.returned.store(next(), Relaxed),
+            6 => ch.queue_head.store(ch.queue_head.load(Relaxed).wrapping_add(next() % 5).wrapping_sub(2), Relaxed),
             7 => {
                 ch.waiting.store(1, Relaxed);
                 ch.pub_waiting.store(next() as u32, Relaxed);

@@ -89,7 +89,7 @@ impl World {
             match sub.core.try_take() {
                 Ok(info) => {
                     sub.got.push(info.seq);
-                    sub.core.release(info.slot);
+                    sub.core.return_slot(info.slot);
                     return Some(info.seq);
                 }
                 Err(TryRecvError::PublisherGone | TryRecvError::PublisherBack) => {}
@@ -264,7 +264,7 @@ fn a_forged_claim_frees_no_slot_but_the_forgers_own() {
     // Subscriber 3 takes frame 0 and keeps it borrowed.
     let held = w.subs[3].core.try_take().unwrap();
     // Subscriber 0 forges a claim on its queued frame 0.
-    let head = &w.channels[0].header().head;
+    let head = &w.channels[0].header().queue_head;
     head.store(head.load(Relaxed) | HEAD_CLAIMED, Relaxed);
     std::mem::forget(first);
     w.owner.publisher_gone();
@@ -281,7 +281,7 @@ fn a_forged_claim_frees_no_slot_but_the_forgers_own() {
         let _ = send(&mut second);
     }
     assert_eq!(w.subs[0].got.first(), Some(&1), "the forger lost only its own frame");
-    w.subs[3].core.release(held.slot);
+    w.subs[3].core.return_slot(held.slot);
 }
 
 /// A writer stopped while reclaiming a detached subscriber's slots: the

@@ -108,7 +108,7 @@ fn receive_all(
                 let value = payload.0[info.slot as usize].with(|v| unsafe { *v });
                 assert_eq!(value, info.seq, "payload of slot {} was overwritten", info.slot);
                 seen.push(info.seq);
-                sub.release(info.slot);
+                sub.return_slot(info.slot);
             }
             Err(RecvError::Closed) => return seen,
             // The publisher leaves before the owner closes.
@@ -326,7 +326,7 @@ fn loom_publisher_gone_comes_after_its_frames_and_wakes_the_subscriber() {
                     let value = payload.0[info.slot as usize].with(|v| unsafe { *v });
                     assert_eq!(value, info.seq);
                     seen.push(info.seq);
-                    sub.release(info.slot);
+                    sub.return_slot(info.slot);
                 }
                 Err(RecvError::PublisherGone) => break,
                 Err(e) => panic!("{e:?}"),
@@ -381,7 +381,7 @@ fn loom_a_sample_released_on_another_thread_goes_back_and_wakes_the_watcher() {
         // SAFETY: loom checks this read against the publisher's writes.
         let value = payload.0[second.slot as usize].with(|v| unsafe { *v });
         assert_eq!((second.seq, value), (1, 1));
-        sub.release(second.slot);
+        sub.return_slot(second.slot);
         releaser.join().unwrap();
         t.join().unwrap();
     });
@@ -411,7 +411,7 @@ fn loom_a_close_of_an_idle_publisher_ends_the_stream_without_a_departure() {
             match sub.take(None) {
                 Ok(info) => {
                     seen.push(info.seq);
-                    sub.release(info.slot);
+                    sub.return_slot(info.slot);
                 }
                 Err(RecvError::Closed) => break,
                 Err(e) => panic!("{e:?} before the end"),
@@ -449,7 +449,7 @@ fn loom_two_waiters_on_one_subscriber_lose_no_wake_up() {
         let t = loom::thread::spawn(move || publish(publ, &p, 1));
         let info = sub.take(None).unwrap();
         assert_eq!(info.seq, 0);
-        sub.release(info.slot);
+        sub.return_slot(info.slot);
         w.join().unwrap();
         t.join().unwrap();
         drop(owner);

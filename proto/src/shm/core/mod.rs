@@ -17,6 +17,22 @@
 //!   bits only a writer changes.
 //! - `mem`: the memory traits, and the heap memory of the tests.
 
+//! # One vocabulary for a slot's way back
+//! - The writer *pushes* a frame onto a subscriber's delivery ring (its
+//!   count is `pushed`); the subscriber *takes* it, moving the ring's
+//!   `queue_head`.
+//! - The subscriber *returns* the slot: writes it to its return ring and
+//!   moves `returned` (`SubCore::return_slot`; slots released on other
+//!   threads wait on a board until the next *flush*).
+//! - The writer *collects* returns (reads the return ring up to
+//!   `returned`, recording `collected`; `collect_returns`, or
+//!   `replay_returns` when taking over) and *takes back* each slot:
+//!   clears that subscriber's holder bit (`take_back`). It takes slots back
+//!   the same way when it *evicts* a queued frame (`KeepLatest`) and when it
+//!   *reclaims* a detached subscriber's slots (`take_back_all`).
+//! - A slot no subscriber holds is *free*; the publisher *loans* free
+//!   slots and *abandons* a loan it does not send.
+
 pub(crate) mod crash;
 pub(crate) mod mem;
 pub(crate) mod owner;

@@ -10,7 +10,7 @@
 //! publisher is attached.
 
 use super::mem::{ChannelMem, StreamMem};
-use super::publisher::{PubCore, acknowledge_close, clear_subscriber_bits};
+use super::publisher::{PubCore, acknowledge_close, take_back_all};
 use super::wait;
 use super::writer::{Writer, holders, is_free};
 use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
@@ -177,7 +177,7 @@ struct Ending {
     seen: bool,
 }
 
-/// How far [`OwnerCore::end_for_subscribers`] got.
+/// How far [`StreamSegment::end_for_subscribers`](crate::shm::StreamSegment::end_for_subscribers) got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndProgress {
     /// Subscribers see the end once they have received every frame sent.
@@ -310,7 +310,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             e.word.store(0, Relaxed);
         }
         let counters = &self.stream.record(index).counters;
-        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.ret_read] {
+        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.collected] {
             c.store(0, Relaxed);
         }
         let cfg = &self.stream.record(index).config;
@@ -324,7 +324,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         id.capacity.store(self.stream.layout().geometry.queue_capacity, Relaxed);
         id.claimed.store(0, Relaxed);
         id.generation.store(generation, Relaxed);
-        for c in [&ch.head, &ch.tail, &ch.ret_head] {
+        for c in [&ch.queue_head, &ch.returned, &ch.collected] {
             c.store(0, Relaxed);
         }
         ch.waiting.store(0, Relaxed);
@@ -424,7 +424,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         for s in 0..self.channels.len() {
             let state = &self.stream.record(s).config.state;
             if state.load(Acquire) == SUB_DETACHING {
-                clear_subscriber_bits(&writer, &self.stream, s, |_| {});
+                take_back_all(&writer, &self.stream, s, |_| {});
                 state.store(SUB_FREE, Release);
             }
         }
@@ -589,7 +589,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 let pushed = c.pushed.load(Relaxed);
                 let evicted = c.evicted.load(Relaxed);
                 // The subscriber writes its head: clamp what it claims.
-                let head = (self.channels[s].header().head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
+                let head = (self.channels[s].header().queue_head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
                 let queued = pushed - head;
                 let lag_ns = if queued > 0 {
                     let e = &self.stream.ring(s)[(head & cap_mask) as usize];

@@ -14,7 +14,7 @@
 //!    storing its word `(stamp, x)` with `Release`, then set bit `s` of `x`;
 //! 2. a subscriber without credit drops the frame (`DropNewest`), has its
 //!    oldest queued entry evicted first (`KeepLatest`, by compare-and-swap
-//!    on its `head` against the subscriber's own CAS), or — checked before
+//!    on its `queue_head` against the subscriber's own CAS), or — checked before
 //!    step 1 so that a frame is never half-sent — makes `send` fail with
 //!    `WouldBlock` (`Lossless`);
 //! 3. if no bit was set, `x` goes straight back to the free list.
@@ -120,7 +120,7 @@ struct SubState {
     /// One more than the sequence number last queued for it (0: none yet).
     last_push: u64,
     /// Next return-ring position to read.
-    ret_head: u64,
+    collected: u64,
     dropped: u64,
     evicted: u64,
     faults: u64,
@@ -218,7 +218,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         // nothing; one it had not is applied now.
         for (s, channel) in channels.iter().enumerate() {
             if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
-                finish_returns(&writer, &stream, channel, s);
+                replay_returns(&writer, &stream, channel, s);
             }
         }
         ctl.dirty.store(1, Relaxed);
@@ -353,7 +353,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                             generation,
                             held: st.held,
                             pushed: counters.pushed.load(Relaxed),
-                            ret_head: counters.ret_read.load(Relaxed),
+                            collected: counters.collected.load(Relaxed),
                             dropped: counters.dropped.load(Relaxed),
                             evicted: counters.evicted.load(Relaxed),
                             faults: counters.faults.load(Relaxed),
@@ -373,7 +373,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 }
                 SUB_DETACHING => {
                     let free = &mut self.free;
-                    clear_subscriber_bits(&self.writer, &self.stream, s, |slot| free.push_back(slot));
+                    take_back_all(&self.writer, &self.stream, s, |slot| free.push_back(slot));
                     self.subs[s] = SubState::default();
                     // Release pairs with the owner's Acquire load of the
                     // state before it reuses the index.
@@ -427,7 +427,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn loan_slow(&mut self) -> Result<u32, LoanError> {
         for i in 0..self.active.len() {
             let s = self.active[i];
-            self.drain(s);
+            self.collect(s);
         }
         self.free.pop_front().ok_or(LoanError::PoolExhausted)
     }
@@ -471,7 +471,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     pub(crate) fn free_slots(&mut self) -> usize {
         for i in 0..self.active.len() {
             let s = self.active[i];
-            self.drain(s);
+            self.collect(s);
         }
         self.free.len()
     }
@@ -556,7 +556,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 // ours, and it sees this frame itself.)
                 if st.last_push == seq + 1
                     && wait::is_waiting(&ch.waiting)
-                    && ch.head.load(Relaxed) == st.pushed.wrapping_sub(1)
+                    && ch.queue_head.load(Relaxed) == st.pushed.wrapping_sub(1)
                 {
                     wait::wake_announced(&ch.waiting);
                 }
@@ -615,15 +615,15 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     fn has_room(&mut self, s: usize) -> bool {
         let st = &self.subs[s];
         st.held < st.credits || {
-            self.drain(s);
+            self.collect(s);
             let st = &self.subs[s];
             st.held < st.credits
         }
     }
 
     /// Reads subscriber `s`'s return ring.
-    fn drain(&mut self, s: usize) {
-        drain_returns(
+    fn collect(&mut self, s: usize) {
+        collect_returns(
             &self.writer,
             &self.stream,
             &self.channels[s],
@@ -657,9 +657,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Drops the oldest frame queued for `s`; returns whether it did.
     fn evict_one(&mut self, s: usize) -> bool {
         let ch = self.channels[s].header();
-        // Acquire pairs with the subscriber's AcqRel CAS on `head` in
+        // Acquire pairs with the subscriber's AcqRel CAS on `queue_head` in
         // `SubCore::try_take`.
-        let mut head = ch.head.load(Acquire);
+        let mut head = ch.queue_head.load(Acquire);
         // Each failed CAS must show the head moved forward, so the queue
         // shrinks at every try: a subscriber racing us wins at most once per
         // frame it had queued (it then holds them), and a hostile one that
@@ -678,11 +678,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
             let (_, slot) = split_entry(self.stream.ring(s)[(head & self.cap_mask) as usize].word.load(Relaxed));
             // AcqRel: winning this CAS means the subscriber never took the
-            // entry at `head`; it pairs with the subscriber's own CAS. The
+            // entry at `queue_head`; it pairs with the subscriber's own CAS. The
             // head stays claimed until the slot is taken back, so that a
             // writer killed in between leaves a mark recovery finishes
             // (`repair`) instead of a holder bit nobody clears.
-            match ch.head.compare_exchange(head, head | HEAD_CLAIMED, AcqRel, Acquire) {
+            match ch.queue_head.compare_exchange(head, head | HEAD_CLAIMED, AcqRel, Acquire) {
                 Ok(_) => {}
                 Err(now) if now.wrapping_sub(head) as i64 > 0 => {
                     head = now; // it took the entry: try the next
@@ -695,9 +695,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             if !take_back(&self.writer, &self.stream, st, s, slot, |x| free.push_back(x)) {
                 fault(&self.stream, st, s);
             }
-            // Release pairs with the subscriber's Acquire loads of `head`
+            // Release pairs with the subscriber's Acquire loads of `queue_head`
             // (`SubCore::current_head`, its failed CAS).
-            ch.head.store(head.wrapping_add(1), Release);
+            ch.queue_head.store(head.wrapping_add(1), Release);
             crash::point();
             // Counted once the claim is over, so that recovery, which finds
             // a claim, counts the eviction itself. (A kill right here loses
@@ -723,7 +723,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             if st.held < st.credits {
                 return true;
             }
-            drain_returns(writer, stream, channel, st, free, s, *cap_mask);
+            collect_returns(writer, stream, channel, st, free, s, *cap_mask);
             st.held < st.credits
         })
     }
@@ -802,7 +802,7 @@ pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channel
 }
 
 /// Reads subscriber `s`'s return ring into the free list.
-fn drain_returns<S: StreamMem, C: ChannelMem>(
+fn collect_returns<S: StreamMem, C: ChannelMem>(
     writer: &Writer,
     stream: &S,
     channel: &C,
@@ -812,10 +812,10 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
     cap_mask: u64,
 ) {
     let ch = channel.header();
-    // Acquire pairs with the subscriber's Release store of `tail` in
-    // `SubCore::release`: the slot numbers before it are visible.
-    let tail = ch.tail.load(Acquire);
-    let n = tail.wrapping_sub(st.ret_head);
+    // Acquire pairs with the subscriber's Release store of `returned` in
+    // `SubCore::return_slot`: the slot numbers before it are visible.
+    let tail = ch.returned.load(Acquire);
+    let n = tail.wrapping_sub(st.collected);
     if n == 0 {
         return;
     }
@@ -829,10 +829,10 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
         // once rather than one miss after another.
         // (16 returns to a 64-byte line.)
         for offset in (0..n).step_by(16) {
-            let pos = st.ret_head.wrapping_add(offset);
+            let pos = st.collected.wrapping_add(offset);
             crate::platform::prefetch_for_read((&ring[(pos & cap_mask) as usize] as *const AtomicU32).cast());
         }
-        let mut pos = st.ret_head;
+        let mut pos = st.collected;
         while pos != tail {
             let slot = ring[(pos & cap_mask) as usize].load(Relaxed);
             pos = pos.wrapping_add(1);
@@ -843,24 +843,24 @@ fn drain_returns<S: StreamMem, C: ChannelMem>(
     }
     // Persisted after the batch: a successor re-reads from here (see
     // `PubCore::attach`, which finishes the batch before any delivery).
-    stream.record(s).counters.ret_read.store(tail, Relaxed);
+    stream.record(s).counters.collected.store(tail, Relaxed);
     crash::point();
-    st.ret_head = tail;
-    // Release pairs with the subscriber's Acquire load of `ret_head` when
+    st.collected = tail;
+    // Release pairs with the subscriber's Acquire load of `collected` when
     // its return ring looks full.
-    ch.ret_head.store(tail, Release);
+    ch.collected.store(tail, Release);
 }
 
 /// Applies subscriber `s`'s returns from the persisted read position to the
 /// tail, for a publisher taking over (bits only: the free list is rebuilt
 /// from the masks afterwards).
-fn finish_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, channel: &C, s: usize) {
+fn replay_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, channel: &C, s: usize) {
     let counters = &stream.record(s).counters;
     let cap = stream.layout().geometry.queue_capacity as usize;
     let ring = channel.returns();
-    let mut pos = counters.ret_read.load(Relaxed);
-    // Acquire pairs with the subscriber's Release store of `tail` in `release`.
-    let tail = channel.header().tail.load(Acquire);
+    let mut pos = counters.collected.load(Relaxed);
+    // Acquire pairs with the subscriber's Release store of `returned` in `release`.
+    let tail = channel.header().returned.load(Acquire);
     if tail.wrapping_sub(pos) <= cap as u64 {
         let bit = HolderBit::of(s);
         while pos != tail {
@@ -873,8 +873,8 @@ fn finish_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, chan
         }
     }
     crash::point();
-    counters.ret_read.store(tail, Relaxed);
-    channel.header().ret_head.store(tail, Release);
+    counters.collected.store(tail, Relaxed);
+    channel.header().collected.store(tail, Release);
 }
 
 /// Clears subscriber `s`'s bit on `slot`, calling `on_free` if no one else
@@ -910,12 +910,7 @@ fn fault<S: StreamMem>(stream: &S, st: &mut SubState, s: usize) {
 /// Clears subscriber `s`'s bit from every slot, calling `on_free` for each
 /// slot no one holds any more; returns the number of bits cleared. Only the
 /// writer may call it.
-pub(crate) fn clear_subscriber_bits<S: StreamMem>(
-    writer: &Writer,
-    stream: &S,
-    s: usize,
-    mut on_free: impl FnMut(u32),
-) -> u32 {
+pub(crate) fn take_back_all<S: StreamMem>(writer: &Writer, stream: &S, s: usize, mut on_free: impl FnMut(u32)) -> u32 {
     let bit = HolderBit::of(s);
     let mut cleared = 0;
     for slot in 0..stream.layout().geometry.slot_count {
@@ -981,8 +976,8 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, c
         if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.policy.load(Relaxed) != OverflowPolicy::KeepLatest as u32 {
             continue;
         }
-        let head = &channel.header().head;
-        // Acquire pairs with the subscriber's Release CAS on `head`.
+        let head = &channel.header().queue_head;
+        // Acquire pairs with the subscriber's Release CAS on `queue_head`.
         let claimed = head.load(Acquire);
         if claimed & HEAD_CLAIMED == 0 {
             continue;
@@ -994,7 +989,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, c
         if (1..=cap).contains(&queued) && stamp == entry_stamp(pos) && slot < g.slot_count {
             HolderBit::of(s).clear(writer, stream.mask(slot));
             crash::point();
-            // Release pairs with the subscriber's Acquire loads of `head`.
+            // Release pairs with the subscriber's Acquire loads of `queue_head`.
             head.store(pos.wrapping_add(1), Release);
             crash::point();
             // The writer counts an eviction after it ends the claim.

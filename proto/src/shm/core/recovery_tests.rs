@@ -47,7 +47,7 @@ fn take_seq(sub: &SubCore<Stream, Channel>) -> Result<u64, TryRecvError> {
     loop {
         match sub.try_take() {
             Ok(info) => {
-                sub.release(info.slot);
+                sub.return_slot(info.slot);
                 return Ok(info.seq);
             }
             Err(TryRecvError::PublisherGone | TryRecvError::PublisherBack) => {}
@@ -69,7 +69,7 @@ fn sent_frame_0(
     p1.commit(s, 1, 0).unwrap();
     for &i in taking {
         let info = subs[i].try_take().unwrap();
-        subs[i].release(info.slot);
+        subs[i].return_slot(info.slot);
     }
     p1
 }
@@ -116,7 +116,7 @@ fn a_rolled_forward_slot_returned_before_recovery_is_free_once() {
     let x = send_killed_at(p1, 3);
     let info = subs[0].try_take().unwrap();
     assert_eq!((info.seq, info.slot), (0, x));
-    subs[0].release(info.slot);
+    subs[0].return_slot(info.slot);
     // The role of the dead holder is free (as in crash_tests' NextPublisher).
     stream.header().control.writer.store(WRITER_NONE, Relaxed);
     let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
@@ -136,7 +136,7 @@ fn a_rolled_forward_slot_is_not_loaned_while_queued() {
     let x = send_killed_at(p1, 3); // subscriber 0 has frame 1, subscriber 1 not yet
     let info = subs[0].try_take().unwrap();
     assert_eq!(info.seq, 1);
-    subs[0].release(info.slot);
+    subs[0].return_slot(info.slot);
     stream.header().control.writer.store(WRITER_NONE, Relaxed);
     let mut p2 = PubCore::attach(stream.clone(), channels.clone(), 200).unwrap();
     // Subscriber 1 got frame 1 in slot x by the roll-forward...
@@ -196,7 +196,7 @@ fn a_claimed_head_does_not_keep_a_receive_past_its_deadline() {
     let p1 = sent_frame_0(&stream, &channels, &subs, &[]); // queued: the next send evicts it
     // Points: inflight (0), claim CAS (1).
     send_killed_at(p1, 1);
-    let head = &channels[0].header().head;
+    let head = &channels[0].header().queue_head;
     assert!(head.load(Relaxed) & HEAD_CLAIMED != 0);
     let sub = subs.pop().unwrap();
     // The head stays claimed until the receive has returned: one that
@@ -208,7 +208,7 @@ fn a_claimed_head_does_not_keep_a_receive_past_its_deadline() {
         std::thread::spawn(move || {
             let hung = told.recv_timeout(Duration::from_secs(60)).is_err();
             // What recovery would do: move the head past the entry.
-            let head = &channels[0].header().head;
+            let head = &channels[0].header().queue_head;
             head.store((head.load(Relaxed) & !HEAD_CLAIMED) + 1, Relaxed);
             hung
         })

@@ -16,7 +16,7 @@
 //! The entry cannot be overwritten while it is being read: the publisher
 //! reuses ring position `p` for `p + capacity` only after the subscriber has
 //! returned a slot taken at or after `p` (held ≤ credits ≤ capacity), or,
-//! under `KeepLatest`, after winning the CAS on `head`, which the reader then
+//! under `KeepLatest`, after winning the CAS on `queue_head`, which the reader then
 //! loses.
 //!
 //! The subscriber maps the data file read-only, and Rust promises only
@@ -182,9 +182,9 @@ pub(crate) struct SubCore<S: StreamMem, C: ChannelMem> {
     /// Next position to take (own copy; `KeepLatest` reads the shared one).
     head: Cell<u64>,
     /// Next return-ring position to write, and the last publisher
-    /// `ret_head` seen.
-    ret_tail: Cell<u64>,
-    ret_head_seen: Cell<u64>,
+    /// `collected` seen.
+    returned: Cell<u64>,
+    collected_seen: Cell<u64>,
     /// Samples currently borrowed.
     borrowed: Cell<u32>,
     /// Protocol violations this side has seen.
@@ -208,11 +208,11 @@ pub type KeepAlive = Arc<dyn std::fmt::Debug + Send + Sync>;
 /// the subscriber hands them back through its single-writer return ring.
 ///
 /// One bit per pool slot, set by [`post`](Self::post) and cleared by
-/// [`drain`](Self::drain); a summary word has bit `w % 64` set when word
+/// [`flush`](Self::flush); a summary word has bit `w % 64` set when word
 /// `w` may hold bits, so the subscriber's check costs one load. A bit is
 /// always set before its summary bit and the summary is swapped before the
 /// words, so a posted slot is never missed: at worst a summary bit outlives
-/// its word's bits and one drain finds nothing.
+/// its word's bits and one flush finds nothing.
 pub(crate) struct ReturnBoard<S, C> {
     /// Keeps the payloads mapped while detached samples read them.
     stream: S,
@@ -252,12 +252,12 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
     /// until it hands the slot back, the publisher counts it as held.
     pub(crate) fn post(&self, slot: u32) {
         let (word, bit) = (slot as usize / 64, slot % 64);
-        // Release pairs with the Acquire swap in `drain`: this thread's
+        // Release pairs with the Acquire swap in `flush`: this thread's
         // reads of the slot happen before the subscriber returns it to the
         // publisher (which writes it next).
         let old = self.bits[word].fetch_or(1 << bit, Release);
         debug_assert_eq!(old & (1 << bit), 0, "slot {slot} posted twice");
-        // Release pairs with the Acquire swap in `drain`.
+        // Release pairs with the Acquire swap in `flush`.
         self.summary.fetch_or(1 << (word % 64), Release);
         // The sleeper announces itself, fences and then checks `pending`:
         // see `wait` for the protocol.
@@ -272,7 +272,7 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
     }
 
     /// Takes every posted slot.
-    fn drain(&self, mut each: impl FnMut(u32)) {
+    fn flush(&self, mut each: impl FnMut(u32)) {
         // Acquire pairs with the Release `fetch_or` of the summary in `post`.
         let mut summary = self.summary.swap(0, Acquire);
         while summary != 0 {
@@ -355,9 +355,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             policy,
             backoff,
             cap_mask: u64::from(g.queue_capacity) - 1,
-            head: Cell::new(ch.head.load(Acquire)),
-            ret_tail: Cell::new(ch.tail.load(Relaxed)),
-            ret_head_seen: Cell::new(ch.ret_head.load(Acquire)),
+            head: Cell::new(ch.queue_head.load(Acquire)),
+            returned: Cell::new(ch.returned.load(Relaxed)),
+            collected_seen: Cell::new(ch.collected.load(Acquire)),
             borrowed: Cell::new(0),
             faults: Cell::new(0),
             board: OnceCell::new(),
@@ -375,7 +375,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     }
 
     /// The board of detached samples, created on first use. A detached
-    /// sample stays counted as borrowed until `drain_board` hands it back.
+    /// sample stays counted as borrowed until `flush_board` hands it back.
     pub(crate) fn board(&self) -> &Arc<ReturnBoard<S, C>>
     where
         S: Clone,
@@ -408,8 +408,8 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             backoff: self.backoff,
             cap_mask: self.cap_mask,
             head: Cell::new(self.head.get()),
-            ret_tail: Cell::new(0),
-            ret_head_seen: Cell::new(0),
+            returned: Cell::new(0),
+            collected_seen: Cell::new(0),
             borrowed: Cell::new(0),
             faults: Cell::new(0),
             publisher_seen: Cell::new(self.publisher_seen.get()),
@@ -486,7 +486,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     fn current_head(&self) -> u64 {
         if self.policy == OverflowPolicy::KeepLatest {
             // Acquire pairs with the publisher's AcqRel CAS in `evict_oldest`.
-            self.channel.header().head.load(Acquire)
+            self.channel.header().queue_head.load(Acquire)
         } else {
             self.head.get()
         }
@@ -526,7 +526,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         if self.has_news() {
             wait::Poll::Ready
         } else if self.policy == OverflowPolicy::KeepLatest
-            && self.channel.header().head.load(Acquire) & HEAD_CLAIMED != 0
+            && self.channel.header().queue_head.load(Acquire) & HEAD_CLAIMED != 0
         {
             wait::Poll::Soon
         } else {
@@ -624,7 +624,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 // queued, so no news is reported meanwhile; a waiting
                 // receive sleeps briefly (`poll_news`).
                 crate::primitive::spin_hint();
-                head = ch.head.load(Acquire);
+                head = ch.queue_head.load(Acquire);
                 if head & HEAD_CLAIMED != 0 {
                     return Err(if self.attached() { TryRecvError::Empty } else { TryRecvError::Detached });
                 }
@@ -641,7 +641,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                     // in `push`, which the writer made after moving the head
                     // past this one: the head loaded next is at least that.
                     fence(Acquire);
-                    head = ch.head.load(Acquire);
+                    head = ch.queue_head.load(Acquire);
                     continue;
                 }
                 if ahead > 0 {
@@ -679,16 +679,16 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             };
             if self.policy == OverflowPolicy::KeepLatest {
                 // AcqRel pairs with the publisher's CAS in `evict_oldest`:
-                // whoever moves `head` past this entry owns it. Losing means
+                // whoever moves `queue_head` past this entry owns it. Losing means
                 // it was evicted (and the fields above may be torn).
-                if let Err(now) = ch.head.compare_exchange(head, next, AcqRel, Acquire) {
+                if let Err(now) = ch.queue_head.compare_exchange(head, next, AcqRel, Acquire) {
                     head = now;
                     continue;
                 }
             } else {
                 // Release pairs with the publisher's and owner's Acquire
-                // loads of `head` (statistics, eviction).
-                ch.head.store(next, Release);
+                // loads of `queue_head` (statistics, eviction).
+                ch.queue_head.store(next, Release);
             }
             self.head.set(next);
             let g = self.stream.layout().geometry;
@@ -697,7 +697,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             }
             self.borrowed.set(self.borrowed.get() + 1);
             if info.len > g.slot_size {
-                self.release(info.slot);
+                self.return_slot(info.slot);
                 return Err(self.corrupt("frame length exceeds the slot size"));
             }
             return Ok(info);
@@ -711,15 +711,15 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     pub(crate) fn hand_back(&self) {
         if let Some(board) = self.board.get() {
             if board.pending() {
-                self.drain_board(board);
+                self.flush_board(board);
             }
         }
     }
 
     /// Hands back the slots of detached samples released since last time.
     #[cold]
-    fn drain_board(&self, board: &ReturnBoard<S, C>) {
-        board.drain(|slot| self.release(slot));
+    fn flush_board(&self, board: &ReturnBoard<S, C>) {
+        board.flush(|slot| self.return_slot(slot));
     }
 
     #[cold]
@@ -760,7 +760,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
 
     /// Hands `slot` back to the publisher.
     #[inline]
-    pub(crate) fn release(&self, slot: u32) {
+    pub(crate) fn return_slot(&self, slot: u32) {
         self.borrowed.set(self.borrowed.get() - 1);
         if !self.attached() {
             // The owner reclaimed everything we held; the channel may belong
@@ -768,12 +768,12 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             return;
         }
         let ch = self.channel.header();
-        let tail = self.ret_tail.get();
-        if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
+        let tail = self.returned.get();
+        if tail.wrapping_sub(self.collected_seen.get()) > self.cap_mask {
             // Acquire pairs with the publisher's Release store of
-            // `ret_head` in `drain_returns`.
-            self.ret_head_seen.set(ch.ret_head.load(Acquire));
-            if tail.wrapping_sub(self.ret_head_seen.get()) > self.cap_mask {
+            // `collected` in `collect_returns`.
+            self.collected_seen.set(ch.collected.load(Acquire));
+            if tail.wrapping_sub(self.collected_seen.get()) > self.cap_mask {
                 // Cannot happen while we hold at most `credits` slots: the
                 // publisher reads the ring before giving us more.
                 self.faults.set(self.faults.get() + 1);
@@ -781,10 +781,10 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             }
         }
         self.channel.returns()[(tail & self.cap_mask) as usize].store(slot, Relaxed);
-        // Release pairs with the publisher's Acquire load of `tail` in
-        // `drain_returns`: the slot number is visible with it.
-        ch.tail.store(tail.wrapping_add(1), Release);
-        self.ret_tail.set(tail.wrapping_add(1));
+        // Release pairs with the publisher's Acquire load of `returned` in
+        // `collect_returns`: the slot number is visible with it.
+        ch.returned.store(tail.wrapping_add(1), Release);
+        self.returned.set(tail.wrapping_add(1));
         if self.policy == OverflowPolicy::Lossless {
             // A publisher may be asleep waiting for this very slot.
             wait::fence_before_wake();
