@@ -144,27 +144,27 @@ pub fn futex_wake(word: &AtomicU32) {
 /// caches overlaps with other work instead of stalling its stores.
 #[inline(always)]
 pub fn prefetch_for_write(addr: *const u8) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: a prefetch is a hint: it never faults, whatever the address,
     // and changes no architectural state. (CPUs without PREFETCHW execute
     // it as a no-op.)
     unsafe {
         std::arch::asm!("prefetchw [{0}]", in(reg) addr, options(nostack, preserves_flags, readonly));
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     let _ = addr;
 }
 
 /// Asks the CPU to fetch the cache line at `addr` for reading, ahead of time.
 #[inline(always)]
 pub fn prefetch_for_read(addr: *const u8) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: a prefetch is a hint: it never faults, whatever the address,
     // and changes no architectural state.
     unsafe {
         std::arch::asm!("prefetcht0 [{0}]", in(reg) addr, options(nostack, preserves_flags, readonly));
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     let _ = addr;
 }
 
