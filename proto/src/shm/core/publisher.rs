@@ -611,14 +611,19 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Whether subscriber `s` may be given one more slot, reading its
     /// return ring first if it looks full.
-    #[inline]
+    #[inline(always)]
     fn has_room(&mut self, s: usize) -> bool {
         let st = &self.subs[s];
-        st.held < st.credits || {
-            self.collect(s);
-            let st = &self.subs[s];
-            st.held < st.credits
-        }
+        st.held < st.credits || self.has_room_after_collecting(s)
+    }
+
+    /// [`has_room`](Self::has_room) once the cheap look said no: reads
+    /// the return ring (once per `credits` frames at most while streaming).
+    #[inline(never)]
+    fn has_room_after_collecting(&mut self, s: usize) -> bool {
+        self.collect(s);
+        let st = &self.subs[s];
+        st.held < st.credits
     }
 
     /// Reads subscriber `s`'s return ring.
