@@ -13,8 +13,12 @@
 //! can be had (a kernel before 5.3; a peer in another pid namespace on a
 //! kernel before 6.5), the connection is the lease, as it was: when it
 //! ends the role is taken back, and a publisher that lives on gets
-//! `Replaced` at its next loan or send — a sample it was writing then may
-//! still reach subscribers.
+//! `Replaced` at its next loan or send. Until then it may race the owner's
+//! recovery: a sample it was writing may still reach subscribers, and a
+//! slot may be reused under a sample a subscriber holds. A writer the
+//! broker never tracked (dropped between its Publish reply and its attach)
+//! is judged by the pid it wrote into the segment, which is only right in
+//! the broker's pid namespace.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};

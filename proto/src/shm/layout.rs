@@ -304,9 +304,11 @@ pub struct SubscriberCounters {
     /// Protocol violations seen from this subscriber (bad returns, a
     /// corrupted head or return ring).
     pub faults: AtomicU64,
-    /// Next return-ring position the publisher will read. Kept here, where
-    /// only the writer writes, and stored before each return is applied: a
-    /// publisher that dies mid-way never has a return applied twice.
+    /// Next return-ring position the writer will read. Kept here, where
+    /// only the writer writes, and stored after each batch of returns is
+    /// applied: a writer that dies mid-batch leaves it behind, and the next
+    /// one applies the batch again, which is harmless (a return whose bit is
+    /// already clear changes nothing; see `replay_returns`).
     pub collected: AtomicU64,
 }
 

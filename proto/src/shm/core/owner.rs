@@ -235,6 +235,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let header = self.stream.header();
         // Acquire pairs with the publisher's Release store in `sync_table_slow`.
         let applied = header.publisher.applied_gen.load(Acquire);
+        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
         let publisher_attached = header.control.writer.load(Acquire) == WRITER_PUBLISHER;
         let held = self.held_per_subscriber();
         (0..held.len())
@@ -279,6 +280,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
 
     pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
         let header = self.stream.header();
+        // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+        // Release CAS to CLOSED (`acknowledge_close`).
         if header.control.state.load(Acquire) != STREAM_OPEN {
             return Err(AddSubscriberError::Closed);
         }
@@ -314,7 +317,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             c.store(0, Relaxed);
         }
         let cfg = &self.stream.record(index).config;
-        let generation = cfg.generation.load(Relaxed) + 1;
+        let generation = cfg.generation.load(Relaxed).wrapping_add(1);
         // The previous subscriber could write anything in the channel:
         // rewrite all of it.
         let ch = self.channels[index].header();
@@ -352,6 +355,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
 
     fn active_index(&self, index: u32) -> Result<usize, SubscriberOpError> {
         let s = index as usize;
+        // Acquire pairs with the Release stores of the record's state (the owner's in
+        // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
         if s < self.channels.len() && self.stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
             Ok(s)
         } else {
@@ -423,6 +428,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         for s in 0..self.channels.len() {
             let state = &self.stream.record(s).config.state;
+            // Acquire pairs with the Release stores of the record's state (the owner's in
+            // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
             if state.load(Acquire) == SUB_DETACHING {
                 take_back_all(&writer, &self.stream, s, |_| {});
                 state.store(SUB_FREE, Release);
@@ -446,7 +453,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             // load in `SubCore::publisher_event`.
             let now = ctl.publisher_changes.load(Relaxed);
             if now % 2 == 1 {
-                let _ = ctl.publisher_changes.compare_exchange(now, now + 1, Release, Relaxed);
+                let _ = ctl.publisher_changes.compare_exchange(now, now.wrapping_add(1), Release, Relaxed);
             }
             writer.release(ctl);
         }
@@ -507,6 +514,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // The SeqCst fence pairs with the one in `PubCore::drop`: either we
         // see its writer role released, or it sees the stream closing.
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
+        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
             self.end_without_publisher();
         }
@@ -526,6 +534,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     pub(crate) fn end_for_subscribers(&mut self, barrier: Option<BarrierPassed>) -> EndProgress {
         let ctl = &self.stream.header().control;
         loop {
+            // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+            // Release CAS to CLOSED (`acknowledge_close`).
             let state = ctl.state.load(Acquire);
             if state == STREAM_OPEN {
                 return EndProgress::Open;
@@ -533,6 +543,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             if state == STREAM_CLOSED {
                 return EndProgress::Ended;
             }
+            // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
             if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
                 // It let go meanwhile (its `Drop` acknowledges too).
                 self.end_without_publisher();
@@ -553,8 +564,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         if !ending.seen {
             return EndProgress::NeedsBarrier;
         }
-        // Acquire pairs with the publisher's Release store of INFLIGHT_IDLE
-        // (`PubCore::idle`): every frame it delivered is visible to whoever
+        // Acquire pairs with the writer's Release store of INFLIGHT_IDLE
+        // (`PubCore::idle`, or `repair`'s): every frame it delivered is visible to whoever
         // sees the end from our Release in `acknowledge_close`.
         if self.stream.header().publisher.inflight.load(Acquire) != INFLIGHT_IDLE {
             return EndProgress::Delivering;
@@ -569,6 +580,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// or dead: the caller knows which); `None` if none holds it.
     pub(crate) fn publisher_attached(&self) -> Option<u32> {
         let ctl = &self.stream.header().control;
+        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
         (ctl.writer.load(Acquire) == WRITER_PUBLISHER).then(|| ctl.publisher_pid.load(Relaxed))
     }
 
@@ -581,6 +593,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let subscribers = (0..self.channels.len())
             .filter_map(|s| {
                 let cfg = &self.stream.record(s).config;
+                // Acquire pairs with the Release stores of the record's state (the owner's in
+                // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
                 let state = cfg.state.load(Acquire);
                 if state == SUB_FREE {
                     return None;
@@ -621,6 +635,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             published: header.publisher.published.load(Relaxed),
             bytes: header.publisher.bytes.load(Relaxed),
             publisher_pid: header.control.publisher_pid.load(Relaxed),
+            // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+            // Release CAS to CLOSED (`acknowledge_close`).
             closed: header.control.state.load(Acquire) != STREAM_OPEN,
             subscribers,
         }

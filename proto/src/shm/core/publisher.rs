@@ -167,6 +167,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let g = stream.layout().geometry;
         assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
         let ctl = &stream.header().control;
+        // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+        // Release CAS to CLOSED (`acknowledge_close`).
         if ctl.state.load(Acquire) != STREAM_OPEN {
             return Err(AttachRefusal::Closed);
         }
@@ -196,7 +198,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         // (Odd would mean a predecessor's departure went uncounted: count it.)
         let changes = &this.stream.header().control.publisher_changes;
         let now = changes.load(Relaxed);
-        this.arrival = if now % 2 == 0 { now + 1 } else { now + 2 };
+        this.arrival = if now % 2 == 0 { now.wrapping_add(1) } else { now.wrapping_add(2) };
         changes.store(this.arrival, Release);
         wake_all(&this.channels);
         Ok(this)
@@ -217,6 +219,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         // again. A return it had applied finds its bit clear and changes
         // nothing; one it had not is applied now.
         for (s, channel) in channels.iter().enumerate() {
+            // Acquire pairs with the Release stores of the record's state (the owner's in
+            // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
             if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
                 replay_returns(&writer, &stream, channel, s);
             }
@@ -265,6 +269,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             this.roll_forward(frame);
         }
         this.hold_close = false;
+        // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+        // Release CAS to CLOSED (`acknowledge_close`).
         if !this.replaced && this.stream.header().control.state.load(Acquire) != STREAM_OPEN {
             this.closed = true;
             acknowledge_close(&this.stream, &this.channels);
@@ -328,6 +334,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             // still alive: touch nothing more. (If it closed the stream
             // too, that is what the caller hears.)
             self.replaced = true;
+            // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+            // Release CAS to CLOSED (`acknowledge_close`).
             self.closed = ctl.state.load(Acquire) != STREAM_OPEN;
             return;
         }
@@ -337,6 +345,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let cap = self.cap_mask as u32 + 1;
         for s in 0..self.subs.len() {
             let cfg = &self.stream.record(s).config;
+            // Acquire pairs with the Release stores of the record's state (the owner's in
+            // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
             let state = cfg.state.load(Acquire);
             let generation = cfg.generation.load(Relaxed);
             match state {
@@ -384,6 +394,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         }
         // Release pairs with the owner's Acquire load in `committed`.
         self.stream.header().publisher.applied_gen.store(gen_now, Release);
+        // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+        // Release CAS to CLOSED (`acknowledge_close`).
         if !self.hold_close && self.stream.header().control.state.load(Acquire) != STREAM_OPEN {
             // From here on nothing is delivered: tell the subscribers.
             self.closed = true;
@@ -534,7 +546,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 wake |= self.subs[s].parks;
             } else {
                 let st = &mut self.subs[s];
-                st.dropped += 1;
+                st.dropped = st.dropped.wrapping_add(1);
                 self.stream.record(s).counters.dropped.store(st.dropped, Relaxed);
                 crash::point();
                 dropped += 1;
@@ -554,7 +566,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 // its word set costs a load per frame, not a system call.
                 // (A stale head here means the waiter's fence came after
                 // ours, and it sees this frame itself.)
-                if st.last_push == seq + 1
+                if st.last_push == seq.wrapping_add(1)
                     && wait::is_waiting(&ch.waiting)
                     && ch.queue_head.load(Relaxed) == st.pushed.wrapping_sub(1)
                 {
@@ -571,8 +583,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         if info.delivered == 0 && is_free(self.stream.mask(slot)) {
             self.free.push_front(slot);
         }
-        self.published = seq + 1;
-        self.bytes += u64::from(len);
+        self.published = seq.wrapping_add(1);
+        self.bytes = self.bytes.wrapping_add(u64::from(len));
         let p = &self.stream.header().publisher;
         p.published.store(self.published, Relaxed);
         crash::point();
@@ -598,14 +610,14 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         e.word.store(entry(pos, slot), Release);
         crash::point();
         // The bit after the entry: a bit never exists without its entry (see
-        // `recover`). The subscriber's return of this slot is read later, on
+        // `repair`). The subscriber's return of this slot is read later, on
         // this thread, so it always finds the bit set.
         HolderBit::of(s).set(&self.writer, self.stream.mask(slot));
         crash::point();
-        st.pushed = pos + 1;
-        st.last_push = seq + 1;
+        st.pushed = pos.wrapping_add(1);
+        st.last_push = seq.wrapping_add(1);
         st.held += 1;
-        self.stream.record(s).counters.pushed.store(pos + 1, Relaxed);
+        self.stream.record(s).counters.pushed.store(pos.wrapping_add(1), Relaxed);
         crash::point();
     }
 
@@ -707,8 +719,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             // Counted once the claim is over, so that recovery, which finds
             // a claim, counts the eviction itself. (A kill right here loses
             // one count: statistics only.)
-            st.evicted += 1;
-            st.dropped += 1;
+            st.evicted = st.evicted.wrapping_add(1);
+            st.dropped = st.dropped.wrapping_add(1);
             let counters = &self.stream.record(s).counters;
             counters.evicted.store(st.evicted, Relaxed);
             counters.dropped.store(st.dropped, Relaxed);
@@ -754,7 +766,8 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         // to a subscriber that sees us gone. Failing means the owner
         // declared us gone since our last look (and counted it): the role
         // may be somebody else's already, touch nothing.
-        if ctl.publisher_changes.compare_exchange(self.arrival, self.arrival + 1, Release, Relaxed).is_err() {
+        if ctl.publisher_changes.compare_exchange(self.arrival, self.arrival.wrapping_add(1), Release, Relaxed).is_err()
+        {
             return;
         }
         ctl.publisher_pid.store(0, Relaxed);
@@ -847,7 +860,7 @@ fn collect_returns<S: StreamMem, C: ChannelMem>(
         }
     }
     // Persisted after the batch: a successor re-reads from here (see
-    // `PubCore::attach`, which finishes the batch before any delivery).
+    // `replay_returns`, which `take_over` runs before any delivery).
     stream.record(s).counters.collected.store(tail, Relaxed);
     crash::point();
     st.collected = tail;
@@ -864,7 +877,8 @@ fn replay_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, chan
     let cap = stream.layout().geometry.queue_capacity as usize;
     let ring = channel.returns();
     let mut pos = counters.collected.load(Relaxed);
-    // Acquire pairs with the subscriber's Release store of `returned` in `release`.
+    // Acquire pairs with the subscriber's Release store of `returned` in
+    // `SubCore::return_slot`.
     let tail = channel.header().returned.load(Acquire);
     if tail.wrapping_sub(pos) <= cap as u64 {
         let bit = HolderBit::of(s);
@@ -879,6 +893,8 @@ fn replay_returns<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, chan
     }
     crash::point();
     counters.collected.store(tail, Relaxed);
+    // Release pairs with the subscriber's Acquire load of `collected` when
+    // its return ring looks full (`SubCore::return_slot`).
     channel.header().collected.store(tail, Release);
 }
 
@@ -908,7 +924,7 @@ fn take_back<S: StreamMem>(
 
 #[cold]
 fn fault<S: StreamMem>(stream: &S, st: &mut SubState, s: usize) {
-    st.faults += 1;
+    st.faults = st.faults.wrapping_add(1);
     stream.record(s).counters.faults.store(st.faults, Relaxed);
 }
 
@@ -998,12 +1014,12 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, c
             head.store(pos.wrapping_add(1), Release);
             crash::point();
             // The writer counts an eviction after it ends the claim.
-            counters.evicted.store(counters.evicted.load(Relaxed) + 1, Relaxed);
-            counters.dropped.store(counters.dropped.load(Relaxed) + 1, Relaxed);
+            counters.evicted.store(counters.evicted.load(Relaxed).wrapping_add(1), Relaxed);
+            counters.dropped.store(counters.dropped.load(Relaxed).wrapping_add(1), Relaxed);
             tracing::debug!(subscriber = s, pos, slot, "finished an interrupted eviction");
         } else {
             // Not a claim any writer made: only this subscriber's queue suffers.
-            counters.faults.store(counters.faults.load(Relaxed) + 1, Relaxed);
+            counters.faults.store(counters.faults.load(Relaxed).wrapping_add(1), Relaxed);
             head.store(pos, Release);
         }
         crash::point();
@@ -1013,6 +1029,8 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, c
     let (seq_low, slot) = split_inflight(p.inflight.load(Relaxed));
     let seq = p.published.load(Relaxed);
     if slot == NO_SLOT || slot >= g.slot_count || seq_low != seq as u32 {
+        // Release pairs with the owner's Acquire load of `inflight` in
+        // `OwnerCore::end_for_subscribers`.
         p.inflight.store(INFLIGHT_IDLE, Release);
         return None;
     }
@@ -1038,6 +1056,7 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, c
         }
     }
     if got.is_none() {
+        // Release pairs as above.
         p.inflight.store(INFLIGHT_IDLE, Release);
     }
     tracing::debug!(slot, seq, reached = got.is_some(), "repaired an interrupted delivery");

@@ -464,3 +464,59 @@ fn a_publisher_killed_after_its_close_was_ended_leaves_a_whole_frame() {
         assert!(killed || k == 0);
     }
 }
+
+/// Final review: a hostile publisher writes, at a keep-latest subscriber's
+/// head, an entry stamped one position ahead and never moves the head.
+/// The bounded retry in `try_take` said `Empty`, `ready()` kept saying a
+/// frame was there, and the receive spun without ever checking its
+/// deadline ("the receive kept on past its deadline: 2.001908722s").
+#[test]
+fn an_entry_ahead_of_an_unmoved_head_is_a_corrupt_queue_not_an_endless_receive() {
+    use crate::shm::layout::entry;
+    let (stream, channels, _owner, mut subs) = world(&[(1, OverflowPolicy::KeepLatest)]);
+    // Position 0's entry stamped as position 1's (what an eviction would
+    // leave behind had it moved the head; here nobody does).
+    stream.ring(0)[0].word.store(entry(1, 0), Relaxed);
+    let sub = subs.pop().unwrap();
+    // Should the receive hang, this unsticks it so the test can fail.
+    let fixer = {
+        let channels = channels.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            channels[0].header().queue_head.store(1, Relaxed);
+        })
+    };
+    let start = Instant::now();
+    let r = sub.take(Some(start + Duration::from_millis(50)));
+    let hung = start.elapsed() >= Duration::from_secs(2);
+    fixer.join().unwrap();
+    assert!(!hung, "the receive kept on past its deadline");
+    assert!(matches!(r, Err(RecvError::Corrupt(_))), "{r:?}");
+}
+
+/// Final review: a hostile publisher queues one slot twice; both samples
+/// are detached and dropped. The second post tripped a debug assertion (a
+/// panic in a sample's drop); in release the subscriber's `borrowed`
+/// stayed one too high for good.
+#[test]
+fn a_slot_queued_twice_goes_back_once_and_leaves_nothing_borrowed() {
+    use crate::shm::layout::entry;
+    let (stream, _channels, _owner, mut subs) = world(&[(2, OverflowPolicy::DropNewest)]);
+    for pos in 0..2u64 {
+        let e = &stream.ring(0)[pos as usize];
+        e.seq.store(pos, Relaxed);
+        e.len.store(1, Relaxed);
+        e.word.store(entry(pos, 3), Relaxed);
+    }
+    let sub = subs.pop().unwrap();
+    let (a, b) = (sub.try_take().unwrap(), sub.try_take().unwrap());
+    assert_eq!((a.slot, b.slot), (3, 3));
+    let board = sub.board().clone();
+    let posted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        board.post(a.slot);
+        board.post(b.slot);
+    }));
+    assert!(posted.is_ok(), "the second post panicked");
+    sub.hand_back();
+    assert_eq!(sub.borrowed(), 0);
+}

@@ -36,9 +36,9 @@ use std::time::Instant;
 
 use super::mem::{ChannelMem, StreamMem};
 use super::wait::{self, Backoff};
-use crate::primitive::AtomicU64;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::primitive::fence;
+use crate::primitive::{AtomicU32, AtomicU64};
 use crate::shm::layout::{
     HEAD_CLAIMED, OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry,
 };
@@ -220,6 +220,9 @@ pub(crate) struct ReturnBoard<S, C> {
     channel: C,
     bits: Box<[AtomicU64]>,
     summary: AtomicU64,
+    /// Posts of a slot already posted and not yet flushed: a publisher
+    /// (faulty or hostile) handed the same slot out in two samples.
+    duplicates: AtomicU32,
     /// Dropped with the last detached sample or the subscriber.
     _keep: Option<KeepAlive>,
 }
@@ -238,6 +241,7 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
             channel,
             bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
             summary: AtomicU64::new(0),
+            duplicates: AtomicU32::new(0),
             _keep: keep,
         }
     }
@@ -256,7 +260,13 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
         // reads of the slot happen before the subscriber returns it to the
         // publisher (which writes it next).
         let old = self.bits[word].fetch_or(1 << bit, Release);
-        debug_assert_eq!(old & (1 << bit), 0, "slot {slot} posted twice");
+        if old & (1 << bit) != 0 {
+            // The same slot in two samples (a faulty or hostile publisher
+            // queued it twice): it goes back once; the second sample only
+            // stops counting as borrowed. Release pairs with the Acquire
+            // swap in `flush`.
+            self.duplicates.fetch_add(1, Release);
+        }
         // Release pairs with the Acquire swap in `flush`.
         self.summary.fetch_or(1 << (word % 64), Release);
         // The sleeper announces itself, fences and then checks `pending`:
@@ -271,8 +281,9 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
         self.summary.load(Relaxed) != 0
     }
 
-    /// Takes every posted slot.
-    fn flush(&self, mut each: impl FnMut(u32)) {
+    /// Takes every posted slot; returns how many posts were duplicates
+    /// (see `duplicates`).
+    fn flush(&self, mut each: impl FnMut(u32)) -> u32 {
         // Acquire pairs with the Release `fetch_or` of the summary in `post`.
         let mut summary = self.summary.swap(0, Acquire);
         while summary != 0 {
@@ -288,6 +299,8 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
                 }
             }
         }
+        // Acquire pairs with the Release `fetch_add` in `post`.
+        self.duplicates.swap(0, Acquire)
     }
 }
 
@@ -485,7 +498,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     #[inline]
     fn current_head(&self) -> u64 {
         if self.policy == OverflowPolicy::KeepLatest {
-            // Acquire pairs with the publisher's AcqRel CAS in `evict_oldest`.
+            // Acquire pairs with the writer's Release store of `head + 1`
+            // ending an eviction (`evict_one`, `repair`) and its AcqRel CAS
+            // claiming one (`evict_one`).
             self.channel.header().queue_head.load(Acquire)
         } else {
             self.head.get()
@@ -639,9 +654,17 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                     // Overwritten after an eviction: find the new head. The
                     // fence pairs with the Release store of the newer entry
                     // in `push`, which the writer made after moving the head
-                    // past this one: the head loaded next is at least that.
+                    // past this one (the Release store of `head + 1` in
+                    // `evict_one` or `repair`): the head loaded next is at
+                    // least that. One that has not moved is a publisher
+                    // overrunning the queue, not an eviction: a receive
+                    // retrying it would never reach its deadline.
                     fence(Acquire);
-                    head = ch.queue_head.load(Acquire);
+                    let now = ch.queue_head.load(Acquire);
+                    if now == head {
+                        return Err(self.corrupt("the publisher overran the queue"));
+                    }
+                    head = now;
                     continue;
                 }
                 if ahead > 0 {
@@ -678,7 +701,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
                 timestamp_ns: e.timestamp_ns.load(Relaxed),
             };
             if self.policy == OverflowPolicy::KeepLatest {
-                // AcqRel pairs with the publisher's CAS in `evict_oldest`:
+                // AcqRel pairs with the publisher's CAS in `evict_one`:
                 // whoever moves `queue_head` past this entry owns it. Losing means
                 // it was evicted (and the fields above may be torn).
                 if let Err(now) = ch.queue_head.compare_exchange(head, next, AcqRel, Acquire) {
@@ -719,7 +742,10 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     /// Hands back the slots of detached samples released since last time.
     #[cold]
     fn flush_board(&self, board: &ReturnBoard<S, C>) {
-        board.flush(|slot| self.return_slot(slot));
+        let duplicates = board.flush(|slot| self.return_slot(slot));
+        if duplicates > 0 {
+            self.borrowed.set(self.borrowed.get().saturating_sub(duplicates));
+        }
     }
 
     #[cold]
@@ -770,8 +796,8 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         let ch = self.channel.header();
         let tail = self.returned.get();
         if tail.wrapping_sub(self.collected_seen.get()) > self.cap_mask {
-            // Acquire pairs with the publisher's Release store of
-            // `collected` in `collect_returns`.
+            // Acquire pairs with the writer's Release store of
+            // `collected` in `collect_returns` or `replay_returns`.
             self.collected_seen.set(ch.collected.load(Acquire));
             if tail.wrapping_sub(self.collected_seen.get()) > self.cap_mask {
                 // Cannot happen while we hold at most `credits` slots: the

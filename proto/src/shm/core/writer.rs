@@ -6,9 +6,10 @@
 //! delivery rings and the recovery state. A [`Writer`] is the proof of
 //! that role. Only winning the `writer` compare-and-swap of
 //! [`StreamControl`] makes one ([`Writer::acquire`]); every function that
-//! changes a mask, a ring, recovers, reclaims or acknowledges a close as
-//! the writer takes one, so within a process the compiler checks who may
-//! write. Across processes the token carries the writer epoch it set in
+//! changes a mask or a ring, recovers or reclaims takes one, so within a
+//! process the compiler checks who may write. (Acknowledging a close is
+//! not among them: the owner may end one while a live publisher keeps the
+//! role — see `OwnerCore::end_for_subscribers`.) Across processes the token carries the writer epoch it set in
 //! shared memory: a writer the owner declared gone holds a stale token,
 //! which [`Writer::is_current`] refuses where it matters (the publisher's
 //! look at the subscriber table, before its next loan or send).
@@ -71,6 +72,9 @@ impl Writer {
     /// false once the owner declared it gone, even if another acquisition
     /// of the same role followed.
     pub(crate) fn is_current(&self, ctl: &StreamControl) -> bool {
+        // Acquire pairs with the Release of the owner's `release` (and the
+        // Acquire of its `acquire`'s CAS): a revoked holder that reads the
+        // role back sees the epoch the owner stored with it.
         self.role != WRITER_NONE
             && ctl.writer.load(Acquire) == self.role
             && ctl.publisher_epoch.load(Relaxed) == self.epoch
