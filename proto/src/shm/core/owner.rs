@@ -211,7 +211,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// Announces a change of the subscriber table; returns the new generation.
     fn bump_table(&self) -> u64 {
         // Release pairs with the publisher's Acquire load in `sync_table`.
-        self.stream.header().control.table_gen.fetch_add(1, Release) + 1
+        self.stream.header().control.table_gen.fetch_add(1, Release).wrapping_add(1)
     }
 
     /// Slots each subscriber index holds (bits set in the masks).
@@ -235,7 +235,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let header = self.stream.header();
         // Acquire pairs with the publisher's Release store in `sync_table_slow`.
         let applied = header.publisher.applied_gen.load(Acquire);
-        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
+        // Acquire pairs with `Writer::release`'s Release CAS (through the
+        // release sequence a later `Writer::acquire` CAS continues).
         let publisher_attached = header.control.writer.load(Acquire) == WRITER_PUBLISHER;
         let held = self.held_per_subscriber();
         (0..held.len())
@@ -514,7 +515,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // The SeqCst fence pairs with the one in `PubCore::drop`: either we
         // see its writer role released, or it sees the stream closing.
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
-        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
+        // Acquire pairs with `Writer::release`'s Release CAS (through the
+        // release sequence a later `Writer::acquire` CAS continues).
         if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
             self.end_without_publisher();
         }
@@ -543,7 +545,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             if state == STREAM_CLOSED {
                 return EndProgress::Ended;
             }
-            // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
+            // Acquire pairs with `Writer::release`'s Release CAS (through the
+            // release sequence a later `Writer::acquire` CAS continues).
             if ctl.writer.load(Acquire) != WRITER_PUBLISHER {
                 // It let go meanwhile (its `Drop` acknowledges too).
                 self.end_without_publisher();
@@ -580,7 +583,8 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// or dead: the caller knows which); `None` if none holds it.
     pub(crate) fn publisher_attached(&self) -> Option<u32> {
         let ctl = &self.stream.header().control;
-        // Acquire pairs with the Release of `Writer::release` and of `Writer::acquire`'s CAS.
+        // Acquire pairs with `Writer::release`'s Release CAS (through the
+        // release sequence a later `Writer::acquire` CAS continues).
         (ctl.writer.load(Acquire) == WRITER_PUBLISHER).then(|| ctl.publisher_pid.load(Relaxed))
     }
 

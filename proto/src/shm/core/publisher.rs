@@ -599,7 +599,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let pos = st.pushed;
         if pos & 1 == 0 {
             // A line of entries a few frames ahead, before the subscriber polls it.
-            self.stream.prefetch_entry(s, ((pos + 4) & self.cap_mask) as usize);
+            self.stream.prefetch_entry(s, (pos.wrapping_add(4) & self.cap_mask) as usize);
         }
         let e = &self.stream.ring(s)[(pos & self.cap_mask) as usize];
         e.seq.store(seq, Relaxed);

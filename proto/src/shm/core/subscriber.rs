@@ -262,9 +262,11 @@ impl<S: StreamMem, C: ChannelMem> ReturnBoard<S, C> {
         let old = self.bits[word].fetch_or(1 << bit, Release);
         if old & (1 << bit) != 0 {
             // The same slot in two samples (a faulty or hostile publisher
-            // queued it twice): it goes back once; the second sample only
-            // stops counting as borrowed. Release pairs with the Acquire
-            // swap in `flush`.
+            // queued it twice), both posted between two flushes: it goes
+            // back once; the second sample only stops counting as borrowed.
+            // (Posted across a flush, it goes back twice: the publisher
+            // counts a fault. Only this subscriber suffers either way.)
+            // Release pairs with the Acquire swap in `flush`.
             self.duplicates.fetch_add(1, Release);
         }
         // Release pairs with the Acquire swap in `flush`.

@@ -72,9 +72,9 @@ impl Writer {
     /// false once the owner declared it gone, even if another acquisition
     /// of the same role followed.
     pub(crate) fn is_current(&self, ctl: &StreamControl) -> bool {
-        // Acquire pairs with the Release of the owner's `release` (and the
-        // Acquire of its `acquire`'s CAS): a revoked holder that reads the
-        // role back sees the epoch the owner stored with it.
+        // Acquire pairs with `release`'s Release CAS, through the release
+        // sequence the next `acquire` CAS continues: a revoked holder that
+        // reads a later holder's role sees the epoch stored before it.
         self.role != WRITER_NONE
             && ctl.writer.load(Acquire) == self.role
             && ctl.publisher_epoch.load(Relaxed) == self.epoch
