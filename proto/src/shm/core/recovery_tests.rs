@@ -478,19 +478,22 @@ fn an_entry_ahead_of_an_unmoved_head_is_a_corrupt_queue_not_an_endless_receive()
     // leave behind had it moved the head; here nobody does).
     stream.ring(0)[0].word.store(entry(1, 0), Relaxed);
     let sub = subs.pop().unwrap();
-    // Should the receive hang, this unsticks it so the test can fail.
+    // Should the receive hang, this unsticks it once a generous deadline
+    // passes without the receive returning, so the test fails, not hangs.
+    let (returned, wait_for_it) = std::sync::mpsc::channel::<()>();
     let fixer = {
         let channels = channels.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            channels[0].header().queue_head.store(1, Relaxed);
+            let hung = wait_for_it.recv_timeout(Duration::from_secs(60)).is_err();
+            if hung {
+                channels[0].header().queue_head.store(1, Relaxed);
+            }
+            hung
         })
     };
-    let start = Instant::now();
-    let r = sub.take(Some(start + Duration::from_millis(50)));
-    let hung = start.elapsed() >= Duration::from_secs(2);
-    fixer.join().unwrap();
-    assert!(!hung, "the receive kept on past its deadline");
+    let r = sub.take(Some(Instant::now() + Duration::from_millis(50)));
+    let _ = returned.send(());
+    assert!(!fixer.join().unwrap(), "the receive kept on past its deadline");
     assert!(matches!(r, Err(RecvError::Corrupt(_))), "{r:?}");
 }
 
