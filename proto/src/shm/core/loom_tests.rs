@@ -86,6 +86,30 @@ fn publish(mut p: Pub, payload: &Payload, frames: u64) {
     }
 }
 
+/// Tries `frames` sends (waiting for lossless room) until one is refused
+/// as closed; returns how many succeeded.
+fn send_until_closed(p: &mut Pub, payload: &Payload, frames: u64) -> usize {
+    let mut sent = 0;
+    for _ in 0..frames {
+        let Ok(slot) = p.loan() else { break };
+        payload.0[slot as usize].with_mut(|v| unsafe_write(v, p.next_seq()));
+        match p.commit(slot, 1, 0) {
+            Ok(_) => sent += 1,
+            Err(CommitRefusal::WouldBlock { subscriber }) => {
+                p.abandon(slot);
+                if !p.wait_for_room(subscriber as usize, PARK, None) {
+                    break;
+                }
+            }
+            Err(_) => {
+                p.abandon(slot);
+                break;
+            }
+        }
+    }
+    sent
+}
+
 fn unsafe_write(v: *mut u64, value: u64) {
     // SAFETY: loom checks that this write is ordered after every read of
     // the slot's previous frame; the pointer comes from `with_mut`.
@@ -225,28 +249,7 @@ fn loom_close_racing_sends_loses_no_sent_frame() {
         let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
         let mut p = publisher(&owner);
         let written = payload.clone();
-        let sender = loom::thread::spawn(move || {
-            // Returns how many sends succeeded before the close was seen.
-            let mut sent = 0;
-            for _ in 0..2 {
-                let Ok(slot) = p.loan() else { break };
-                written.0[slot as usize].with_mut(|v| unsafe_write(v, p.next_seq()));
-                match p.commit(slot, 1, 0) {
-                    Ok(_) => sent += 1,
-                    Err(CommitRefusal::WouldBlock { subscriber }) => {
-                        p.abandon(slot);
-                        if !p.wait_for_room(subscriber as usize, PARK, None) {
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        p.abandon(slot);
-                        break;
-                    }
-                }
-            }
-            sent
-        });
+        let sender = loom::thread::spawn(move || send_until_closed(&mut p, &written, 2));
         let receiver = loom::thread::spawn(move || receive_all(stream, channel, tickets[0], payload).len());
         owner.close();
         let sent = sender.join().unwrap();
@@ -267,24 +270,7 @@ fn loom_ending_a_close_under_a_live_publisher_loses_no_sent_frame() {
         let mut p = publisher(&owner);
         let written = payload.clone();
         let sender = loom::thread::spawn(move || {
-            let mut sent = 0;
-            for _ in 0..2 {
-                let Ok(slot) = p.loan() else { break };
-                written.0[slot as usize].with_mut(|v| unsafe_write(v, p.next_seq()));
-                match p.commit(slot, 1, 0) {
-                    Ok(_) => sent += 1,
-                    Err(CommitRefusal::WouldBlock { subscriber }) => {
-                        p.abandon(slot);
-                        if !p.wait_for_room(subscriber as usize, PARK, None) {
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        p.abandon(slot);
-                        break;
-                    }
-                }
-            }
+            let sent = send_until_closed(&mut p, &written, 2);
             // Still attached: the owner must not have taken the role.
             (sent, p)
         });
