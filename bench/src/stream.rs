@@ -87,6 +87,13 @@ impl Case {
         })
     }
 
+    /// The reference ring a target compares this case with, as
+    /// `(size, stamped, header)`: one spinning subscriber only.
+    pub fn reference_ring(&self) -> Option<(usize, bool, bool)> {
+        let plain = self.subscribers == 1 && self.spin && !self.hostile && self.broker.is_none();
+        plain.then_some((self.size, self.timestamps && self.size == 64, self.read_header))
+    }
+
     fn wait(&self) -> WaitStrategy {
         if self.spin { WaitStrategy::Spin } else { WaitStrategy::default() }
     }
