@@ -224,6 +224,11 @@ fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tok
         std::os::unix::fs::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
     }
+    // The mode asked of the listener is masked by the umask (0640 under
+    // the usual 022, and members of the group need write permission to
+    // connect): set it outright.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
     Ok(listener)
 }
 

@@ -8,6 +8,12 @@ use pyo3::{PyErr, create_exception};
 
 create_exception!(memsock, Error, PyException, "Every memsock error.");
 create_exception!(memsock, BrokerUnreachable, Error, "No broker answers on the socket (is `memsock broker` running?).");
+create_exception!(
+    memsock,
+    BrokerPermissionDenied,
+    Error,
+    "The broker's socket exists but admits only its own user (and members of its `--group`)."
+);
 create_exception!(memsock, Disconnected, Error, "The connection to the broker is gone (it shut down).");
 create_exception!(memsock, Refused, Error, "The broker refused a request.");
 create_exception!(memsock, NoSuchStream, Refused, "No stream has that name.");
@@ -28,6 +34,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("Error", py.get_type::<Error>())?;
     m.add("BrokerUnreachable", py.get_type::<BrokerUnreachable>())?;
+    m.add("BrokerPermissionDenied", py.get_type::<BrokerPermissionDenied>())?;
     m.add("Disconnected", py.get_type::<Disconnected>())?;
     m.add("Refused", py.get_type::<Refused>())?;
     m.add("NoSuchStream", py.get_type::<NoSuchStream>())?;
@@ -50,6 +57,7 @@ pub(crate) fn client(e: ClientError) -> PyErr {
     let text = e.to_string();
     match e {
         ClientError::Connect { .. } => BrokerUnreachable::new_err(text),
+        ClientError::PermissionDenied { .. } => BrokerPermissionDenied::new_err(text),
         ClientError::Disconnected(_) => Disconnected::new_err(text),
         ClientError::Timeout(_) => Timeout::new_err(text),
         ClientError::Refused(c) => match c {

@@ -3,6 +3,9 @@ views, batches, publisher changes, asyncio, errors, stats."""
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,6 +156,26 @@ def test_asyncio_recv_does_not_block_the_loop_and_is_cancel_safe(pair):
         return got
 
     assert asyncio.run(main()) == [b"\x00", b"\x01", b"\x02"]
+
+
+def test_a_user_the_broker_does_not_admit_is_told_permission_denied(broker):
+    if os.geteuid() != 0:
+        pytest.skip("running a client as another user takes root")
+    # The socket (mode 0600) is reachable; only its mode keeps `nobody` out.
+    os.chmod(broker.dir.name, 0o755)
+    code = (
+        "import memsock, sys\n"
+        "try:\n"
+        "    memsock.connect(sys.argv[1])\n"
+        "except memsock.BrokerPermissionDenied as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", code, broker.socket],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "permission denied" in out.stdout and "--group" in out.stdout, out.stdout
 
 
 def test_errors_are_memsock_errors_with_clear_messages(broker, tmp_path):

@@ -30,6 +30,16 @@ pub enum ClientError {
         /// What the system said.
         source: io::Error,
     },
+    /// The socket exists but this user may not connect to it.
+    #[error(
+        "permission denied on the memsock broker's socket {path}: it admits only its own user and, if started with `--group G`, members of G"
+    )]
+    PermissionDenied {
+        /// The socket path tried.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
     /// The connection failed or the broker closed it.
     #[error("the connection to the broker is gone: {0}")]
     Disconnected(String),
@@ -75,7 +85,10 @@ pub(crate) struct Conn {
 impl Conn {
     /// Connects and performs the handshake.
     pub(crate) fn connect(path: &Path, client_name: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let connect_err = |source| ClientError::Connect { path: path.to_owned(), source };
+        let connect_err = |source: io::Error| match source.kind() {
+            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.to_owned(), source },
+            _ => ClientError::Connect { path: path.to_owned(), source },
+        };
         let socket = connect_socket(path).map_err(connect_err)?;
         let shared = Arc::new(Shared::default());
         let reader_socket = socket.try_clone().map_err(connect_err)?;

@@ -256,11 +256,22 @@ impl Broker {
 
     /// Starts a broker on `socket` (inside `dir`, which it keeps).
     pub fn start_at(dir: TempDir, socket: PathBuf) -> Result<Self> {
+        Self::start_with(dir, socket, &[])
+    }
+
+    /// Starts a broker on `socket` with extra `memsock broker` options,
+    /// under the usual umask 022 whatever this process's is.
+    pub fn start_with(dir: TempDir, socket: PathBuf, options: &[&str]) -> Result<Self> {
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
-        let child = Command::new(memsock_exe())
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"umask 022; exec "$@""#)
+            .arg("sh")
+            .arg(memsock_exe())
             .arg("--socket")
             .arg(&socket)
             .arg("broker")
+            .args(options)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -604,3 +604,85 @@ fn a_forked_copy_of_a_publisher_neither_writes_nor_lets_go() -> Result<()> {
     assert_eq!(stats_of(&client, "forks").unwrap().publisher_pid, Some(parent.pid()));
     Ok(())
 }
+
+/// A group and two users made for one test (member of it, and not), and
+/// removed after it. Needs root (`useradd`).
+struct TestUsers {
+    group: String,
+    member: String,
+    outsider: String,
+}
+
+impl TestUsers {
+    fn create() -> Result<Self> {
+        let tag = std::process::id();
+        let this = Self { group: format!("msk{tag}g"), member: format!("msk{tag}m"), outsider: format!("msk{tag}o") };
+        run("groupadd", &[&this.group])?;
+        run("useradd", &["-M", "-N", "-s", "/usr/sbin/nologin", "-G", &this.group, &this.member])?;
+        run("useradd", &["-M", "-N", "-s", "/usr/sbin/nologin", &this.outsider])?;
+        Ok(this)
+    }
+
+    /// `memsock --socket <socket> stats` run as `user`: its status and stderr.
+    fn stats_as(user: &str, socket: &std::path::Path) -> Result<(bool, String)> {
+        let out = std::process::Command::new("setpriv")
+            .args([&format!("--reuid={user}"), "--regid=users", "--init-groups"])
+            .arg(memsock_tests::memsock_exe())
+            .arg("--socket")
+            .arg(socket)
+            .arg("stats")
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+}
+
+impl Drop for TestUsers {
+    fn drop(&mut self) {
+        let _ = run("userdel", &[&self.member]);
+        let _ = run("userdel", &[&self.outsider]);
+        let _ = run("groupdel", &[&self.group]);
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new(program).args(args).status()?;
+    anyhow::ensure!(status.success(), "{program} {args:?}: {status}");
+    Ok(())
+}
+
+#[test]
+fn with_group_its_members_connect_and_others_are_told_permission_denied() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        // Making users takes root; the socket's mode is still checked.
+        eprintln!("not root: checking the socket mode with our own group only");
+    }
+    let users = if rustix::process::geteuid().is_root() { Some(TestUsers::create()?) } else { None };
+    let group = users.as_ref().map_or_else(|| rustix::process::getegid().as_raw().to_string(), |u| u.group.clone());
+    let dir = TempDir::new("group")?;
+    // Others must reach the socket's own directory, which the broker
+    // gives to the group.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let socket = dir.path().join("run").join("broker.sock");
+    let broker = Broker::start_with(dir, socket.clone(), &["--group", &group])?;
+
+    // Under umask 022 too, members of the group may write to the socket.
+    let meta = std::fs::metadata(&socket)?;
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode() & 0o777);
+    let Some(users) = users else { return Ok(()) };
+    assert_eq!(Some(meta.gid()), group_gid(&users.group), "the socket belongs to the group");
+
+    let (ok, stderr) = TestUsers::stats_as(&users.member, broker.socket())?;
+    assert!(ok, "a member of the group is served: {stderr}");
+    let (ok, stderr) = TestUsers::stats_as(&users.outsider, broker.socket())?;
+    assert!(!ok, "a user outside the group is refused");
+    assert!(stderr.contains("permission denied"), "told why: {stderr}");
+    assert!(!stderr.contains("is `memsock broker` running"), "not told the broker is down: {stderr}");
+    Ok(())
+}
+
+fn group_gid(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    let line = groups.lines().find(|l| l.split(':').next() == Some(name))?;
+    line.split(':').nth(2)?.parse().ok()
+}

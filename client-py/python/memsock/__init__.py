@@ -20,6 +20,7 @@ Every error is a ``memsock.Error``.
 
 from ._memsock import (
     Batch,
+    BrokerPermissionDenied,
     BrokerUnreachable,
     Client,
     Corrupt,
@@ -47,6 +48,7 @@ from ._memsock import (
 
 __all__ = [
     "Batch",
+    "BrokerPermissionDenied",
     "BrokerUnreachable",
     "Client",
     "Corrupt",
