@@ -11,6 +11,7 @@
 
 mod broker;
 mod reference;
+mod seed_ring;
 mod stream;
 mod sys;
 
@@ -64,6 +65,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// (internal) The seed article's hand-rolled ring producer, for the
+    /// Python benchmark (`python -m memsock.bench`).
+    #[command(hide = true)]
+    RingProducer {
+        #[arg(long)]
+        path: std::path::PathBuf,
+        #[arg(long)]
+        count: u64,
+    },
     /// (internal) A child process of a measurement.
     #[command(hide = true)]
     Child,
@@ -75,6 +85,7 @@ fn main() -> Result<()> {
             dataplane(json, scale, only.as_deref(), huge_pages, rounds.max(1))
         }
         Command::Broker { json, scale, rounds } => broker_bench(json, scale, rounds.max(1)),
+        Command::RingProducer { path, count } => seed_ring::ring_producer(&path, count),
         Command::Child => child(),
     }
 }

@@ -83,14 +83,6 @@ enum Command {
         #[arg(long)]
         no_timestamps: bool,
     },
-    /// (internal) The Python benchmark's hand-rolled ring producer.
-    #[command(hide = true)]
-    RingProducer {
-        #[arg(long)]
-        path: PathBuf,
-        #[arg(long)]
-        count: u64,
-    },
     /// (internal) A demo subscriber.
     #[command(hide = true)]
     DemoSubscriber {
@@ -136,7 +128,6 @@ fn main() -> Result<()> {
             &socket,
             &tools::PublishArgs { stream: &stream, size, slots, count, rate, subscribers, timestamps: !no_timestamps },
         ),
-        Command::RingProducer { path, count } => tools::ring_producer(&path, count),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),
         Command::DemoSubscriber { policy, credits, work_us } => demo::subscriber(&socket, &policy, credits, work_us),
     }

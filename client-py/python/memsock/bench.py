@@ -14,7 +14,7 @@ and, as references in the same run:
 - ``py_ctypes_ring``: the hand-rolled approach of a pure-Python consumer of
   a ring in an mmap'ed file, read through ctypes and spin-polled (the
   layout and loop of the seed article: 1024 messages of 64 bytes, a write
-  and a read index), fed by a native producer;
+  and a read index), fed by a native producer (`memsock-bench ring-producer`);
 - ``np_sum_in_memory``: ``np.sum`` over an in-memory array of the frame size.
 
 Every case runs ``--rounds`` times, interleaved; figures are medians, and
@@ -42,14 +42,15 @@ SMALL = 64
 BIG = 1153434
 
 
-def find_memsock(explicit):
-    candidates = [explicit, os.environ.get("MEMSOCK_EXE"), shutil.which("memsock")]
+def find_exe(name, explicit, env, option):
+    """A binary of the checkout: `explicit`, `$env`, PATH or target/."""
+    candidates = [explicit, os.environ.get(env), shutil.which(name)]
     root = Path(__file__).resolve().parents[3]
-    candidates += [str(root / "target" / p / "memsock") for p in ("release", "ci", "debug")]
+    candidates += [str(root / "target" / p / name) for p in ("release", "ci", "debug")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
-    sys.exit("cannot find the memsock binary: pass --memsock, set MEMSOCK_EXE or put it on PATH")
+    sys.exit(f"cannot find the {name} binary: pass {option}, set {env} or put it on PATH")
 
 
 class Broker:
@@ -146,13 +147,13 @@ class RingBuffer(ctypes.Structure):
     ]
 
 
-def py_ctypes_ring(broker, count):
+def py_ctypes_ring(ring_producer, count):
     fd, path = tempfile.mkstemp(prefix="memsock-bench-ring-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         os.ftruncate(fd, ctypes.sizeof(RingBuffer))
         mm = mmap.mmap(fd, ctypes.sizeof(RingBuffer), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         rb = RingBuffer.from_buffer(mm)
-        producer = subprocess.Popen([broker.exe, "ring-producer", "--path", path, "--count", str(count)])
+        producer = subprocess.Popen([ring_producer, "ring-producer", "--path", path, "--count", str(count)])
         start = None
         for _ in range(count):
             while rb.read_index >= rb.write_index:
@@ -199,14 +200,20 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--memsock", help="the memsock binary (default: $MEMSOCK_EXE, PATH, the checkout's target/)")
+    ap.add_argument(
+        "--memsock-bench",
+        help="the memsock-bench binary, whose hand-rolled ring producer feeds the ctypes reference "
+        "(default: $MEMSOCK_BENCH_EXE, PATH, the checkout's target/)",
+    )
     args = ap.parse_args(argv)
     n = lambda x: max(10, int(x * args.scale))  # noqa: E731
-    broker = Broker(find_memsock(args.memsock))
+    ring_producer = find_exe("memsock-bench", args.memsock_bench, "MEMSOCK_BENCH_EXE", "--memsock-bench")
+    broker = Broker(find_exe("memsock", args.memsock, "MEMSOCK_EXE", "--memsock"))
     rounds = []
     try:
         for _ in range(args.rounds):
             rounds.append([
-                py_ctypes_ring(broker, n(1_000_000)),
+                py_ctypes_ring(ring_producer, n(1_000_000)),
                 py_recv(broker, n(300_000)),
                 py_recv_batch(broker, n(2_000_000)),
                 np_sum_in_memory(n(1000)),
