@@ -67,6 +67,8 @@ struct Stream {
     subscribers: Vec<u64>,
     /// Counters a second ago and now, for rates.
     rates: Rates,
+    /// The user of the client that created it (see [`Registry::close`]).
+    creator_uid: u32,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +100,8 @@ struct Pending {
 #[derive(Debug)]
 struct Client {
     holder: Holder,
+    /// The user it runs as.
+    uid: u32,
 }
 
 /// A client's process, as far as the broker can tell whether it lives.
@@ -173,8 +177,8 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, ControlError> {
 impl Registry {
     /// A client completed its handshake. `process` is its pidfd, if one
     /// could be had.
-    pub fn connect(&mut self, conn: ConnId, pid: u32, process: Option<ProcessHandle>) {
-        self.clients.insert(conn, Client { holder: Holder { pid, process: process.map(Arc::new) } });
+    pub fn connect(&mut self, conn: ConnId, pid: u32, uid: u32, process: Option<ProcessHandle>) {
+        self.clients.insert(conn, Client { holder: Holder { pid, process: process.map(Arc::new) }, uid });
     }
 
     /// Every connection, for a shutdown notice.
@@ -292,6 +296,7 @@ impl Registry {
                     lingering: None,
                     subscribers: Vec::new(),
                     rates: Rates::default(),
+                    creator_uid: self.clients.get(&conn).map_or(u32::MAX, |c| c.uid),
                 };
                 self.streams.insert(name.into(), stream);
                 false
@@ -521,12 +526,34 @@ impl Registry {
         }
     }
 
+    /// Refuses a Close unless `conn` publishes the stream or runs as the
+    /// broker's user, or, once the stream has no publisher, as the user
+    /// who created it. (Clients of the broker's own user could as well
+    /// ptrace each other; with `--group`, members may be other users.)
+    fn check_may_close(&self, conn: ConnId, name: &str) -> Result<(), ControlError> {
+        let Some(stream) = self.streams.get(name) else { return Err(ControlError::NoSuchStream(name.into())) };
+        let uid = self.clients.get(&conn).map_or(u32::MAX, |c| c.uid);
+        let broker_uid = platform::current_uid();
+        let has_publisher = stream.publisher.is_some();
+        if uid == broker_uid || stream.publisher == Some(conn) || (!has_publisher && uid == stream.creator_uid) {
+            return Ok(());
+        }
+        Err(ControlError::CloseNotPermitted {
+            stream: name.into(),
+            uid,
+            creator_uid: stream.creator_uid,
+            broker_uid,
+            has_publisher,
+        })
+    }
+
     /// `Close`.
     pub fn close(&mut self, conn: ConnId, id: u64, name: &str) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let result = match self.streams.remove(name) {
-            None => Err(ControlError::NoSuchStream(name.into())),
-            Some(mut stream) => {
+        let result = match self.check_may_close(conn, name).map(|()| self.streams.remove(name)) {
+            Err(e) => Err(e),
+            Ok(None) => Err(ControlError::NoSuchStream(name.into())),
+            Ok(Some(mut stream)) => {
                 stream.segment.close();
                 let event = Event::StreamClosed { stream: name.into() };
                 out.extend(self.users(&stream, true).into_iter().map(|c| Outgoing::event(c, event.clone())));
@@ -791,8 +818,8 @@ mod tests {
     #[test]
     fn the_close_grace_takes_no_role_from_a_publisher_whose_lease_holds() {
         let mut registry = Registry::default();
-        registry.connect(1, platform::current_pid(), None);
-        registry.connect(2, platform::current_pid(), None);
+        registry.connect(1, platform::current_pid(), platform::current_uid(), None);
+        registry.connect(2, platform::current_pid(), platform::current_uid(), None);
         let mut publisher = publish(&mut registry, 1, "s").unwrap();
         registry.close(2, 1, "s");
         let mut barrier = None;
@@ -811,19 +838,67 @@ mod tests {
     fn an_unknown_live_writer_keeps_its_stream() {
         let mut registry = Registry::default();
         let me = platform::current_pid();
-        registry.connect(1, me, None);
+        registry.connect(1, me, platform::current_uid(), None);
         let mut out = registry.publish(1, 1, "s", &config());
         let reply = out.remove(0);
         // A subscriber keeps the stream registered.
-        registry.connect(3, me, None);
+        registry.connect(3, me, platform::current_uid(), None);
         registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false);
         registry.disconnect(1);
         let channels: Vec<_> = reply.fds[1..].iter().map(AsFd::as_fd).collect();
         let _late = Publisher::open(reply.fds[0].as_fd(), &channels).expect("attach after the lease ended");
-        registry.connect(2, me, ProcessHandle::of_pid(me));
+        registry.connect(2, me, platform::current_uid(), ProcessHandle::of_pid(me));
         match publish(&mut registry, 2, "s") {
             Err(ControlError::PublisherExists { pid, .. }) => assert_eq!(pid, me),
             other => panic!("expected the live writer to keep the stream, got {other:?}"),
         }
+    }
+
+    fn close_result(registry: &mut Registry, conn: ConnId, name: &str) -> Result<(), ControlError> {
+        let ServerMessage::Reply { result, .. } = registry.close(conn, 1, name).remove(0).message else {
+            panic!("a reply first")
+        };
+        result.map(drop)
+    }
+
+    /// Issue 10: a client of another user (a `--group` member) may not
+    /// close a stream it does not publish; its publisher may, and so may
+    /// the broker's user; once it has no publisher, its creator's user
+    /// too. (The broker recorded each peer's uid and never checked it.)
+    #[test]
+    fn only_the_publisher_the_broker_s_user_or_an_orphan_s_creator_may_close() {
+        let me = platform::current_pid();
+        let ours = platform::current_uid();
+        let (alice, bob) = (ours.wrapping_add(1001), ours.wrapping_add(1002));
+        let mut registry = Registry::default();
+        registry.connect(1, me, alice, None); // publishes "a"
+        registry.connect(2, me, bob, None);
+        registry.connect(3, me, alice, None); // alice's second client
+        registry.connect(4, me, ours, None);
+        let _a = publish(&mut registry, 1, "a").unwrap();
+        for conn in [2, 3] {
+            match close_result(&mut registry, conn, "a") {
+                Err(ControlError::CloseNotPermitted { uid, creator_uid, has_publisher: true, .. }) => {
+                    assert_eq!(creator_uid, alice);
+                    assert_eq!(uid, if conn == 2 { bob } else { alice });
+                }
+                other => panic!("client {conn} may not close another's published stream: {other:?}"),
+            }
+        }
+        assert_eq!(close_result(&mut registry, 1, "a"), Ok(()), "its publisher may");
+
+        let _b = publish(&mut registry, 1, "b").unwrap();
+        assert_eq!(close_result(&mut registry, 4, "b"), Ok(()), "the broker's user may");
+
+        // A subscriber keeps "c" registered once its publisher is gone.
+        drop(publish(&mut registry, 1, "c").unwrap());
+        registry.subscribe(2, 1, "c", &SubscriberOptions::default(), false);
+        registry.unpublish(1, 1, "c");
+        match close_result(&mut registry, 2, "c") {
+            Err(ControlError::CloseNotPermitted { has_publisher: false, .. }) => {}
+            other => panic!("bob did not create c: {other:?}"),
+        }
+        assert_eq!(close_result(&mut registry, 3, "c"), Ok(()), "its creator's user may once it has no publisher");
+        assert_eq!(close_result(&mut registry, 2, "missing"), Err(ControlError::NoSuchStream("missing".into())));
     }
 }

@@ -287,6 +287,9 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
         Err(e) => return tracing::warn!("cannot register the connection: {e}"),
     };
     let pid = platform::peer_pid(socket.as_fd()).unwrap_or(0);
+    // A peer whose uid cannot be read is nobody's: it may close nothing
+    // but what it publishes.
+    let uid = platform::peer_uid(socket.as_fd()).unwrap_or(u32::MAX);
     // Taken now, while the peer is surely the process that connected.
     let process = ProcessHandle::of_peer(socket.as_fd(), pid);
     if process.is_none() {
@@ -297,10 +300,10 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     let kill = Arc::new(Notify::new());
     lock(&broker.conns).insert(conn, ConnHandle { tx, kill: kill.clone() });
     let writer = tokio::spawn(write_loop(socket.clone(), rx, kill.clone()));
-    tracing::debug!(conn, pid, "client connected");
+    tracing::debug!(conn, pid, uid, "client connected");
 
     let reason = tokio::select! {
-        r = read_loop(&broker, &socket, conn, pid, process) => r,
+        r = read_loop(&broker, &socket, conn, (pid, uid), process) => r,
         () = kill.notified() => "dropped by the broker".to_owned(),
     };
     tracing::debug!(conn, pid, "client gone: {reason}");
@@ -326,7 +329,7 @@ async fn read_loop(
     broker: &Broker,
     socket: &UnixStream,
     conn: ConnId,
-    pid: u32,
+    (pid, uid): (u32, u32),
     mut process: Option<ProcessHandle>,
 ) -> String {
     let mut buf = Vec::new();
@@ -351,7 +354,7 @@ async fn read_loop(
                     Request::Hello { version, client_name } if version == PROTOCOL_VERSION => {
                         greeted = true;
                         let mut registry = lock(&broker.registry);
-                        registry.connect(conn, pid, process.take());
+                        registry.connect(conn, pid, uid, process.take());
                         tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
                         broker.route(vec![reply(conn, id, Ok(welcome))]);

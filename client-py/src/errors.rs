@@ -19,6 +19,12 @@ create_exception!(memsock, Refused, Error, "The broker refused a request.");
 create_exception!(memsock, NoSuchStream, Refused, "No stream has that name.");
 create_exception!(memsock, StreamExists, Refused, "The stream already has a publisher, or a different geometry.");
 create_exception!(memsock, CreditsRefused, Refused, "The pool cannot honour the credits asked for.");
+create_exception!(
+    memsock,
+    NotPermitted,
+    Refused,
+    "This client may not do that to the stream (close one it does not publish, as another user)."
+);
 create_exception!(memsock, InvalidArgument, Error, "An argument is out of range (name, size, credits, policy).");
 create_exception!(memsock, PublisherGone, Error, "The publisher left; every frame it sent has been received.");
 create_exception!(memsock, PublisherBack, Error, "A new publisher took the stream over; its frames follow.");
@@ -40,6 +46,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NoSuchStream", py.get_type::<NoSuchStream>())?;
     m.add("StreamExists", py.get_type::<StreamExists>())?;
     m.add("CreditsRefused", py.get_type::<CreditsRefused>())?;
+    m.add("NotPermitted", py.get_type::<NotPermitted>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("PublisherGone", py.get_type::<PublisherGone>())?;
     m.add("PublisherBack", py.get_type::<PublisherBack>())?;
@@ -66,6 +73,7 @@ pub(crate) fn client(e: ClientError) -> PyErr {
             ControlError::CreditsRefused { .. } => CreditsRefused::new_err(text),
             ControlError::InvalidName(_) => InvalidArgument::new_err(text),
             ControlError::StreamClosed(_) => StreamClosed::new_err(text),
+            ControlError::CloseNotPermitted { .. } => NotPermitted::new_err(text),
             _ => Refused::new_err(text),
         },
         _ => Error::new_err(text),

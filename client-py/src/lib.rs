@@ -166,7 +166,10 @@ impl Client {
     /// Closes stream `name` for good: its publisher's next send fails and
     /// its subscribers get `StreamClosed` after the frames already sent.
     /// (A stream nobody publishes or subscribes to is gone already:
-    /// `NoSuchStream`.)
+    /// `NoSuchStream`.) Its publisher may close it, and so may a client
+    /// running as the broker's user; once it has no publisher, a client
+    /// running as the user who created it too; anyone else gets
+    /// `NotPermitted`.
     fn close_stream(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         py.detach(|| self.inner.close_stream(name)).map_err(errors::client)
     }

@@ -57,12 +57,12 @@ def frame_bytes(seq, slot_size):
 
 
 class Broker:
-    def __init__(self, exe):
+    def __init__(self, exe, options=()):
         self.dir = tempfile.TemporaryDirectory(prefix="memsock-py-test-")
         self.socket = os.path.join(self.dir.name, "broker.sock")
         self.log = open(os.path.join(self.dir.name, "broker.log"), "w+")
         self.proc = subprocess.Popen(
-            [exe, "--socket", self.socket, "broker"], stdout=self.log, stderr=subprocess.STDOUT
+            [exe, "--socket", self.socket, "broker", *options], stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + 10
         while True:
@@ -105,6 +105,15 @@ def eventually(cond, timeout=10.0):
 @pytest.fixture
 def broker():
     b = Broker(_exe("MEMSOCK_EXE", "memsock"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def group_broker():
+    """A broker that also admits the group `nogroup` (that of `nobody`)."""
+    b = Broker(_exe("MEMSOCK_EXE", "memsock"), options=("--group", "nogroup"))
+    os.chmod(b.dir.name, 0o755)
     yield b
     b.stop()
 

@@ -178,6 +178,31 @@ def test_a_user_the_broker_does_not_admit_is_told_permission_denied(broker):
     assert "permission denied" in out.stdout and "--group" in out.stdout, out.stdout
 
 
+def test_another_user_may_not_close_a_stream_it_does_not_publish(group_broker):
+    if os.geteuid() != 0:
+        pytest.skip("running a client as another user takes root")
+    client = group_broker.connect()
+    pub = client.publisher("mine", slot_size=64, slots=5)
+    code = (
+        "import memsock, sys\n"
+        "try:\n"
+        "    memsock.connect(sys.argv[1]).close_stream('mine')\n"
+        "except memsock.NotPermitted as e:\n"
+        "    assert isinstance(e, memsock.Refused)\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--init-groups", sys.executable, "-c", code,
+         group_broker.socket],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "may not close stream \"mine\"" in out.stdout, out.stdout
+    assert not group_broker.stream("mine")["closed"]
+    pub.send(b"still open")
+    client.close_stream("mine")  # the broker's user may
+
+
 def test_errors_are_memsock_errors_with_clear_messages(broker, tmp_path):
     with pytest.raises(memsock.BrokerUnreachable, match="memsock broker"):
         memsock.connect(str(tmp_path / "nobody.sock"))

@@ -143,7 +143,10 @@ impl Client {
     /// its subscribers get `Closed` after the frames already sent.
     ///
     /// # Errors
-    /// [`ClientError::Refused`] if there is no such stream, or a connection error.
+    /// [`ClientError::Refused`] if there is no such stream or this client
+    /// may not close it ([`CloseNotPermitted`](memsock_proto::control::ControlError::CloseNotPermitted): only its
+    /// publisher, a client of the broker's user and, once it has no
+    /// publisher, one of its creator's user may), or a connection error.
     pub fn close_stream(&self, name: &str) -> Result<(), ClientError> {
         self.conn.request(Request::Close { stream: name.into() }).map(drop)
     }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::shm::{OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;
@@ -281,6 +281,25 @@ pub enum ControlError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// This client may not close the stream. Its publisher may, and so
+    /// may a client running as the broker's user; once it has no
+    /// publisher, a client running as the user who created it too.
+    #[error(
+        "this client (uid {uid}) may not close stream {stream:?}: only its publisher{}, or a client of the broker's uid {broker_uid}, may",
+        if *has_publisher { String::new() } else { format!(" (it has none now: a client of its creator's uid {creator_uid})") }
+    )]
+    CloseNotPermitted {
+        /// Stream name.
+        stream: String,
+        /// The uid this client runs as.
+        uid: u32,
+        /// The uid of the client that created the stream.
+        creator_uid: u32,
+        /// The broker's uid.
+        broker_uid: u32,
+        /// Whether a client publishes the stream now.
+        has_publisher: bool,
+    },
 }
 
 /// Counters of the broker's streams.

@@ -73,12 +73,24 @@ impl Peer {
     /// Starts the peer binary `exe` with `spec` (which names its `"role"`),
     /// letting it inherit `fds`; their numbers are added to the spec.
     pub fn spawn(exe: &str, spec: &Value, fds: &[BorrowedFd<'_>]) -> Result<Self> {
+        Self::spawn_command(Command::new(exe), exe, spec, fds)
+    }
+
+    /// [`spawn`](Self::spawn), running as `user` (with its groups): needs
+    /// root, and `setpriv`.
+    pub fn spawn_as(user: &str, exe: &str, spec: &Value) -> Result<Self> {
+        let mut command = Command::new("setpriv");
+        command.args([&format!("--reuid={user}"), "--regid=users", "--init-groups", exe]);
+        Self::spawn_command(command, exe, spec, &[])
+    }
+
+    fn spawn_command(mut command: Command, exe: &str, spec: &Value, fds: &[BorrowedFd<'_>]) -> Result<Self> {
         // Duplicates without close-on-exec are inherited by this child only
         // (they are closed here once it has started).
         let dups: Vec<OwnedFd> = fds.iter().map(|fd| dup_for_child(*fd)).collect::<Result<_, _>>()?;
         let mut spec = spec.clone();
         spec["fds"] = dups.iter().map(|fd| fd.as_raw_fd()).collect::<Vec<_>>().into();
-        let mut child = Command::new(exe)
+        let mut child = command
             .env(PEER_ENV, spec.to_string())
             .stdout(Stdio::piped())
             .stdin(Stdio::null())

@@ -26,7 +26,22 @@ fn main() -> Result<()> {
         Some("publisher") => publisher(&spec),
         Some("subscriber") => subscriber(&spec),
         Some("hostile") => hostile(&spec),
+        Some("closer") => closer(&spec),
         other => bail!("unknown role {other:?}"),
+    }
+}
+
+/// Closes the spec's stream through a client of its own; reports how that went.
+fn closer(spec: &Value) -> Result<()> {
+    let client = broker_client(spec)?.context("a socket")?;
+    say(close_outcome(client.close_stream(spec["stream"].as_str().unwrap_or("test"))));
+    Ok(())
+}
+
+fn close_outcome(result: Result<(), memsock::ClientError>) -> Value {
+    match result {
+        Ok(()) => json!({"report": {"closed": true}}),
+        Err(e) => json!({"report": {"closed": false, "error": e.to_string()}}),
     }
 }
 
@@ -76,6 +91,20 @@ fn publisher(spec: &Value) -> Result<()> {
     if let Some(client) = broker_client(spec)? {
         let name = spec["stream"].as_str().unwrap_or("test");
         let mut publisher = client.publisher(name, &stream_config(spec))?;
+        if spec["close_own"] == true {
+            // Once a subscriber has come (the test's go-ahead), closes its
+            // own stream and reports how that went.
+            say(json!({"published": name}));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while client.stats(Some(name))?.streams.iter().all(|s| s.subscribers.is_empty()) {
+                if Instant::now() > deadline {
+                    bail!("no subscriber came");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            say(close_outcome(client.close_stream(name)));
+            return Ok(());
+        }
         return publish(spec, &mut publisher);
     }
     let fds = inherited_fds(spec);
