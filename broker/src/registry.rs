@@ -550,10 +550,12 @@ impl Registry {
     /// `Close`.
     pub fn close(&mut self, conn: ConnId, id: u64, name: &str) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let result = match self.check_may_close(conn, name).map(|()| self.streams.remove(name)) {
+        let stream = self
+            .check_may_close(conn, name)
+            .and_then(|()| self.streams.remove(name).ok_or_else(|| ControlError::NoSuchStream(name.into())));
+        let result = match stream {
             Err(e) => Err(e),
-            Ok(None) => Err(ControlError::NoSuchStream(name.into())),
-            Ok(Some(mut stream)) => {
+            Ok(mut stream) => {
                 stream.segment.close();
                 let event = Event::StreamClosed { stream: name.into() };
                 out.extend(self.users(&stream, true).into_iter().map(|c| Outgoing::event(c, event.clone())));

@@ -303,7 +303,7 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     tracing::debug!(conn, pid, uid, "client connected");
 
     let reason = tokio::select! {
-        r = read_loop(&broker, &socket, conn, (pid, uid), process) => r,
+        r = read_loop(&broker, &socket, conn, pid, uid, process) => r,
         () = kill.notified() => "dropped by the broker".to_owned(),
     };
     tracing::debug!(conn, pid, "client gone: {reason}");
@@ -329,7 +329,8 @@ async fn read_loop(
     broker: &Broker,
     socket: &UnixStream,
     conn: ConnId,
-    (pid, uid): (u32, u32),
+    pid: u32,
+    uid: u32,
     mut process: Option<ProcessHandle>,
 ) -> String {
     let mut buf = Vec::new();
