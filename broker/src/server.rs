@@ -150,7 +150,10 @@ pub async fn serve(options: Options) -> Result<()> {
     }
 
     tracing::info!("shutting down");
-    drop(listener); // removes the socket file
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(&options.socket) {
+        tracing::warn!(socket = %options.socket.display(), "cannot remove the socket: {e}");
+    }
     sampler.abort();
     {
         let mut registry = lock(&broker.registry);
@@ -212,24 +215,37 @@ fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tok
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => bail!("cannot inspect {}: {e}", path.display()),
     }
+    // The socket is made under a private name, given its group and mode,
+    // and only then linked into place (a link, unlike a rename, never
+    // replaces a broker that started meanwhile): nobody can connect to it
+    // before it has both. (The mode asked of the listener is masked by the umask,
+    // 0640 under the usual 022, and members of the group need write
+    // permission to connect: it is set outright.)
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    let name = path.to_fs_name::<GenericFilePath>()?;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.new", platform::current_pid()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
     let listener = ListenerOptions::new()
-        .name(name)
+        .name(staging.as_path().to_fs_name::<GenericFilePath>()?)
         .mode(mode)
-        .reclaim_name(true)
+        .reclaim_name(false)
         .create_tokio()
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
-    }
-    // The mode asked of the listener is masked by the umask (0640 under
-    // the usual 022, and members of the group need write permission to
-    // connect): set it outright.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    Ok(listener)
+        .with_context(|| format!("cannot listen on {}", staging.display()))?;
+    let placed = (|| {
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&staging, None, Some(gid))
+                .with_context(|| format!("cannot give {} to group {gid}", staging.display()))?;
+        }
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", staging.display()))?;
+        std::fs::hard_link(&staging, path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => anyhow::anyhow!("another broker started on {} meanwhile", path.display()),
+            _ => anyhow::Error::new(e).context(format!("cannot put the socket at {}", path.display())),
+        })
+    })();
+    let _ = std::fs::remove_file(&staging);
+    placed.map(|()| listener)
 }
 
 /// Makes sure the socket's directory exists, belongs to us and is not
