@@ -120,7 +120,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Broker { group } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(server::serve(server::Options { socket, group }))
+            Ok(runtime.block_on(server::serve(server::Options { socket, group }))?)
         }
         Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),

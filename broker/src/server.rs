@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
@@ -31,6 +30,56 @@ const QUEUE_PER_CLIENT: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_millis(100);
 /// How long a new connection may take to say Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A live broker listens on the socket already.
+    #[error("a memsock broker is already running on {0}")]
+    AlreadyRunning(PathBuf),
+    /// Another broker put its socket in place while this one set up.
+    #[error("another broker started on {0} meanwhile")]
+    StartedMeanwhile(PathBuf),
+    /// Something that is not a socket has the socket's path.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The socket's directory is writable by others, who could swap the
+    /// socket under us.
+    #[error("{0} is writable by others; choose another socket directory")]
+    UnsafeDirectory(PathBuf),
+    /// The socket's directory belongs to another user.
+    #[error("{path} belongs to uid {uid}, not to us")]
+    ForeignDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// `--group` names no group.
+    #[error("no group named {0:?}")]
+    NoSuchGroup(String),
+    /// A file operation on the way failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done ("listen on", "create", ...).
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] io::Error),
+}
+
+/// A [`ServeError::Io`] maker for `map_err`.
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServeError {
+    let path = path.to_owned();
+    move |source| ServeError::Io { action, path, source }
+}
 
 /// How the broker is set up.
 #[derive(Debug, Clone)]
@@ -96,14 +145,14 @@ impl Broker {
 /// # Errors
 /// If the socket cannot be set up (another broker is live there, the
 /// directory is unsafe), or the signal handlers cannot be installed.
-pub async fn serve(options: Options) -> Result<()> {
+pub async fn serve(options: Options) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     // A descriptor per stream file for many clients.
     platform::raise_fd_limit();
     let gid = options.group.as_deref().map(group_id).transpose()?;
     let listener = bind(&options.socket, gid)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let broker = Arc::new(Broker {
         registry: Mutex::new(Registry::default()),
         conns: Mutex::new(HashMap::new()),
@@ -198,50 +247,48 @@ async fn end_closes(broker: &Broker, grace: Duration) {
 
 /// Creates the listening socket, replacing a stale one and refusing to
 /// displace a live broker.
-fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tokio::Listener> {
+fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tokio::Listener, ServeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         prepare_dir(dir, gid)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => bail!("a memsock broker is already running on {}", path.display()),
+            Ok(_) => return Err(ServeError::AlreadyRunning(path.to_owned())),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::warn!(socket = %path.display(), "removing the stale socket of a dead broker");
-                std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+                std::fs::remove_file(path).map_err(io_error("remove the stale socket", path))?;
             }
-            Err(e) => bail!("cannot check the existing socket {}: {e}", path.display()),
+            Err(e) => return Err(io_error("check the existing socket", path)(e)),
         },
-        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+        Err(e) => return Err(io_error("inspect", path)(e)),
     }
     // The socket is made under a private name, given its group and mode,
     // and only then linked into place (a link, unlike a rename, never
     // replaces a broker that started meanwhile): nobody can connect to it
-    // before it has both. (The mode asked of the listener is masked by the umask,
-    // 0640 under the usual 022, and members of the group need write
+    // before it has both. (The mode asked of the listener is masked by the
+    // umask, 0640 under the usual 022, and members of the group need write
     // permission to connect: it is set outright.)
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     let mut staging = path.as_os_str().to_owned();
     staging.push(format!(".{}.new", platform::current_pid()));
     let staging = PathBuf::from(staging);
     let _ = std::fs::remove_file(&staging);
-    let listener = ListenerOptions::new()
-        .name(staging.as_path().to_fs_name::<GenericFilePath>()?)
-        .mode(mode)
-        .reclaim_name(false)
-        .create_tokio()
-        .with_context(|| format!("cannot listen on {}", staging.display()))?;
+    let listener = staging
+        .as_path()
+        .to_fs_name::<GenericFilePath>()
+        .and_then(|name| ListenerOptions::new().name(name).mode(mode).reclaim_name(false).create_tokio())
+        .map_err(io_error("listen on", &staging))?;
     let placed = (|| {
         if let Some(gid) = gid {
-            std::os::unix::fs::chown(&staging, None, Some(gid))
-                .with_context(|| format!("cannot give {} to group {gid}", staging.display()))?;
+            std::os::unix::fs::chown(&staging, None, Some(gid)).map_err(io_error("give the group", &staging))?;
         }
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", staging.display()))?;
+            .map_err(io_error("set the mode of", &staging))?;
         std::fs::hard_link(&staging, path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => anyhow::anyhow!("another broker started on {} meanwhile", path.display()),
-            _ => anyhow::Error::new(e).context(format!("cannot put the socket at {}", path.display())),
+            io::ErrorKind::AlreadyExists => ServeError::StartedMeanwhile(path.to_owned()),
+            _ => io_error("put the socket at", path)(e),
         })
     })();
     let _ = std::fs::remove_file(&staging);
@@ -251,36 +298,38 @@ fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tok
 /// Makes sure the socket's directory exists, belongs to us and is not
 /// writable by others (a directory someone else controls could swap the
 /// socket under us).
-fn prepare_dir(dir: &Path, gid: Option<u32>) -> Result<()> {
+fn prepare_dir(dir: &Path, gid: Option<u32>) -> Result<(), ServeError> {
     match std::fs::metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
             let mode = if gid.is_some() { 0o750 } else { 0o700 };
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(io_error("set the mode of", dir))?;
             if let Some(gid) = gid {
-                std::os::unix::fs::chown(dir, None, Some(gid))?;
+                std::os::unix::fs::chown(dir, None, Some(gid)).map_err(io_error("give the group", dir))?;
             }
         }
-        Err(e) => bail!("cannot inspect {}: {e}", dir.display()),
+        Err(e) => return Err(io_error("inspect", dir)(e)),
         Ok(meta) => {
             let ours = meta.uid() == platform::current_uid();
             let sticky = meta.mode() & 0o1000 != 0;
             if meta.mode() & 0o022 != 0 && !(sticky && meta.uid() == 0) {
-                bail!("{} is writable by others; choose another socket directory", dir.display());
+                return Err(ServeError::UnsafeDirectory(dir.to_owned()));
             }
             if !ours && meta.uid() != 0 {
-                bail!("{} belongs to uid {}, not to us", dir.display(), meta.uid());
+                return Err(ServeError::ForeignDirectory { path: dir.to_owned(), uid: meta.uid() });
             }
         }
     }
     Ok(())
 }
 
-fn group_id(name: &str) -> Result<u32> {
+fn group_id(name: &str) -> Result<u32, ServeError> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
-    for line in std::fs::read_to_string("/etc/group").context("reading /etc/group")?.lines() {
+    let groups = Path::new("/etc/group");
+    for line in std::fs::read_to_string(groups).map_err(io_error("read", groups))?.lines() {
         let mut fields = line.split(':');
         if fields.next() == Some(name) {
             if let Some(gid) = fields.nth(1).and_then(|g| g.parse().ok()) {
@@ -288,7 +337,7 @@ fn group_id(name: &str) -> Result<u32> {
             }
         }
     }
-    bail!("no group named {name:?}")
+    Err(ServeError::NoSuchGroup(name.into()))
 }
 
 /// One client, from handshake to the end of its lease.
@@ -508,4 +557,25 @@ async fn write_frame(socket: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10: the broker library reports why it cannot start as a
+    /// typed value (it was an `anyhow` string).
+    #[test]
+    fn setup_failures_are_typed() {
+        let dir = std::env::temp_dir().join(format!("memsock-serve-errors-{}", platform::current_pid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let not_a_socket = dir.join("file");
+        std::fs::write(&not_a_socket, b"").unwrap();
+        assert!(matches!(bind(&not_a_socket, None), Err(ServeError::NotASocket(p)) if p == not_a_socket));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(bind(&dir.join("s"), None), Err(ServeError::UnsafeDirectory(p)) if p == dir));
+        assert!(matches!(group_id("no-such-group-here"), Err(ServeError::NoSuchGroup(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
