@@ -25,52 +25,15 @@ pub fn run(socket: &Path, json: bool, watch: bool, stream: Option<&str>) -> Resu
     }
 }
 
+/// The stats' one serde representation (the Python client's dicts are the
+/// same).
 fn to_json(report: &StatsReport) -> Result<String> {
-    let streams: Vec<serde_json::Value> = report
-        .streams
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "name": s.name,
-                "publisher_pid": s.publisher_pid,
-                "slot_size": s.slot_size,
-                "slot_count": s.slot_count,
-                "free_slots": s.free_slots,
-                "published": s.published,
-                "bytes": s.bytes,
-                "msgs_per_s": s.msgs_per_s,
-                "mbytes_per_s": s.bytes_per_s / 1e6,
-                "closed": s.closed,
-                "subscribers": s.subscribers.iter().map(|u| serde_json::json!({
-                    "subscription": u.subscription,
-                    "pid": u.pid,
-                    "policy": policy(u.policy),
-                    "credits": u.credits,
-                    "delivered": u.delivered,
-                    "dropped": u.dropped,
-                    "queued": u.queued,
-                    "lag_ns": u.lag_ns,
-                    "msgs_per_s": u.msgs_per_s,
-                    "faults": u.faults,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    serde_json::to_string_pretty(&serde_json::json!({
-        "broker_pid": report.broker_pid,
-        "clients": report.clients,
-        "waiting_subscribers": report.waiting_subscribers,
-        "streams": streams,
-    }))
-    .context("encoding stats")
+    serde_json::to_string_pretty(report).context("encoding stats")
 }
 
-fn policy(p: OverflowPolicy) -> &'static str {
-    match p {
-        OverflowPolicy::DropNewest => "drop-newest",
-        OverflowPolicy::KeepLatest => "keep-latest",
-        OverflowPolicy::Lossless => "lossless",
-    }
+/// The policy's name, as serde spells it.
+fn policy(p: OverflowPolicy) -> String {
+    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 fn table(report: &StatsReport) -> String {

@@ -50,14 +50,6 @@ pub(crate) fn parse_policy(policy: &str) -> PyResult<OverflowPolicy> {
     }
 }
 
-fn policy_name(policy: OverflowPolicy) -> &'static str {
-    match policy {
-        OverflowPolicy::KeepLatest => "keep_latest",
-        OverflowPolicy::Lossless => "lossless",
-        _ => "drop_newest",
-    }
-}
-
 fn parse_strategy(strategy: &str) -> PyResult<WaitStrategy> {
     match strategy {
         "park" => Ok(WaitStrategy::Park),
@@ -199,44 +191,11 @@ impl Client {
     }
 }
 
+/// The stats as plain dicts: their one serde representation (the same as
+/// `memsock stats --json`), through `json.loads`.
 fn stats_dict<'py>(py: Python<'py>, report: &StatsReport) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    out.set_item("broker_pid", report.broker_pid)?;
-    out.set_item("clients", report.clients)?;
-    out.set_item("waiting_subscribers", report.waiting_subscribers)?;
-    let mut streams = Vec::with_capacity(report.streams.len());
-    for s in &report.streams {
-        let d = PyDict::new(py);
-        d.set_item("name", &s.name)?;
-        d.set_item("publisher_pid", s.publisher_pid)?;
-        d.set_item("slot_size", s.slot_size)?;
-        d.set_item("slot_count", s.slot_count)?;
-        d.set_item("published", s.published)?;
-        d.set_item("bytes", s.bytes)?;
-        d.set_item("msgs_per_s", s.msgs_per_s)?;
-        d.set_item("bytes_per_s", s.bytes_per_s)?;
-        d.set_item("free_slots", s.free_slots)?;
-        d.set_item("closed", s.closed)?;
-        let mut subs = Vec::with_capacity(s.subscribers.len());
-        for u in &s.subscribers {
-            let e = PyDict::new(py);
-            e.set_item("subscription", u.subscription)?;
-            e.set_item("pid", u.pid)?;
-            e.set_item("policy", policy_name(u.policy))?;
-            e.set_item("credits", u.credits)?;
-            e.set_item("delivered", u.delivered)?;
-            e.set_item("dropped", u.dropped)?;
-            e.set_item("queued", u.queued)?;
-            e.set_item("lag_ns", u.lag_ns)?;
-            e.set_item("msgs_per_s", u.msgs_per_s)?;
-            e.set_item("faults", u.faults)?;
-            subs.push(e);
-        }
-        d.set_item("subscribers", subs)?;
-        streams.push(d);
-    }
-    out.set_item("streams", streams)?;
-    Ok(out)
+    let text = serde_json::to_string(report).map_err(|e| errors::Error::new_err(format!("encoding stats: {e}")))?;
+    Ok(py.import("json")?.call_method1("loads", (text,))?.cast_into::<PyDict>()?)
 }
 
 /// Nanoseconds on the monotonic clock: the clock of `Frame.timestamp_ns`.

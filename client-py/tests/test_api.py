@@ -3,6 +3,7 @@ views, batches, publisher changes, asyncio, errors, stats."""
 
 import asyncio
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -240,6 +241,33 @@ def test_stats_are_plain_dicts_of_counted_truth(broker):
     (u,) = s["subscribers"]
     assert (u["policy"], u["credits"], u["delivered"], u["dropped"]) == ("drop_newest", 2, got, 5 - got)
     assert eventually(lambda: client.stats()["clients"] >= 1)
+
+
+def test_stats_have_one_representation_here_and_in_memsock_stats_json(broker):
+    client = broker.connect()
+    pub = client.publisher("one", slot_size=64, slots=8)
+    sub = client.subscribe("one", credits=2, policy="keep_latest", wait=False)
+    pub.send(b"x")
+    ours = client.stats("one")
+    cli = subprocess.run(
+        [os.environ.get("MEMSOCK_EXE", "memsock"), "--socket", broker.socket, "stats", "--json", "--stream", "one"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    theirs = json.loads(cli.stdout)
+
+    def shape(d):
+        if isinstance(d, dict):
+            return {k: shape(v) for k, v in d.items()}
+        if isinstance(d, list):
+            return [shape(v) for v in d]
+        return type(d).__name__
+
+    # Rates and pids may differ between the two reads; names, nesting and
+    # types may not, nor how a policy is spelled.
+    assert shape(ours) == shape(theirs)
+    assert ours["streams"][0]["subscribers"][0]["policy"] == "keep_latest"
+    assert theirs["streams"][0]["subscribers"][0]["policy"] == "keep_latest"
+    del sub
 
 
 def test_loans_are_written_in_place_sent_on_exit_and_discarded_on_error(pair):

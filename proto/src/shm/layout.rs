@@ -129,8 +129,11 @@ impl<T> std::ops::Deref for Line<T> {
     }
 }
 
-/// What a frame does for a subscriber whose credits are used up.
+/// What a frame does for a subscriber whose credits are used up. Named
+/// `drop_newest`, `keep_latest` and `lossless` wherever it is spelled out
+/// (stats JSON, Python).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u32)]
 pub enum OverflowPolicy {
     /// The new frame is not queued for this subscriber and counted as dropped.
