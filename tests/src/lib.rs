@@ -93,7 +93,7 @@ impl Peer {
         let mut child = command
             .env(PEER_ENV, spec.to_string())
             .stdout(Stdio::piped())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {exe}"))?;
         drop(dups);
@@ -132,6 +132,15 @@ impl Peer {
                 return Ok(v);
             }
         }
+    }
+
+    /// Sends the peer one line on its standard input (a go-ahead for a
+    /// peer that waits for one).
+    pub fn tell(&mut self, line: &str) -> Result<()> {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().context("the peer's stdin")?;
+        writeln!(stdin, "{line}")?;
+        Ok(stdin.flush()?)
     }
 
     /// Waits for the peer to exit successfully and returns its final report.
