@@ -339,6 +339,41 @@ fn publisher_changes_are_reported_after_the_frames() {
     assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
 }
 
+/// What the README promises a subscriber that lags behind a change of
+/// publisher: the news comes once it has caught up, after the frames of
+/// both publishers, and `PublisherGone` never before a frame the departed
+/// publisher sent.
+#[test]
+fn a_lagging_subscriber_hears_of_a_change_once_it_has_caught_up() {
+    let mut seg = segment(8, 8);
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::Lossless)).unwrap();
+    let mut first = seg.open_publisher().unwrap();
+    first.send(&[1]).unwrap();
+    drop(first);
+    let mut second = seg.open_publisher().unwrap();
+    second.send(&[2]).unwrap();
+    drop(second);
+    let mut third = seg.open_publisher().unwrap();
+    third.send(&[3]).unwrap();
+    for (value, seq) in [(1u8, 0), (2, 1), (3, 2)] {
+        let sample = sub.try_recv().unwrap();
+        assert_eq!((&*sample, sample.seq()), (&[value][..], seq), "one sequence across publishers");
+    }
+    // Two changes while it lagged: one pair of news.
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    // Once caught up, the news comes in order again.
+    third.send(&[4]).unwrap();
+    drop(third);
+    assert_eq!(*sub.try_recv().unwrap(), [4]);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherGone);
+    let mut fourth = seg.open_publisher().unwrap();
+    fourth.send(&[5]).unwrap();
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::PublisherBack);
+    assert_eq!(*sub.try_recv().unwrap(), [5]);
+}
+
 #[test]
 fn blocking_receive_is_woken_by_the_publisher() {
     for wait in [WaitStrategy::Park, WaitStrategy::SpinThenPark { spin_us: 10 }, WaitStrategy::Spin] {
