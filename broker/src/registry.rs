@@ -21,11 +21,13 @@
 //! the broker's pid namespace.
 
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use memsock_proto::control::{
-    ControlError, Event, Reply, ServerMessage, StatsReport, StreamReport, SubscriberReport, valid_stream_name,
+    ConfigProblem, ControlError, Event, Reply, SegmentStep, ServerMessage, StatsReport, StreamReport, SubscriberReport,
+    valid_stream_name,
 };
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::{
@@ -59,6 +61,9 @@ impl Outgoing {
 struct Stream {
     segment: StreamSegment,
     publisher: Option<ConnId>,
+    /// The token of the current publication (meaningful while `publisher`
+    /// is some): what an `Unpublish` must name.
+    publication: u64,
     /// A publisher whose connection ended while its process lives on and
     /// holds the writer role: nobody else may publish until it exits or
     /// lets go (see the module docs).
@@ -160,18 +165,15 @@ pub struct Registry {
     pending: Vec<Pending>,
     clients: HashMap<ConnId, Client>,
     next_subscription: u64,
+    next_publication: u64,
     /// Closed streams whose publisher may still be attached (see
     /// [`Registry::finish_closing`]).
     closing: Vec<Closing>,
     shutting_down: bool,
 }
 
-fn segment_error(e: impl std::fmt::Display) -> ControlError {
-    ControlError::Segment(e.to_string())
-}
-
-fn dup(fd: impl AsFd) -> Result<OwnedFd, ControlError> {
-    fd.as_fd().try_clone_to_owned().map_err(segment_error)
+fn dup(fd: impl AsFd) -> io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
 }
 
 impl Registry {
@@ -266,13 +268,12 @@ impl Registry {
             return Err(ControlError::InvalidName(name.into()));
         }
         if config.max_subscribers as usize >= MAX_FDS_PER_MESSAGE {
-            return Err(ControlError::InvalidConfig(format!(
-                "at most {} subscribers per stream through the broker, asked for {}",
-                MAX_FDS_PER_MESSAGE - 1,
-                config.max_subscribers
-            )));
+            return Err(ControlError::InvalidConfig(ConfigProblem::TooManySubscribers {
+                asked: config.max_subscribers,
+                max: MAX_FDS_PER_MESSAGE as u32 - 1,
+            }));
         }
-        config.geometry().map_err(|e| ControlError::InvalidConfig(e.to_string()))?;
+        config.geometry().map_err(|e| ControlError::from_layout(name, &e))?;
         self.check_holder(name, out)?;
         let takeover = match self.streams.get_mut(name) {
             Some(stream) => {
@@ -289,10 +290,11 @@ impl Registry {
                 true
             }
             None => {
-                let segment = StreamSegment::create(name, config).map_err(segment_error)?;
+                let segment = StreamSegment::create(name, config).map_err(|e| ControlError::from_create(name, &e))?;
                 let stream = Stream {
                     segment,
                     publisher: None,
+                    publication: 0,
                     lingering: None,
                     subscribers: Vec::new(),
                     rates: Rates::default(),
@@ -311,11 +313,14 @@ impl Registry {
             Ok(fds) => fds,
             Err(e) => {
                 self.drop_if_unused(name);
-                return Err(e);
+                return Err(ControlError::segment(name, SegmentStep::Duplicate, &e));
             }
         };
+        self.next_publication += 1;
+        let publication = self.next_publication;
         let stream = self.streams.get_mut(name).expect("still there: it has this publisher's request");
         stream.publisher = Some(conn);
+        stream.publication = publication;
         let channels = fds.len() as u32 - 1;
         if takeover {
             let stream = &self.streams[name];
@@ -323,8 +328,8 @@ impl Registry {
         } else {
             self.admit_pending(name, out);
         }
-        tracing::info!(stream = name, conn, takeover, "publisher attached");
-        Ok((Reply::Published { stream: name.into(), channels, takeover }, fds))
+        tracing::info!(stream = name, conn, publication, takeover, "publisher attached");
+        Ok((Reply::Published { publication, stream: name.into(), channels, takeover }, fds))
     }
 
     /// Subscribers that were waiting for stream `name` to exist.
@@ -382,11 +387,8 @@ impl Registry {
             (data, channel) => {
                 let _ = stream.segment.remove_subscriber(ticket.index);
                 stream.segment.reclaim();
-                return Err(match (data, channel) {
-                    (Err(e), _) => segment_error(e),
-                    (_, Err(e)) => e,
-                    _ => unreachable!(),
-                });
+                let e = data.err().or(channel.err()).expect("one of them failed");
+                return Err(ControlError::segment(name, SegmentStep::Duplicate, &e));
             }
         };
         self.next_subscription += 1;
@@ -414,7 +416,8 @@ impl Registry {
                 Some(stream) => match stream.segment.set_credits(sub.index, credits) {
                     Ok(()) => Ok(Reply::Done),
                     Err(SubscriberOpError::Credits(e)) => Err(credit_error(&sub.stream, e)),
-                    Err(e) => Err(ControlError::Segment(e.to_string())),
+                    // The index is no longer attached: the subscription has ended.
+                    Err(_) => Err(ControlError::NoSuchSubscription(subscription)),
                 },
             },
         };
@@ -454,16 +457,21 @@ impl Registry {
         }
     }
 
-    /// `Unpublish`.
-    pub fn unpublish(&mut self, conn: ConnId, id: u64, name: &str) -> Vec<Outgoing> {
+    /// `Unpublish`: ends publication `publication` of this connection, and
+    /// nothing else (a late one names a publication that has ended).
+    pub fn unpublish(&mut self, conn: ConnId, id: u64, publication: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let result = match self.streams.get(name) {
-            Some(stream) if stream.publisher == Some(conn) => {
-                self.publisher_left(name, &mut out);
+        let name = self
+            .streams
+            .iter()
+            .find(|(_, s)| s.publisher == Some(conn) && s.publication == publication)
+            .map(|(name, _)| name.clone());
+        let result = match name {
+            Some(name) => {
+                self.publisher_left(&name, &mut out);
                 Ok(Reply::Done)
             }
-            Some(_) => Err(ControlError::NotPublisher(name.into())),
-            None => Err(ControlError::NoSuchStream(name.into())),
+            None => Err(ControlError::NoSuchPublication(publication)),
         };
         out.insert(0, Outgoing::reply(conn, id, result, Vec::new()));
         out
@@ -783,7 +791,11 @@ fn credit_error(stream: &str, e: AddSubscriberError) -> ControlError {
         }
         AddSubscriberError::Full { max } => ControlError::TooManySubscribers { stream: stream.into(), max },
         AddSubscriberError::Closed => ControlError::StreamClosed(stream.into()),
-        other => ControlError::InvalidConfig(other.to_string()),
+        AddSubscriberError::CreditsOutOfRange { credits, max } => {
+            ControlError::InvalidConfig(ConfigProblem::CreditsOutOfRange { credits, max })
+        }
+        // A refusal this broker does not know how to name (a newer proto).
+        _ => ControlError::Segment { stream: stream.into(), step: SegmentStep::Credit, os_error: None },
     }
 }
 
@@ -895,7 +907,8 @@ mod tests {
         // A subscriber keeps "c" registered once its publisher is gone.
         drop(publish(&mut registry, 1, "c").unwrap());
         registry.subscribe(2, 1, "c", &SubscriberOptions::default(), false);
-        registry.unpublish(1, 1, "c");
+        let token = registry.streams["c"].publication;
+        registry.unpublish(1, 1, token);
         match close_result(&mut registry, 2, "c") {
             Err(ControlError::CloseNotPermitted { has_publisher: false, .. }) => {}
             other => panic!("bob did not create c: {other:?}"),

@@ -14,7 +14,7 @@ use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use memsock_proto::control::{
-    self, ClientMessage, ControlError, Event, FrameError, PROTOCOL_VERSION, Reply, Request, ServerMessage,
+    self, ClientMessage, ControlError, Event, FrameError, Malformation, PROTOCOL_VERSION, Reply, Request, ServerMessage,
 };
 use memsock_proto::platform::{self, ProcessHandle};
 use tokio::io::Interest;
@@ -505,7 +505,7 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
     match request {
         Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
         Request::Publish { stream, config } => registry.publish(conn, id, &stream, &config),
-        Request::Unpublish { stream } => registry.unpublish(conn, id, &stream),
+        Request::Unpublish { publication } => registry.unpublish(conn, id, publication),
         Request::Subscribe { stream, options, wait_for_stream } => {
             registry.subscribe(conn, id, &stream, &options, wait_for_stream)
         }
@@ -513,7 +513,7 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
         Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
         Request::Close { stream } => registry.close(conn, id, &stream),
         Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker_pid),
-        _ => vec![reply(conn, id, Err(ControlError::Malformed("unknown request".into())))],
+        _ => vec![reply(conn, id, Err(ControlError::Malformed(Malformation::UnknownRequest)))],
     }
 }
 
@@ -525,8 +525,9 @@ async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, k
         if let Err(e) = control::encode(&out.message, &mut frame) {
             tracing::error!("cannot encode a message: {e}");
             let ServerMessage::Reply { id, .. } = out.message else { continue };
+            let len = if let FrameError::TooLarge(len) = e { len } else { 0 };
             let error =
-                ServerMessage::Reply { id, result: Err(ControlError::Malformed(format!("reply too large: {e}"))) };
+                ServerMessage::Reply { id, result: Err(ControlError::Malformed(Malformation::ReplyTooLarge { len })) };
             frame.clear();
             if control::encode(&error, &mut frame).is_err() {
                 continue;

@@ -71,7 +71,7 @@ pub(crate) fn client(e: ClientError) -> PyErr {
             ControlError::NoSuchStream(_) => NoSuchStream::new_err(text),
             ControlError::PublisherExists { .. } | ControlError::GeometryMismatch { .. } => StreamExists::new_err(text),
             ControlError::CreditsRefused { .. } => CreditsRefused::new_err(text),
-            ControlError::InvalidName(_) => InvalidArgument::new_err(text),
+            ControlError::InvalidName(_) | ControlError::InvalidConfig(_) => InvalidArgument::new_err(text),
             ControlError::StreamClosed(_) => StreamClosed::new_err(text),
             ControlError::CloseNotPermitted { .. } => NotPermitted::new_err(text),
             _ => Refused::new_err(text),

@@ -227,6 +227,9 @@ def test_errors_are_memsock_errors_with_clear_messages(broker, tmp_path):
         client.subscribe("e", policy="sometimes")
     with pytest.raises(memsock.InvalidArgument):
         pub.send(b"x" * 65)
+    # The broker's typed refusal of a configuration reaches Python as such.
+    with pytest.raises(memsock.InvalidArgument, match="slot_count = 1 is out of range"):
+        client.publisher("e2", slot_size=64, slots=1)
     with pytest.raises(TypeError):
         pub.send(12)
     assert issubclass(memsock.NoSuchStream, memsock.Refused)

@@ -231,7 +231,7 @@ impl Client {
         let (client, name, options) = (self.clone(), name.to_owned(), *options);
         let sub = tokio::task::spawn_blocking(move || client.subscriber(&name, &options))
             .await
-            .map_err(|e| ClientError::Protocol(format!("the subscribe task failed: {e}")))??;
+            .map_err(|e| ClientError::TaskFailed { panicked: e.is_panic() })??;
         Ok(sub.into_async())
     }
 
@@ -245,6 +245,6 @@ impl Client {
         let (client, name, config) = (self.clone(), name.to_owned(), *config);
         tokio::task::spawn_blocking(move || client.publisher(&name, &config))
             .await
-            .map_err(|e| ClientError::Protocol(format!("the publish task failed: {e}")))?
+            .map_err(|e| ClientError::TaskFailed { panicked: e.is_panic() })?
     }
 }

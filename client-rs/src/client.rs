@@ -9,7 +9,11 @@ use std::time::Duration;
 use memsock_proto::control::{Event, Reply, Request, StatsReport};
 use memsock_proto::shm::{self, OverflowPolicy, StreamConfig, SubscriberOptions, SubscriberTicket, WaitStrategy};
 
-use crate::conn::{ClientError, Conn};
+use crate::conn::{ClientError, Conn, ProtocolViolation};
+
+fn unexpected(expected: &'static str) -> ClientError {
+    ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected })
+}
 
 /// Environment variable naming the broker's socket.
 pub const SOCKET_ENV: &str = "MEMSOCK_SOCKET";
@@ -93,20 +97,23 @@ impl Client {
     /// a different geometry, an invalid configuration), or a connection error.
     pub fn publisher(&self, name: &str, config: &StreamConfig) -> Result<Publisher, ClientError> {
         let (reply, fds) = self.conn.request(Request::Publish { stream: name.into(), config: *config })?;
-        let Reply::Published { takeover, .. } = reply else {
-            return Err(ClientError::Protocol(format!("expected Published, got {reply:?}")));
+        let Reply::Published { publication, takeover, channels, .. } = reply else {
+            return Err(unexpected("Published"));
         };
-        let Some((data, channels)) = fds.split_first() else {
-            return Err(ClientError::Protocol("Published came without descriptors".into()));
+        let Some((data, channel_fds)) = fds.split_first().filter(|(_, c)| c.len() == channels as usize) else {
+            self.conn.notify(Request::Unpublish { publication });
+            let got = fds.len();
+            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 1 + channels as usize, got }));
         };
+        let channels = channel_fds;
         let channels: Vec<_> = channels.iter().map(AsFd::as_fd).collect();
         let inner = shm::Publisher::open(data.as_fd(), &channels).map_err(|e| {
             // Tell the broker we are not publishing after all.
-            self.conn.notify(Request::Unpublish { stream: name.into() });
-            ClientError::Open(e.to_string())
+            self.conn.notify(Request::Unpublish { publication });
+            ClientError::OpenPublisher(e)
         })?;
-        tracing::debug!(stream = name, takeover, "publishing");
-        Ok(Publisher { inner: Some(inner), conn: self.conn.clone(), stream: name.into(), takeover })
+        tracing::debug!(stream = name, publication, takeover, "publishing");
+        Ok(Publisher { inner: Some(inner), conn: self.conn.clone(), stream: name.into(), publication, takeover })
     }
 
     /// Attaches a subscriber to stream `name`.
@@ -123,17 +130,18 @@ impl Client {
         let timeout = if options.wait_for_stream { None } else { Some(REQUEST_TIMEOUT) };
         let (reply, fds) = self.conn.request_within(request, timeout)?;
         let Reply::Subscribed { subscription, index, generation, .. } = reply else {
-            return Err(ClientError::Protocol(format!("expected Subscribed, got {reply:?}")));
+            return Err(unexpected("Subscribed"));
         };
         let [data, channel] = fds.as_slice() else {
-            return Err(ClientError::Protocol(format!("Subscribed came with {} descriptors, not 2", fds.len())));
+            self.conn.notify(Request::Unsubscribe { subscription });
+            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 2, got: fds.len() }));
         };
         let ticket = SubscriberTicket { index, generation, wait: options.wait };
         // From here on, the lease of the subscription ends with the last of
         // the subscriber and the samples detached from it.
         let lease = Arc::new(SubscriptionLease { conn: self.conn.clone(), subscription });
-        let mut inner = shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket)
-            .map_err(|e| ClientError::Open(e.to_string()))?;
+        let mut inner =
+            shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(ClientError::OpenSubscriber)?;
         inner.set_keep_alive(lease);
         tracing::debug!(stream = name, subscription, "subscribed");
         Ok(Subscriber { inner, conn: self.conn.clone(), subscription, stream: name.into() })
@@ -159,7 +167,7 @@ impl Client {
     pub fn stats(&self, name: Option<&str>) -> Result<StatsReport, ClientError> {
         match self.conn.request(Request::Stats { stream: name.map(Into::into) })? {
             (Reply::Stats(report), _) => Ok(report),
-            (other, _) => Err(ClientError::Protocol(format!("expected Stats, got {other:?}"))),
+            _ => Err(unexpected("Stats")),
         }
     }
 
@@ -183,6 +191,8 @@ pub struct Publisher {
     inner: Option<shm::Publisher>,
     conn: Arc<Conn>,
     stream: String,
+    /// The broker's token for this publication (what `Unpublish` names).
+    publication: u64,
     takeover: bool,
 }
 
@@ -215,7 +225,7 @@ impl Drop for Publisher {
     fn drop(&mut self) {
         // Detach from the segment first, then tell the broker.
         drop(self.inner.take());
-        self.conn.notify(Request::Unpublish { stream: std::mem::take(&mut self.stream) });
+        self.conn.notify(Request::Unpublish { publication: self.publication });
     }
 }
 

@@ -14,9 +14,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use memsock_proto::control::{
-    self, ClientMessage, ControlError, Event, FrameError, PROTOCOL_VERSION, Reply, Request, ServerMessage,
+    self, ClientMessage, ControlError, DecodeFailure, Event, FrameError, PROTOCOL_VERSION, Reply, Request,
+    ServerMessage,
 };
 use memsock_proto::platform;
+use memsock_proto::shm;
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,19 +44,104 @@ pub enum ClientError {
     },
     /// The connection failed or the broker closed it.
     #[error("the connection to the broker is gone: {0}")]
-    Disconnected(String),
+    Disconnected(Disconnect),
     /// The broker refused the request.
     #[error(transparent)]
     Refused(#[from] ControlError),
     /// The broker sent something this client does not understand.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(ProtocolViolation),
     /// The broker did not answer in time.
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
-    /// The handed-out segment could not be opened.
+    /// The stream's shared memory, as handed out, could not be opened as
+    /// a publisher.
     #[error("cannot open the stream's shared memory: {0}")]
-    Open(String),
+    OpenPublisher(#[source] shm::OpenPublisherError),
+    /// The stream's shared memory, as handed out, could not be opened as
+    /// a subscriber.
+    #[error("cannot open the stream's shared memory: {0}")]
+    OpenSubscriber(#[source] shm::OpenSubscriberError),
+    /// The blocking task running an async request panicked or was
+    /// cancelled.
+    #[error("the task running the request {}", if *panicked { "panicked" } else { "was cancelled" })]
+    TaskFailed {
+        /// It panicked (else it was cancelled).
+        panicked: bool,
+    },
+}
+
+/// How the connection to the broker ended ([`ClientError::Disconnected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The broker closed the connection (it dropped this client, or went
+    /// away without a word).
+    #[error("the broker closed the connection")]
+    Closed,
+    /// The broker announced that it was shutting down, then closed.
+    #[error("the broker shut down")]
+    BrokerShutdown,
+    /// Reading from or writing to the socket failed.
+    #[error("{}", io_text(*kind, *os_error))]
+    Io {
+        /// The kind of error.
+        kind: io::ErrorKind,
+        /// The system's error number, if there was one.
+        os_error: Option<i32>,
+    },
+    /// The broker broke the protocol, so this client hung up.
+    #[error("{0}")]
+    Protocol(ProtocolViolation),
+}
+
+impl Disconnect {
+    fn io(e: &io::Error) -> Self {
+        Self::Io { kind: e.kind(), os_error: e.raw_os_error() }
+    }
+}
+
+fn io_text(kind: io::ErrorKind, os_error: Option<i32>) -> String {
+    os_error.map_or_else(|| io::Error::from(kind).to_string(), |n| io::Error::from_raw_os_error(n).to_string())
+}
+
+/// What the broker sent that this client cannot accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// A reply of another kind than the request calls for.
+    #[error("expected a {expected} reply, got another")]
+    UnexpectedReply {
+        /// The reply the request calls for.
+        expected: &'static str,
+    },
+    /// A reply with another number of descriptors than it announces.
+    #[error("a reply needs {expected} descriptors, {got} came")]
+    Descriptors {
+        /// Announced.
+        expected: usize,
+        /// Received.
+        got: usize,
+    },
+    /// A frame over the protocol's limit.
+    #[error("a frame of {len} bytes, over the limit")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+    },
+    /// Bytes that are not a message.
+    #[error("an undecodable message ({0})")]
+    Undecodable(DecodeFailure),
+}
+
+impl From<&FrameError> for ProtocolViolation {
+    fn from(e: &FrameError) -> Self {
+        match e {
+            FrameError::TooLarge(len) => Self::FrameTooLarge { len: *len },
+            FrameError::Decode(e) => Self::Undecodable(e.into()),
+            _ => Self::Undecodable(DecodeFailure::BadEncoding),
+        }
+    }
 }
 
 type Delivery = (ServerMessage, Vec<OwnedFd>);
@@ -67,7 +154,9 @@ struct Shared {
     write_lock: Mutex<()>,
     events: Mutex<VecDeque<Event>>,
     closed: AtomicBool,
-    close_reason: Mutex<Option<String>>,
+    /// The broker sent `BrokerShutdown` (read by the reader thread only).
+    shutdown_announced: AtomicBool,
+    close_reason: Mutex<Option<Disconnect>>,
 }
 
 /// One connection to the broker. Dropping it ends the lease: the broker
@@ -102,7 +191,7 @@ impl Conn {
         let hello = Request::Hello { version: PROTOCOL_VERSION, client_name: client_name.to_owned() };
         match conn.request(hello)? {
             (Reply::Welcome { broker_pid, .. }, _) => conn.broker_pid = broker_pid,
-            (other, _) => return Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
+            _ => return Err(ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected: "Welcome" })),
         }
         Ok(conn)
     }
@@ -134,7 +223,7 @@ impl Conn {
         lock(&self.shared.pending).remove(&id);
         match got {
             Ok((ServerMessage::Reply { result, .. }, fds)) => Ok((result?, fds)),
-            Ok((other, _)) => Err(ClientError::Protocol(format!("expected a reply, got {other:?}"))),
+            Ok(_) => Err(ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected: "request's" })),
             Err(WaitError::Timeout) => Err(ClientError::Timeout(timeout.unwrap_or_default())),
             Err(WaitError::Gone) => Err(self.disconnected()),
         }
@@ -154,8 +243,8 @@ impl Conn {
     }
 
     fn disconnected(&self) -> ClientError {
-        let reason = lock(&self.shared.close_reason).clone();
-        ClientError::Disconnected(reason.unwrap_or_else(|| "closed by the broker".into()))
+        let reason = *lock(&self.shared.close_reason);
+        ClientError::Disconnected(reason.unwrap_or(Disconnect::Closed))
     }
 
     /// The next event the broker sent, if any.
@@ -181,9 +270,9 @@ impl Drop for Conn {
 
 fn send_on(socket: &UnixStream, shared: &Shared, message: &ClientMessage) -> Result<(), ClientError> {
     let mut frame = Vec::new();
-    control::encode(message, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    control::encode(message, &mut frame).map_err(|e| ClientError::Protocol((&e).into()))?;
     let _guard = lock(&shared.write_lock);
-    (&*socket).write_all(&frame).map_err(|e| ClientError::Disconnected(e.to_string()))
+    (&*socket).write_all(&frame).map_err(|e| ClientError::Disconnected(Disconnect::io(&e)))
 }
 
 fn connect_socket(path: &Path) -> io::Result<UnixStream> {
@@ -219,8 +308,8 @@ fn undo_late_reply(socket: &UnixStream, shared: &Shared, message: &ServerMessage
         ServerMessage::Reply { result: Ok(Reply::Subscribed { subscription, .. }), .. } => {
             Request::Unsubscribe { subscription: *subscription }
         }
-        ServerMessage::Reply { result: Ok(Reply::Published { stream, .. }), .. } => {
-            Request::Unpublish { stream: stream.clone() }
+        ServerMessage::Reply { result: Ok(Reply::Published { publication, .. }), .. } => {
+            Request::Unpublish { publication: *publication }
         }
         _ => return,
     };
@@ -231,7 +320,8 @@ fn undo_late_reply(socket: &UnixStream, shared: &Shared, message: &ServerMessage
 /// Reads frames until the connection ends, routing replies and events.
 fn read_loop(socket: UnixStream, shared: &Shared) {
     let reason = match read_frames(&socket, shared) {
-        Ok(()) => "the broker closed the connection".to_owned(),
+        Ok(()) if shared.shutdown_announced.load(Ordering::Relaxed) => Disconnect::BrokerShutdown,
+        Ok(()) => Disconnect::Closed,
         Err(e) => e,
     };
     tracing::debug!("control connection ended: {reason}");
@@ -243,7 +333,7 @@ fn read_loop(socket: UnixStream, shared: &Shared) {
     lock(&shared.pending).clear();
 }
 
-fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), String> {
+fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
     let mut buf = Vec::with_capacity(4096);
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -253,7 +343,7 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), String> {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Disconnect::io(&e)),
         };
         fds.extend(received);
         buf.extend_from_slice(&chunk[..n]);
@@ -261,12 +351,11 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), String> {
             let message: ServerMessage = match control::decode(&mut buf) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
-                Err(FrameError::TooLarge(len)) => return Err(format!("the broker sent a frame of {len} bytes")),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Disconnect::Protocol((&e).into())),
             };
             let want = message.fd_count();
             if fds.len() < want {
-                return Err(format!("a reply needs {want} descriptors, {} came", fds.len()));
+                return Err(Disconnect::Protocol(ProtocolViolation::Descriptors { expected: want, got: fds.len() }));
             }
             let mine: Vec<OwnedFd> = fds.drain(..want).collect();
             match message {
@@ -283,6 +372,9 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), String> {
                 }
                 ServerMessage::Event(event) => {
                     tracing::debug!(?event, "broker event");
+                    if event == Event::BrokerShutdown {
+                        shared.shutdown_announced.store(true, Ordering::Relaxed);
+                    }
                     let mut events = lock(&shared.events);
                     // Bounded: a client that never looks keeps the newest.
                     if events.len() >= 1024 {

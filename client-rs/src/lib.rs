@@ -37,8 +37,11 @@ mod conn;
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncSubscriber;
 pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
-pub use conn::ClientError;
-pub use memsock_proto::control::{ControlError, Event, StatsReport, StreamReport, SubscriberReport};
+pub use conn::{ClientError, Disconnect, ProtocolViolation};
+pub use memsock_proto::control::{
+    ConfigProblem, ControlError, DecodeFailure, Event, Malformation, SegmentStep, StatsReport, StreamReport,
+    SubscriberReport,
+};
 pub use memsock_proto::shm::{
     FrameInfo, LoanError, OverflowPolicy, OwnedSample, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
     TryRecvError, Unsent, WaitStrategy,

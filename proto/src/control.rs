@@ -14,7 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::shm::{OverflowPolicy, StreamConfig, SubscriberOptions};
+use crate::shm::layout::MAX_SEGMENT_LEN;
+use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -53,10 +54,12 @@ pub enum Request {
         /// Geometry and memory options.
         config: StreamConfig,
     },
-    /// Stop publishing `stream` (the stream stays, for a new publisher).
+    /// End a publication (the stream stays, for a new publisher). Named by
+    /// the token [`Reply::Published`] gave, never by the stream's name: a
+    /// late Unpublish cannot end a newer publication of the same stream.
     Unpublish {
-        /// Stream name.
-        stream: String,
+        /// The publication, as [`Reply::Published`] named it.
+        publication: u64,
     },
     /// Attach a subscriber to `stream`.
     Subscribe {
@@ -132,6 +135,9 @@ pub enum Reply {
     /// The client is the stream's publisher. Descriptors: the stream's data
     /// file (read-write), then one channel file per subscriber index.
     Published {
+        /// Names the publication in a later [`Request::Unpublish`]; unique
+        /// for the broker's life.
+        publication: u64,
         /// Stream name.
         stream: String,
         /// Channel files that follow the data file.
@@ -200,7 +206,7 @@ pub enum ControlError {
     HandshakeExpected,
     /// The message could not be decoded, or broke a protocol rule.
     #[error("malformed message: {0}")]
-    Malformed(String),
+    Malformed(Malformation),
     /// A frame announced more than [`MAX_FRAME_LEN`] bytes.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     FrameTooLarge {
@@ -239,9 +245,10 @@ pub enum ControlError {
         /// Its publisher's pid.
         pid: u32,
     },
-    /// This client does not publish the stream.
-    #[error("this client does not publish stream {0:?}")]
-    NotPublisher(String),
+    /// No publication of this client has this token (it ended, or the
+    /// token names another client's).
+    #[error("no publication #{0} on this connection")]
+    NoSuchPublication(u64),
     /// The pool cannot honour the requested credits.
     #[error(
         "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, 1 kept for the publisher)"
@@ -274,10 +281,18 @@ pub enum ControlError {
     StreamClosed(String),
     /// The configuration is invalid.
     #[error("invalid stream configuration: {0}")]
-    InvalidConfig(String),
-    /// The broker could not create or map the segment.
-    #[error("segment error: {0}")]
-    Segment(String),
+    InvalidConfig(ConfigProblem),
+    /// The broker could not create, map or hand out the stream's shared
+    /// memory.
+    #[error("segment error for stream {stream:?}: {step} failed{}", os_error_text(*os_error))]
+    Segment {
+        /// Stream name.
+        stream: String,
+        /// What the broker was doing.
+        step: SegmentStep,
+        /// The system's error number, if a system call failed.
+        os_error: Option<i32>,
+    },
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -300,6 +315,187 @@ pub enum ControlError {
         /// Whether a client publishes the stream now.
         has_publisher: bool,
     },
+}
+
+/// What was wrong with a message ([`ControlError::Malformed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformation {
+    /// The frame's bytes are not a message of this protocol version.
+    #[error("the bytes are not a message of protocol version {PROTOCOL_VERSION} ({0})")]
+    Undecodable(DecodeFailure),
+    /// A request this broker does not serve.
+    #[error("unknown request")]
+    UnknownRequest,
+    /// The reply would not fit in a frame.
+    #[error("the reply would be {len} bytes, more than a frame holds")]
+    ReplyTooLarge {
+        /// Its encoded length.
+        len: u64,
+    },
+}
+
+/// Where decoding a message failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeFailure {
+    /// The frame ended inside the message.
+    #[error("unexpected end")]
+    UnexpectedEnd,
+    /// A variable-length integer is invalid.
+    #[error("bad varint")]
+    BadVarint,
+    /// A boolean is neither 0 nor 1.
+    #[error("bad bool")]
+    BadBool,
+    /// A string is not UTF-8, or a char is not a char.
+    #[error("bad text")]
+    BadText,
+    /// An option or enum tag names no variant.
+    #[error("bad tag")]
+    BadTag,
+    /// Anything else the decoder refused.
+    #[error("bad encoding")]
+    BadEncoding,
+}
+
+impl From<&postcard::Error> for DecodeFailure {
+    fn from(e: &postcard::Error) -> Self {
+        use postcard::Error as E;
+        match e {
+            E::DeserializeUnexpectedEnd => Self::UnexpectedEnd,
+            E::DeserializeBadVarint => Self::BadVarint,
+            E::DeserializeBadBool => Self::BadBool,
+            E::DeserializeBadChar | E::DeserializeBadUtf8 => Self::BadText,
+            E::DeserializeBadOption | E::DeserializeBadEnum => Self::BadTag,
+            _ => Self::BadEncoding,
+        }
+    }
+}
+
+/// What is wrong with a stream configuration ([`ControlError::InvalidConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    /// A field is out of its range.
+    #[error("{field} = {value} is out of range ({min} ..= {max})")]
+    OutOfRange {
+        /// Which field.
+        field: String,
+        /// The offending value.
+        value: u64,
+        /// Smallest accepted.
+        min: u64,
+        /// Largest accepted.
+        max: u64,
+    },
+    /// The queue capacity is not a power of two.
+    #[error("queue capacity {0} is not a power of two")]
+    NotPowerOfTwo(u32),
+    /// The segment would be larger than a segment may be.
+    #[error("the segment would be {bytes} bytes, more than the {max}-byte limit")]
+    TooLarge {
+        /// Its length.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// More subscribers than descriptors fit in one reply.
+    #[error("at most {max} subscribers per stream through the broker, asked for {asked}")]
+    TooManySubscribers {
+        /// Asked for.
+        asked: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Credits out of the stream's range.
+    #[error("credits must be between 1 and {max}, got {credits}")]
+    CreditsOutOfRange {
+        /// Asked for.
+        credits: u32,
+        /// The stream's queue capacity.
+        max: u32,
+    },
+}
+
+impl ConfigProblem {
+    /// The problem a layout error names, if it is one of a configuration
+    /// (the others are about a segment's contents).
+    pub fn from_layout(e: &LayoutError) -> Option<Self> {
+        match *e {
+            LayoutError::OutOfRange { field, value, min, max } => {
+                Some(Self::OutOfRange { field: field.into(), value, min, max })
+            }
+            LayoutError::NotPowerOfTwo(n) => Some(Self::NotPowerOfTwo(n)),
+            LayoutError::TooLarge(bytes) => Some(Self::TooLarge { bytes, max: MAX_SEGMENT_LEN }),
+            _ => None,
+        }
+    }
+}
+
+/// What the broker was doing when a stream's shared memory failed it
+/// ([`ControlError::Segment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentStep {
+    /// Creating a shared-memory file.
+    #[error("creating shared memory")]
+    Create,
+    /// Mapping it.
+    #[error("mapping shared memory")]
+    Map,
+    /// Locking it in memory (`mlock`; see `ulimit -l`).
+    #[error("locking {len} bytes in memory")]
+    Lock {
+        /// Bytes to lock.
+        len: u64,
+    },
+    /// Its header did not hold what the broker wrote.
+    #[error("checking the segment's layout")]
+    Layout,
+    /// Duplicating a descriptor to hand out.
+    #[error("duplicating a descriptor")]
+    Duplicate,
+    /// Changing a subscriber's credits in shared memory.
+    #[error("changing credits")]
+    Credit,
+}
+
+impl ControlError {
+    /// The refusal for a stream that could not be created: a bad
+    /// configuration, or the step whose system call failed.
+    pub fn from_create(stream: &str, e: &CreateError) -> Self {
+        match e {
+            CreateError::Config(layout) => Self::from_layout(stream, layout),
+            CreateError::Io { source, .. } => Self::segment(stream, SegmentStep::Create, source),
+            CreateError::Map(map) => Self::from_map(stream, map),
+        }
+    }
+
+    /// A layout error: a configuration's, or a segment not as written.
+    pub fn from_layout(stream: &str, e: &LayoutError) -> Self {
+        match ConfigProblem::from_layout(e) {
+            Some(problem) => Self::InvalidConfig(problem),
+            None => Self::Segment { stream: stream.into(), step: SegmentStep::Layout, os_error: None },
+        }
+    }
+
+    fn from_map(stream: &str, e: &MapError) -> Self {
+        match e {
+            MapError::Io(source) => Self::segment(stream, SegmentStep::Map, source),
+            MapError::Lock { len, source } => Self::segment(stream, SegmentStep::Lock { len: *len as u64 }, source),
+            MapError::Layout(layout) => Self::from_layout(stream, layout),
+        }
+    }
+
+    /// A system call failed at `step`.
+    pub fn segment(stream: &str, step: SegmentStep, e: &std::io::Error) -> Self {
+        Self::Segment { stream: stream.into(), step, os_error: e.raw_os_error() }
+    }
+}
+
+fn os_error_text(os_error: Option<i32>) -> String {
+    os_error.map_or_else(String::new, |n| format!(": {}", std::io::Error::from_raw_os_error(n)))
 }
 
 /// Counters of the broker's streams.
@@ -384,7 +580,7 @@ impl FrameError {
     pub fn to_control_error(&self) -> ControlError {
         match self {
             FrameError::TooLarge(len) => ControlError::FrameTooLarge { len: *len, max: MAX_FRAME_LEN },
-            FrameError::Decode(e) => ControlError::Malformed(e.to_string()),
+            FrameError::Decode(e) => ControlError::Malformed(Malformation::Undecodable(e.into())),
         }
     }
 }
@@ -489,13 +685,38 @@ mod tests {
             }),
         });
         roundtrip(ServerMessage::Event(Event::PublisherGone { stream: "video".into() }));
+        roundtrip(ClientMessage { id: 10, request: Request::Unpublish { publication: 3 } });
+        // Refusals are typed values, their numbers intact.
+        for error in [
+            ControlError::Segment { stream: "v".into(), step: SegmentStep::Lock { len: 4096 }, os_error: Some(12) },
+            ControlError::InvalidConfig(ConfigProblem::TooManySubscribers { asked: 99, max: 63 }),
+            ControlError::Malformed(Malformation::Undecodable(DecodeFailure::BadVarint)),
+            ControlError::NoSuchPublication(3),
+        ] {
+            roundtrip(ServerMessage::Reply { id: 11, result: Err(error) });
+        }
+    }
+
+    #[test]
+    fn segment_errors_name_the_step_and_the_system_s_reason() {
+        let e = ControlError::from_create(
+            "cam",
+            &CreateError::Io { name: "cam".into(), source: std::io::Error::from_raw_os_error(24) },
+        );
+        assert_eq!(e, ControlError::Segment { stream: "cam".into(), step: SegmentStep::Create, os_error: Some(24) });
+        let text = e.to_string();
+        assert!(text.contains("creating shared memory") && text.contains("Too many open files"), "{text}");
+        let e = ControlError::from_layout("cam", &LayoutError::NotPowerOfTwo(3));
+        assert_eq!(e, ControlError::InvalidConfig(ConfigProblem::NotPowerOfTwo(3)));
+        let e = ControlError::from_layout("cam", &LayoutError::BadMagic("data"));
+        assert!(matches!(e, ControlError::Segment { step: SegmentStep::Layout, os_error: None, .. }));
     }
 
     #[test]
     fn fd_counts_follow_the_reply() {
         let published = ServerMessage::Reply {
             id: 1,
-            result: Ok(Reply::Published { stream: "s".into(), channels: 32, takeover: false }),
+            result: Ok(Reply::Published { publication: 1, stream: "s".into(), channels: 32, takeover: false }),
         };
         assert_eq!(published.fd_count(), 33);
         let err = ServerMessage::Reply { id: 1, result: Err(ControlError::ShuttingDown) };

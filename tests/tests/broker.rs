@@ -3,6 +3,7 @@
 //! (and this process as one more client).
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -197,6 +198,83 @@ fn hello() -> Request {
     Request::Hello { version: PROTOCOL_VERSION, client_name: "raw".into() }
 }
 
+/// One request on a raw connection: its reply, skipping events (the
+/// descriptors a reply carries are received and closed).
+fn request(s: &mut UnixStream, id: u64, request: Request) -> Result<memsock::control::Reply, ControlError> {
+    let mut frame = Vec::new();
+    control::encode(&ClientMessage { id, request }, &mut frame).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(m) = control::decode::<ServerMessage>(&mut buf).unwrap() {
+            match m {
+                ServerMessage::Reply { id: got, result } if got == id => return result,
+                _ => {}
+            }
+        }
+        let mut fds = Vec::new();
+        let n = memsock_proto::platform::recv_with_fds(s.as_fd(), &mut chunk, &mut fds).unwrap();
+        assert!(n > 0, "the broker closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Issue 10, part 4: Unpublish and Unsubscribe name a token the broker
+/// gave, so a late one (sent for an earlier publication or subscription,
+/// after the client made a new one) ends nothing. Unpublish named the
+/// stream: a late one ended the newer publication.
+#[test]
+fn a_late_unpublish_or_unsubscribe_ends_nothing() -> Result<()> {
+    use memsock::control::Reply;
+    let broker = Broker::start()?;
+    let observer = Client::connect_to(broker.socket())?;
+    let mut s = raw(&broker);
+    request(&mut s, 1, hello())?;
+    let publish = || Request::Publish { stream: "tok".into(), config: StreamConfig::new(64, 8) };
+    let Reply::Published { publication: first, .. } = request(&mut s, 2, publish())? else { panic!("published") };
+    request(&mut s, 3, Request::Unpublish { publication: first })?;
+    let options = memsock::shm::SubscriberOptions::default();
+    let subscribe = || Request::Subscribe { stream: "tok".into(), options, wait_for_stream: true };
+    // The stream is gone with its publisher; the subscriber waits for the next.
+    let (sub_id, again) = (4, 5);
+    let mut frame = Vec::new();
+    control::encode(&ClientMessage { id: sub_id, request: subscribe() }, &mut frame)?;
+    s.write_all(&frame)?;
+    let Reply::Published { publication: second, .. } = request(&mut s, again, publish())? else {
+        panic!("published again")
+    };
+    assert_ne!(first, second, "a new publication has a new token");
+    assert_eq!(
+        request(&mut s, 6, Request::Unpublish { publication: first }),
+        Err(ControlError::NoSuchPublication(first))
+    );
+    match observer.publisher("tok", &StreamConfig::new(64, 8)) {
+        Err(ClientError::Refused(ControlError::PublisherExists { pid, .. })) => assert_eq!(pid, std::process::id()),
+        other => panic!("the late Unpublish ended nothing, so the stream still has its publisher: {other:?}"),
+    }
+    let report = stats_of(&observer, "tok").expect("the stream lives on");
+
+    // The subscriber that waited was answered; resubscribe, then end the first late.
+    let first_sub = report.subscribers[0].subscription;
+    request(&mut s, 7, Request::Unsubscribe { subscription: first_sub })?;
+    let Reply::Subscribed { subscription: second_sub, .. } = request(&mut s, 8, subscribe())? else {
+        panic!("subscribed")
+    };
+    assert_ne!(first_sub, second_sub);
+    assert_eq!(
+        request(&mut s, 9, Request::Unsubscribe { subscription: first_sub }),
+        Err(ControlError::NoSuchSubscription(first_sub))
+    );
+    let report = stats_of(&observer, "tok").unwrap();
+    assert_eq!(report.subscribers.iter().map(|s| s.subscription).collect::<Vec<_>>(), [second_sub]);
+    // The current tokens do end what they name.
+    request(&mut s, 10, Request::Unsubscribe { subscription: second_sub })?;
+    request(&mut s, 11, Request::Unpublish { publication: second })?;
+    assert!(eventually(Duration::from_secs(10), || stats_of(&observer, "tok").is_none()));
+    Ok(())
+}
+
 #[test]
 fn bad_clients_get_a_clear_error_and_the_broker_carries_on() -> Result<()> {
     let broker = Broker::start()?;
@@ -218,7 +296,7 @@ fn bad_clients_get_a_clear_error_and_the_broker_carries_on() -> Result<()> {
     let mut s = raw(&broker);
     send(&mut s, hello());
     s.write_all(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])?;
-    assert!(matches!(error_then_close(&mut s), Some(ControlError::Malformed(_))));
+    assert!(matches!(error_then_close(&mut s), Some(ControlError::Malformed(control::Malformation::Undecodable(_)))));
     // An oversized frame.
     let mut s = raw(&broker);
     send(&mut s, hello());
@@ -232,7 +310,27 @@ fn bad_clients_get_a_clear_error_and_the_broker_carries_on() -> Result<()> {
         s.write_all(&frame[..cut])?;
         drop(s);
     }
-    // Unknown stream.
+    // Refusals are typed values end to end: a configuration out of range.
+    let mut zero = StreamConfig::new(64, 8);
+    zero.slot_count = 0;
+    match client.publisher("bad-config", &zero) {
+        Err(ClientError::Refused(ControlError::InvalidConfig(memsock::ConfigProblem::OutOfRange {
+            field,
+            value: 0,
+            ..
+        }))) => assert_eq!(field, "slot_count"),
+        r => panic!("expected InvalidConfig(OutOfRange), got {r:?}"),
+    }
+    let mut greedy = StreamConfig::new(64, 8);
+    greedy.max_subscribers = 1000;
+    match client.publisher("bad-config", &greedy) {
+        Err(ClientError::Refused(ControlError::InvalidConfig(memsock::ConfigProblem::TooManySubscribers {
+            asked: 1000,
+            ..
+        }))) => {}
+        r => panic!("expected InvalidConfig(TooManySubscribers), got {r:?}"),
+    }
+    // An unknown stream.
     match client.subscriber("nope", &SubscribeOptions::default()) {
         Err(ClientError::Refused(ControlError::NoSuchStream(name))) => assert_eq!(name, "nope"),
         r => panic!("expected NoSuchStream, got {r:?}"),
@@ -300,6 +398,11 @@ fn shutdown_tells_clients_and_leaves_nothing_behind() -> Result<()> {
     assert!(eventually(Duration::from_secs(5), || client.is_disconnected()));
     assert_eq!(client.try_event(), Some(memsock::Event::BrokerShutdown));
     assert!(matches!(publisher.send(b"more"), Err(memsock::SendError::Closed)));
+    // Why the connection ended is a typed value, not a sentence.
+    match client.stats(None) {
+        Err(ClientError::Disconnected(memsock::Disconnect::BrokerShutdown)) => {}
+        other => panic!("expected Disconnected(BrokerShutdown), got {other:?}"),
+    }
     Ok(())
 }
 
