@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,8 @@ use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use memsock_proto::control::{
-    self, ClientMessage, ControlError, Event, FrameError, Malformation, PROTOCOL_VERSION, Reply, Request, ServerMessage,
+    ClientMessage, ControlError, Event, FrameError, FrameReader, FrameWriter, Malformation, PROTOCOL_VERSION, Reply,
+    Request, ServerMessage,
 };
 use memsock_proto::platform::{self, ProcessHandle};
 use tokio::io::Interest;
@@ -398,16 +399,15 @@ async fn read_loop(
     uid: u32,
     mut process: Option<ProcessHandle>,
 ) -> String {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
+    let mut reader = FrameReader::<ClientMessage>::new();
     let mut greeted = false;
     let mut served = 0u64;
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     loop {
         // Serve every complete frame first.
         loop {
-            let message: ClientMessage = match control::decode(&mut buf) {
-                Ok(Some(m)) => m,
+            let message = match reader.next_message() {
+                Ok(Some((m, _))) => m,
                 Ok(None) => break,
                 Err(e) => {
                     reply_and_close(broker, conn, 0, e.to_control_error());
@@ -451,9 +451,9 @@ async fn read_loop(
         let read = async {
             loop {
                 socket.readable().await?;
-                match socket.try_read(&mut chunk) {
+                match socket.try_io(Interest::READABLE, || reader.fill_from(socket.as_fd())) {
                     Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -468,14 +468,8 @@ async fn read_loop(
         };
         match n {
             Ok(0) => return "connection closed".into(),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(e) => return format!("read error: {e}"),
-        }
-        // A frame announcing more than the limit is refused by `decode`;
-        // the buffer never holds more than one frame plus one read.
-        if buf.len() > control::MAX_FRAME_LEN as usize + chunk.len() + 4 {
-            reply_and_close(broker, conn, 0, FrameError::TooLarge(buf.len() as u64).to_control_error());
-            return "oversized frame".into();
         }
     }
 }
@@ -519,26 +513,19 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
 
 /// Writes queued messages, descriptors attached to their frame's first byte.
 async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, kill: Arc<Notify>) {
-    let mut frame = Vec::new();
+    let mut writer = FrameWriter::new();
     while let Some(out) = rx.recv().await {
-        frame.clear();
-        if let Err(e) = control::encode(&out.message, &mut frame) {
+        if let Err(e) = writer.start(&out.message, out.fds) {
             tracing::error!("cannot encode a message: {e}");
             let ServerMessage::Reply { id, .. } = out.message else { continue };
             let len = if let FrameError::TooLarge(len) = e { len } else { 0 };
             let error =
                 ServerMessage::Reply { id, result: Err(ControlError::Malformed(Malformation::ReplyTooLarge { len })) };
-            frame.clear();
-            if control::encode(&error, &mut frame).is_err() {
+            if writer.start(&error, Vec::new()).is_err() {
                 continue;
             }
-            if write_frame(&socket, &frame, &[]).await.is_err() {
-                kill.notify_one();
-                return;
-            }
-            continue;
         }
-        if let Err(e) = write_frame(&socket, &frame, &out.fds).await {
+        if let Err(e) = write_frame(&socket, &mut writer).await {
             tracing::debug!(conn = out.conn, "write failed: {e}");
             kill.notify_one();
             return;
@@ -546,13 +533,11 @@ async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, k
     }
 }
 
-async fn write_frame(socket: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-    let mut sent = 0;
-    while sent < frame.len() {
-        let with: Vec<BorrowedFd<'_>> = if sent == 0 { fds.iter().map(AsFd::as_fd).collect() } else { Vec::new() };
+async fn write_frame(socket: &UnixStream, writer: &mut FrameWriter) -> io::Result<()> {
+    while !writer.is_done() {
         socket.writable().await?;
-        match socket.try_io(Interest::WRITABLE, || platform::send_with_fds(socket.as_fd(), &frame[sent..], &with)) {
-            Ok(n) => sent += n,
+        match socket.try_io(Interest::WRITABLE, || writer.write_to(socket.as_fd())) {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

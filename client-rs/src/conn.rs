@@ -3,7 +3,7 @@
 //! that lasts as long as the connection.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,10 +14,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use memsock_proto::control::{
-    self, ClientMessage, ControlError, DecodeFailure, Event, FrameError, PROTOCOL_VERSION, Reply, Request,
-    ServerMessage,
+    ClientMessage, ControlError, DecodeFailure, Event, FrameError, FrameReader, FrameWriter, PROTOCOL_VERSION, Reply,
+    Request, ServerMessage,
 };
-use memsock_proto::platform;
 use memsock_proto::shm;
 
 /// Why talking to the broker failed.
@@ -139,6 +138,8 @@ impl From<&FrameError> for ProtocolViolation {
         match e {
             FrameError::TooLarge(len) => Self::FrameTooLarge { len: *len },
             FrameError::Decode(e) => Self::Undecodable(e.into()),
+            FrameError::MissingDescriptors { expected, got } => Self::Descriptors { expected: *expected, got: *got },
+            FrameError::StrayDescriptors(got) => Self::Descriptors { expected: 0, got: *got },
             _ => Self::Undecodable(DecodeFailure::BadEncoding),
         }
     }
@@ -269,10 +270,10 @@ impl Drop for Conn {
 }
 
 fn send_on(socket: &UnixStream, shared: &Shared, message: &ClientMessage) -> Result<(), ClientError> {
-    let mut frame = Vec::new();
-    control::encode(message, &mut frame).map_err(|e| ClientError::Protocol((&e).into()))?;
+    let mut writer = FrameWriter::new();
+    writer.start(message, Vec::new()).map_err(|e| ClientError::Protocol((&e).into()))?;
     let _guard = lock(&shared.write_lock);
-    (&*socket).write_all(&frame).map_err(|e| ClientError::Disconnected(Disconnect::io(&e)))
+    writer.write_to(socket.as_fd()).map_err(|e| ClientError::Disconnected(Disconnect::io(&e)))
 }
 
 fn connect_socket(path: &Path) -> io::Result<UnixStream> {
@@ -334,30 +335,15 @@ fn read_loop(socket: UnixStream, shared: &Shared) {
 }
 
 fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut reader = FrameReader::<ServerMessage>::new();
     loop {
-        let mut received = Vec::new();
-        let n = match platform::recv_with_fds(socket.as_fd(), &mut chunk, &mut received) {
+        match reader.fill_from(socket.as_fd()) {
             Ok(0) => return Ok(()),
-            Ok(n) => n,
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Disconnect::io(&e)),
-        };
-        fds.extend(received);
-        buf.extend_from_slice(&chunk[..n]);
-        loop {
-            let message: ServerMessage = match control::decode(&mut buf) {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(e) => return Err(Disconnect::Protocol((&e).into())),
-            };
-            let want = message.fd_count();
-            if fds.len() < want {
-                return Err(Disconnect::Protocol(ProtocolViolation::Descriptors { expected: want, got: fds.len() }));
-            }
-            let mine: Vec<OwnedFd> = fds.drain(..want).collect();
+        }
+        while let Some((message, mine)) = reader.next_message().map_err(|e| Disconnect::Protocol((&e).into()))? {
             match message {
                 ServerMessage::Reply { id, .. } => {
                     let waiting = lock(&shared.pending).remove(&id);

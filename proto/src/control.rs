@@ -14,6 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod framing;
+pub use framing::{FrameReader, FrameWriter, Framed};
+
 use crate::shm::layout::MAX_SEGMENT_LEN;
 use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
@@ -327,6 +330,9 @@ pub enum Malformation {
     /// A request this broker does not serve.
     #[error("unknown request")]
     UnknownRequest,
+    /// Descriptors came with a message that carries none.
+    #[error("descriptors came with a message that carries none")]
+    StrayDescriptors,
     /// The reply would not fit in a frame.
     #[error("the reply would be {len} bytes, more than a frame holds")]
     ReplyTooLarge {
@@ -573,6 +579,17 @@ pub enum FrameError {
     /// The bytes are not a valid message.
     #[error("undecodable message: {0}")]
     Decode(#[from] postcard::Error),
+    /// A message announces more descriptors than came with it.
+    #[error("a message needs {expected} descriptors, {got} came")]
+    MissingDescriptors {
+        /// Announced.
+        expected: usize,
+        /// Received and unclaimed.
+        got: usize,
+    },
+    /// Descriptors came that no message claims.
+    #[error("{0} descriptors came that no message claims")]
+    StrayDescriptors(usize),
 }
 
 impl FrameError {
@@ -581,6 +598,9 @@ impl FrameError {
         match self {
             FrameError::TooLarge(len) => ControlError::FrameTooLarge { len: *len, max: MAX_FRAME_LEN },
             FrameError::Decode(e) => ControlError::Malformed(Malformation::Undecodable(e.into())),
+            FrameError::MissingDescriptors { .. } | FrameError::StrayDescriptors(_) => {
+                ControlError::Malformed(Malformation::StrayDescriptors)
+            }
         }
     }
 }
@@ -604,27 +624,6 @@ pub fn encode<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), FrameE
     Ok(())
 }
 
-/// Takes one complete frame off the front of `buf`, if there is one.
-/// `Ok(None)`: more bytes are needed.
-///
-/// # Errors
-/// [`FrameError`] if the frame is too large or does not decode; the stream
-/// cannot be trusted after that and should be closed.
-pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut Vec<u8>) -> Result<Option<T>, FrameError> {
-    let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
-    let len = u32::from_le_bytes(*prefix);
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge(len.into()));
-    }
-    let end = 4 + len as usize;
-    if buf.len() < end {
-        return Ok(None);
-    }
-    let message = postcard::from_bytes(&buf[4..end]);
-    buf.drain(..end);
-    Ok(Some(message?))
-}
-
 /// Whether `name` is acceptable as a stream name.
 pub fn valid_stream_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_STREAM_NAME && name.chars().all(|c| !c.is_control())
@@ -635,21 +634,20 @@ mod tests {
     use super::*;
     use crate::shm::WaitStrategy;
 
-    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + Clone + std::fmt::Debug>(m: T) {
+    fn roundtrip<T: Serialize + Framed + PartialEq + Clone + std::fmt::Debug>(m: T) {
         let mut buf = Vec::new();
         encode(&m, &mut buf).unwrap();
         encode(&m, &mut buf).unwrap();
         // Byte by byte: a frame is only complete with its last byte.
-        let mut partial = Vec::new();
+        let mut reader = FrameReader::<T>::new();
         let mut got = Vec::new();
         for &b in &buf {
-            partial.push(b);
-            while let Some(x) = decode::<T>(&mut partial).unwrap() {
+            reader.push(&[b]);
+            while let Some((x, _)) = reader.next_message().unwrap() {
                 got.push(x);
             }
         }
         assert_eq!(got, vec![m.clone(), m]);
-        assert!(partial.is_empty());
     }
 
     #[test]
@@ -725,13 +723,15 @@ mod tests {
 
     #[test]
     fn oversized_and_garbage_frames_are_errors() {
-        let mut buf = (MAX_FRAME_LEN + 1).to_le_bytes().to_vec();
-        assert!(matches!(decode::<ClientMessage>(&mut buf), Err(FrameError::TooLarge(_))));
-        let mut buf = vec![3, 0, 0, 0, 0xff, 0xff, 0xff];
-        let err = decode::<ClientMessage>(&mut buf).unwrap_err();
+        let read = |bytes: &[u8]| {
+            let mut reader = FrameReader::<ClientMessage>::new();
+            reader.push(bytes);
+            reader.next_message().map(|m| m.map(|(m, _)| m))
+        };
+        assert!(matches!(read(&(MAX_FRAME_LEN + 1).to_le_bytes()), Err(FrameError::TooLarge(_))));
+        let err = read(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap_err();
         assert!(matches!(err.to_control_error(), ControlError::Malformed(_)), "{err}");
-        let mut buf = vec![1, 0];
-        assert!(decode::<ClientMessage>(&mut buf).unwrap().is_none(), "a partial prefix waits for more");
+        assert!(read(&[1, 0]).unwrap().is_none(), "a partial prefix waits for more");
     }
 
     #[test]

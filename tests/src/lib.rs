@@ -3,7 +3,7 @@
 //! with inherited descriptors that report JSON lines.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -386,5 +386,110 @@ mod tests {
             assert!(check_frame(seq, 300, &a[..len], &mut b));
             assert!(!check_frame(seq + 1, 300, &a[..len], &mut b));
         }
+    }
+}
+
+/// A connection to the broker speaking the control protocol by hand, on
+/// the same frame reader and writer as the broker and the client: for
+/// tests that send what no client would, or in an order none would.
+#[derive(Debug)]
+pub struct RawConn {
+    socket: std::os::unix::net::UnixStream,
+    reader: memsock_proto::control::FrameReader<memsock_proto::control::ServerMessage>,
+}
+
+/// A reply as [`RawConn::ask`] returns it: the result and its descriptors.
+pub type RawReply = (Result<memsock_proto::control::Reply, memsock_proto::control::ControlError>, Vec<OwnedFd>);
+
+impl RawConn {
+    /// Connects, without a handshake; reads give up after 10 s (a hang).
+    ///
+    /// # Errors
+    /// If the socket refuses.
+    pub fn connect(socket: &Path) -> Result<Self> {
+        let socket = std::os::unix::net::UnixStream::connect(socket)?;
+        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Self { socket, reader: memsock_proto::control::FrameReader::new() })
+    }
+
+    /// Sends request `request` as message `id`.
+    ///
+    /// # Errors
+    /// If the write fails.
+    pub fn send(&self, id: u64, request: memsock_proto::control::Request) -> Result<()> {
+        let mut writer = memsock_proto::control::FrameWriter::new();
+        writer.start(&memsock_proto::control::ClientMessage { id, request }, Vec::new())?;
+        writer.write_to(self.socket.as_fd())?;
+        Ok(())
+    }
+
+    /// Sends raw bytes.
+    ///
+    /// # Errors
+    /// If the write fails.
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        std::io::Write::write_all(&mut &self.socket, bytes)?;
+        Ok(())
+    }
+
+    /// The next message from the broker, or `None` once it has closed.
+    ///
+    /// # Errors
+    /// A read error or a frame the reader refuses.
+    pub fn next_message(&mut self) -> Result<Option<(memsock_proto::control::ServerMessage, Vec<OwnedFd>)>> {
+        loop {
+            if let Some(message) = self.reader.next_message()? {
+                return Ok(Some(message));
+            }
+            if self.reader.fill_from(self.socket.as_fd())? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Sends request `request` as message `id` and returns its reply,
+    /// skipping events and the replies to other messages.
+    ///
+    /// # Errors
+    /// If the broker closes first, or as [`next_message`](Self::next_message).
+    pub fn ask(&mut self, id: u64, request: memsock_proto::control::Request) -> Result<RawReply> {
+        self.send(id, request)?;
+        loop {
+            match self.next_message()? {
+                Some((memsock_proto::control::ServerMessage::Reply { id: got, result }, fds)) if got == id => {
+                    return Ok((result, fds));
+                }
+                Some(_) => {}
+                None => bail!("the broker closed the connection before answering #{id}"),
+            }
+        }
+    }
+
+    /// Says Hello with this build's protocol version.
+    ///
+    /// # Errors
+    /// If the broker does not welcome it.
+    pub fn hello(&mut self) -> Result<()> {
+        let version = memsock_proto::control::PROTOCOL_VERSION;
+        let hello = memsock_proto::control::Request::Hello { version, client_name: "raw".into() };
+        self.ask(0, hello)?.0?;
+        Ok(())
+    }
+
+    /// Reads until the broker closes; returns the last error it replied.
+    pub fn error_then_close(&mut self) -> Option<memsock_proto::control::ControlError> {
+        let mut last = None;
+        while let Ok(Some((message, _))) = self.next_message() {
+            if let memsock_proto::control::ServerMessage::Reply { result: Err(e), .. } = message {
+                last = Some(e);
+            }
+        }
+        last
+    }
+}
+
+impl AsFd for RawConn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 }

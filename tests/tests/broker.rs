@@ -2,15 +2,12 @@
 //! a private socket, publishers and subscribers in their own processes
 //! (and this process as one more client).
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::Result;
-use memsock::control::{self, ClientMessage, ControlError, MAX_FRAME_LEN, PROTOCOL_VERSION, Request, ServerMessage};
+use memsock::control::{self, ClientMessage, ControlError, MAX_FRAME_LEN, PROTOCOL_VERSION, Request};
 use memsock::{Client, ClientError, OverflowPolicy, StreamConfig, SubscribeOptions, WaitStrategy};
-use memsock_tests::{Broker, Peer, TempDir, eventually};
+use memsock_tests::{Broker, Peer, RawConn, TempDir, eventually};
 use serde_json::{Value, json};
 
 const PEER: &str = env!("CARGO_BIN_EXE_memsock-test-peer");
@@ -169,55 +166,12 @@ fn a_killed_subscriber_gives_back_its_slots_and_credits() -> Result<()> {
 }
 
 /// A raw connection speaking the framing by hand.
-fn raw(broker: &Broker) -> UnixStream {
-    let s = UnixStream::connect(broker.socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn send(s: &mut UnixStream, request: Request) {
-    let mut frame = Vec::new();
-    control::encode(&ClientMessage { id: 1, request }, &mut frame).unwrap();
-    s.write_all(&frame).unwrap();
-}
-
-/// Reads replies until the broker closes; returns the last error seen.
-fn error_then_close(s: &mut UnixStream) -> Option<ControlError> {
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let mut last = None;
-    while let Ok(Some(m)) = control::decode::<ServerMessage>(&mut buf) {
-        if let ServerMessage::Reply { result: Err(e), .. } = m {
-            last = Some(e);
-        }
-    }
-    last
+fn raw(broker: &Broker) -> RawConn {
+    RawConn::connect(broker.socket()).unwrap()
 }
 
 fn hello() -> Request {
     Request::Hello { version: PROTOCOL_VERSION, client_name: "raw".into() }
-}
-
-/// One request on a raw connection: its reply, skipping events (the
-/// descriptors a reply carries are received and closed).
-fn request(s: &mut UnixStream, id: u64, request: Request) -> Result<memsock::control::Reply, ControlError> {
-    let mut frame = Vec::new();
-    control::encode(&ClientMessage { id, request }, &mut frame).unwrap();
-    s.write_all(&frame).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        while let Some(m) = control::decode::<ServerMessage>(&mut buf).unwrap() {
-            match m {
-                ServerMessage::Reply { id: got, result } if got == id => return result,
-                _ => {}
-            }
-        }
-        let mut fds = Vec::new();
-        let n = memsock_proto::platform::recv_with_fds(s.as_fd(), &mut chunk, &mut fds).unwrap();
-        assert!(n > 0, "the broker closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// Issue 10, part 4: Unpublish and Unsubscribe name a token the broker
@@ -230,47 +184,37 @@ fn a_late_unpublish_or_unsubscribe_ends_nothing() -> Result<()> {
     let broker = Broker::start()?;
     let observer = Client::connect_to(broker.socket())?;
     let mut s = raw(&broker);
-    request(&mut s, 1, hello())?;
+    s.hello()?;
     let publish = || Request::Publish { stream: "tok".into(), config: StreamConfig::new(64, 8) };
-    let Reply::Published { publication: first, .. } = request(&mut s, 2, publish())? else { panic!("published") };
-    request(&mut s, 3, Request::Unpublish { publication: first })?;
+    let Reply::Published { publication: first, .. } = s.ask(2, publish())?.0? else { panic!("published") };
+    s.ask(3, Request::Unpublish { publication: first })?.0?;
     let options = memsock::shm::SubscriberOptions::default();
     let subscribe = || Request::Subscribe { stream: "tok".into(), options, wait_for_stream: true };
-    // The stream is gone with its publisher; the subscriber waits for the next.
-    let (sub_id, again) = (4, 5);
-    let mut frame = Vec::new();
-    control::encode(&ClientMessage { id: sub_id, request: subscribe() }, &mut frame)?;
-    s.write_all(&frame)?;
-    let Reply::Published { publication: second, .. } = request(&mut s, again, publish())? else {
-        panic!("published again")
-    };
+    // The stream went with its publisher: this subscriber waits for the next.
+    s.send(4, subscribe())?;
+    let Reply::Published { publication: second, .. } = s.ask(5, publish())?.0? else { panic!("published again") };
     assert_ne!(first, second, "a new publication has a new token");
-    assert_eq!(
-        request(&mut s, 6, Request::Unpublish { publication: first }),
-        Err(ControlError::NoSuchPublication(first))
-    );
+    assert_eq!(s.ask(6, Request::Unpublish { publication: first })?.0, Err(ControlError::NoSuchPublication(first)));
     match observer.publisher("tok", &StreamConfig::new(64, 8)) {
         Err(ClientError::Refused(ControlError::PublisherExists { pid, .. })) => assert_eq!(pid, std::process::id()),
         other => panic!("the late Unpublish ended nothing, so the stream still has its publisher: {other:?}"),
     }
     let report = stats_of(&observer, "tok").expect("the stream lives on");
 
-    // The subscriber that waited was answered; resubscribe, then end the first late.
+    // The subscriber that waited was attached; resubscribe, then end the first late.
     let first_sub = report.subscribers[0].subscription;
-    request(&mut s, 7, Request::Unsubscribe { subscription: first_sub })?;
-    let Reply::Subscribed { subscription: second_sub, .. } = request(&mut s, 8, subscribe())? else {
-        panic!("subscribed")
-    };
+    s.ask(7, Request::Unsubscribe { subscription: first_sub })?.0?;
+    let Reply::Subscribed { subscription: second_sub, .. } = s.ask(8, subscribe())?.0? else { panic!("subscribed") };
     assert_ne!(first_sub, second_sub);
     assert_eq!(
-        request(&mut s, 9, Request::Unsubscribe { subscription: first_sub }),
+        s.ask(9, Request::Unsubscribe { subscription: first_sub })?.0,
         Err(ControlError::NoSuchSubscription(first_sub))
     );
     let report = stats_of(&observer, "tok").unwrap();
     assert_eq!(report.subscribers.iter().map(|s| s.subscription).collect::<Vec<_>>(), [second_sub]);
     // The current tokens do end what they name.
-    request(&mut s, 10, Request::Unsubscribe { subscription: second_sub })?;
-    request(&mut s, 11, Request::Unpublish { publication: second })?;
+    s.ask(10, Request::Unsubscribe { subscription: second_sub })?.0?;
+    s.ask(11, Request::Unpublish { publication: second })?.0?;
     assert!(eventually(Duration::from_secs(10), || stats_of(&observer, "tok").is_none()));
     Ok(())
 }
@@ -283,31 +227,31 @@ fn bad_clients_get_a_clear_error_and_the_broker_carries_on() -> Result<()> {
 
     // Wrong protocol version.
     let mut s = raw(&broker);
-    send(&mut s, Request::Hello { version: PROTOCOL_VERSION + 1, client_name: "future".into() });
+    s.send(1, Request::Hello { version: PROTOCOL_VERSION + 1, client_name: "future".into() })?;
     assert_eq!(
-        error_then_close(&mut s),
+        s.error_then_close(),
         Some(ControlError::VersionMismatch { client: PROTOCOL_VERSION + 1, broker: PROTOCOL_VERSION })
     );
     // A request before the handshake.
     let mut s = raw(&broker);
-    send(&mut s, Request::Stats { stream: None });
-    assert_eq!(error_then_close(&mut s), Some(ControlError::HandshakeExpected));
+    s.send(1, Request::Stats { stream: None })?;
+    assert_eq!(s.error_then_close(), Some(ControlError::HandshakeExpected));
     // Garbage in a well-formed frame.
     let mut s = raw(&broker);
-    send(&mut s, hello());
-    s.write_all(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])?;
-    assert!(matches!(error_then_close(&mut s), Some(ControlError::Malformed(control::Malformation::Undecodable(_)))));
+    s.hello()?;
+    s.send_bytes(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])?;
+    assert!(matches!(s.error_then_close(), Some(ControlError::Malformed(control::Malformation::Undecodable(_)))));
     // An oversized frame.
     let mut s = raw(&broker);
-    send(&mut s, hello());
-    s.write_all(&(MAX_FRAME_LEN + 1).to_le_bytes())?;
-    assert!(matches!(error_then_close(&mut s), Some(ControlError::FrameTooLarge { .. })));
+    s.hello()?;
+    s.send_bytes(&(MAX_FRAME_LEN + 1).to_le_bytes())?;
+    assert!(matches!(s.error_then_close(), Some(ControlError::FrameTooLarge { .. })));
     // Truncated frames: clients killed mid-handshake.
     for cut in [1, 3, 6] {
-        let mut s = raw(&broker);
+        let s = raw(&broker);
         let mut frame = Vec::new();
         control::encode(&ClientMessage { id: 1, request: hello() }, &mut frame)?;
-        s.write_all(&frame[..cut])?;
+        s.send_bytes(&frame[..cut])?;
         drop(s);
     }
     // Refusals are typed values end to end: a configuration out of range.

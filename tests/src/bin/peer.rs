@@ -111,33 +111,14 @@ fn publisher(spec: &Value) -> Result<()> {
 
 /// Says Hello and Publish on a connection of our own; returns it and the
 /// stream's descriptors.
-fn publish_raw(spec: &Value) -> Result<(std::os::unix::net::UnixStream, Vec<std::os::fd::OwnedFd>)> {
-    use memsock_proto::control::{self, ClientMessage, PROTOCOL_VERSION, Reply, Request, ServerMessage};
-    let socket = std::os::unix::net::UnixStream::connect(spec["socket"].as_str().context("a socket")?)?;
-    let (mut buf, mut fds) = (Vec::new(), Vec::new());
-    let mut ask = |id: u64, request: Request| -> Result<Reply> {
-        let mut frame = Vec::new();
-        control::encode(&ClientMessage { id, request }, &mut frame)?;
-        std::io::Write::write_all(&mut &socket, &frame)?;
-        loop {
-            if let Some(m) = control::decode::<ServerMessage>(&mut buf)? {
-                match m {
-                    ServerMessage::Reply { result, .. } => return Ok(result?),
-                    _ => continue, // events
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = memsock_proto::platform::recv_with_fds(socket.as_fd(), &mut chunk, &mut fds)?;
-            if n == 0 {
-                bail!("the broker hung up");
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    ask(1, Request::Hello { version: PROTOCOL_VERSION, client_name: "raw peer".into() })?;
+fn publish_raw(spec: &Value) -> Result<(memsock_tests::RawConn, Vec<std::os::fd::OwnedFd>)> {
+    use memsock_proto::control::Request;
+    let mut conn = memsock_tests::RawConn::connect(std::path::Path::new(spec["socket"].as_str().context("a socket")?))?;
+    conn.hello()?;
     let name = spec["stream"].as_str().unwrap_or("test").to_owned();
-    ask(2, Request::Publish { stream: name, config: stream_config(spec) })?;
-    Ok((socket, fds))
+    let (result, fds) = conn.ask(2, Request::Publish { stream: name, config: stream_config(spec) })?;
+    result?;
+    Ok((conn, fds))
 }
 
 fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {
