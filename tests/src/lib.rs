@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod fuzz;
+
 use anyhow::{Context, Result, bail};
 use memsock_proto::platform::{adopt_inherited_fd, dup_for_child};
 use serde_json::Value;
@@ -220,9 +222,13 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// `scripts/test-all` builds before running the tests.
 pub fn memsock_exe() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/memsock
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let path = dir.join("memsock");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/memsock
+    let beside = exe.with_file_name("memsock");
+    let path = if beside.exists() {
+        beside
+    } else {
+        exe.parent().and_then(Path::parent).expect("target directory").join("memsock")
+    };
     assert!(
         path.exists(),
         "{} is missing: build the broker in the same profile first (`cargo build -p memsock-broker`; scripts/test-all does)",
