@@ -171,3 +171,43 @@ pub fn lease_subscriber(spec: &Value) -> Result<()> {
         std::thread::park();
     }
 }
+
+/// `{"case":"stats_during_create","stream_bytes":N,"stats_ms":X,"idle_stats_ms":Y,...}`:
+/// the median time of a `stats` request while another client creates a
+/// pre-faulted stream of `bytes` (1 MiB slots), and the same with nothing
+/// being created; the creation's own time, and how many requests were
+/// answered during it.
+pub fn stats_during_create(broker: &BrokerProc, bytes: u64) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let timed = |client: &Client| -> Result<u64> {
+        let start = Instant::now();
+        client.stats(None)?;
+        Ok(start.elapsed().as_nanos() as u64)
+    };
+    let mut idle = (0..200).map(|_| timed(&client)).collect::<Result<Vec<_>>>()?;
+    let socket = broker.socket;
+    let creator = std::thread::spawn(move || -> Result<u64> {
+        let client = Client::connect_to(socket)?;
+        let mut config = StreamConfig::new(1 << 20, (bytes >> 20) as u32);
+        config.prefault = true;
+        let start = Instant::now();
+        let publisher = client.publisher("stats_during_create", &config)?;
+        let ns = start.elapsed().as_nanos() as u64;
+        drop(publisher);
+        Ok(ns)
+    });
+    let mut during = Vec::new();
+    while !creator.is_finished() {
+        during.push(timed(&client)?);
+    }
+    let create_ns = creator.join().map_err(|_| anyhow::anyhow!("the creating thread panicked"))??;
+    let answered = during.len();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    Ok(json!({
+        "case": "stats_during_create", "stream_bytes": bytes,
+        "stats_ms": ms(crate::sys::quantile(&mut during, 0.5)),
+        "stats_max_ms": ms(during.iter().copied().max().unwrap_or(0)),
+        "idle_stats_ms": ms(crate::sys::quantile(&mut idle, 0.5)),
+        "create_ms": ms(create_ns), "answered_during": answered,
+    }))
+}

@@ -64,6 +64,10 @@ enum Command {
         /// Measures everything this many times, interleaved, reporting medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Runs only the cases whose name contains this (`stream`,
+        /// `connect`, `lease_reclaim`, `stats_during_create`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// (internal) The seed article's hand-rolled ring producer, for the
     /// Python benchmark (`python -m memsock.bench`).
@@ -84,7 +88,7 @@ fn main() -> Result<()> {
         Command::Dataplane { json, scale, only, huge_pages, rounds } => {
             dataplane(json, scale, only.as_deref(), huge_pages, rounds.max(1))
         }
-        Command::Broker { json, scale, rounds } => broker_bench(json, scale, rounds.max(1)),
+        Command::Broker { json, scale, rounds, only } => broker_bench(json, scale, rounds.max(1), only.as_deref()),
         Command::RingProducer { path, count } => seed_ring::ring_producer(&path, count),
         Command::Child => child(),
     }
@@ -116,9 +120,10 @@ fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
 
 /// `memsock-bench broker`: every stream case twice per round, directly and
 /// through the broker, interleaved; then the connect time.
-fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
+fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -> Result<()> {
+    let want = |case: &str| only.is_none_or(|o| case.contains(o));
     let broker = broker::BrokerProc::start()?;
-    let mut cases = stream_cases(scale, None, false);
+    let mut cases = if want("stream") { stream_cases(scale, None, false) } else { Vec::new() };
     // The hostile peer needs the stream's files, which the broker keeps.
     cases.retain(|case| !case.hostile);
     let rounds_lines = measure_rounds(rounds, json_out, || {
@@ -129,8 +134,15 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
             lines.push(via);
             lines.extend(cpu);
         }
-        lines.push(broker::connect(&broker, 20)?);
-        lines.push(broker::lease_reclaim(&broker, 20)?);
+        if want("connect") {
+            lines.push(broker::connect(&broker, 20)?);
+        }
+        if want("lease_reclaim") {
+            lines.push(broker::lease_reclaim(&broker, 20)?);
+        }
+        if want("stats_during_create") {
+            lines.push(broker::stats_during_create(&broker, 1 << 30)?);
+        }
         Ok(lines)
     })?;
     let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, broker_targets);
@@ -167,6 +179,11 @@ fn broker_targets(lines: &[Value]) -> Value {
     t.insert("first_frame_us".into(), json!(num(find(lines, |v| v["case"] == "connect"), "first_frame_us")));
     t.insert("broker_cpu_percent".into(), json!(num(find(lines, |v| v["case"] == "broker_cpu"), "cpu_percent")));
     t.insert("lease_reclaim_ms".into(), json!(num(find(lines, |v| v["case"] == "lease_reclaim"), "ms")));
+    // Target: a stats request while a 1 GiB stream is created takes at
+    // most twice an idle one, plus 1 ms.
+    let create = find(lines, |v| v["case"] == "stats_during_create");
+    let (during, idle) = (num(create, "stats_ms"), num(create, "idle_stats_ms"));
+    t.insert("stats_during_create_vs_2_idle_plus_1ms".into(), json!(during / (2.0 * idle + 1.0)));
     Value::Object(t)
 }
 

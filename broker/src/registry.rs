@@ -31,8 +31,8 @@ use memsock_proto::control::{
 };
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::{
-    AddSubscriberError, BarrierPassed, EndProgress, StreamConfig, StreamSegment, StreamStats, SubscriberOpError,
-    SubscriberOptions,
+    AddSubscriberError, BarrierPassed, CreateError, EndProgress, StreamConfig, StreamSegment, StreamStats,
+    SubscriberOpError, SubscriberOptions,
 };
 use std::sync::Arc;
 
@@ -157,6 +157,40 @@ fn holds_role(stream: &Stream, holder: &Holder) -> bool {
     stream.segment.publisher_attached().is_some_and(|pid| holder.pid == 0 || pid == holder.pid)
 }
 
+/// What a `Publish` needs next ([`Registry::publish`]).
+#[derive(Debug)]
+pub enum PublishStep {
+    /// Answered: route these.
+    Done(Vec<Outgoing>),
+    /// Create the segment outside the registry's lock
+    /// ([`Creation::create`]), then call [`Registry::created`].
+    Create(Creation),
+}
+
+/// A stream to create for a Publish, its name reserved meanwhile.
+#[derive(Debug, Clone)]
+pub struct Creation {
+    conn: ConnId,
+    id: u64,
+    name: String,
+    config: StreamConfig,
+}
+
+impl Creation {
+    /// Creates (and, as configured, pre-faults and locks) the segment.
+    ///
+    /// # Errors
+    /// As [`StreamSegment::create`].
+    pub fn create(&self) -> Result<StreamSegment, CreateError> {
+        StreamSegment::create(&self.name, &self.config)
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -166,6 +200,9 @@ pub struct Registry {
     clients: HashMap<ConnId, Client>,
     next_subscription: u64,
     next_publication: u64,
+    /// Names whose segment is being created, outside the lock, for the
+    /// connection that will publish it.
+    reserved: HashMap<String, ConnId>,
     /// Closed streams whose publisher may still be attached (see
     /// [`Registry::finish_closing`]).
     closing: Vec<Closing>,
@@ -244,26 +281,83 @@ impl Registry {
         out.extend(self.users(stream, false).into_iter().map(|c| Outgoing::event(c, event.clone())));
     }
 
-    /// `Publish`: creates the stream or hands it to a new publisher.
-    pub fn publish(&mut self, conn: ConnId, id: u64, name: &str, config: &StreamConfig) -> Vec<Outgoing> {
+    /// `Publish`: hands an existing stream to a new publisher, or reserves
+    /// the name and asks the caller to create the segment — outside the
+    /// registry's lock, since creating and pre-faulting a large one takes
+    /// long — and then to call [`created`](Self::created).
+    pub fn publish(&mut self, conn: ConnId, id: u64, name: &str, config: &StreamConfig) -> PublishStep {
         let mut out = Vec::new();
-        let result = self.try_publish(conn, name, config, &mut out);
+        let result = match self.check_publish(name, config, &mut out) {
+            Ok(true) => self.attach_publisher(conn, name, true, &mut out),
+            Ok(false) => {
+                self.reserved.insert(name.into(), conn);
+                tracing::debug!(stream = name, conn, "name reserved while its segment is created");
+                return PublishStep::Create(Creation { conn, id, name: name.into(), config: *config });
+            }
+            Err(e) => Err(e),
+        };
+        PublishStep::Done(Self::reply_first(conn, id, result, out))
+    }
+
+    /// The segment of a reserved name is created (or failed): the stream
+    /// is registered and published, and subscribers waiting for it attach.
+    /// Nothing happens if the publisher's connection ended meanwhile (the
+    /// segment is dropped; waiting subscribers go on waiting).
+    pub fn created(&mut self, creation: &Creation, segment: Result<StreamSegment, CreateError>) -> Vec<Outgoing> {
+        let Creation { conn, id, ref name, .. } = *creation;
+        if self.reserved.get(name) != Some(&conn) {
+            tracing::debug!(stream = name, conn, "created for a connection that has ended: dropped");
+            return Vec::new();
+        }
+        self.reserved.remove(name);
+        let mut out = Vec::new();
+        let result = if self.shutting_down {
+            Err(ControlError::ShuttingDown)
+        } else {
+            match segment {
+                Err(e) => Err(ControlError::from_create(name, &e)),
+                Ok(segment) => {
+                    let stream = Stream {
+                        segment,
+                        publisher: None,
+                        publication: 0,
+                        lingering: None,
+                        subscribers: Vec::new(),
+                        rates: Rates::default(),
+                        creator_uid: self.clients.get(&conn).map_or(u32::MAX, |c| c.uid),
+                    };
+                    self.streams.insert(name.clone(), stream);
+                    self.attach_publisher(conn, name, false, &mut out)
+                }
+            }
+        };
+        Self::reply_first(conn, id, result, out)
+    }
+
+    /// The reply, with its descriptors, before anything it caused reaches
+    /// others.
+    fn reply_first(
+        conn: ConnId,
+        id: u64,
+        result: Result<(Reply, Vec<OwnedFd>), ControlError>,
+        mut out: Vec<Outgoing>,
+    ) -> Vec<Outgoing> {
         let (result, fds) = match result {
             Ok((reply, fds)) => (Ok(reply), fds),
             Err(e) => (Err(e), Vec::new()),
         };
-        // The publisher's reply before anything it caused reaches others.
         out.insert(0, Outgoing::reply(conn, id, result, fds));
         out
     }
 
-    fn try_publish(
+    /// Checks a Publish; `Ok(true)` if the stream exists to be taken over,
+    /// `Ok(false)` if it is to be created.
+    fn check_publish(
         &mut self,
-        conn: ConnId,
         name: &str,
         config: &StreamConfig,
         out: &mut Vec<Outgoing>,
-    ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+    ) -> Result<bool, ControlError> {
         if !valid_stream_name(name) {
             return Err(ControlError::InvalidName(name.into()));
         }
@@ -274,37 +368,35 @@ impl Registry {
             }));
         }
         config.geometry().map_err(|e| ControlError::from_layout(name, &e))?;
+        if let Some(&creator) = self.reserved.get(name) {
+            // Another client is creating it and will be its publisher.
+            return Err(ControlError::PublisherExists { stream: name.into(), pid: self.pid(creator) });
+        }
         self.check_holder(name, out)?;
-        let takeover = match self.streams.get_mut(name) {
-            Some(stream) => {
-                let g = stream.segment.geometry();
-                if (g.slot_size, g.slot_count) != (config.slot_size, config.slot_count) {
-                    return Err(ControlError::GeometryMismatch {
-                        stream: name.into(),
-                        slot_size: g.slot_size,
-                        slot_count: g.slot_count,
-                        asked_size: config.slot_size,
-                        asked_count: config.slot_count,
-                    });
-                }
-                true
-            }
-            None => {
-                let segment = StreamSegment::create(name, config).map_err(|e| ControlError::from_create(name, &e))?;
-                let stream = Stream {
-                    segment,
-                    publisher: None,
-                    publication: 0,
-                    lingering: None,
-                    subscribers: Vec::new(),
-                    rates: Rates::default(),
-                    creator_uid: self.clients.get(&conn).map_or(u32::MAX, |c| c.uid),
-                };
-                self.streams.insert(name.into(), stream);
-                false
-            }
-        };
-        let stream = self.streams.get_mut(name).expect("just found or inserted");
+        let Some(stream) = self.streams.get(name) else { return Ok(false) };
+        let g = stream.segment.geometry();
+        if (g.slot_size, g.slot_count) != (config.slot_size, config.slot_count) {
+            return Err(ControlError::GeometryMismatch {
+                stream: name.into(),
+                slot_size: g.slot_size,
+                slot_count: g.slot_count,
+                asked_size: config.slot_size,
+                asked_count: config.slot_count,
+            });
+        }
+        Ok(true)
+    }
+
+    /// Makes `conn` the publisher of registered stream `name`: its reply
+    /// and descriptors, and the news for subscribers.
+    fn attach_publisher(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        takeover: bool,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+        let stream = self.streams.get_mut(name).expect("registered");
         let fds = std::iter::once(stream.segment.data_fd())
             .chain(stream.segment.channel_fds())
             .map(dup)
@@ -318,7 +410,6 @@ impl Registry {
         };
         self.next_publication += 1;
         let publication = self.next_publication;
-        let stream = self.streams.get_mut(name).expect("still there: it has this publisher's request");
         stream.publisher = Some(conn);
         stream.publication = publication;
         let channels = fds.len() as u32 - 1;
@@ -585,6 +676,7 @@ impl Registry {
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Outgoing> {
         let mut out = Vec::new();
         self.pending.retain(|p| p.conn != conn);
+        self.reserved.retain(|_, c| *c != conn);
         let published: Vec<String> =
             self.streams.iter().filter(|(_, s)| s.publisher == Some(conn)).map(|(n, _)| n.clone()).collect();
         for name in published {
@@ -816,8 +908,16 @@ mod tests {
 
     /// Publishes `name` on `conn` and attaches a publisher in this process
     /// with the descriptors of the reply.
+    /// What a Publish leads to, its segment created as the server does.
+    fn publish_out(registry: &mut Registry, conn: ConnId, name: &str) -> Vec<Outgoing> {
+        match registry.publish(conn, 1, name, &config()) {
+            PublishStep::Done(out) => out,
+            PublishStep::Create(creation) => registry.created(&creation, creation.create()),
+        }
+    }
+
     fn publish(registry: &mut Registry, conn: ConnId, name: &str) -> Result<Publisher, ControlError> {
-        let mut out = registry.publish(conn, 1, name, &config());
+        let mut out = publish_out(registry, conn, name);
         let reply = out.remove(0);
         let ServerMessage::Reply { result, .. } = reply.message else { panic!("a reply first") };
         result?;
@@ -853,7 +953,7 @@ mod tests {
         let mut registry = Registry::default();
         let me = platform::current_pid();
         registry.connect(1, me, platform::current_uid(), None);
-        let mut out = registry.publish(1, 1, "s", &config());
+        let mut out = publish_out(&mut registry, 1, "s");
         let reply = out.remove(0);
         // A subscriber keeps the stream registered.
         registry.connect(3, me, platform::current_uid(), None);
@@ -915,5 +1015,45 @@ mod tests {
         }
         assert_eq!(close_result(&mut registry, 3, "c"), Ok(()), "its creator's user may once it has no publisher");
         assert_eq!(close_result(&mut registry, 2, "missing"), Err(ControlError::NoSuchStream("missing".into())));
+    }
+
+    /// Issue 10, part 5: a stream's segment is created outside the lock,
+    /// its name reserved: a second Publish meanwhile is refused with the
+    /// creator's pid, a subscriber waiting for the name attaches when the
+    /// creation completes, and a creator gone meanwhile leaves the name
+    /// free (its segment dropped, the subscriber still waiting).
+    #[test]
+    fn a_name_is_reserved_while_its_segment_is_created_outside_the_lock() {
+        let me = platform::current_pid();
+        let uid = platform::current_uid();
+        let mut registry = Registry::default();
+        for conn in 1..=3 {
+            registry.connect(conn, me + conn as u32, uid, None);
+        }
+        let PublishStep::Create(creation) = registry.publish(1, 1, "big", &config()) else {
+            panic!("a new stream is created outside the lock")
+        };
+        match registry.publish(2, 1, "big", &config()) {
+            PublishStep::Done(out) => match &out[0].message {
+                ServerMessage::Reply { result: Err(ControlError::PublisherExists { pid, .. }), .. } => {
+                    assert_eq!(*pid, me + 1, "the creator's pid");
+                }
+                other => panic!("expected PublisherExists, got {other:?}"),
+            },
+            PublishStep::Create(_) => panic!("the name is reserved"),
+        }
+        assert!(registry.subscribe(3, 7, "big", &SubscriberOptions::default(), true).is_empty(), "waits");
+        let out = registry.created(&creation, creation.create());
+        let replies: Vec<_> = out.iter().map(|o| (o.conn, o.fds.len())).collect();
+        assert_eq!(replies, [(1, 3), (3, 2)], "the publisher's reply, then the waiting subscriber's");
+
+        // The creator's connection ends while its segment is created.
+        let PublishStep::Create(creation) = registry.publish(1, 2, "gone", &config()) else { panic!("created") };
+        registry.subscribe(3, 8, "gone", &SubscriberOptions::default(), true);
+        registry.disconnect(1);
+        assert!(registry.created(&creation, creation.create()).is_empty(), "nobody to answer");
+        assert!(!registry.streams.contains_key("gone"));
+        assert!(matches!(registry.publish(2, 3, "gone", &config()), PublishStep::Create(_)), "the name is free");
+        assert_eq!(registry.pending.len(), 1, "the subscriber still waits");
     }
 }

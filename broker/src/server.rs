@@ -18,11 +18,12 @@ use memsock_proto::control::{
     Request, ServerMessage,
 };
 use memsock_proto::platform::{self, ProcessHandle};
+use memsock_proto::shm::CreateError;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, mpsc};
 
-use crate::registry::{ConnId, Outgoing, Registry};
+use crate::registry::{ConnId, Outgoing, PublishStep, Registry};
 
 /// Messages queued for one client before it counts as stuck and is dropped.
 const QUEUE_PER_CLIENT: usize = 1024;
@@ -441,7 +442,7 @@ async fn read_loop(
                     }
                 }
             }
-            serve_request(broker, conn, id, message.request);
+            serve_request(broker, conn, id, message.request).await;
             served += 1;
             if served % 64 == 0 {
                 // A client pipelining requests does not hog a worker.
@@ -485,20 +486,40 @@ fn reply_and_close(broker: &Broker, conn: ConnId, id: u64, error: ControlError) 
 
 /// Serves one request and queues what it causes, with the registry locked
 /// until everything is queued.
-fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) {
-    let mut registry = lock(&broker.registry);
-    let out = if registry.shutting_down() {
-        vec![reply(conn, id, Err(ControlError::ShuttingDown))]
-    } else {
-        dispatch(&mut registry, broker.pid, conn, id, request)
+///
+/// A Publish that creates a stream creates its segment outside the lock
+/// (on the blocking pool: a large one takes long to pre-fault), its name
+/// reserved meanwhile, so that nobody else's request waits for it; this
+/// connection's next request waits, as its replies keep their order.
+async fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request) {
+    let creation = {
+        let mut registry = lock(&broker.registry);
+        let step = if registry.shutting_down() {
+            PublishStep::Done(vec![reply(conn, id, Err(ControlError::ShuttingDown))])
+        } else if let Request::Publish { stream, config } = &request {
+            registry.publish(conn, id, stream, config)
+        } else {
+            PublishStep::Done(dispatch(&mut registry, broker.pid, conn, id, request))
+        };
+        match step {
+            PublishStep::Done(out) => return broker.route(out),
+            PublishStep::Create(creation) => creation,
+        }
     };
+    let job = creation.clone();
+    let segment = tokio::task::spawn_blocking(move || job.create()).await.unwrap_or_else(|e| {
+        tracing::error!(conn, "creating a segment failed: {e}");
+        let source = io::Error::other("the thread creating it panicked");
+        Err(CreateError::Io { name: creation.name().to_owned(), source })
+    });
+    let mut registry = lock(&broker.registry);
+    let out = registry.created(&creation, segment);
     broker.route(out);
 }
 
 fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
     match request {
         Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
-        Request::Publish { stream, config } => registry.publish(conn, id, &stream, &config),
         Request::Unpublish { publication } => registry.unpublish(conn, id, publication),
         Request::Subscribe { stream, options, wait_for_stream } => {
             registry.subscribe(conn, id, &stream, &options, wait_for_stream)

@@ -796,3 +796,39 @@ fn a_group_member_may_not_close_another_s_stream_and_the_publisher_may() -> Resu
     assert!(matches!(sub.recv_timeout(Duration::from_secs(60)), Err(memsock::RecvError::Closed)));
     Ok(())
 }
+
+/// Issue 10, part 5: a 1 GiB stream, pre-faulted, is created while another
+/// client streams frames and reads stats: both are served meanwhile (the
+/// segment is created outside the registry's lock; how long stats take is
+/// the broker benchmark's `stats_during_create`).
+#[test]
+fn a_1_gib_stream_is_created_while_another_client_streams_and_reads_stats() -> Result<()> {
+    let broker = Broker::start()?;
+    let other = Client::connect_to(broker.socket())?;
+    let mut publisher = other.publisher("live", &StreamConfig::new(64, 16))?;
+    let subscriber = other.subscriber("live", &SubscribeOptions { credits: 4, ..Default::default() })?;
+    let socket = broker.socket().to_owned();
+    let creator = std::thread::spawn(move || -> Result<(bool, Option<memsock::StreamReport>)> {
+        let client = Client::connect_to(&socket)?;
+        let mut config = StreamConfig::new(1 << 20, 1024);
+        config.prefault = true;
+        let huge = client.publisher("huge", &config)?;
+        Ok((huge.took_over(), stats_of(&client, "huge")))
+    });
+    let (mut stats, mut frames) = (0u64, 0u64);
+    while !creator.is_finished() {
+        let report = other.stats(None)?;
+        assert!(report.streams.iter().any(|s| s.name == "live"));
+        stats += 1;
+        publisher.send(&stats.to_le_bytes())?;
+        if subscriber.try_recv().is_ok() {
+            frames += 1;
+        }
+    }
+    let (took_over, huge) = creator.join().expect("no panic")?;
+    assert!(!took_over, "created, not taken over");
+    let huge = huge.expect("the stream exists");
+    assert_eq!((huge.slot_size, huge.slot_count), (1 << 20, 1024));
+    assert!(stats > 0 && frames > 0, "served while it was created: {stats} stats, {frames} frames");
+    Ok(())
+}
