@@ -59,7 +59,7 @@ impl Outgoing {
 
 #[derive(Debug)]
 struct Stream {
-    segment: StreamSegment,
+    segment: Segment,
     publisher: Option<ConnId>,
     /// The token of the current publication (meaningful while `publisher`
     /// is some): what an `Unpublish` must name.
@@ -134,7 +134,7 @@ impl Holder {
 #[derive(Debug)]
 struct Closing {
     at: Instant,
-    segment: StreamSegment,
+    segment: Segment,
     holder: Option<Holder>,
     /// The publisher's connection, if it was connected at the close.
     conn: Option<ConnId>,
@@ -155,6 +155,46 @@ enum Departure {
 /// cannot see — matches any).
 fn holds_role(stream: &Stream, holder: &Holder) -> bool {
     stream.segment.publisher_attached().is_some_and(|pid| holder.pid == 0 || pid == holder.pid)
+}
+
+/// A stream's segment, unmapped and closed on the reaper thread when
+/// dropped, never under the registry's lock: for a large pre-faulted
+/// segment the kernel takes hundreds of milliseconds to free its pages.
+#[derive(Debug)]
+struct Segment(Option<StreamSegment>);
+
+impl std::ops::Deref for Segment {
+    type Target = StreamSegment;
+    fn deref(&self) -> &StreamSegment {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Segment {
+    fn deref_mut(&mut self) -> &mut StreamSegment {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        use std::sync::mpsc::{Sender, channel};
+        static REAPER: std::sync::OnceLock<Option<Sender<StreamSegment>>> = std::sync::OnceLock::new();
+        let Some(segment) = self.0.take() else { return };
+        let reaper = REAPER.get_or_init(|| {
+            let (tx, rx) = channel::<StreamSegment>();
+            let spawned = std::thread::Builder::new().name("memsock-reaper".into()).spawn(move || {
+                for segment in rx {
+                    tracing::debug!(stream = segment.name(), "segment unmapped");
+                }
+            });
+            spawned.ok().map(|_| tx)
+        });
+        // Without the thread (it could not start), here and now.
+        if let Some(tx) = reaper {
+            let _ = tx.send(segment);
+        }
+    }
 }
 
 /// What a `Publish` needs next ([`Registry::publish`]).
@@ -307,6 +347,7 @@ impl Registry {
         let Creation { conn, id, ref name, .. } = *creation;
         if self.reserved.get(name) != Some(&conn) {
             tracing::debug!(stream = name, conn, "created for a connection that has ended: dropped");
+            drop(segment.map(|s| Segment(Some(s))));
             return Vec::new();
         }
         self.reserved.remove(name);
@@ -318,7 +359,7 @@ impl Registry {
                 Err(e) => Err(ControlError::from_create(name, &e)),
                 Ok(segment) => {
                     let stream = Stream {
-                        segment,
+                        segment: Segment(Some(segment)),
                         publisher: None,
                         publication: 0,
                         lingering: None,
