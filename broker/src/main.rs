@@ -30,6 +30,14 @@ enum Command {
         /// Also admit members of this group (socket mode 0660).
         #[arg(long)]
         group: Option<String>,
+        /// A limit, KEY=VALUE (repeatable): connections=N, or
+        /// {client,user,broker}.{streams,subscriptions,waits,memory}=N
+        /// (memory with a K, M, G or T suffix). Defaults: 1024
+        /// connections; per client 1024 streams, 4096 subscriptions, 1024
+        /// waits, a quarter of RAM; per user and broker-wide 4096, 16384,
+        /// 4096 and half of RAM.
+        #[arg(long = "limit", value_name = "KEY=VALUE")]
+        limits: Vec<String>,
     },
     /// Runs a broker on a temporary socket with a publisher and two
     /// subscribers (lossless and keep-latest) as separate processes, prints
@@ -118,9 +126,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let socket = cli.socket.unwrap_or_else(memsock::default_socket_path);
     match cli.command {
-        Command::Broker { group } => {
+        Command::Broker { group, limits: settings } => {
+            let mut limits = memsock_broker::limits::Limits::default();
+            for setting in &settings {
+                limits.set(setting)?;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            Ok(runtime.block_on(server::serve(server::Options { socket, group }))?)
+            Ok(runtime.block_on(server::serve(server::Options { socket, group, limits }))?)
         }
         Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),

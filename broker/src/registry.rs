@@ -26,14 +26,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use memsock_proto::control::{
-    ConfigProblem, ControlError, Event, Reply, SegmentStep, ServerMessage, StatsReport, StreamReport, SubscriberReport,
-    valid_stream_name,
+    ConfigProblem, ControlError, Event, Limit, Reply, SegmentStep, ServerMessage, StatsReport, StreamReport,
+    SubscriberReport, valid_stream_name,
 };
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
+use memsock_proto::shm::layout::{Layout, PAGE, channel_len};
 use memsock_proto::shm::{
     AddSubscriberError, BarrierPassed, CreateError, EndProgress, StreamConfig, StreamSegment, StreamStats,
     SubscriberOpError, SubscriberOptions,
 };
+
+use crate::limits::Limits;
 use std::sync::Arc;
 
 /// A client connection's id.
@@ -74,6 +77,11 @@ struct Stream {
     rates: Rates,
     /// The user of the client that created it (see [`Registry::close`]).
     creator_uid: u32,
+    /// The client that created it (its limits count the stream while it
+    /// is connected).
+    creator: ConnId,
+    /// Bytes of shared memory it takes (for the limits).
+    bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +215,23 @@ pub enum PublishStep {
     Create(Creation),
 }
 
+/// A name reserved while its segment is created.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    conn: ConnId,
+    uid: u32,
+    bytes: u64,
+}
+
+/// Bytes of shared memory a stream of `config` takes: its data file and
+/// a channel file per subscriber index.
+fn stream_bytes(name: &str, config: &StreamConfig) -> Result<u64, ControlError> {
+    let geometry = config.geometry().map_err(|e| ControlError::from_layout(name, &e))?;
+    let layout = Layout::new(geometry, PAGE).map_err(|e| ControlError::from_layout(name, &e))?;
+    let channels = u64::from(geometry.max_subscribers) * channel_len(geometry.queue_capacity) as u64;
+    Ok(layout.total_len as u64 + channels)
+}
+
 /// A stream to create for a Publish, its name reserved meanwhile.
 #[derive(Debug, Clone)]
 pub struct Creation {
@@ -242,7 +267,8 @@ pub struct Registry {
     next_publication: u64,
     /// Names whose segment is being created, outside the lock, for the
     /// connection that will publish it.
-    reserved: HashMap<String, ConnId>,
+    reserved: HashMap<String, Reserved>,
+    limits: Limits,
     /// Closed streams whose publisher may still be attached (see
     /// [`Registry::finish_closing`]).
     closing: Vec<Closing>,
@@ -267,6 +293,62 @@ impl Registry {
 
     fn pid(&self, conn: ConnId) -> u32 {
         self.clients.get(&conn).map_or(0, |c| c.holder.pid)
+    }
+
+    fn uid(&self, conn: ConnId) -> u32 {
+        self.clients.get(&conn).map_or(u32::MAX, |c| c.uid)
+    }
+
+    /// A broker with these limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        Self { limits, ..Self::default() }
+    }
+
+    /// Refuses a handshake past the cap on connections.
+    ///
+    /// # Errors
+    /// [`ControlError::LimitReached`] with the numbers.
+    pub fn check_connection_cap(&self) -> Result<(), ControlError> {
+        let (used, max) = (self.clients.len() as u64, self.limits.connections);
+        if used >= max {
+            return Err(ControlError::LimitReached {
+                limit: Limit::Connections,
+                scope: memsock_proto::control::LimitScope::Broker,
+                used,
+                asked: 1,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// What `count` counts for `conn`, for its user, and for everybody:
+    /// `count` is given a test of whether a connection is in the scope.
+    fn usage(&self, conn: ConnId, count: impl Fn(&Self, &dyn Fn(ConnId) -> bool) -> u64) -> [u64; 3] {
+        let uid = self.uid(conn);
+        [count(self, &|c| c == conn), count(self, &|c| self.uid(c) == uid), count(self, &|_| true)]
+    }
+
+    /// Refuses a new stream past the creating client's, its user's or the
+    /// broker's budget of streams or memory; else what to reserve.
+    fn check_create_budget(&self, conn: ConnId, name: &str, config: &StreamConfig) -> Result<Reserved, ControlError> {
+        let uid = self.uid(conn);
+        let bytes = stream_bytes(name, config)?;
+        // Streams and reservations, by creator: (connection, user, bytes).
+        let created = || {
+            let streams = self.streams.values().map(|s| (s.creator, s.creator_uid, s.bytes));
+            streams.chain(self.reserved.values().map(|r| (r.conn, r.uid, r.bytes)))
+        };
+        let in_scope = |(c, u, _): &(ConnId, u32, u64), scope: usize| match scope {
+            0 => *c == conn,
+            1 => *u == uid,
+            _ => true,
+        };
+        let count = |scope| created().filter(|e| in_scope(e, scope)).count() as u64;
+        let sum = |scope| created().filter(|e| in_scope(e, scope)).map(|e| e.2).sum::<u64>();
+        self.limits.check(Limit::Streams, uid, 1, [count(0), count(1), count(2)])?;
+        self.limits.check(Limit::Memory, uid, bytes, [sum(0), sum(1), sum(2)])?;
+        Ok(Reserved { conn, uid, bytes })
     }
 
     fn holder(&self, conn: ConnId) -> Holder {
@@ -329,11 +411,14 @@ impl Registry {
         let mut out = Vec::new();
         let result = match self.check_publish(name, config, &mut out) {
             Ok(true) => self.attach_publisher(conn, name, true, &mut out),
-            Ok(false) => {
-                self.reserved.insert(name.into(), conn);
-                tracing::debug!(stream = name, conn, "name reserved while its segment is created");
-                return PublishStep::Create(Creation { conn, id, name: name.into(), config: *config });
-            }
+            Ok(false) => match self.check_create_budget(conn, name, config) {
+                Ok(reserved) => {
+                    self.reserved.insert(name.into(), reserved);
+                    tracing::debug!(stream = name, conn, "name reserved while its segment is created");
+                    return PublishStep::Create(Creation { conn, id, name: name.into(), config: *config });
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         PublishStep::Done(Self::reply_first(conn, id, result, out))
@@ -345,11 +430,11 @@ impl Registry {
     /// segment is dropped; waiting subscribers go on waiting).
     pub fn created(&mut self, creation: &Creation, segment: Result<StreamSegment, CreateError>) -> Vec<Outgoing> {
         let Creation { conn, id, ref name, .. } = *creation;
-        if self.reserved.get(name) != Some(&conn) {
+        let Some(reserved) = self.reserved.get(name).copied().filter(|r| r.conn == conn) else {
             tracing::debug!(stream = name, conn, "created for a connection that has ended: dropped");
             drop(segment.map(|s| Segment(Some(s))));
             return Vec::new();
-        }
+        };
         self.reserved.remove(name);
         let mut out = Vec::new();
         let result = if self.shutting_down {
@@ -365,7 +450,9 @@ impl Registry {
                         lingering: None,
                         subscribers: Vec::new(),
                         rates: Rates::default(),
-                        creator_uid: self.clients.get(&conn).map_or(u32::MAX, |c| c.uid),
+                        creator_uid: reserved.uid,
+                        creator: conn,
+                        bytes: reserved.bytes,
                     };
                     self.streams.insert(name.clone(), stream);
                     self.attach_publisher(conn, name, false, &mut out)
@@ -409,9 +496,9 @@ impl Registry {
             }));
         }
         config.geometry().map_err(|e| ControlError::from_layout(name, &e))?;
-        if let Some(&creator) = self.reserved.get(name) {
+        if let Some(creator) = self.reserved.get(name) {
             // Another client is creating it and will be its publisher.
-            return Err(ControlError::PublisherExists { stream: name.into(), pid: self.pid(creator) });
+            return Err(ControlError::PublisherExists { stream: name.into(), pid: self.pid(creator.conn) });
         }
         self.check_holder(name, out)?;
         let Some(stream) = self.streams.get(name) else { return Ok(false) };
@@ -492,6 +579,10 @@ impl Registry {
         }
         if !self.streams.contains_key(name) {
             if wait_for_stream {
+                let used = self.usage(conn, |r, scope| r.pending.iter().filter(|p| scope(p.conn)).count() as u64);
+                if let Err(e) = self.limits.check(Limit::Waits, self.uid(conn), 1, used) {
+                    return vec![Outgoing::reply(conn, id, Err(e), Vec::new())];
+                }
                 tracing::debug!(stream = name, conn, "subscriber waits for the stream");
                 self.pending.push(Pending { conn, id, stream: name.into(), options: *options });
                 return Vec::new();
@@ -512,6 +603,8 @@ impl Registry {
         options: &SubscriberOptions,
     ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
         let pid = self.pid(conn);
+        let used = self.usage(conn, |r, scope| r.subscriptions.values().filter(|s| scope(s.conn)).count() as u64);
+        self.limits.check(Limit::Subscriptions, self.uid(conn), 1, used)?;
         let stream = self.streams.get_mut(name).ok_or_else(|| ControlError::NoSuchStream(name.into()))?;
         let ticket = stream.segment.add_subscriber(options, pid).map_err(|e| credit_error(name, e))?;
         let fds = match (stream.segment.read_only_data_fd(), dup(stream.segment.channel_fd(ticket.index))) {
@@ -717,7 +810,7 @@ impl Registry {
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Outgoing> {
         let mut out = Vec::new();
         self.pending.retain(|p| p.conn != conn);
-        self.reserved.retain(|_, c| *c != conn);
+        self.reserved.retain(|_, r| r.conn != conn);
         let published: Vec<String> =
             self.streams.iter().filter(|(_, s)| s.publisher == Some(conn)).map(|(n, _)| n.clone()).collect();
         for name in published {
@@ -869,10 +962,13 @@ impl Registry {
                     .map(|(n, s)| self.report(n, s))
                     .collect();
                 streams.sort_by(|a, b| a.name.cmp(&b.name));
+                let (descriptors, descriptor_limit) = platform::descriptors_in_use();
                 Ok(Reply::Stats(StatsReport {
                     broker_pid,
                     clients: self.clients.len() as u32,
                     waiting_subscribers: self.pending.len() as u32,
+                    descriptors,
+                    descriptor_limit,
                     streams,
                 }))
             }

@@ -23,6 +23,7 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, mpsc};
 
+use crate::limits::Limits;
 use crate::registry::{ConnId, Outgoing, PublishStep, Registry};
 
 /// Messages queued for one client before it counts as stuck and is dropped.
@@ -90,6 +91,8 @@ pub struct Options {
     pub socket: PathBuf,
     /// Admit this group's members too (socket mode 0660 instead of 0600).
     pub group: Option<String>,
+    /// What clients may hold (see [`crate::limits`]).
+    pub limits: Limits,
 }
 
 #[derive(Debug)]
@@ -156,7 +159,7 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let broker = Arc::new(Broker {
-        registry: Mutex::new(Registry::default()),
+        registry: Mutex::new(Registry::with_limits(options.limits)),
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         pid: platform::current_pid(),
@@ -419,8 +422,13 @@ async fn read_loop(
             if !greeted {
                 match message.request {
                     Request::Hello { version, client_name } if version == PROTOCOL_VERSION => {
-                        greeted = true;
                         let mut registry = lock(&broker.registry);
+                        if let Err(e) = registry.check_connection_cap() {
+                            drop(registry);
+                            reply_and_close(broker, conn, id, e);
+                            return "too many connections".into();
+                        }
+                        greeted = true;
                         registry.connect(conn, pid, uid, process.take());
                         tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };

@@ -40,11 +40,13 @@ fn table(report: &StatsReport) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "broker pid {}, {} clients, {} streams, {} subscribers waiting for a stream",
+        "broker pid {}, {} clients, {} streams, {} subscribers waiting for a stream, {} of {} descriptors",
         report.broker_pid,
         report.clients,
         report.streams.len(),
-        report.waiting_subscribers
+        report.waiting_subscribers,
+        report.descriptors,
+        report.descriptor_limit
     );
     for s in &report.streams {
         let publisher = s.publisher_pid.map_or("none".to_owned(), |p| format!("pid {p}"));

@@ -25,6 +25,12 @@ create_exception!(
     Refused,
     "This client may not do that to the stream (close one it does not publish, as another user)."
 );
+create_exception!(
+    memsock,
+    LimitReached,
+    Refused,
+    "A limit of the broker's would be passed (streams, subscriptions, waits, memory, connections)."
+);
 create_exception!(memsock, InvalidArgument, Error, "An argument is out of range (name, size, credits, policy).");
 create_exception!(memsock, PublisherGone, Error, "The publisher left; every frame it sent has been received.");
 create_exception!(memsock, PublisherBack, Error, "A new publisher took the stream over; its frames follow.");
@@ -47,6 +53,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StreamExists", py.get_type::<StreamExists>())?;
     m.add("CreditsRefused", py.get_type::<CreditsRefused>())?;
     m.add("NotPermitted", py.get_type::<NotPermitted>())?;
+    m.add("LimitReached", py.get_type::<LimitReached>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("PublisherGone", py.get_type::<PublisherGone>())?;
     m.add("PublisherBack", py.get_type::<PublisherBack>())?;
@@ -74,6 +81,7 @@ pub(crate) fn client(e: ClientError) -> PyErr {
             ControlError::InvalidName(_) | ControlError::InvalidConfig(_) => InvalidArgument::new_err(text),
             ControlError::StreamClosed(_) => StreamClosed::new_err(text),
             ControlError::CloseNotPermitted { .. } => NotPermitted::new_err(text),
+            ControlError::LimitReached { .. } => LimitReached::new_err(text),
             _ => Refused::new_err(text),
         },
         _ => Error::new_err(text),

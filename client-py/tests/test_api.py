@@ -379,3 +379,20 @@ def test_a_batch_never_swallows_news_of_the_publisher(broker):
         sub.recv_batch(10, timeout=5)
     assert sub.recv_batch(10, timeout=5)[0] == b"c"
     assert sub.publisher_generation == generation + 2
+
+
+def test_a_limit_reached_is_its_own_exception_with_the_numbers():
+    from conftest import Broker, _exe
+
+    b = Broker(_exe("MEMSOCK_EXE", "memsock"), options=("--limit", "client.streams=1"))
+    try:
+        client = memsock.connect(b.socket)
+        pub = client.publisher("one", slot_size=64, slots=8)
+        with pytest.raises(memsock.LimitReached, match="this client may hold 1 streams created; it holds 1"):
+            client.publisher("two", slot_size=64, slots=8)
+        assert issubclass(memsock.LimitReached, memsock.Refused)
+        stats = client.stats()
+        assert 0 < stats["descriptors"] < stats["descriptor_limit"]
+        pub.close()
+    finally:
+        b.stop()

@@ -299,6 +299,20 @@ pub enum ControlError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// A limit would be passed (see `memsock broker --limit`).
+    #[error("limit reached: {scope} may hold {max} {limit}; it holds {used} and asked for {asked} more")]
+    LimitReached {
+        /// What the limit counts.
+        limit: Limit,
+        /// Whose limit it is.
+        scope: LimitScope,
+        /// In use now.
+        used: u64,
+        /// Asked for.
+        asked: u64,
+        /// The limit.
+        max: u64,
+    },
     /// This client may not close the stream. Its publisher may, and so
     /// may a client running as the broker's user; once it has no
     /// publisher, a client running as the user who created it too.
@@ -318,6 +332,45 @@ pub enum ControlError {
         /// Whether a client publishes the stream now.
         has_publisher: bool,
     },
+}
+
+/// What a limit counts ([`ControlError::LimitReached`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Limit {
+    /// Clients connected at once.
+    #[error("connections")]
+    Connections,
+    /// Streams created that still exist.
+    #[error("streams created")]
+    Streams,
+    /// Subscriptions.
+    #[error("subscriptions")]
+    Subscriptions,
+    /// Subscriptions waiting for their stream to be created.
+    #[error("waits for a stream")]
+    Waits,
+    /// Bytes of shared memory of the streams created.
+    #[error("bytes of shared memory")]
+    Memory,
+}
+
+/// Whose limit it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimitScope {
+    /// This client's (this connection's).
+    #[error("this client")]
+    Client,
+    /// All clients of one user together.
+    #[error("user {uid}")]
+    User {
+        /// The user.
+        uid: u32,
+    },
+    /// Everybody's together.
+    #[error("the broker")]
+    Broker,
 }
 
 /// What was wrong with a message ([`ControlError::Malformed`]).
@@ -513,6 +566,11 @@ pub struct StatsReport {
     pub clients: u32,
     /// Subscribers waiting for a stream that does not exist yet.
     pub waiting_subscribers: u32,
+    /// Descriptors the broker has open (each stream holds one per
+    /// subscriber index, plus its data file).
+    pub descriptors: u64,
+    /// The most it may open (its `RLIMIT_NOFILE`, raised at start).
+    pub descriptor_limit: u64,
     /// The streams.
     pub streams: Vec<StreamReport>,
 }

@@ -832,3 +832,120 @@ fn a_1_gib_stream_is_created_while_another_client_streams_and_reads_stats() -> R
     assert!(stats > 0 && frames > 0, "served while it was created: {stats} stats, {frames} frames");
     Ok(())
 }
+
+/// Issue 10, part 2: a greedy client meets a named limit at each budget —
+/// streams, shared memory, subscriptions, waits for a stream, connections
+/// — with the numbers, while another client goes on creating streams,
+/// subscribing and reading stats.
+#[test]
+fn a_greedy_client_meets_named_limits_while_another_is_served() -> Result<()> {
+    use memsock::control::{Limit, LimitScope};
+    let dir = TempDir::new("limits")?;
+    let socket = dir.path().join("run").join("broker.sock");
+    let limits = ["client.streams=5", "client.subscriptions=6", "client.waits=4", "client.memory=4M", "connections=8"];
+    let args: Vec<&str> = limits.iter().flat_map(|l| ["--limit", l]).collect();
+    let broker = Broker::start_with(dir, socket, &args)?;
+    let greedy = Client::connect_to(broker.socket())?;
+    let other = Client::connect_to(broker.socket())?;
+    let mut small = StreamConfig::new(64, 8);
+    small.max_subscribers = 8;
+    // Descriptors in use are in the stats: a stream holds its data file and
+    // a channel file per subscriber index.
+    let before = other.stats(None)?;
+    let probe = other.publisher("probe", &small)?;
+    let after = other.stats(None)?;
+    assert!(after.descriptors >= before.descriptors + 9, "{} then {}", before.descriptors, after.descriptors);
+    assert!(after.descriptors < after.descriptor_limit);
+    drop(probe);
+    let mut n = 0;
+    // The other client is served after each refusal.
+    let mut served = |what: &str| -> Result<()> {
+        n += 1;
+        let mine = other.publisher(&format!("other-{n}"), &small)?;
+        let _sub = other.subscriber(mine.stream(), &SubscribeOptions::default())?;
+        assert!(stats_of(&other, mine.stream()).is_some(), "after {what}");
+        Ok(())
+    };
+    let refused = |r: Result<(), ClientError>| match r {
+        Err(ClientError::Refused(ControlError::LimitReached { limit, scope, used, asked, max })) => {
+            (limit, scope, used, asked, max)
+        }
+        other => panic!("expected a limit, got {other:?}"),
+    };
+
+    // Memory: one stream of 8 MiB past the client's 4 MiB.
+    let (limit, scope, used, asked, max) = refused(greedy.publisher("huge", &StreamConfig::new(1 << 20, 8)).map(drop));
+    assert_eq!((limit, scope, used, max), (Limit::Memory, LimitScope::Client, 0, 4 << 20));
+    assert!(asked > 8 << 20, "the stream's bytes: {asked}");
+    served("memory")?;
+
+    // Streams: five, then a named refusal.
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(greedy.publisher(&format!("greedy-{i}"), &small)?);
+    }
+    let refusal = refused(greedy.publisher("greedy-5", &small).map(drop));
+    assert_eq!(refusal, (Limit::Streams, LimitScope::Client, 5, 1, 5));
+    served("streams")?;
+    drop(held.pop());
+    let again = greedy.publisher("greedy-again", &small)?;
+    drop(again);
+
+    // Subscriptions: six, then a named refusal.
+    let mut subs = Vec::new();
+    for _ in 0..6 {
+        subs.push(greedy.subscriber("greedy-0", &SubscribeOptions { credits: 1, ..Default::default() })?);
+    }
+    let refusal =
+        refused(greedy.subscriber("greedy-0", &SubscribeOptions { credits: 1, ..Default::default() }).map(drop));
+    assert_eq!(refusal, (Limit::Subscriptions, LimitScope::Client, 6, 1, 6));
+    served("subscriptions")?;
+
+    // Waits for streams that do not exist: four, then a named refusal.
+    let mut raw_greedy = raw(&broker);
+    raw_greedy.hello()?;
+    let options = memsock::shm::SubscriberOptions::default();
+    for id in 1..=4 {
+        raw_greedy.send(id, Request::Subscribe { stream: format!("never-{id}"), options, wait_for_stream: true })?;
+    }
+    let wait = Request::Subscribe { stream: "never-5".into(), options, wait_for_stream: true };
+    match raw_greedy.ask(5, wait)?.0 {
+        Err(ControlError::LimitReached {
+            limit: Limit::Waits,
+            scope: LimitScope::Client,
+            used: 4,
+            asked: 1,
+            max: 4,
+        }) => {}
+        other => panic!("expected the waits limit, got {other:?}"),
+    }
+    assert!(waiting(&broker, 4));
+    served("waits")?;
+
+    // Connections: 8 in all, then a refusal reply, not a hang. (The
+    // clients `waiting` connected briefly may still be leaving: wait until
+    // only greedy, other and the raw one remain.)
+    assert!(eventually(Duration::from_secs(10), || other.stats(None).is_ok_and(|s| s.clients == 3)));
+    let mut conns = Vec::new();
+    for _ in 3..8 {
+        let mut c = raw(&broker);
+        c.hello()?;
+        conns.push(c);
+    }
+    let mut past = raw(&broker);
+    past.send(1, hello())?;
+    match past.error_then_close() {
+        Some(ControlError::LimitReached {
+            limit: Limit::Connections,
+            scope: LimitScope::Broker,
+            used: 8,
+            max: 8,
+            ..
+        }) => {}
+        other => panic!("expected the connections limit, got {other:?}"),
+    }
+    drop(conns);
+    assert!(eventually(Duration::from_secs(10), || Client::connect_to(broker.socket()).is_ok()));
+    served("connections")?;
+    Ok(())
+}

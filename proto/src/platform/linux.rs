@@ -295,6 +295,14 @@ pub fn shutdown_socket(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Both)?)
 }
 
+/// Descriptors this process has open, and the most it may open.
+pub fn descriptors_in_use() -> (u64, u64) {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    // The directory read held one more while counting.
+    (open.saturating_sub(1), limit)
+}
+
 /// Raises this process's limit on open descriptors to its hard limit.
 pub fn raise_fd_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};

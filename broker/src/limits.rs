@@ -1,0 +1,205 @@
+//! What one client, one user and the whole broker may hold at once:
+//! connections, streams created, subscriptions, waits for a stream that
+//! does not exist yet, and bytes of shared memory. A request past a limit
+//! is refused with [`ControlError::LimitReached`] naming the limit, whose
+//! it is and the numbers, so that a runaway client cannot starve the rest.
+//!
+//! Set with `memsock broker --limit KEY=VALUE` (repeatable): `connections`,
+//! or `{client,user,broker}.{streams,subscriptions,waits,memory}`; memory
+//! takes a `K`, `M`, `G` or `T` suffix (powers of 1024).
+
+use memsock_proto::control::{ControlError, Limit, LimitScope};
+
+/// What one holder (a client, a user, the broker) may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Streams it created that still exist (or are being created).
+    pub streams: u64,
+    /// Subscriptions.
+    pub subscriptions: u64,
+    /// Subscriptions waiting for their stream to be created.
+    pub waits: u64,
+    /// Bytes of shared memory of the streams it created.
+    pub memory: u64,
+}
+
+impl Budget {
+    /// The budget for `limit`.
+    pub fn get(&self, limit: Limit) -> u64 {
+        match limit {
+            Limit::Streams => self.streams,
+            Limit::Subscriptions => self.subscriptions,
+            Limit::Waits => self.waits,
+            Limit::Memory => self.memory,
+            _ => u64::MAX,
+        }
+    }
+
+    fn field(&mut self, name: &str) -> Option<&mut u64> {
+        Some(match name {
+            "streams" => &mut self.streams,
+            "subscriptions" => &mut self.subscriptions,
+            "waits" => &mut self.waits,
+            "memory" => &mut self.memory,
+            _ => return None,
+        })
+    }
+}
+
+/// The broker's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Clients connected at once.
+    pub connections: u64,
+    /// Each client's.
+    pub client: Budget,
+    /// Each user's (all its clients together).
+    pub user: Budget,
+    /// Everybody's together.
+    pub broker: Budget,
+}
+
+impl Default for Limits {
+    /// 1,024 connections; per client 1,024 streams, 4,096 subscriptions,
+    /// 1,024 waits and a quarter of the machine's memory; per user and for
+    /// the broker four times as many and half the memory.
+    fn default() -> Self {
+        let memory = physical_memory();
+        let client = Budget { streams: 1024, subscriptions: 4096, waits: 1024, memory: memory / 4 };
+        let user = Budget { streams: 4096, subscriptions: 16384, waits: 4096, memory: memory / 2 };
+        Self { connections: 1024, client, user, broker: user }
+    }
+}
+
+/// Why a `--limit` setting was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimitSpecError {
+    /// Not `KEY=VALUE`, or no such key.
+    #[error(
+        "unknown limit {0:?}: use connections=N or {{client,user,broker}}.{{streams,subscriptions,waits,memory}}=N"
+    )]
+    UnknownKey(String),
+    /// The value is not a number (with a K, M, G or T suffix for memory).
+    #[error("limit {key}: {value:?} is not a number")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+    },
+}
+
+impl Limits {
+    /// Applies one `KEY=VALUE` setting.
+    ///
+    /// # Errors
+    /// [`LimitSpecError`] for an unknown key or a bad number.
+    pub fn set(&mut self, spec: &str) -> Result<(), LimitSpecError> {
+        let unknown = || LimitSpecError::UnknownKey(spec.to_owned());
+        let (key, value) = spec.split_once('=').ok_or_else(unknown)?;
+        let parsed = parse_amount(value.trim())
+            .ok_or_else(|| LimitSpecError::BadValue { key: key.to_owned(), value: value.to_owned() })?;
+        let slot = match key.trim().split_once('.') {
+            None if key.trim() == "connections" => &mut self.connections,
+            Some(("client", field)) => self.client.field(field).ok_or_else(unknown)?,
+            Some(("user", field)) => self.user.field(field).ok_or_else(unknown)?,
+            Some(("broker", field)) => self.broker.field(field).ok_or_else(unknown)?,
+            _ => return Err(unknown()),
+        };
+        *slot = parsed;
+        Ok(())
+    }
+
+    /// Refuses `asked` more of `limit` when a holder's use would pass its
+    /// budget; `used` gives each scope's use (the client's, its user's, the
+    /// broker's), checked in that order.
+    ///
+    /// # Errors
+    /// [`ControlError::LimitReached`] for the first budget exceeded.
+    pub fn check(&self, limit: Limit, uid: u32, asked: u64, used: [u64; 3]) -> Result<(), ControlError> {
+        let scopes = [
+            (LimitScope::Client, self.client.get(limit)),
+            (LimitScope::User { uid }, self.user.get(limit)),
+            (LimitScope::Broker, self.broker.get(limit)),
+        ];
+        for ((scope, max), used) in scopes.into_iter().zip(used) {
+            if used.saturating_add(asked) > max {
+                return Err(ControlError::LimitReached { limit, scope, used, asked, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `123`, or for memory `64M`, `2G`…: powers of 1024.
+fn parse_amount(value: &str) -> Option<u64> {
+    let (digits, shift) = match value.as_bytes().last()? {
+        b'K' | b'k' => (&value[..value.len() - 1], 10),
+        b'M' | b'm' => (&value[..value.len() - 1], 20),
+        b'G' | b'g' => (&value[..value.len() - 1], 30),
+        b'T' | b't' => (&value[..value.len() - 1], 40),
+        _ => (value, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// The machine's memory in bytes (`MemTotal`), or 8 GiB if unreadable.
+fn physical_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(8 << 30, |kib| kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_bad_ones_are_named() {
+        let mut limits = Limits::default();
+        limits.set("connections=16").unwrap();
+        limits.set("client.memory=64M").unwrap();
+        limits.set("user.streams=7").unwrap();
+        limits.set("broker.waits=2k").unwrap();
+        assert_eq!(
+            (limits.connections, limits.client.memory, limits.user.streams, limits.broker.waits),
+            (16, 64 << 20, 7, 2048)
+        );
+        assert!(matches!(limits.set("client.bogus=1"), Err(LimitSpecError::UnknownKey(_))));
+        assert!(matches!(limits.set("streams"), Err(LimitSpecError::UnknownKey(_))));
+        assert!(matches!(limits.set("client.streams=lots"), Err(LimitSpecError::BadValue { .. })));
+    }
+
+    #[test]
+    fn the_first_budget_exceeded_is_named_with_its_numbers() {
+        let mut limits = Limits::default();
+        limits.set("client.streams=2").unwrap();
+        limits.set("user.streams=3").unwrap();
+        assert!(limits.check(Limit::Streams, 5, 1, [1, 1, 1]).is_ok());
+        assert_eq!(
+            limits.check(Limit::Streams, 5, 1, [2, 2, 2]),
+            Err(ControlError::LimitReached {
+                limit: Limit::Streams,
+                scope: LimitScope::Client,
+                used: 2,
+                asked: 1,
+                max: 2
+            })
+        );
+        assert_eq!(
+            limits.check(Limit::Streams, 5, 1, [0, 3, 3]),
+            Err(ControlError::LimitReached {
+                limit: Limit::Streams,
+                scope: LimitScope::User { uid: 5 },
+                used: 3,
+                asked: 1,
+                max: 3
+            })
+        );
+    }
+}
