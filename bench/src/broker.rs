@@ -217,3 +217,56 @@ pub fn stats_during_create(broker: &BrokerProc, bytes: u64) -> Result<Value> {
         "create_ms": ms(create_ns), "answered_during": answered,
     }))
 }
+
+/// `{"case":"greedy_neighbour","cycle_us":X,"idle_cycle_us":Y,...}`: the
+/// median time another client takes to create a stream, subscribe to it,
+/// read stats and drop both, while a greedy client creates small streams
+/// until its limit refuses it, drops them and starts again — and the same
+/// with nobody greedy. Also how often the greedy one was refused.
+pub fn greedy_neighbour(broker: &BrokerProc, cycles: usize) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let cycle = |n: usize| -> Result<u64> {
+        let start = Instant::now();
+        let publisher = client.publisher(&format!("neighbour-{n}"), &StreamConfig::new(64, 8))?;
+        let subscriber = client.subscriber(publisher.stream(), &SubscribeOptions::default())?;
+        client.stats(None)?;
+        drop((subscriber, publisher));
+        Ok(start.elapsed().as_nanos() as u64)
+    };
+    let mut idle = (0..cycles).map(cycle).collect::<Result<Vec<_>>>()?;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let (stop, refusals) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicU64::new(0)));
+    let (socket, flag, refused) = (broker.socket, stop.clone(), refusals.clone());
+    let greedy = std::thread::spawn(move || -> Result<()> {
+        let client = Client::connect_to(socket)?;
+        let mut held = Vec::new();
+        while !flag.load(Relaxed) {
+            match client.publisher(&format!("greedy-{}", held.len()), &StreamConfig::new(64, 8)) {
+                Ok(p) => held.push(p),
+                Err(memsock::ClientError::Refused(memsock::ControlError::LimitReached { .. })) => {
+                    refused.fetch_add(1, Relaxed);
+                    held.clear();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    });
+    // Measure once it has met its limit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refusals.load(Relaxed) == 0 && !greedy.is_finished() && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let mut busy = (0..cycles).map(|n| cycle(cycles + n)).collect::<Result<Vec<_>>>()?;
+    stop.store(true, Relaxed);
+    greedy.join().map_err(|_| anyhow::anyhow!("the greedy thread panicked"))??;
+    let refusals = refusals.load(Relaxed);
+    let us = |ns: u64| ns as f64 / 1e3;
+    Ok(json!({
+        "case": "greedy_neighbour",
+        "cycle_us": us(crate::sys::quantile(&mut busy, 0.5)),
+        "cycle_p99_us": us(crate::sys::quantile(&mut busy, 0.99)),
+        "idle_cycle_us": us(crate::sys::quantile(&mut idle, 0.5)),
+        "greedy_refusals": refusals,
+    }))
+}

@@ -65,7 +65,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Runs only the cases whose name contains this (`stream`,
-        /// `connect`, `lease_reclaim`, `stats_during_create`).
+        /// `connect`, `lease_reclaim`, `greedy_neighbour`,
+        /// `stats_during_create`).
         #[arg(long)]
         only: Option<String>,
     },
@@ -140,6 +141,9 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -
         if want("lease_reclaim") {
             lines.push(broker::lease_reclaim(&broker, 20)?);
         }
+        if want("greedy_neighbour") {
+            lines.push(broker::greedy_neighbour(&broker, 300)?);
+        }
         if want("stats_during_create") {
             lines.push(broker::stats_during_create(&broker, 1 << 30)?);
         }
@@ -184,6 +188,8 @@ fn broker_targets(lines: &[Value]) -> Value {
     let create = find(lines, |v| v["case"] == "stats_during_create");
     let (during, idle) = (num(create, "stats_ms"), num(create, "idle_stats_ms"));
     t.insert("stats_during_create_vs_2_idle_plus_1ms".into(), json!(during / (2.0 * idle + 1.0)));
+    let greedy = find(lines, |v| v["case"] == "greedy_neighbour");
+    t.insert("greedy_neighbour_cycle_vs_idle".into(), json!(num(greedy, "cycle_us") / num(greedy, "idle_cycle_us")));
     Value::Object(t)
 }
 

@@ -5,10 +5,11 @@
 //! it is and the numbers, so that a runaway client cannot starve the rest.
 //!
 //! Set with `memsock broker --limit KEY=VALUE` (repeatable): `connections`,
-//! or `{client,user,broker}.{streams,subscriptions,waits,memory}`; memory
+//! or `{client,user,broker}.{streams,subscriptions,waits,memory,descriptors}`; memory
 //! takes a `K`, `M`, `G` or `T` suffix (powers of 1024).
 
 use memsock_proto::control::{ControlError, Limit, LimitScope};
+use memsock_proto::platform;
 
 /// What one holder (a client, a user, the broker) may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub struct Budget {
     pub waits: u64,
     /// Bytes of shared memory of the streams it created.
     pub memory: u64,
+    /// Descriptors the broker holds for the streams it created.
+    pub descriptors: u64,
 }
 
 impl Budget {
@@ -31,6 +34,7 @@ impl Budget {
             Limit::Subscriptions => self.subscriptions,
             Limit::Waits => self.waits,
             Limit::Memory => self.memory,
+            Limit::Descriptors => self.descriptors,
             _ => u64::MAX,
         }
     }
@@ -41,6 +45,7 @@ impl Budget {
             "subscriptions" => &mut self.subscriptions,
             "waits" => &mut self.waits,
             "memory" => &mut self.memory,
+            "descriptors" => &mut self.descriptors,
             _ => return None,
         })
     }
@@ -61,13 +66,26 @@ pub struct Limits {
 
 impl Default for Limits {
     /// 1,024 connections; per client 1,024 streams, 4,096 subscriptions,
-    /// 1,024 waits and a quarter of the machine's memory; per user and for
-    /// the broker four times as many and half the memory.
+    /// 1,024 waits, a quarter of the machine's memory and a quarter of the
+    /// descriptors for streams; per user and for the broker four times as
+    /// many, half the memory and all those descriptors: the process's
+    /// descriptor limit (raised to its hard limit here) less two per
+    /// connection and 256 to spare.
     fn default() -> Self {
         let memory = physical_memory();
-        let client = Budget { streams: 1024, subscriptions: 4096, waits: 1024, memory: memory / 4 };
-        let user = Budget { streams: 4096, subscriptions: 16384, waits: 4096, memory: memory / 2 };
-        Self { connections: 1024, client, user, broker: user }
+        let connections = 1024;
+        platform::raise_fd_limit();
+        let (_, fd_limit) = platform::descriptors_in_use();
+        let descriptors = fd_limit.saturating_sub(2 * connections + 256);
+        let client = Budget {
+            streams: 1024,
+            subscriptions: 4096,
+            waits: 1024,
+            memory: memory / 4,
+            descriptors: descriptors / 4,
+        };
+        let user = Budget { streams: 4096, subscriptions: 16384, waits: 4096, memory: memory / 2, descriptors };
+        Self { connections, client, user, broker: user }
     }
 }
 
@@ -77,7 +95,7 @@ impl Default for Limits {
 pub enum LimitSpecError {
     /// Not `KEY=VALUE`, or no such key.
     #[error(
-        "unknown limit {0:?}: use connections=N or {{client,user,broker}}.{{streams,subscriptions,waits,memory}}=N"
+        "unknown limit {0:?}: use connections=N or {{client,user,broker}}.{{streams,subscriptions,waits,memory,descriptors}}=N"
     )]
     UnknownKey(String),
     /// The value is not a number (with a K, M, G or T suffix for memory).
@@ -166,6 +184,8 @@ mod tests {
         limits.set("client.memory=64M").unwrap();
         limits.set("user.streams=7").unwrap();
         limits.set("broker.waits=2k").unwrap();
+        limits.set("client.descriptors=99").unwrap();
+        assert_eq!(limits.client.get(Limit::Descriptors), 99);
         assert_eq!(
             (limits.connections, limits.client.memory, limits.user.streams, limits.broker.waits),
             (16, 64 << 20, 7, 2048)

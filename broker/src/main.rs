@@ -31,11 +31,12 @@ enum Command {
         #[arg(long)]
         group: Option<String>,
         /// A limit, KEY=VALUE (repeatable): connections=N, or
-        /// {client,user,broker}.{streams,subscriptions,waits,memory}=N
+        /// {client,user,broker}.{streams,subscriptions,waits,memory,descriptors}=N
         /// (memory with a K, M, G or T suffix). Defaults: 1024
         /// connections; per client 1024 streams, 4096 subscriptions, 1024
-        /// waits, a quarter of RAM; per user and broker-wide 4096, 16384,
-        /// 4096 and half of RAM.
+        /// waits, a quarter of RAM and of the descriptors for streams; per
+        /// user and broker-wide 4096, 16384, 4096, half of RAM and all the
+        /// descriptors the broker may open but two per connection and 256.
         #[arg(long = "limit", value_name = "KEY=VALUE")]
         limits: Vec<String>,
     },

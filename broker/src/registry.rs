@@ -82,6 +82,8 @@ struct Stream {
     creator: ConnId,
     /// Bytes of shared memory it takes (for the limits).
     bytes: u64,
+    /// Descriptors the broker holds for it (for the limits).
+    fds: u64,
 }
 
 #[derive(Debug, Default)]
@@ -221,6 +223,7 @@ struct Reserved {
     conn: ConnId,
     uid: u32,
     bytes: u64,
+    fds: u64,
 }
 
 /// Bytes of shared memory a stream of `config` takes: its data file and
@@ -335,20 +338,23 @@ impl Registry {
         let uid = self.uid(conn);
         let bytes = stream_bytes(name, config)?;
         // Streams and reservations, by creator: (connection, user, bytes).
+        let fds = 1 + u64::from(config.max_subscribers);
         let created = || {
-            let streams = self.streams.values().map(|s| (s.creator, s.creator_uid, s.bytes));
-            streams.chain(self.reserved.values().map(|r| (r.conn, r.uid, r.bytes)))
+            let streams = self.streams.values().map(|s| (s.creator, s.creator_uid, s.bytes, s.fds));
+            streams.chain(self.reserved.values().map(|r| (r.conn, r.uid, r.bytes, r.fds)))
         };
-        let in_scope = |(c, u, _): &(ConnId, u32, u64), scope: usize| match scope {
+        let in_scope = |(c, u, _, _): &(ConnId, u32, u64, u64), scope: usize| match scope {
             0 => *c == conn,
             1 => *u == uid,
             _ => true,
         };
         let count = |scope| created().filter(|e| in_scope(e, scope)).count() as u64;
-        let sum = |scope| created().filter(|e| in_scope(e, scope)).map(|e| e.2).sum::<u64>();
+        let bytes_of = |scope| created().filter(|e| in_scope(e, scope)).map(|e| e.2).sum::<u64>();
+        let fds_of = |scope| created().filter(|e| in_scope(e, scope)).map(|e| e.3).sum::<u64>();
         self.limits.check(Limit::Streams, uid, 1, [count(0), count(1), count(2)])?;
-        self.limits.check(Limit::Memory, uid, bytes, [sum(0), sum(1), sum(2)])?;
-        Ok(Reserved { conn, uid, bytes })
+        self.limits.check(Limit::Memory, uid, bytes, [bytes_of(0), bytes_of(1), bytes_of(2)])?;
+        self.limits.check(Limit::Descriptors, uid, fds, [fds_of(0), fds_of(1), fds_of(2)])?;
+        Ok(Reserved { conn, uid, bytes, fds })
     }
 
     fn holder(&self, conn: ConnId) -> Holder {
@@ -453,6 +459,7 @@ impl Registry {
                         creator_uid: reserved.uid,
                         creator: conn,
                         bytes: reserved.bytes,
+                        fds: reserved.fds,
                     };
                     self.streams.insert(name.clone(), stream);
                     self.attach_publisher(conn, name, false, &mut out)

@@ -39,8 +39,8 @@ def main():
         time.sleep(3600)
     elif role == "recv":
         sub = client.subscribe(stream, credits=1, wait=False)
-        say(ready=True)
         try:
+            say(ready=True)
             sub.recv()
         except KeyboardInterrupt:
             say(report={"interrupted": True})

@@ -2,6 +2,7 @@
 Python -> Python, Python -> Rust; a killed Python subscriber; Ctrl-C."""
 
 import json
+import platform
 import signal
 import subprocess
 import threading
@@ -118,12 +119,22 @@ def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
     assert eventually(reclaimed)
 
 
+def _in_futex_wait(pid):
+    """Whether process `pid`'s main thread is in a futex system call."""
+    futex = {"x86_64": "202", "aarch64": "98"}[platform.machine()]
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0] == futex
+
+
 def test_ctrl_c_interrupts_a_blocking_recv(broker, py_peer):
     client = broker.connect()
     _pub = client.publisher("quiet", slot_size=64, slots=4)
     peer = py_peer("recv", broker.socket, "quiet")
     peer.read_until("ready")
-    time.sleep(0.2)  # inside recv(), without the GIL
+    # Signal once its main thread sleeps in recv(), without the GIL (a
+    # futex wait), not at a guessed moment: a peer slowed down on a busy
+    # machine took the signal before recv() and went silent (CI, 1 run).
+    assert eventually(lambda: _in_futex_wait(peer.proc.pid)), "the peer never blocked in recv()"
     peer.proc.send_signal(signal.SIGINT)
     assert peer.finish(timeout=10) == {"interrupted": True}
 

@@ -353,6 +353,10 @@ pub enum Limit {
     /// Bytes of shared memory of the streams created.
     #[error("bytes of shared memory")]
     Memory,
+    /// Descriptors the broker holds for the streams created (one per
+    /// file: the data file and a channel file per subscriber index).
+    #[error("descriptors for streams")]
+    Descriptors,
 }
 
 /// Whose limit it is.

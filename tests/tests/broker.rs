@@ -949,3 +949,34 @@ fn a_greedy_client_meets_named_limits_while_another_is_served() -> Result<()> {
     served("connections")?;
     Ok(())
 }
+
+/// Issue 10, parts 1 and 2: with the default limits, one client creating
+/// small streams without end is refused with a named limit — never "Too
+/// many open files" for everyone, as after 604 streams before — and
+/// another client still creates a stream, subscribes and reads stats.
+#[test]
+fn a_client_creating_streams_without_end_meets_a_named_limit_not_descriptor_exhaustion() -> Result<()> {
+    use memsock::control::LimitScope;
+    // This process holds the publishers' descriptors too.
+    memsock_proto::platform::raise_fd_limit();
+    let broker = Broker::start()?;
+    let greedy = Client::connect_to(broker.socket())?;
+    let other = Client::connect_to(broker.socket())?;
+    let mut held = Vec::new();
+    let refusal = loop {
+        assert!(held.len() < 10_000, "no limit met after 10,000 streams");
+        match greedy.publisher(&format!("s{}", held.len()), &StreamConfig::new(4096, 4)) {
+            Ok(p) => held.push(p),
+            Err(ClientError::Refused(e @ ControlError::LimitReached { scope: LimitScope::Client, .. })) => break e,
+            Err(e) => panic!("after {} streams: {e}", held.len()),
+        }
+    };
+    assert!(!held.is_empty(), "refused at once: {refusal}");
+    let mine = other.publisher("still-mine", &StreamConfig::new(4096, 4))?;
+    let _sub = other.subscriber("still-mine", &SubscribeOptions { credits: 1, ..Default::default() })?;
+    let report = other.stats(None)?;
+    assert_eq!(report.streams.len(), held.len() + 1);
+    assert!(report.descriptors < report.descriptor_limit, "{} of {}", report.descriptors, report.descriptor_limit);
+    drop(mine);
+    Ok(())
+}
