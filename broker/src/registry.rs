@@ -444,6 +444,8 @@ impl Registry {
         self.reserved.remove(name);
         let mut out = Vec::new();
         let result = if self.shutting_down {
+            // Unmapped on the reaper thread, as every segment that goes.
+            drop(segment.map(|s| Segment(Some(s))));
             Err(ControlError::ShuttingDown)
         } else {
             match segment {
