@@ -15,7 +15,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
 
     // Loan and send a 64-byte frame that no subscriber wants.
-    let seg = StreamSegment::create("bench", &StreamConfig::new(64, 256)).unwrap();
+    let mut seg = StreamSegment::create("bench", &StreamConfig::new(64, 256)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
     g.bench_function("loan_send_no_subscriber", |b| {
         b.iter(|| {

@@ -216,7 +216,7 @@ pub fn run(case: Case) -> Result<Value> {
         return run_via_broker(case);
     }
     let credits = credits(&case);
-    let mut seg = StreamSegment::create("bench", &config(&case))?;
+    let mut seg = StreamSegment::create_with_all_channels("bench", &config(&case))?;
     let spec = |role: &str| spec(&case, role);
     let mut subs = Vec::new();
     for _ in 0..case.subscribers {
@@ -227,7 +227,7 @@ pub fn run(case: Case) -> Result<Value> {
         s["generation"] = t.generation.into();
         s["cpu"] = case.cpus().1;
         let ro = seg.read_only_data_fd()?;
-        let (child, _) = ChildProc::spawn(&s, &[ro.as_fd(), seg.channel_fd(t.index)])?;
+        let (child, _) = ChildProc::spawn(&s, &[ro.as_fd(), seg.channel_fd(t.index).context("its channel")?])?;
         subs.push(child);
     }
     for s in &mut subs {
@@ -235,7 +235,7 @@ pub fn run(case: Case) -> Result<Value> {
     }
     let hostile = if case.hostile { Some(spawn_hostile(&mut seg)?) } else { None };
     let mut fds = vec![seg.data_fd()];
-    fds.extend(seg.channel_fds());
+    fds.extend(seg.channel_fds().into_iter().map(|(_, _, fd)| fd));
     let mut p = spec("stream_publisher");
     p["cpu"] = case.cpus().0;
     let (publisher, _) = ChildProc::spawn(&p, &fds)?;
@@ -263,7 +263,7 @@ fn spawn_hostile(seg: &mut StreamSegment) -> Result<ChildProc> {
     let opts = SubscriberOptions { credits: 1, policy: OverflowPolicy::KeepLatest, wait: WaitStrategy::Park };
     let t = seg.add_subscriber(&opts, 0)?;
     let spec = json!({"role": "hostile_subscriber", "queue_capacity": seg.geometry().queue_capacity});
-    let (mut child, _) = ChildProc::spawn(&spec, &[seg.channel_fd(t.index)])?;
+    let (mut child, _) = ChildProc::spawn(&spec, &[seg.channel_fd(t.index).context("its channel")?])?;
     child.read().context("hostile subscriber ready")?;
     Ok(child)
 }
@@ -369,7 +369,7 @@ pub fn publisher_child(spec: &Value) -> Result<()> {
         return publish_frames(&mut publisher, size, count, lat_count, spin, interval);
     }
     let fds = inherited_fds(spec);
-    let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+    let channels: Vec<_> = fds[1..].iter().enumerate().map(|(i, fd)| (i as u32, 0, fd.as_fd())).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
     publish_frames(&mut publisher, size, count, lat_count, spin, interval)
 }

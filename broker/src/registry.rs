@@ -26,14 +26,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use memsock_proto::control::{
-    ConfigProblem, ControlError, Event, Limit, Reply, SegmentStep, ServerMessage, StatsReport, StreamReport,
-    SubscriberReport, valid_stream_name,
+    ChannelGrant, ConfigProblem, ControlError, Event, Limit, Reply, SegmentStep, ServerMessage, StatsReport,
+    StreamReport, SubscriberReport, valid_stream_name,
 };
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::layout::{Layout, PAGE, channel_len};
 use memsock_proto::shm::{
-    AddSubscriberError, BarrierPassed, CreateError, EndProgress, StreamConfig, StreamSegment, StreamStats,
-    SubscriberOpError, SubscriberOptions,
+    AddSubscriberError, AdmitError, BarrierPassed, CreateError, EndProgress, StreamConfig, StreamSegment, StreamStats,
+    SubscriberOpError, SubscriberOptions, SubscriberTicket,
 };
 
 use crate::limits::Limits;
@@ -103,6 +103,24 @@ struct Subscription {
     index: u32,
     conn: ConnId,
 }
+
+/// A subscriber being attached to a stream with a publisher: its channel
+/// went to the publisher's client ([`Event::Channel`]), and it is
+/// attached once that client says it has it ([`Registry::channel_taken`]).
+#[derive(Debug)]
+struct Joining {
+    conn: ConnId,
+    id: u64,
+    options: SubscriberOptions,
+    stream: String,
+    index: u32,
+    generation: u64,
+    publication: u64,
+    since: Instant,
+}
+
+/// How long a publisher's client has to take a new subscriber's channel.
+pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Pending {
@@ -265,6 +283,7 @@ pub struct Registry {
     streams: HashMap<String, Stream>,
     subscriptions: HashMap<u64, Subscription>,
     pending: Vec<Pending>,
+    joining: Vec<Joining>,
     clients: HashMap<ConnId, Client>,
     next_subscription: u64,
     next_publication: u64,
@@ -338,7 +357,9 @@ impl Registry {
         let uid = self.uid(conn);
         let bytes = stream_bytes(name, config)?;
         // Streams and reservations, by creator: (connection, user, bytes).
-        let fds = 1 + u64::from(config.max_subscribers);
+        // A stream holds its data file; a channel file per subscriber
+        // counts against that subscriber (see `add_subscriber`).
+        let fds = 1;
         let created = || {
             let streams = self.streams.values().map(|s| (s.creator, s.creator_uid, s.bytes, s.fds));
             streams.chain(self.reserved.values().map(|r| (r.conn, r.uid, r.bytes, r.fds)))
@@ -533,9 +554,14 @@ impl Registry {
         takeover: bool,
         out: &mut Vec<Outgoing>,
     ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+        // Attached before the publisher is: their channels go with its reply.
+        self.admit_pending(name, out);
         let stream = self.streams.get_mut(name).expect("registered");
+        let channel_fds = stream.segment.channel_fds();
+        let channels: Vec<ChannelGrant> =
+            channel_fds.iter().map(|&(index, generation, _)| ChannelGrant { index, generation }).collect();
         let fds = std::iter::once(stream.segment.data_fd())
-            .chain(stream.segment.channel_fds())
+            .chain(channel_fds.into_iter().map(|(_, _, fd)| fd))
             .map(dup)
             .collect::<Result<Vec<_>, _>>();
         let fds = match fds {
@@ -549,12 +575,9 @@ impl Registry {
         let publication = self.next_publication;
         stream.publisher = Some(conn);
         stream.publication = publication;
-        let channels = fds.len() as u32 - 1;
         if takeover {
             let stream = &self.streams[name];
             self.tell_subscribers(stream, &Event::PublisherBack { stream: name.into() }, out);
-        } else {
-            self.admit_pending(name, out);
         }
         tracing::info!(stream = name, conn, publication, takeover, "publisher attached");
         Ok((Reply::Published { publication, stream: name.into(), channels, takeover }, fds))
@@ -566,12 +589,25 @@ impl Registry {
             std::mem::take(&mut self.pending).into_iter().partition(|p| p.stream == name);
         self.pending = later;
         for p in now {
-            let (result, fds) = match self.add_subscriber(p.conn, name, &p.options) {
-                Ok((reply, fds)) => (Ok(reply), fds),
-                Err(e) => (Err(e), Vec::new()),
-            };
-            out.push(Outgoing::reply(p.conn, p.id, result, fds));
+            self.add_subscriber(p.conn, p.id, name, &p.options, true, out);
         }
+    }
+
+    /// A process holding stream `name`'s writer role without a connection
+    /// to us (one that outlived its lease, or one we never tracked): it
+    /// cannot be handed new channels. Its pid.
+    fn unreachable_writer(&self, name: &str) -> Option<u32> {
+        let stream = self.streams.get(name)?;
+        if stream.publisher.is_some() {
+            return None;
+        }
+        stream.lingering.as_ref().map(|h| h.pid).or_else(|| stream.segment.publisher_attached())
+    }
+
+    /// Subscriber `p` waits for stream `name` (again).
+    fn wait_for(&mut self, p: Pending) {
+        tracing::debug!(stream = p.stream, conn = p.conn, "subscriber waits for the stream");
+        self.pending.push(p);
     }
 
     /// `Subscribe`.
@@ -592,36 +628,224 @@ impl Registry {
                 if let Err(e) = self.limits.check(Limit::Waits, self.uid(conn), 1, used) {
                     return vec![Outgoing::reply(conn, id, Err(e), Vec::new())];
                 }
-                tracing::debug!(stream = name, conn, "subscriber waits for the stream");
-                self.pending.push(Pending { conn, id, stream: name.into(), options: *options });
+                self.wait_for(Pending { conn, id, stream: name.into(), options: *options });
                 return Vec::new();
             }
             return vec![Outgoing::reply(conn, id, Err(ControlError::NoSuchStream(name.into())), Vec::new())];
         }
-        let (result, fds) = match self.add_subscriber(conn, name, options) {
-            Ok((reply, fds)) => (Ok(reply), fds),
-            Err(e) => (Err(e), Vec::new()),
-        };
-        vec![Outgoing::reply(conn, id, result, fds)]
+        let mut out = Vec::new();
+        self.add_subscriber(conn, id, name, options, wait_for_stream, &mut out);
+        out
     }
 
+    /// Admits a subscriber to stream `name`: attaches it at once if the
+    /// stream has no publisher connected (one that attaches later gets its
+    /// channel with its reply), else hands its channel to the publisher's
+    /// client first ([`Joining`]). The reply goes to `out` when attached.
+    ///
+    /// While a publisher that cannot be handed its channel holds the stream
+    /// ([`unreachable_writer`](Self::unreachable_writer)), a subscriber
+    /// that may wait waits (until that publisher exits or lets go); one
+    /// that may not is refused.
     fn add_subscriber(
         &mut self,
         conn: ConnId,
+        id: u64,
         name: &str,
         options: &SubscriberOptions,
-    ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+        wait: bool,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(pid) = self.unreachable_writer(name) {
+            if wait {
+                let used = self.usage(conn, |r, scope| r.pending.iter().filter(|p| scope(p.conn)).count() as u64);
+                match self.limits.check(Limit::Waits, self.uid(conn), 1, used) {
+                    Ok(()) => self.wait_for(Pending { conn, id, stream: name.into(), options: *options }),
+                    Err(e) => out.push(Outgoing::reply(conn, id, Err(e), Vec::new())),
+                }
+            } else {
+                let e = ControlError::PublisherDisconnected { stream: name.into(), pid };
+                out.push(Outgoing::reply(conn, id, Err(e), Vec::new()));
+            }
+            return;
+        }
+        let result = self.reserve_subscriber(conn, id, name, options, out);
+        match result {
+            Ok(None) => {}
+            Ok(Some(index)) => {
+                let stream = self.streams.get_mut(name).expect("just reserved in it");
+                let result = stream.segment.activate_subscriber(index).map_err(|e| credit_error(name, e));
+                out.push(self.subscribed(conn, id, name, result));
+            }
+            Err(e) => out.push(Outgoing::reply(conn, id, Err(e), Vec::new())),
+        }
+    }
+
+    /// Checks the limits and reserves a place with its channel. Returns the
+    /// index to activate now, or `None` if its channel went to the
+    /// publisher's client (the reply waits for [`channel_taken`](Self::channel_taken)).
+    fn reserve_subscriber(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        name: &str,
+        options: &SubscriberOptions,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<u32>, ControlError> {
         let pid = self.pid(conn);
-        let used = self.usage(conn, |r, scope| r.subscriptions.values().filter(|s| scope(s.conn)).count() as u64);
-        self.limits.check(Limit::Subscriptions, self.uid(conn), 1, used)?;
+        let uid = self.uid(conn);
+        let count = |r: &Self, scope: &dyn Fn(ConnId) -> bool| {
+            let subscribed = r.subscriptions.values().filter(|s| scope(s.conn)).count();
+            (subscribed + r.joining.iter().filter(|j| scope(j.conn)).count()) as u64
+        };
+        let used = self.usage(conn, count);
+        self.limits.check(Limit::Subscriptions, uid, 1, used)?;
+        self.check_descriptors(conn, 1)?;
         let stream = self.streams.get_mut(name).ok_or_else(|| ControlError::NoSuchStream(name.into()))?;
-        let ticket = stream.segment.add_subscriber(options, pid).map_err(|e| credit_error(name, e))?;
-        let fds = match (stream.segment.read_only_data_fd(), dup(stream.segment.channel_fd(ticket.index))) {
-            (Ok(data), Ok(channel)) => vec![data, channel],
+        let reservation = stream.segment.reserve_subscriber(options, pid).map_err(|e| match e {
+            AdmitError::Refused(e) => credit_error(name, e),
+            AdmitError::Channel(e) => ControlError::from_create(name, &e),
+            _ => ControlError::Segment { stream: name.into(), step: SegmentStep::Credit, os_error: None },
+        })?;
+        let Some(publisher) = stream.publisher else { return Ok(Some(reservation.index)) };
+        let channel = stream.segment.channel_fd(reservation.index).map(dup);
+        let Some(Ok(fd)) = channel else {
+            stream.segment.give_up_subscriber(reservation.index);
+            let e = channel.and_then(Result::err).unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound));
+            return Err(ControlError::segment(name, SegmentStep::Duplicate, &e));
+        };
+        let publication = stream.publication;
+        let (index, generation) = (reservation.index, reservation.generation);
+        let event = Event::Channel { publication, index, generation };
+        out.push(Outgoing { conn: publisher, message: ServerMessage::Event(event), fds: vec![fd] });
+        let since = Instant::now();
+        let joining =
+            Joining { conn, id, options: *options, stream: name.into(), index, generation, publication, since };
+        tracing::debug!(stream = name, conn, index, generation, "subscriber's channel sent to the publisher");
+        self.joining.push(joining);
+        Ok(None)
+    }
+
+    /// Refuses `asked` more descriptors past the client's, its user's or
+    /// the broker's budget: a stream's data file counts against its
+    /// creator, a channel file against its subscriber.
+    fn check_descriptors(&self, conn: ConnId, asked: u64) -> Result<(), ControlError> {
+        let count = |r: &Self, scope: &dyn Fn(ConnId) -> bool| {
+            let streams = r.streams.values().filter(|s| scope(s.creator)).count();
+            let creating = r.reserved.values().filter(|c| scope(c.conn)).count();
+            let subscribed = r.subscriptions.values().filter(|s| scope(s.conn)).count();
+            (streams + creating + subscribed + r.joining.iter().filter(|j| scope(j.conn)).count()) as u64
+        };
+        let used = self.usage(conn, count);
+        self.limits.check(Limit::Descriptors, self.uid(conn), asked, used)
+    }
+
+    /// `ChannelTaken`: the publisher's client has the channel of a joining
+    /// subscriber: attach it and answer it.
+    pub fn channel_taken(&mut self, conn: ConnId, publication: u64, index: u32, generation: u64) -> Vec<Outgoing> {
+        let found = self.joining.iter().position(|j| {
+            j.publication == publication
+                && j.index == index
+                && j.generation == generation
+                && self.streams.get(&j.stream).is_some_and(|s| s.publisher == Some(conn))
+        });
+        let Some(at) = found else {
+            tracing::debug!(conn, publication, index, generation, "a channel taken for nobody (given up)");
+            return Vec::new();
+        };
+        let j = self.joining.swap_remove(at);
+        vec![self.activate_joining(j)]
+    }
+
+    /// Attaches a joining subscriber and builds its reply.
+    fn activate_joining(&mut self, j: Joining) -> Outgoing {
+        let stream = self.streams.get_mut(&j.stream).expect("a joining subscriber's stream is registered");
+        let result = stream.segment.activate_subscriber(j.index).map_err(|e| credit_error(&j.stream, e));
+        tracing::debug!(stream = j.stream, index = j.index, waited = ?j.since.elapsed(), "subscriber's channel taken");
+        self.subscribed(j.conn, j.id, &j.stream, result)
+    }
+
+    /// Attaches the subscribers joining stream `name` without waiting: its
+    /// publisher has left (a next one gets their channels with its reply).
+    fn activate_joining_of(&mut self, name: &str, out: &mut Vec<Outgoing>) {
+        let (now, later): (Vec<Joining>, Vec<Joining>) =
+            std::mem::take(&mut self.joining).into_iter().partition(|j| j.stream == name);
+        self.joining = later;
+        for j in now {
+            out.push(self.activate_joining(j));
+        }
+    }
+
+    /// Gives up subscribers whose publisher did not take their channel
+    /// within [`JOIN_TIMEOUT`]. Called every few hundred milliseconds.
+    pub fn expire_joining(&mut self) -> Vec<Outgoing> {
+        let (late, waiting): (Vec<Joining>, Vec<Joining>) =
+            std::mem::take(&mut self.joining).into_iter().partition(|j| j.since.elapsed() >= JOIN_TIMEOUT);
+        self.joining = waiting;
+        let mut out = Vec::new();
+        for j in late {
+            let Some(stream) = self.streams.get_mut(&j.stream) else { continue };
+            stream.segment.give_up_subscriber(j.index);
+            let pid = stream.publisher.map_or(0, |c| self.pid(c));
+            tracing::warn!(stream = j.stream, pid, "the publisher did not take a subscriber's channel in time");
+            let e = ControlError::PublisherUnresponsive {
+                stream: j.stream.clone(),
+                pid,
+                waited_ms: JOIN_TIMEOUT.as_millis() as u64,
+            };
+            out.push(Outgoing::reply(j.conn, j.id, Err(e), Vec::new()));
+        }
+        out
+    }
+
+    /// Gives up the joining subscribers `keep` rejects, answering each
+    /// with `error` (if any).
+    fn give_up_joining(&mut self, drop: impl Fn(&Joining) -> bool, error: Option<&ControlError>) -> Vec<Outgoing> {
+        let (gone, kept): (Vec<Joining>, Vec<Joining>) =
+            std::mem::take(&mut self.joining).into_iter().partition(|j| drop(j));
+        self.joining = kept;
+        let mut out = Vec::new();
+        for j in gone {
+            if let Some(stream) = self.streams.get_mut(&j.stream) {
+                stream.segment.give_up_subscriber(j.index);
+            }
+            if let Some(e) = error {
+                out.push(Outgoing::reply(j.conn, j.id, Err(e.clone()), Vec::new()));
+            }
+        }
+        out
+    }
+
+    /// The reply to an admitted subscriber (and its subscription), or the
+    /// refusal.
+    fn subscribed(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        name: &str,
+        ticket: Result<SubscriberTicket, ControlError>,
+    ) -> Outgoing {
+        match self.attach_subscriber(conn, name, ticket) {
+            Ok((reply, fds)) => Outgoing::reply(conn, id, Ok(reply), fds),
+            Err(e) => Outgoing::reply(conn, id, Err(e), Vec::new()),
+        }
+    }
+
+    fn attach_subscriber(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        ticket: Result<SubscriberTicket, ControlError>,
+    ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+        let ticket = ticket?;
+        let stream = self.streams.get_mut(name).ok_or_else(|| ControlError::NoSuchStream(name.into()))?;
+        let channel = stream.segment.channel_fd(ticket.index).map(dup);
+        let fds = match (stream.segment.read_only_data_fd(), channel) {
+            (Ok(data), Some(Ok(channel))) => vec![data, channel],
             (data, channel) => {
                 let _ = stream.segment.remove_subscriber(ticket.index);
                 stream.segment.reclaim();
-                let e = data.err().or(channel.err()).expect("one of them failed");
+                let e = data.err().or(channel.and_then(Result::err)).unwrap_or_else(|| io::ErrorKind::NotFound.into());
                 return Err(ControlError::segment(name, SegmentStep::Duplicate, &e));
             }
         };
@@ -726,6 +950,16 @@ impl Registry {
                     "the publisher's lease ended, its process lives and keeps the stream until it exits or lets go"
                 );
                 stream.lingering = Some(holder);
+                // It will never take their channels: they wait for it to go.
+                let (now, later): (Vec<Joining>, Vec<Joining>) =
+                    std::mem::take(&mut self.joining).into_iter().partition(|j| j.stream == name);
+                self.joining = later;
+                let stream = self.streams.get_mut(name).expect("just found");
+                for j in now {
+                    stream.segment.give_up_subscriber(j.index);
+                    let options = j.options;
+                    self.pending.push(Pending { conn: j.conn, id: j.id, stream: j.stream, options });
+                }
                 return;
             }
             Departure::LetGo
@@ -743,6 +977,11 @@ impl Registry {
         let Some(stream) = self.streams.get_mut(name) else { return };
         stream.publisher = None;
         stream.lingering = None;
+        // Nobody is left to take their channels: attach them now (a next
+        // publisher gets the channels with its reply), and those that
+        // waited for this one to go.
+        self.activate_joining_of(name, out);
+        let stream = self.streams.get_mut(name).expect("just found");
         match departure {
             // A crashed publisher still holds the writer role: take it back.
             Departure::Died => stream.segment.publisher_gone(),
@@ -752,6 +991,7 @@ impl Registry {
         tracing::info!(stream = name, "publisher gone");
         let stream = &self.streams[name];
         self.tell_subscribers(stream, &Event::PublisherGone { stream: name.into() }, out);
+        self.admit_pending(name, out);
         self.drop_if_unused(name);
     }
 
@@ -762,6 +1002,7 @@ impl Registry {
             .streams
             .get(name)
             .is_some_and(|s| s.publisher.is_none() && s.lingering.is_none() && s.subscribers.is_empty())
+            && !self.joining.iter().any(|j| j.stream == name)
         {
             self.streams.remove(name);
             tracing::info!(stream = name, "stream removed");
@@ -792,9 +1033,13 @@ impl Registry {
     /// `Close`.
     pub fn close(&mut self, conn: ConnId, id: u64, name: &str) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let stream = self
-            .check_may_close(conn, name)
-            .and_then(|()| self.streams.remove(name).ok_or_else(|| ControlError::NoSuchStream(name.into())));
+        let allowed = self.check_may_close(conn, name);
+        if allowed.is_ok() {
+            let closed = ControlError::StreamClosed(name.into());
+            out.extend(self.give_up_joining(|j| j.stream == name, Some(&closed)));
+        }
+        let stream =
+            allowed.and_then(|()| self.streams.remove(name).ok_or_else(|| ControlError::NoSuchStream(name.into())));
         let result = match stream {
             Err(e) => Err(e),
             Ok(mut stream) => {
@@ -820,6 +1065,7 @@ impl Registry {
         let mut out = Vec::new();
         self.pending.retain(|p| p.conn != conn);
         self.reserved.retain(|_, r| r.conn != conn);
+        self.give_up_joining(|j| j.conn == conn, None);
         let published: Vec<String> =
             self.streams.iter().filter(|(_, s)| s.publisher == Some(conn)).map(|(n, _)| n.clone()).collect();
         for name in published {
@@ -862,6 +1108,18 @@ impl Registry {
             tracing::info!(stream = name, ?departure, "the publisher is gone");
             self.publisher_gone(&name, departure, &mut out);
         }
+        // A writer we never tracked that let go: those waiting for it attach.
+        let mut free: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|p| self.streams.get(&p.stream).is_some_and(|s| s.publisher.is_none()))
+            .filter(|p| self.unreachable_writer(&p.stream).is_none())
+            .map(|p| p.stream.clone())
+            .collect();
+        free.dedup();
+        for name in free {
+            self.admit_pending(&name, &mut out);
+        }
         out
     }
 
@@ -873,6 +1131,7 @@ impl Registry {
 
     pub fn close_all(&mut self) {
         self.shutting_down = true;
+        self.give_up_joining(|_| true, None);
         let streams: Vec<(String, Stream)> = self.streams.drain().collect();
         for (name, mut stream) in streams {
             stream.segment.close();
@@ -932,11 +1191,14 @@ impl Registry {
         self.closing.len()
     }
 
-    /// Samples every stream's counters for the per-second rates. Called
-    /// once a second: reads shared memory, no messages.
+    /// Samples every stream's counters for the per-second rates, and
+    /// closes the channels of places free again. Called once a second:
+    /// reads shared memory, no messages.
     pub fn sample_rates(&mut self) {
         let now = Instant::now();
         for stream in self.streams.values_mut() {
+            // Channels of places its publisher has reclaimed since: closed.
+            stream.segment.sweep_channels();
             let stats = stream.segment.stats();
             let r = &mut stream.rates;
             if let Some(at) = r.at {
@@ -1065,10 +1327,15 @@ mod tests {
     fn publish(registry: &mut Registry, conn: ConnId, name: &str) -> Result<Publisher, ControlError> {
         let mut out = publish_out(registry, conn, name);
         let reply = out.remove(0);
-        let ServerMessage::Reply { result, .. } = reply.message else { panic!("a reply first") };
-        result?;
-        let channels: Vec<_> = reply.fds[1..].iter().map(AsFd::as_fd).collect();
+        let channels = granted(&reply)?;
         Ok(Publisher::open(reply.fds[0].as_fd(), &channels).expect("attach"))
+    }
+
+    /// The channels a Published reply grants, with their descriptors.
+    fn granted(reply: &Outgoing) -> Result<Vec<(u32, u64, std::os::fd::BorrowedFd<'_>)>, ControlError> {
+        let ServerMessage::Reply { result, .. } = &reply.message else { panic!("a reply first") };
+        let Reply::Published { channels, .. } = result.clone()? else { panic!("a Published reply") };
+        Ok(channels.iter().zip(&reply.fds[1..]).map(|(c, fd)| (c.index, c.generation, fd.as_fd())).collect())
     }
 
     /// Review finding: a publisher without a pidfd whose connection lives
@@ -1105,8 +1372,8 @@ mod tests {
         registry.connect(3, me, platform::current_uid(), None);
         registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false);
         registry.disconnect(1);
-        let channels: Vec<_> = reply.fds[1..].iter().map(AsFd::as_fd).collect();
-        let _late = Publisher::open(reply.fds[0].as_fd(), &channels).expect("attach after the lease ended");
+        let _late =
+            Publisher::open(reply.fds[0].as_fd(), &granted(&reply).unwrap()).expect("attach after the lease ended");
         registry.connect(2, me, platform::current_uid(), ProcessHandle::of_pid(me));
         match publish(&mut registry, 2, "s") {
             Err(ControlError::PublisherExists { pid, .. }) => assert_eq!(pid, me),
@@ -1191,7 +1458,8 @@ mod tests {
         assert!(registry.subscribe(3, 7, "big", &SubscriberOptions::default(), true).is_empty(), "waits");
         let out = registry.created(&creation, creation.create());
         let replies: Vec<_> = out.iter().map(|o| (o.conn, o.fds.len())).collect();
-        assert_eq!(replies, [(1, 3), (3, 2)], "the publisher's reply, then the waiting subscriber's");
+        // The waiting subscriber attaches first: its channel goes with the publisher's reply.
+        assert_eq!(replies, [(1, 2), (3, 2)], "the publisher's reply, then the waiting subscriber's");
 
         // The creator's connection ends while its segment is created.
         let PublishStep::Create(creation) = registry.publish(1, 2, "gone", &config()) else { panic!("created") };

@@ -174,7 +174,8 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
                 tick.tick().await;
                 {
                     let mut registry = lock(&broker.registry);
-                    let out = registry.watch_publishers();
+                    let mut out = registry.watch_publishers();
+                    out.extend(registry.expire_joining());
                     broker.route(out);
                     if n % 10 == 0 {
                         registry.sample_rates();
@@ -536,6 +537,9 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
         Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
         Request::Close { stream } => registry.close(conn, id, &stream),
         Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker_pid),
+        Request::ChannelTaken { publication, index, generation } => {
+            registry.channel_taken(conn, publication, index, generation)
+        }
         _ => vec![reply(conn, id, Err(ControlError::Malformed(Malformation::UnknownRequest)))],
     }
 }

@@ -100,15 +100,18 @@ impl Client {
         let Reply::Published { publication, takeover, channels, .. } = reply else {
             return Err(unexpected("Published"));
         };
-        let Some((data, channel_fds)) = fds.split_first().filter(|(_, c)| c.len() == channels as usize) else {
+        let mut fds = fds.into_iter();
+        let data = fds.next().filter(|_| fds.len() == channels.len());
+        let Some(data) = data else {
+            self.conn.forget_publication(publication);
             self.conn.notify(Request::Unpublish { publication });
-            let got = fds.len();
-            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 1 + channels as usize, got }));
+            let got = fds.len() + 1;
+            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 1 + channels.len(), got }));
         };
-        let channels = channel_fds;
-        let channels: Vec<_> = channels.iter().map(AsFd::as_fd).collect();
-        let inner = shm::Publisher::open(data.as_fd(), &channels).map_err(|e| {
+        let channels = channels.iter().zip(fds).map(|(c, fd)| (c.index, c.generation, fd)).collect();
+        let inner = self.conn.open_publisher(publication, &data, channels).map_err(|e| {
             // Tell the broker we are not publishing after all.
+            self.conn.forget_publication(publication);
             self.conn.notify(Request::Unpublish { publication });
             ClientError::OpenPublisher(e)
         })?;
@@ -225,6 +228,7 @@ impl Drop for Publisher {
     fn drop(&mut self) {
         // Detach from the segment first, then tell the broker.
         drop(self.inner.take());
+        self.conn.forget_publication(self.publication);
         self.conn.notify(Request::Unpublish { publication: self.publication });
     }
 }

@@ -148,9 +148,22 @@ impl From<&FrameError> for ProtocolViolation {
 type Delivery = (ServerMessage, Vec<OwnedFd>);
 
 /// State the reader thread shares with the requesters.
+/// Where the channel files of subscribers joining one of our
+/// publications go ([`Event::Channel`]).
+#[derive(Debug)]
+enum Channels {
+    /// The Published reply came, the publisher is not open yet: kept for
+    /// its open.
+    Waiting(Vec<(u32, u64, OwnedFd)>),
+    /// Open: handed straight to it.
+    Open(shm::ChannelInbox),
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     pending: Mutex<HashMap<u64, SyncSender<Delivery>>>,
+    /// Our publications, by token.
+    publications: Mutex<HashMap<u64, Channels>>,
     /// Serialises writers (requesters, and the reader undoing late replies).
     write_lock: Mutex<()>,
     events: Mutex<VecDeque<Event>>,
@@ -249,6 +262,31 @@ impl Conn {
     }
 
     /// The next event the broker sent, if any.
+    /// Opens the publisher of publication `publication` with the channels
+    /// its reply brought and those that came since, and routes later ones
+    /// to it. Holds the table meanwhile, so no channel slips between.
+    pub(crate) fn open_publisher(
+        &self,
+        publication: u64,
+        data: &OwnedFd,
+        channels: Vec<(u32, u64, OwnedFd)>,
+    ) -> Result<shm::Publisher, shm::OpenPublisherError> {
+        let mut publications = lock(&self.shared.publications);
+        let mut channels = channels;
+        if let Some(Channels::Waiting(later)) = publications.remove(&publication) {
+            channels.extend(later);
+        }
+        let borrowed: Vec<_> = channels.iter().map(|(i, g, fd)| (*i, *g, fd.as_fd())).collect();
+        let publisher = shm::Publisher::open(data.as_fd(), &borrowed)?;
+        publications.insert(publication, Channels::Open(publisher.channel_inbox().clone()));
+        Ok(publisher)
+    }
+
+    /// Publication `publication` has ended: its channels go nowhere.
+    pub(crate) fn forget_publication(&self, publication: u64) {
+        lock(&self.shared.publications).remove(&publication);
+    }
+
     pub(crate) fn try_event(&self) -> Option<Event> {
         lock(&self.shared.events).pop_front()
     }
@@ -319,6 +357,43 @@ fn undo_late_reply(socket: &UnixStream, shared: &Shared, message: &ServerMessage
 }
 
 /// Reads frames until the connection ends, routing replies and events.
+/// A subscriber joins one of our publications: hands its channel to the
+/// publisher (or keeps it for the publisher's open), then tells the broker,
+/// which attaches the subscriber only then.
+fn take_channel(
+    socket: &UnixStream,
+    shared: &Shared,
+    publication: u64,
+    index: u32,
+    generation: u64,
+    mut fds: Vec<OwnedFd>,
+) {
+    let Some(fd) = fds.pop() else { return };
+    let taken = match lock(&shared.publications).get_mut(&publication) {
+        Some(Channels::Waiting(later)) => {
+            // Only the newest of an index can be attached: one per index.
+            later.retain(|(i, _, _)| *i != index);
+            later.push((index, generation, fd));
+            true
+        }
+        Some(Channels::Open(inbox)) => match inbox.deliver(index, generation, fd.as_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(publication, index, "cannot map a new subscriber's channel: {e}");
+                false
+            }
+        },
+        // Ended meanwhile: the broker attaches it when it learns so.
+        None => false,
+    };
+    if taken {
+        let request = Request::ChannelTaken { publication, index, generation };
+        if let Err(e) = send_on(socket, shared, &ClientMessage { id: 0, request }) {
+            tracing::debug!("could not tell the broker: {e}");
+        }
+    }
+}
+
 fn read_loop(socket: UnixStream, shared: &Shared) {
     let reason = match read_frames(&socket, shared) {
         Ok(()) if shared.shutdown_announced.load(Ordering::Relaxed) => Disconnect::BrokerShutdown,
@@ -349,12 +424,32 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                     let waiting = lock(&shared.pending).remove(&id);
                     match waiting {
                         Some(tx) => {
-                            let _ = tx.try_send((message, mine));
+                            if let ServerMessage::Reply { result: Ok(Reply::Published { publication, .. }), .. } =
+                                &message
+                            {
+                                // Channels for it may follow before it opens.
+                                lock(&shared.publications).insert(*publication, Channels::Waiting(Vec::new()));
+                            }
+                            if let Err(e) = tx.try_send((message, mine)) {
+                                // It gave up just now: as if nobody waited.
+                                let (std::sync::mpsc::TrySendError::Full((message, _))
+                                | std::sync::mpsc::TrySendError::Disconnected((message, _))) = e;
+                                if let ServerMessage::Reply {
+                                    result: Ok(Reply::Published { publication, .. }), ..
+                                } = &message
+                                {
+                                    lock(&shared.publications).remove(publication);
+                                }
+                                undo_late_reply(socket, shared, &message);
+                            }
                         }
                         // Nobody waits any more (timed out): undo what the
                         // broker granted, or it would hold it for our lease.
                         None => undo_late_reply(socket, shared, &message),
                     }
+                }
+                ServerMessage::Event(Event::Channel { publication, index, generation }) => {
+                    take_channel(socket, shared, publication, index, generation, mine);
                 }
                 ServerMessage::Event(event) => {
                     tracing::debug!(?event, "broker event");

@@ -96,6 +96,27 @@ pub enum Request {
         /// Only this stream.
         stream: Option<String>,
     },
+    /// The publisher's client has mapped the channel an
+    /// [`Event::Channel`] brought: the broker may attach its subscriber.
+    /// No reply.
+    ChannelTaken {
+        /// The publication the event named.
+        publication: u64,
+        /// Subscriber index.
+        index: u32,
+        /// Subscriber generation.
+        generation: u64,
+    },
+}
+
+/// A channel file that travels with [`Reply::Published`]: which
+/// subscriber's it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelGrant {
+    /// Subscriber index.
+    pub index: u32,
+    /// The subscriber generation the file was created for.
+    pub generation: u64,
 }
 
 /// What the broker sends.
@@ -117,8 +138,9 @@ impl ServerMessage {
     /// How many descriptors travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            ServerMessage::Reply { result: Ok(Reply::Published { channels, .. }), .. } => 1 + *channels as usize,
+            ServerMessage::Reply { result: Ok(Reply::Published { channels, .. }), .. } => 1 + channels.len(),
             ServerMessage::Reply { result: Ok(Reply::Subscribed { .. }), .. } => 2,
+            ServerMessage::Event(Event::Channel { .. }) => 1,
             _ => 0,
         }
     }
@@ -136,15 +158,17 @@ pub enum Reply {
         broker_pid: u32,
     },
     /// The client is the stream's publisher. Descriptors: the stream's data
-    /// file (read-write), then one channel file per subscriber index.
+    /// file (read-write), then the channel file of each subscriber there is
+    /// (attached, or being attached), as `channels` lists them. Channels of
+    /// subscribers attached later come as [`Event::Channel`].
     Published {
         /// Names the publication in a later [`Request::Unpublish`]; unique
         /// for the broker's life.
         publication: u64,
         /// Stream name.
         stream: String,
-        /// Channel files that follow the data file.
-        channels: u32,
+        /// Whose the channel files after the data file are, in order.
+        channels: Vec<ChannelGrant>,
         /// The stream existed and this client took it over.
         takeover: bool,
     },
@@ -190,6 +214,18 @@ pub enum Event {
     },
     /// The broker is shutting down; every stream ends.
     BrokerShutdown,
+    /// For a publisher: a subscriber is being attached to its stream, and
+    /// this is its channel file (the one descriptor with the event). Map
+    /// it and answer [`Request::ChannelTaken`]; the subscriber is attached
+    /// then, so the publisher delivers to it from its next send on.
+    Channel {
+        /// The publication this is for.
+        publication: u64,
+        /// Subscriber index.
+        index: u32,
+        /// Subscriber generation.
+        generation: u64,
+    },
 }
 
 /// Why a request failed. Every variant names what was wrong.
@@ -246,6 +282,33 @@ pub enum ControlError {
         /// Stream name.
         stream: String,
         /// Its publisher's pid.
+        pid: u32,
+    },
+    /// The stream's publisher did not take the new subscriber's channel
+    /// in time (its process is stopped, or not reading its connection):
+    /// the subscriber is not attached. Try again.
+    #[error(
+        "the publisher of stream {stream:?} (pid {pid}) did not take the new subscriber's channel within {waited_ms} ms"
+    )]
+    PublisherUnresponsive {
+        /// Stream name.
+        stream: String,
+        /// The publisher's pid.
+        pid: u32,
+        /// How long the broker waited.
+        waited_ms: u64,
+    },
+    /// The stream's publisher lives on without its connection to the
+    /// broker (see the README on publishers that outlive their lease): it
+    /// cannot be handed a new subscriber's channel. Subscribe with
+    /// `wait_for_stream` to be attached once it exits or lets go.
+    #[error(
+        "the publisher of stream {stream:?} (pid {pid}) lives on without its broker connection and cannot take new subscribers; wait for the stream to attach once it exits"
+    )]
+    PublisherDisconnected {
+        /// Stream name.
+        stream: String,
+        /// The publisher's pid.
         pid: u32,
     },
     /// No publication of this client has this token (it ended, or the
@@ -776,7 +839,12 @@ mod tests {
     fn fd_counts_follow_the_reply() {
         let published = ServerMessage::Reply {
             id: 1,
-            result: Ok(Reply::Published { publication: 1, stream: "s".into(), channels: 32, takeover: false }),
+            result: Ok(Reply::Published {
+                publication: 1,
+                stream: "s".into(),
+                channels: (0..32).map(|index| ChannelGrant { index, generation: 1 }).collect(),
+                takeover: false,
+            }),
         };
         assert_eq!(published.fd_count(), 33);
         let err = ServerMessage::Reply { id: 1, result: Err(ControlError::ShuttingDown) };

@@ -81,7 +81,7 @@ pub fn segment_open(input: &[u8]) {
     let pid = platform::current_pid();
     let ticket = segment.add_subscriber(&options, pid).expect("admitted");
     let data = File::from(segment.data_fd().try_clone_to_owned().expect("dup"));
-    let channel = File::from(segment.channel_fd(ticket.index).try_clone_to_owned().expect("dup"));
+    let channel = File::from(segment.channel_fd(ticket.index).expect("its channel").try_clone_to_owned().expect("dup"));
     let read_only = segment.read_only_data_fd().expect("reopen");
     let mut publisher: Option<Publisher> = None;
     let mut subscriber: Option<Subscriber> = None;
@@ -96,7 +96,7 @@ pub fn segment_open(input: &[u8]) {
                 scribble(file, patch);
             }
             2 => publisher = Publisher::open(segment.data_fd(), &segment.channel_fds()).ok(),
-            3 => subscriber = Subscriber::open(read_only.as_fd(), segment.channel_fd(ticket.index), ticket).ok(),
+            3 => subscriber = Subscriber::open(read_only.as_fd(), channel.as_fd(), ticket).ok(),
             4 => {
                 if let Some(Ok(mut sample)) = publisher.as_mut().map(Publisher::loan) {
                     let len = sample.capacity().min(usize::from(op));
@@ -155,7 +155,7 @@ fn scribble(file: &File, (offset, bytes): Patch<'_>) {
 fn garbage_file(bytes: &[u8]) {
     let fd = platform::create_shared_file("fuzz-garbage", bytes.len() as u64, false).expect("memfd");
     File::from(fd.try_clone().expect("dup")).write_all_at(bytes, 0).expect("write");
-    if let Ok(mut publisher) = Publisher::open(fd.as_fd(), &[fd.as_fd()]) {
+    if let Ok(mut publisher) = Publisher::open(fd.as_fd(), &[(0, 1, fd.as_fd())]) {
         if let Ok(sample) = publisher.loan() {
             let _ = sample.try_send();
         }

@@ -402,6 +402,7 @@ mod tests {
 pub struct RawConn {
     socket: std::os::unix::net::UnixStream,
     reader: memsock_proto::control::FrameReader<memsock_proto::control::ServerMessage>,
+    takes_channels: bool,
 }
 
 /// A reply as [`RawConn::ask`] returns it: the result and its descriptors.
@@ -415,7 +416,7 @@ impl RawConn {
     pub fn connect(socket: &Path) -> Result<Self> {
         let socket = std::os::unix::net::UnixStream::connect(socket)?;
         socket.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Self { socket, reader: memsock_proto::control::FrameReader::new() })
+        Ok(Self { socket, reader: memsock_proto::control::FrameReader::new(), takes_channels: true })
     }
 
     /// Sends request `request` as message `id`.
@@ -453,8 +454,16 @@ impl RawConn {
         }
     }
 
+    /// Leaves the channels of joining subscribers unanswered (see
+    /// [`ask`](Self::ask)), as a publisher's client that hangs would.
+    pub fn ignore_channels(&mut self) {
+        self.takes_channels = false;
+    }
+
     /// Sends request `request` as message `id` and returns its reply,
-    /// skipping events and the replies to other messages.
+    /// skipping events and the replies to other messages, and answering
+    /// the channels of subscribers joining a stream it publishes with
+    /// `ChannelTaken` (unless told to [`ignore_channels`](Self::ignore_channels)).
     ///
     /// # Errors
     /// If the broker closes first, or as [`next_message`](Self::next_message).
@@ -464,6 +473,14 @@ impl RawConn {
             match self.next_message()? {
                 Some((memsock_proto::control::ServerMessage::Reply { id: got, result }, fds)) if got == id => {
                     return Ok((result, fds));
+                }
+                Some((memsock_proto::control::ServerMessage::Event(event), _)) if self.takes_channels => {
+                    // As a client publishing would (it maps nothing: a raw
+                    // connection publishes no frames).
+                    if let memsock_proto::control::Event::Channel { publication, index, generation } = event {
+                        let taken = memsock_proto::control::Request::ChannelTaken { publication, index, generation };
+                        self.send(0, taken)?;
+                    }
                 }
                 Some(_) => {}
                 None => bail!("the broker closed the connection before answering #{id}"),

@@ -26,7 +26,7 @@ fn waiting(broker: &Broker, n: u32) -> bool {
 }
 
 fn stats_of(client: &Client, stream: &str) -> Option<memsock::StreamReport> {
-    client.stats(None).ok()?.streams.into_iter().find(|s| s.name == stream)
+    client.stats(Some(stream)).ok()?.streams.into_iter().find(|s| s.name == stream)
 }
 
 #[test]
@@ -549,6 +549,26 @@ fn an_index_given_back_serves_another_process_at_once() -> Result<()> {
     Ok(())
 }
 
+/// A subscriber to stream `name` that waits for it to be published, on a
+/// thread: start the publisher, then join it. (The test waits until the
+/// broker counts it waiting, so the publisher cannot come first.)
+fn subscribe_before(
+    client: &Client,
+    name: &str,
+    credits: u32,
+) -> Result<std::thread::JoinHandle<Result<memsock::Subscriber, ClientError>>> {
+    let (client, name) = (client.clone(), name.to_owned());
+    let waiting = client.stats(None)?.waiting_subscribers;
+    let options = SubscribeOptions { credits, wait_for_stream: true, ..Default::default() };
+    let sub = std::thread::spawn({
+        let client = client.clone();
+        move || client.subscriber(&name, &options)
+    });
+    let counted = || client.stats(None).is_ok_and(|s| s.waiting_subscribers > waiting);
+    anyhow::ensure!(eventually(Duration::from_secs(30), counted), "the subscriber waits for the stream");
+    Ok(sub)
+}
+
 /// The next frame's sequence number, past publisher news; panics on the
 /// end or after two minutes (a hang).
 fn next_seq(sub: &memsock::Subscriber) -> u64 {
@@ -573,9 +593,13 @@ fn a_live_publisher_keeps_its_stream_after_its_connection_ends() -> Result<()> {
     p["lease"] = "hang_up".into();
     p["pace_ns"] = 200_000.into();
     p["report_every"] = 10.into();
+    // Subscribed before the publisher comes (its channel goes with the
+    // Publish reply): a publisher without its connection cannot be handed
+    // the channels of later subscribers.
+    let sub = subscribe_before(&client, "held", 4)?;
     let mut holder = Peer::spawn(PEER, &p, &[])?;
     holder.read_until("sent")?;
-    let sub = client.subscriber("held", &SubscribeOptions { credits: 4, ..Default::default() })?;
+    let sub = sub.join().expect("no panic")?;
     let config = {
         let mut c = StreamConfig::new(512, 16);
         c.max_subscribers = 8;
@@ -605,11 +629,12 @@ fn a_dead_publisher_whose_connection_lives_on_is_replaced_at_once() -> Result<()
     p["lease"] = "share".into();
     p["pace_ns"] = 200_000.into();
     p["report_every"] = 10.into();
+    let client = Client::connect_to(broker.socket())?;
+    let sub = subscribe_before(&client, "orphan", 4)?;
     let mut holder = Peer::spawn(PEER, &p, &[])?;
     let child = holder.read_until("child")?["child"].as_u64().unwrap() as i32;
     holder.read_until("sent")?;
-    let client = Client::connect_to(broker.socket())?;
-    let _sub = client.subscriber("orphan", &SubscribeOptions::default())?;
+    let _sub = sub.join().expect("no panic")?;
     holder.kill()?;
     let mut config = StreamConfig::new(512, 16);
     config.max_subscribers = 8;
@@ -633,9 +658,10 @@ fn a_forked_copy_of_a_publisher_neither_writes_nor_lets_go() -> Result<()> {
     p["pace_ns"] = 200_000.into();
     p["report_every"] = 10.into();
     p["fork_after"] = 20.into();
+    let sub = subscribe_before(&client, "forks", 4)?;
     let mut parent = Peer::spawn(PEER, &p, &[])?;
     parent.read_until("sent")?;
-    let sub = client.subscriber("forks", &SubscribeOptions { credits: 4, ..Default::default() })?;
+    let sub = sub.join().expect("no panic")?;
     assert_eq!(parent.read_until("child_exit")?["child_exit"], 0, "the forked copy could loan");
     // The parent goes on, and nobody hears of a departure.
     let mut last = None;
@@ -849,14 +875,22 @@ fn a_greedy_client_meets_named_limits_while_another_is_served() -> Result<()> {
     let other = Client::connect_to(broker.socket())?;
     let mut small = StreamConfig::new(64, 8);
     small.max_subscribers = 8;
-    // Descriptors in use are in the stats: a stream holds its data file and
-    // a channel file per subscriber index.
-    let before = other.stats(None)?;
+    // Descriptors in use are in the stats: a stream holds its data file,
+    // and a channel file per subscriber while it is subscribed.
+    // (Descriptors passed in a reply are closed once it is written: counts
+    // may run ahead for a moment, so each is awaited.)
+    let descriptors = || other.stats(None).map_or(0, |s| s.descriptors);
+    let before = descriptors();
     let probe = other.publisher("probe", &small)?;
-    let after = other.stats(None)?;
-    assert!(after.descriptors >= before.descriptors + 9, "{} then {}", before.descriptors, after.descriptors);
-    assert!(after.descriptors < after.descriptor_limit);
-    drop(probe);
+    let probing: Vec<_> = (0..4)
+        .map(|_| other.subscriber("probe", &SubscribeOptions { credits: 1, ..Default::default() }))
+        .collect::<Result<_, _>>()?;
+    assert!(eventually(Duration::from_secs(10), || descriptors() >= before + 5), "{before} then {}", descriptors());
+    let report = other.stats(None)?;
+    assert!(report.descriptors < report.descriptor_limit);
+    // Gone with the stream: its data file and every channel.
+    drop((probing, probe));
+    assert!(eventually(Duration::from_secs(10), || descriptors() <= before), "{before} then {}", descriptors());
     let mut n = 0;
     // The other client is served after each refusal.
     let mut served = |what: &str| -> Result<()> {
@@ -978,5 +1012,199 @@ fn a_client_creating_streams_without_end_meets_a_named_limit_not_descriptor_exha
     assert_eq!(report.streams.len(), held.len() + 1);
     assert!(report.descriptors < report.descriptor_limit, "{} of {}", report.descriptors, report.descriptor_limit);
     drop(mine);
+    Ok(())
+}
+
+/// Issue 10, part 1: a subscriber's channel is created when it subscribes
+/// and handed to the publisher's client before the broker attaches it, so
+/// every frame sent once `subscriber()` has returned reaches it — round
+/// after round of subscribers coming and going, which reuses the stream's
+/// few places and closes each channel once its place is free again.
+#[test]
+fn a_subscriber_joining_a_live_publisher_gets_every_frame_sent_after_it_subscribed() -> Result<()> {
+    let broker = Broker::start()?;
+    let publishing = Client::connect_to(broker.socket())?;
+    let subscribing = Client::connect_to(broker.socket())?;
+    let mut config = StreamConfig::new(64, 16);
+    config.max_subscribers = 3;
+    let mut publisher = publishing.publisher("join", &config)?;
+    let descriptors = || subscribing.stats(None).map_or(u64::MAX, |s| s.descriptors);
+    let options = SubscribeOptions { credits: 4, policy: OverflowPolicy::Lossless, ..Default::default() };
+    let mut after_first = 0;
+    for round in 0..40u64 {
+        let sub = subscribing.subscriber("join", &options)?;
+        let first = publisher.send(&round.to_le_bytes())?;
+        assert_eq!(first.delivered, 1, "round {round}: the new subscriber's channel reached the publisher");
+        for i in 1..4u64 {
+            publisher.send(&(round * 100 + i).to_le_bytes())?;
+        }
+        for i in 0..4u64 {
+            let sample = sub.recv_timeout(Duration::from_secs(30))?;
+            assert_eq!(sample.seq(), first.seq + i);
+            let want = if i == 0 { round } else { round * 100 + i };
+            assert_eq!(u64::from_le_bytes(sample[..8].try_into()?), want);
+        }
+        drop(sub);
+        if round == 0 {
+            after_first = descriptors();
+        }
+    }
+    // Channels of places free again are closed: no more than one (the last
+    // subscriber's, until the next look) beyond what the first round left.
+    publisher.send(b"reclaim")?;
+    assert!(
+        eventually(Duration::from_secs(10), || descriptors() <= after_first + 1),
+        "{after_first} after the first round, {} after forty",
+        descriptors()
+    );
+    Ok(())
+}
+
+/// A publisher's client that never takes a new subscriber's channel (its
+/// process stopped, or it reads nothing) gets the subscriber refused with
+/// a reason after the broker's wait, not hung; the channel is closed.
+#[test]
+fn a_subscriber_whose_channel_the_publisher_never_takes_is_refused_not_hung() -> Result<()> {
+    use memsock::control::Reply;
+    let broker = Broker::start()?;
+    let mut publisher = raw(&broker);
+    publisher.hello()?;
+    publisher.ignore_channels();
+    let publish = Request::Publish { stream: "mute".into(), config: StreamConfig::new(64, 8) };
+    let Reply::Published { .. } = publisher.ask(2, publish)?.0? else { panic!("published") };
+    let client = Client::connect_to(broker.socket())?;
+    let before = client.stats(None)?.descriptors;
+    match client.subscriber("mute", &SubscribeOptions::default()) {
+        Err(ClientError::Refused(ControlError::PublisherUnresponsive { stream, pid, waited_ms })) => {
+            assert_eq!((stream.as_str(), pid, waited_ms), ("mute", std::process::id(), 5000));
+        }
+        other => panic!("expected PublisherUnresponsive, got {other:?}"),
+    }
+    let report = stats_of(&client, "mute").expect("the stream stays");
+    assert!(report.subscribers.is_empty());
+    assert!(eventually(Duration::from_secs(10), || client.stats(None).is_ok_and(|s| s.descriptors <= before)));
+    Ok(())
+}
+
+/// A publisher whose connection ended while its process lives on cannot be
+/// handed new channels: a subscriber that may not wait is told so, one
+/// that may waits, and is attached once that publisher is gone — then
+/// gets the frames of its successor.
+#[test]
+fn a_publisher_without_its_connection_takes_no_new_subscriber_until_it_goes() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut p = spec(&broker, "publisher", "adrift");
+    p["lease"] = "hang_up".into();
+    p["pace_ns"] = 200_000.into();
+    p["report_every"] = 10.into();
+    let mut holder = Peer::spawn(PEER, &p, &[])?;
+    holder.read_until("sent")?;
+    assert!(eventually(Duration::from_secs(30), || {
+        matches!(
+            client.subscriber("adrift", &SubscribeOptions::default()),
+            Err(ClientError::Refused(ControlError::PublisherDisconnected { pid, .. })) if pid == holder.pid()
+        )
+    }));
+    let waiting = client.stats(None)?.waiting_subscribers;
+    let options = SubscribeOptions { credits: 4, wait_for_stream: true, ..Default::default() };
+    let sub = std::thread::spawn({
+        let client = client.clone();
+        move || client.subscriber("adrift", &options)
+    });
+    assert!(eventually(Duration::from_secs(30), || client
+        .stats(None)
+        .is_ok_and(|s| s.waiting_subscribers == waiting + 1)));
+    holder.kill()?;
+    let sub = sub.join().expect("no panic")?;
+    let mut config = StreamConfig::new(512, 16);
+    config.max_subscribers = 8;
+    let mut successor = client.publisher("adrift", &config)?;
+    assert!(successor.took_over());
+    let sent = successor.send(b"after")?.seq;
+    while next_seq(&sub) != sent {}
+    Ok(())
+}
+
+/// Issue 10, part 1: 20,000 small streams (4 slots of 4 KiB) across eight
+/// clients do not exhaust the broker's descriptors. A stream holds one (its
+/// data file) until subscribers come, so the broker creates them up to its
+/// descriptor budget — all of them where its limit allows (it raises its
+/// soft limit to the hard one), else up to the budget, each one past it
+/// refused with a named limit and the numbers, never "Too many open files"
+/// (which it hit at 604 streams when each held 33). Another client is
+/// served throughout and after.
+#[test]
+fn twenty_thousand_small_streams_across_clients_do_not_exhaust_descriptors() -> Result<()> {
+    use memsock::control::Limit;
+    /// A refusal's used, asked and max.
+    type Refusal = (u64, u64, u64);
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 2_500;
+    let dir = TempDir::new("many")?;
+    let socket = dir.path().join("run").join("broker.sock");
+    let limits = ["client.streams=3000", "user.streams=30000", "broker.streams=30000"];
+    let args: Vec<&str> = limits.iter().flat_map(|l| ["--limit", l]).collect();
+    let broker = Broker::start_with(dir, socket, &args)?;
+    let mut small = StreamConfig::new(4096, 4);
+    small.max_subscribers = 32;
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = broker.socket().to_owned();
+            std::thread::spawn(move || -> Result<(Vec<memsock::Publisher>, Vec<Refusal>)> {
+                let client = Client::connect_to(&socket)?;
+                let (mut held, mut refused) = (Vec::new(), Vec::new());
+                for i in 0..PER_CLIENT {
+                    match client.publisher(&format!("s{c}-{i}"), &small) {
+                        Ok(p) => held.push(p),
+                        Err(ClientError::Refused(ControlError::LimitReached {
+                            limit: Limit::Descriptors,
+                            used,
+                            asked,
+                            max,
+                            ..
+                        })) => refused.push((used, asked, max)),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok((held, refused))
+            })
+        })
+        .collect();
+    let other = Client::connect_to(broker.socket())?;
+    // Served while they create.
+    while !workers.iter().all(std::thread::JoinHandle::is_finished) {
+        other.stats(Some("s0-0")).ok();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut held, mut refused) = (Vec::new(), Vec::new());
+    for w in workers {
+        let (h, r) = w.join().expect("no panic")?;
+        held.extend(h);
+        refused.extend(r);
+    }
+    // (Stats of one stream: those of 20,000 pass what one reply may hold.)
+    let report = other.stats(Some("s0-0"))?;
+    assert_eq!(held.len() + refused.len(), CLIENTS * PER_CLIENT);
+    assert!(held.iter().all(|p| p.stream().starts_with('s')));
+    assert!(stats_of(&other, held.last().expect("some created").stream()).is_some());
+    assert!(report.descriptors < report.descriptor_limit, "not exhausted: {report:?}");
+    if let Some(&(_, _, max)) = refused.first() {
+        // Refused only once the budget was spent, with its numbers.
+        assert!(refused.iter().all(|&(used, asked, m)| m == max && used + asked > max), "{refused:?}");
+        assert!(held.len() as u64 + 1 > max, "{} created, budget {max}", held.len());
+        assert!(report.descriptor_limit < 22_000, "refused although the limit was {}", report.descriptor_limit);
+        // Two streams freed: the other client creates one and subscribes.
+        for freed in [held.pop(), held.pop()].into_iter().flatten() {
+            let name = freed.stream().to_owned();
+            drop(freed);
+            assert!(eventually(Duration::from_secs(30), || stats_of(&other, &name).is_none()));
+        }
+    }
+    let mut mine = other.publisher("after", &small)?;
+    let sub = other.subscriber("after", &SubscribeOptions { credits: 1, ..Default::default() })?;
+    mine.send(b"still served")?;
+    assert_eq!(&*sub.recv_timeout(Duration::from_secs(30))?, b"still served");
+    drop(held);
     Ok(())
 }

@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 const PEER: &str = env!("CARGO_BIN_EXE_memsock-test-peer");
 
 fn stream(name: &str, slot_size: u32, slot_count: u32) -> StreamSegment {
-    StreamSegment::create(name, &StreamConfig::new(slot_size, slot_count)).unwrap()
+    StreamSegment::create_with_all_channels(name, &StreamConfig::new(slot_size, slot_count)).unwrap()
 }
 
 fn start_publisher(seg: &StreamSegment, extra: Value) -> Result<Peer> {
     let mut fds = vec![seg.data_fd()];
-    fds.extend(seg.channel_fds());
+    fds.extend(seg.channel_fds().into_iter().map(|(_, _, fd)| fd));
     let mut spec = json!({"role": "publisher"});
     merge(&mut spec, extra);
     let mut p = Peer::spawn(PEER, &spec, &fds)?;
@@ -41,7 +41,7 @@ fn start_subscriber(
         "queue_capacity": g.queue_capacity, "slot_count": g.slot_count,
     });
     merge(&mut spec, extra);
-    let mut p = Peer::spawn(PEER, &spec, &[ro.as_fd(), seg.channel_fd(ticket.index)])?;
+    let mut p = Peer::spawn(PEER, &spec, &[ro.as_fd(), seg.channel_fd(ticket.index).expect("its channel")])?;
     p.read_until("ready")?;
     Ok((p, ticket))
 }

@@ -217,7 +217,7 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{Reply, Request};
+    use crate::control::{ChannelGrant, Reply, Request};
 
     fn hello(id: u64) -> ClientMessage {
         ClientMessage { id, request: Request::Hello { version: 1, client_name: "x".into() } }
@@ -253,7 +253,12 @@ mod tests {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let published = ServerMessage::Reply {
             id: 4,
-            result: Ok(Reply::Published { publication: 1, stream: "s".into(), channels: 1, takeover: false }),
+            result: Ok(Reply::Published {
+                publication: 1,
+                stream: "s".into(),
+                channels: vec![ChannelGrant { index: 0, generation: 1 }],
+                takeover: false,
+            }),
         };
         let mut writer = FrameWriter::new();
         let fds = vec![OwnedFd::from(a.try_clone().unwrap()), OwnedFd::from(a.try_clone().unwrap())];

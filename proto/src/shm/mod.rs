@@ -13,8 +13,10 @@
 //! - `owner`: [`StreamSegment`], the owner's handle on a stream's files.
 //!
 //! # Who maps what
-//! A stream is one data file plus one channel file per subscriber index,
-//! all `memfd`s created by the owner and passed as descriptors:
+//! A stream is one data file plus a channel file per subscriber, created
+//! when it is admitted and closed when its index is free again (or, for an
+//! owner that starts its peers itself, one per index up front), all
+//! `memfd`s created by the owner and passed as descriptors:
 //!
 //! | file | owner | publisher | subscriber *i* |
 //! |---|---|---|---|
@@ -60,8 +62,8 @@ pub use layout::{Geometry, LayoutError, OverflowPolicy, WaitStrategy};
 #[cfg(not(loom))]
 pub use map::{ChannelMap, MapError, StreamMap};
 #[cfg(not(loom))]
-pub use owner::{CreateError, OpenLocalError, StreamSegment};
+pub use owner::{AdmitError, CreateError, OpenLocalError, StreamSegment};
 #[cfg(not(loom))]
-pub use publisher::{Loan, OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
+pub use publisher::{ChannelInbox, Loan, OpenPublisherError, Publisher, SampleMut, SendError, Unsent};
 #[cfg(not(loom))]
 pub use subscriber::{Interrupter, OpenSubscriberError, OwnedSample, Sample, Subscriber, Watcher};

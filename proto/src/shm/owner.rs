@@ -3,14 +3,18 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Weak};
 
-use super::core::mem::StreamMem;
+use super::core::mem::{ChannelMem, StreamMem};
 use super::core::owner::{
-    AddSubscriberError, EndProgress, OwnerCore, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
-    SubscriberTicket,
+    AddSubscriberError, EndProgress, OwnerCore, Reservation, StreamConfig, StreamStats, SubscriberOpError,
+    SubscriberOptions, SubscriberTicket,
 };
+use super::core::publisher::{Chan, Inbox};
+use super::layout::ChannelHeader;
 use super::map::{ChannelMap, MapError, StreamMap};
 use crate::platform;
+use crate::primitive::AtomicU32;
 use crate::shm::layout::{
     FLAG_HUGE_PAGES, FLAG_MLOCK, FLAG_PREFAULT, FLAG_TIMESTAMPS, Geometry, Layout, LayoutError, PAGE, channel_len,
 };
@@ -36,18 +40,63 @@ pub enum CreateError {
     Map(#[from] MapError),
 }
 
+/// Why a subscriber could not be admitted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmitError {
+    /// The stream refused it (credits, places, closed).
+    #[error(transparent)]
+    Refused(#[from] AddSubscriberError),
+    /// Its channel file could not be created or mapped.
+    #[error(transparent)]
+    Channel(#[from] CreateError),
+}
+
+/// A channel file as its owner holds it: the descriptor to hand out and
+/// the owner's mapping.
+#[derive(Debug)]
+struct OwnedChannel {
+    fd: OwnedFd,
+    map: ChannelMap,
+}
+
+impl ChannelMem for OwnedChannel {
+    #[inline]
+    fn header(&self) -> &ChannelHeader {
+        self.map.header()
+    }
+
+    #[inline]
+    fn returns(&self) -> &[AtomicU32] {
+        self.map.returns()
+    }
+}
+
 /// A stream's shared-memory files, held by their owner (the broker, or
-/// a parent process): the data file and one channel file per subscriber
-/// index, all anonymous (`memfd`), handed to other processes as file
-/// descriptors. The memory is gone once the owner and every process
-/// that mapped it have dropped it: nothing is left in `/dev/shm`.
+/// a parent process): the data file, and a channel file per subscriber
+/// from its admission until its index is free again, all anonymous
+/// (`memfd`), handed to other processes as file descriptors. The memory
+/// is gone once the owner and every process that mapped it have dropped
+/// it: nothing is left in `/dev/shm`.
+///
+/// # Admitting a subscriber
+/// A subscriber's channel is created when it is admitted, so the
+/// publisher must get it before the subscriber is activated, or the
+/// publisher would not deliver to it. [`add_subscriber`](Self::add_subscriber)
+/// does it all at once for publishers of this process (opened with
+/// [`open_publisher`](Self::open_publisher)); a publisher in another
+/// process is handed the channel between
+/// [`reserve_subscriber`](Self::reserve_subscriber) and
+/// [`activate_subscriber`](Self::activate_subscriber) (through
+/// [`ChannelInbox::deliver`](crate::shm::ChannelInbox::deliver) on its side).
 #[derive(Debug)]
 pub struct StreamSegment {
     name: String,
     data: OwnedFd,
-    channels: Vec<OwnedFd>,
-    core: OwnerCore<StreamMap, ChannelMap>,
+    core: OwnerCore<StreamMap, OwnedChannel>,
     huge_pages: bool,
+    /// Inboxes of publishers opened in this process.
+    local: Vec<Weak<Inbox<ChannelMap>>>,
 }
 
 impl StreamSegment {
@@ -82,16 +131,25 @@ impl StreamSegment {
                 (fd, map)
             }
         };
-        let len = channel_len(geometry.queue_capacity) as u64;
-        let mut channels = Vec::with_capacity(geometry.max_subscribers as usize);
-        let mut maps = Vec::with_capacity(geometry.max_subscribers as usize);
-        for index in 0..geometry.max_subscribers {
-            let fd = platform::create_shared_file(&format!("memsock:{name}#{index}"), len, false).map_err(io_err)?;
-            maps.push(ChannelMap::create(fd.as_fd(), index, geometry.queue_capacity, flags & !FLAG_HUGE_PAGES)?);
-            channels.push(fd);
-        }
         tracing::debug!(name, ?geometry, huge_pages, "stream created");
-        Ok(Self { name: name.to_owned(), data, channels, core: OwnerCore::new(map, maps), huge_pages })
+        Ok(Self { name: name.to_owned(), data, core: OwnerCore::sparse(map), huge_pages, local: Vec::new() })
+    }
+
+    /// Creates a stream's files with every channel file up front, one per
+    /// subscriber index serving each subscriber that index gets: for an
+    /// owner that hands the descriptors to processes it starts and has no
+    /// way to hand a publisher a channel later. (The broker creates
+    /// channels as subscribers come: [`create`](Self::create).)
+    ///
+    /// # Errors
+    /// As [`create`](Self::create).
+    pub fn create_with_all_channels(name: &str, config: &StreamConfig) -> Result<Self, CreateError> {
+        let mut this = Self::create(name, config)?;
+        for index in 0..this.geometry().max_subscribers {
+            let chan = this.create_channel(index)?;
+            this.core.install_any(index, chan);
+        }
+        Ok(this)
     }
 
     /// The stream's name (for diagnostics; the files are anonymous).
@@ -123,31 +181,112 @@ impl StreamSegment {
         platform::reopen_read_only(self.data.as_fd())
     }
 
-    /// Every channel file, in index order: for the publisher.
-    pub fn channel_fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.channels.iter().map(AsFd::as_fd).collect()
+    /// Every channel file there is — of subscribers attached, being
+    /// admitted or not yet reclaimed — with its index and generation (0
+    /// for one serving every generation): what a publisher gets when it
+    /// attaches.
+    pub fn channel_fds(&self) -> Vec<(u32, u64, BorrowedFd<'_>)> {
+        let chans = self.core.channels().iter().enumerate();
+        chans.filter_map(|(s, c)| c.as_ref().map(|c| (s as u32, c.generation.unwrap_or(0), c.map.fd.as_fd()))).collect()
     }
 
-    /// Subscriber `index`'s channel file: for that subscriber only.
-    ///
-    /// # Panics
-    /// If `index` is not below the subscriber capacity.
-    pub fn channel_fd(&self, index: u32) -> BorrowedFd<'_> {
-        self.channels[index as usize].as_fd()
+    /// Subscriber `index`'s channel file, if it has one: for that
+    /// subscriber only.
+    pub fn channel_fd(&self, index: u32) -> Option<BorrowedFd<'_>> {
+        let chan = self.core.channels().get(index as usize)?.as_ref()?;
+        Some(chan.map.fd.as_fd())
+    }
+
+    /// Channel files open (one per subscriber admitted, until its index is
+    /// reclaimed).
+    pub fn channel_count(&self) -> usize {
+        self.core.channels().iter().flatten().count()
     }
 
     /// Admits a subscriber of process `pid` if the pool can honour its
-    /// credits.
+    /// credits, creating its channel, and hands the channel to the
+    /// publishers of this process: for a stream whose publisher (if any)
+    /// is in this process.
     ///
     /// # Errors
-    /// [`AddSubscriberError`]: credits refused or out of range, no free
-    /// index, stream closed.
-    pub fn add_subscriber(
-        &mut self,
-        opts: &SubscriberOptions,
-        pid: u32,
-    ) -> Result<SubscriberTicket, AddSubscriberError> {
-        self.core.add(opts, pid)
+    /// [`AdmitError`]: credits refused or out of range, no free index,
+    /// stream closed, or the channel file could not be created.
+    pub fn add_subscriber(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AdmitError> {
+        let r = self.reserve_subscriber(opts, pid)?;
+        Ok(self.activate_subscriber(r.index)?)
+    }
+
+    /// First step of admitting a subscriber of process `pid` (see the
+    /// type's documentation): holds an index, creates its channel file
+    /// ([`channel_fd`](Self::channel_fd)) and hands it to the publishers
+    /// of this process. Then hand it to the publisher attached elsewhere,
+    /// and [`activate_subscriber`](Self::activate_subscriber) or
+    /// [`give_up_subscriber`](Self::give_up_subscriber).
+    ///
+    /// # Errors
+    /// As [`add_subscriber`](Self::add_subscriber).
+    pub fn reserve_subscriber(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<Reservation, AdmitError> {
+        let r = self.core.reserve(opts, pid)?;
+        if self.core.has_any(r.index) {
+            return Ok(r); // created up front
+        }
+        match self.create_channel(r.index) {
+            Ok(chan) => {
+                self.hand_to_local(r, &chan);
+                self.core.install(r.index, chan);
+                Ok(r)
+            }
+            Err(e) => {
+                self.core.give_up(r.index);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn create_channel(&self, index: u32) -> Result<OwnedChannel, CreateError> {
+        let g = self.geometry();
+        let name = format!("memsock:{}#{}", self.name, index);
+        let fd = platform::create_shared_file(&name, channel_len(g.queue_capacity) as u64, false)
+            .map_err(|source| CreateError::Io { name: self.name.clone(), source })?;
+        let flags = self.core.stream().flags() & !FLAG_HUGE_PAGES;
+        let map = ChannelMap::create(fd.as_fd(), index, g.queue_capacity, flags)?;
+        Ok(OwnedChannel { fd, map })
+    }
+
+    /// Hands a new channel to the publishers opened in this process.
+    fn hand_to_local(&mut self, r: Reservation, chan: &OwnedChannel) {
+        self.local.retain(|inbox| inbox.strong_count() > 0);
+        let g = self.geometry();
+        let flags = self.core.stream().flags();
+        for inbox in self.local.iter().filter_map(Weak::upgrade) {
+            match ChannelMap::open_for_publisher(chan.fd.as_fd(), g.queue_capacity, flags) {
+                Ok(map) => inbox.push(r.index, Chan { generation: Some(r.generation), map }),
+                Err(e) => tracing::warn!(stream = self.name, error = %e, "cannot map a channel for a local publisher"),
+            }
+        }
+    }
+
+    /// Last step of admitting a subscriber: it is attached, and the
+    /// publisher delivers to it from its next send.
+    ///
+    /// # Errors
+    /// [`AddSubscriberError::Closed`] if the stream closed since the
+    /// reservation (which is given up).
+    ///
+    /// # Panics
+    /// If `index` is not reserved.
+    pub fn activate_subscriber(&mut self, index: u32) -> Result<SubscriberTicket, AddSubscriberError> {
+        self.core.activate(index)
+    }
+
+    /// Gives up a reservation and its channel file.
+    pub fn give_up_subscriber(&mut self, index: u32) {
+        self.core.give_up(index);
+    }
+
+    /// Closes the channel files of indices free again. Returns how many.
+    pub fn sweep_channels(&mut self) -> usize {
+        self.core.sweep()
     }
 
     /// Changes a live subscriber's credits.
@@ -172,7 +311,9 @@ impl StreamSegment {
     /// # Errors
     /// [`SubscriberOpError::NotAttached`].
     pub fn remove_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-        self.core.remove(index)
+        self.core.remove(index)?;
+        self.core.sweep();
+        Ok(())
     }
 
     /// Detaches subscriber `index` whose own process gave it up (it
@@ -184,7 +325,9 @@ impl StreamSegment {
     /// # Errors
     /// [`SubscriberOpError::NotAttached`].
     pub fn release_subscriber(&mut self, index: u32) -> Result<(), SubscriberOpError> {
-        self.core.release(index)
+        self.core.release(index)?;
+        self.core.sweep();
+        Ok(())
     }
 
     /// Tells the stream its publisher is gone: takes the writer role
@@ -197,6 +340,7 @@ impl StreamSegment {
     /// guarantee you get.
     pub fn publisher_gone(&mut self) {
         self.core.publisher_gone();
+        self.core.sweep();
     }
 
     /// The publisher let go of the stream itself (dropped its
@@ -205,12 +349,16 @@ impl StreamSegment {
     /// nobody.
     pub fn publisher_released(&mut self) {
         self.core.publisher_released();
+        self.core.sweep();
     }
 
     /// Finishes reclaiming detached subscribers if no publisher is
-    /// attached to do it. Returns whether it could.
-    pub fn reclaim(&self) -> bool {
-        self.core.reclaim_detached()
+    /// attached to do it, and closes the channel files of indices free
+    /// again. Returns whether it could reclaim.
+    pub fn reclaim(&mut self) -> bool {
+        let ran = self.core.reclaim_detached();
+        self.core.sweep();
+        ran
     }
 
     /// Ends a close its publisher has not acknowledged while its process
@@ -250,8 +398,11 @@ impl StreamSegment {
     ///
     /// # Errors
     /// As [`Publisher::open`].
-    pub fn open_publisher(&self) -> Result<Publisher, OpenPublisherError> {
-        Publisher::open(self.data_fd(), &self.channel_fds())
+    pub fn open_publisher(&mut self) -> Result<Publisher, OpenPublisherError> {
+        let publisher = Publisher::open(self.data_fd(), &self.channel_fds())?;
+        self.local.retain(|inbox| inbox.strong_count() > 0);
+        self.local.push(Arc::downgrade(&publisher.channel_inbox().inner));
+        Ok(publisher)
     }
 
     /// Admits a subscriber and opens it in this process.
@@ -261,7 +412,8 @@ impl StreamSegment {
     pub fn open_subscriber(&mut self, opts: &SubscriberOptions) -> Result<Subscriber, OpenLocalError> {
         let ticket = self.add_subscriber(opts, platform::current_pid())?;
         let data = self.read_only_data_fd().map_err(|e| OpenSubscriberError::Map(MapError::Io(e)))?;
-        Ok(Subscriber::open(data.as_fd(), self.channel_fd(ticket.index), ticket)?)
+        let channel = self.channel_fd(ticket.index).expect("an attached subscriber has its channel");
+        Ok(Subscriber::open(data.as_fd(), channel, ticket)?)
     }
 }
 
@@ -271,7 +423,7 @@ impl StreamSegment {
 pub enum OpenLocalError {
     /// Admission failed.
     #[error(transparent)]
-    Add(#[from] AddSubscriberError),
+    Add(#[from] AdmitError),
     /// Opening failed.
     #[error(transparent)]
     Open(#[from] OpenSubscriberError),

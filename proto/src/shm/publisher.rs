@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::core::mem::StreamMem;
-use super::core::publisher::{AttachRefusal, CommitRefusal, LoanError, PubCore, SendInfo};
+use super::core::publisher::{AttachRefusal, Chan, CommitRefusal, Inbox, LoanError, PubCore, SendInfo};
 use super::core::wait::Backoff;
 use super::map::{ChannelMap, MapError, StreamMap};
 use crate::platform;
@@ -27,13 +27,13 @@ pub enum OpenPublisherError {
     /// The data file descriptor is read-only.
     #[error("the stream's data file was passed read-only; a publisher needs it read-write")]
     ReadOnly,
-    /// Not one channel file per subscriber index.
-    #[error("expected {expected} channel files, got {got}")]
-    ChannelCount {
+    /// A channel file was given for an index the stream does not have.
+    #[error("channel file for subscriber #{index}, but the stream has {max} places")]
+    ChannelIndex {
+        /// The index given.
+        index: u32,
         /// The stream's subscriber capacity.
-        expected: usize,
-        /// Files passed.
-        got: usize,
+        max: u32,
     },
     /// Another publisher is attached: a stream has one at a time.
     #[error("stream already has a publisher (pid {pid})")]
@@ -108,6 +108,40 @@ pub struct Publisher {
     /// [`platform::fork_count`] when it opened: in a child forked since,
     /// the writer role is the parent's, and this copy must not write.
     forks: u64,
+    /// Where channels of subscribers admitted later arrive.
+    inbox: ChannelInbox,
+}
+
+/// Where the channel files of subscribers admitted after a [`Publisher`]
+/// opened are handed to it, from any thread (the one talking to the
+/// owner): [`Publisher::channel_inbox`]. The publisher picks them up when
+/// the owner activates their subscribers, off its per-frame path.
+#[derive(Debug, Clone)]
+pub struct ChannelInbox {
+    pub(crate) inner: Arc<Inbox<ChannelMap>>,
+    capacity: u32,
+    max: u32,
+    flags: u32,
+}
+
+impl ChannelInbox {
+    /// Maps subscriber `index`'s channel file, created for its generation
+    /// `generation`, and hands it to the publisher. Do it before the owner
+    /// activates the subscriber: the publisher delivers only to
+    /// subscribers whose channel it has.
+    ///
+    /// # Errors
+    /// [`OpenPublisherError::ChannelIndex`] for an index the stream does not
+    /// have, [`OpenPublisherError::Map`] if the file cannot be mapped.
+    pub fn deliver(&self, index: u32, generation: u64, fd: BorrowedFd<'_>) -> Result<(), OpenPublisherError> {
+        if index >= self.max {
+            return Err(OpenPublisherError::ChannelIndex { index, max: self.max });
+        }
+        let map = ChannelMap::open_for_publisher(fd, self.capacity, self.flags)?;
+        // (As in `open`: 0 is a file serving every generation.)
+        self.inner.push(index, Chan { generation: (generation != 0).then_some(generation), map });
+        Ok(())
+    }
 }
 
 impl Drop for Publisher {
@@ -169,27 +203,38 @@ impl Loan {
 
 impl Publisher {
     /// Attaches as the publisher of the stream whose data file (opened
-    /// read-write) and channel files (one per subscriber index, in
-    /// order) are given.
+    /// read-write) and channel files — each with its subscriber index and
+    /// generation (0: the file serves every generation of its index), a
+    /// later one replacing an earlier one of the same index — are given. Channels of subscribers admitted later are handed over
+    /// through its [`channel_inbox`](Self::channel_inbox).
     ///
     /// # Errors
     /// [`OpenPublisherError`] if the files are not a valid stream, the
     /// data file is read-only, another publisher is attached or the
     /// stream is closed.
-    pub fn open(data: BorrowedFd<'_>, channels: &[BorrowedFd<'_>]) -> Result<Self, OpenPublisherError> {
+    pub fn open(data: BorrowedFd<'_>, channels: &[(u32, u64, BorrowedFd<'_>)]) -> Result<Self, OpenPublisherError> {
         if !platform::is_writable(data).map_err(MapError::Io)? {
             return Err(OpenPublisherError::ReadOnly);
         }
         let stream = StreamMap::open(data, true)?;
         let g = stream.layout().geometry;
-        if channels.len() != g.max_subscribers as usize {
-            return Err(OpenPublisherError::ChannelCount { expected: g.max_subscribers as usize, got: channels.len() });
+        let mut maps: Vec<Option<Chan<ChannelMap>>> = (0..g.max_subscribers).map(|_| None).collect();
+        for &(index, generation, fd) in channels {
+            let place = maps
+                .get_mut(index as usize)
+                .ok_or(OpenPublisherError::ChannelIndex { index, max: g.max_subscribers })?;
+            let map = ChannelMap::open_for_publisher(fd, g.queue_capacity, stream.flags())?;
+            // (Generations start at 1: 0 is a file serving every one.)
+            *place = Some(Chan { generation: (generation != 0).then_some(generation), map });
         }
-        let maps = channels
-            .iter()
-            .map(|fd| ChannelMap::open_for_publisher(*fd, g.queue_capacity, stream.flags()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let core = PubCore::attach(stream, maps, platform::current_pid()).map_err(|r| match r {
+        let inbox = ChannelInbox {
+            inner: Arc::default(),
+            capacity: g.queue_capacity,
+            max: g.max_subscribers,
+            flags: stream.flags(),
+        };
+        let attached = PubCore::attach_with(stream, maps, Some(inbox.inner.clone()), platform::current_pid());
+        let core = attached.map_err(|r| match r {
             AttachRefusal::Closed => OpenPublisherError::Closed,
             AttachRefusal::Busy => OpenPublisherError::Busy,
             AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
@@ -197,7 +242,13 @@ impl Publisher {
         let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
         platform::watch_forks();
         let id = NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count() })
+        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count(), inbox })
+    }
+
+    /// Where the channels of subscribers admitted from now on are to be
+    /// handed over (a handle: clone it to another thread).
+    pub fn channel_inbox(&self) -> &ChannelInbox {
+        &self.inbox
     }
 
     /// Takes a detached loan back to write and send it.

@@ -58,7 +58,7 @@ fn long_stream_names_are_fine() {
 
 #[test]
 fn unwanted_frames_and_abandoned_loans_free_their_slot_at_once() {
-    let seg = segment(16, 2);
+    let mut seg = segment(16, 2);
     let mut publisher = seg.open_publisher().unwrap();
     for _ in 0..10 {
         let info = publisher.send(b"x").unwrap();
@@ -177,14 +177,16 @@ fn lossless_blocks_the_publisher_instead_of_dropping() {
 fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
     let mut seg = segment(8, 10);
     let a = seg.open_subscriber(&opts(6, OverflowPolicy::DropNewest)).unwrap();
-    let err = seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap_err();
+    let AdmitError::Refused(err) = seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap_err() else {
+        panic!("refused")
+    };
     // Two slots are kept for the publisher's loans.
     assert_eq!(err, AddSubscriberError::CreditsRefused { requested: 4, available: 2, slot_count: 10, committed: 6 });
     assert!(err.to_string().contains("cannot grant 4 credits: 2 of 10 slots"));
-    assert_eq!(
-        seg.add_subscriber(&opts(0, OverflowPolicy::DropNewest), 1).unwrap_err(),
-        AddSubscriberError::CreditsOutOfRange { credits: 0, max: 8 }
-    );
+    assert!(matches!(
+        seg.add_subscriber(&opts(0, OverflowPolicy::DropNewest), 1),
+        Err(AdmitError::Refused(AddSubscriberError::CreditsOutOfRange { credits: 0, max: 8 }))
+    ));
     let mut publisher = seg.open_publisher().unwrap();
     for i in 0..8u8 {
         publisher.send(&[i]).unwrap();
@@ -197,7 +199,7 @@ fn credits_are_checked_at_admission_at_receive_and_can_change_live() {
     seg.set_credits(0, 2).unwrap();
     assert!(matches!(
         seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1),
-        Err(AddSubscriberError::CreditsRefused { committed: 6, .. })
+        Err(AdmitError::Refused(AddSubscriberError::CreditsRefused { committed: 6, .. }))
     ));
     drop(held);
     publisher.send(&[9]).unwrap(); // reads the returns
@@ -288,14 +290,16 @@ fn stale_tickets_and_wrong_files_are_refused() {
     let ro = seg.read_only_data_fd().unwrap();
     // Another subscriber's channel.
     let t2 = seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1).unwrap();
-    assert!(Subscriber::open(ro.as_fd(), seg.channel_fd(t2.index), t).is_err());
-    seg.remove_subscriber(t.index).unwrap();
-    assert!(matches!(
-        Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t),
-        Err(OpenSubscriberError::NotAttached { .. })
-    ));
+    let (ch, ch2) = (seg.channel_fd(t.index).unwrap(), seg.channel_fd(t2.index).unwrap());
+    assert!(Subscriber::open(ro.as_fd(), ch2, t).is_err());
     // A channel file is not a data file.
-    assert!(matches!(Subscriber::open(seg.channel_fd(0), seg.channel_fd(0), t2), Err(OpenSubscriberError::Map(_))));
+    assert!(matches!(Subscriber::open(ch2, ch2, t2), Err(OpenSubscriberError::Map(_))));
+    let ch = ch.try_clone_to_owned().unwrap();
+    seg.remove_subscriber(t.index).unwrap();
+    assert!(matches!(Subscriber::open(ro.as_fd(), ch.as_fd(), t), Err(OpenSubscriberError::NotAttached { .. })));
+    // Its index is free again (no publisher to reclaim first): its channel is closed.
+    assert!(seg.channel_fd(t.index).is_none());
+    assert_eq!(seg.channel_count(), 1);
 }
 
 #[test]
@@ -431,7 +435,8 @@ fn hostile_returns_are_counted_and_change_nothing() {
     publisher.send(&[7]).unwrap();
     let keep = honest.try_recv().unwrap();
     let slot = keep.info().slot;
-    let ch = ChannelMap::open(seg.channel_fd(bad.index()), bad.index(), seg.geometry().queue_capacity, 0).unwrap();
+    let ch =
+        ChannelMap::open(seg.channel_fd(bad.index()).unwrap(), bad.index(), seg.geometry().queue_capacity, 0).unwrap();
     let h = ch.header();
     // Return: an out-of-range slot, a slot it never held, the honest
     // subscriber's slot twice.
@@ -687,9 +692,9 @@ fn a_ticket_opens_one_subscriber_only() {
     let mut seg = segment(8, 4);
     let t = seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1).unwrap();
     let ro = seg.read_only_data_fd().unwrap();
-    let _first = Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t).unwrap();
+    let _first = Subscriber::open(ro.as_fd(), seg.channel_fd(t.index).unwrap(), t).unwrap();
     assert!(matches!(
-        Subscriber::open(ro.as_fd(), seg.channel_fd(t.index), t),
+        Subscriber::open(ro.as_fd(), seg.channel_fd(t.index).unwrap(), t),
         Err(OpenSubscriberError::AlreadyOpen(0))
     ));
 }
@@ -698,9 +703,11 @@ fn a_ticket_opens_one_subscriber_only() {
 fn a_scribbled_channel_does_not_stop_the_next_publisher() {
     let mut seg = segment(8, 4);
     let sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
-    let len = crate::platform::file_len(seg.channel_fd(0)).unwrap() as usize;
-    let raw =
-        memmap2::MmapOptions::new().len(len).map_raw(std::os::fd::AsRawFd::as_raw_fd(&seg.channel_fd(0))).unwrap();
+    let len = crate::platform::file_len(seg.channel_fd(0).unwrap()).unwrap() as usize;
+    let raw = memmap2::MmapOptions::new()
+        .len(len)
+        .map_raw(std::os::fd::AsRawFd::as_raw_fd(&seg.channel_fd(0).unwrap()))
+        .unwrap();
     // SAFETY: test-only scribbling over a mapping we own, with no Rust
     // references into it held across the write.
     unsafe { std::ptr::write_bytes(raw.as_mut_ptr(), 0xee, 128) };
@@ -748,7 +755,8 @@ fn a_keep_latest_head_scribbled_to_the_limit_harms_nobody_else() {
     let honest = seg.open_subscriber(&opts(3, OverflowPolicy::Lossless)).unwrap();
     let bad = seg.open_subscriber(&opts(2, OverflowPolicy::KeepLatest)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
-    let ch = ChannelMap::open_for_publisher(seg.channel_fd(bad.index()), seg.geometry().queue_capacity, 0).unwrap();
+    let ch =
+        ChannelMap::open_for_publisher(seg.channel_fd(bad.index()).unwrap(), seg.geometry().queue_capacity, 0).unwrap();
     for (i, head) in [u64::MAX, u64::MAX - 1, 1 << 63, 3].into_iter().enumerate() {
         ch.header().queue_head.store(head, Relaxed);
         for j in 0..3u8 {
@@ -771,7 +779,7 @@ fn lowered_credits_count_until_the_publisher_applies_them() {
     // The publisher has not seen the change: it may still fill 6 for `a`.
     assert!(matches!(
         seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1),
-        Err(AddSubscriberError::CreditsRefused { committed: 6, .. })
+        Err(AdmitError::Refused(AddSubscriberError::CreditsRefused { committed: 6, .. }))
     ));
     publisher.send(&[1]).unwrap(); // applies the new credits
     seg.add_subscriber(&opts(4, OverflowPolicy::DropNewest), 1).unwrap();
@@ -955,7 +963,7 @@ fn a_detached_loan_is_resumed_by_its_publisher_only() {
     let loan = sample.detach();
     assert_eq!(loan.len(), 2);
     // Another stream's publisher cannot use it.
-    let other_seg = segment(8, 4);
+    let mut other_seg = segment(8, 4);
     let mut other = other_seg.open_publisher().unwrap();
     let loan = other.resume(loan).unwrap_err();
     // Its own publisher sends it; a resumed and dropped loan is discarded.
@@ -1050,7 +1058,7 @@ fn the_publishers_loan_budget_bounds_its_loans_and_is_kept_out_of_credits() {
     seg.add_subscriber(&opts(22, OverflowPolicy::DropNewest), 1).unwrap();
     assert!(matches!(
         seg.add_subscriber(&opts(1, OverflowPolicy::DropNewest), 1),
-        Err(AddSubscriberError::CreditsRefused { available: 0, .. })
+        Err(AdmitError::Refused(AddSubscriberError::CreditsRefused { available: 0, .. }))
     ));
     let mut publisher = seg.open_publisher().unwrap();
     let first = publisher.loan().unwrap().detach();
@@ -1112,4 +1120,92 @@ fn a_subscriber_keeping_its_wake_word_set_is_woken_only_for_a_frame_into_an_empt
         drop(publisher);
         owner.remove(t.index).unwrap();
     }
+}
+
+/// Issue 10, part 1: a stream holds a channel file per subscriber, created
+/// at admission and closed once its index is free again, and a publisher
+/// attached before the subscriber came delivers to it (the channel reaches
+/// it through its inbox).
+#[test]
+fn channels_come_with_subscribers_and_go_when_their_index_is_free() {
+    let mut seg = segment(8, 8);
+    assert_eq!(seg.channel_count(), 0, "no subscriber, no channel");
+    let mut publisher = seg.open_publisher().unwrap();
+    let a = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let b = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    assert_eq!(seg.channel_count(), 2);
+    let info = publisher.send(b"x").unwrap();
+    assert_eq!(info.delivered, 2, "both came after the publisher attached");
+    assert_eq!(&*a.try_recv().unwrap(), b"x");
+    assert_eq!(&*b.try_recv().unwrap(), b"x");
+    let index = a.index();
+    drop(a);
+    seg.release_subscriber(index).unwrap();
+    // The publisher reclaims at its next send; the file goes at the next look.
+    assert_eq!(publisher.send(b"y").unwrap().delivered, 1);
+    assert_eq!(seg.sweep_channels(), 1);
+    assert_eq!(seg.channel_count(), 1);
+    assert!(seg.channel_fd(index).is_none());
+    // A new subscriber of the same index gets a new file, and the frames.
+    let c = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    assert_eq!(publisher.send(b"z").unwrap().delivered, 2);
+    assert_eq!(&*c.try_recv().unwrap(), b"z");
+}
+
+/// Review finding: subscribers that are given up before they are activated
+/// (their client left) hand the publisher a channel each; the inbox keeps
+/// only the newest per index, so however many come and go before the
+/// publisher looks, it maps at most one file per index.
+#[test]
+fn the_inbox_keeps_one_channel_per_index() {
+    use super::core::publisher::{Chan, Inbox};
+    let inbox: Inbox<u32> = Inbox::default();
+    for generation in 1..=2000u64 {
+        inbox.push((generation % 3) as u32, Chan { generation: Some(generation), map: generation as u32 });
+    }
+    let mut taken: Vec<_> = inbox.take().into_iter().map(|(i, c)| (i, c.generation)).collect();
+    taken.sort_unstable();
+    assert_eq!(taken, [(0, Some(1998)), (1, Some(1999)), (2, Some(2000))]);
+}
+
+/// An owner that activates a subscriber whose channel the publisher never
+/// got breaks the protocol: the publisher delivers nothing to it (rather
+/// than to a file that is not its own) and goes on serving the rest; once
+/// the channel arrives, it delivers. Every reservation has a generation of
+/// its own, even one given up, so a file of a given-up reservation never
+/// passes for a later one's.
+#[test]
+fn a_publisher_delivers_only_with_the_subscriber_s_own_channel() {
+    use super::core::publisher::{Chan, Inbox};
+    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4 };
+    let stream = Core::new(HeapStream::new(g));
+    let mut owner: OwnerCore<Core<HeapStream>, Core<HeapChannel>> = OwnerCore::sparse(stream.clone());
+    let inbox: Core<Inbox<Core<HeapChannel>>> = Core::default();
+    let mut publisher = PubCore::attach_with(stream.clone(), vec![None], Some(inbox.clone()), 1).unwrap();
+
+    let given_up = owner.reserve(&opts(2, OverflowPolicy::Lossless), 1).unwrap();
+    let stale = Core::new(HeapChannel::new(given_up.index, 4));
+    owner.install(given_up.index, stale.clone());
+    inbox.push(given_up.index, Chan { generation: Some(given_up.generation), map: stale });
+    owner.give_up(given_up.index);
+
+    let r = owner.reserve(&opts(2, OverflowPolicy::Lossless), 1).unwrap();
+    assert_eq!(r.index, given_up.index, "the one index comes round again");
+    assert_ne!(r.generation, given_up.generation, "a generation of its own");
+    let channel = Core::new(HeapChannel::new(r.index, 4));
+    owner.install(r.index, channel.clone());
+    // Activated without handing the publisher the channel.
+    let t = owner.activate(r.index).unwrap();
+    let send = |p: &mut PubCore<_, _>| {
+        let slot = p.loan().unwrap();
+        p.commit(slot, 1, 0).unwrap()
+    };
+    assert_eq!(send(&mut publisher).delivered, 0, "the given-up file is not its channel");
+    inbox.push(r.index, Chan { generation: Some(r.generation), map: channel.clone() });
+    owner.set_credits(t.index, 3).unwrap(); // any change of the table
+    assert_eq!(send(&mut publisher).delivered, 1);
+    let sub: HeapSub =
+        SubCore::attach(stream, channel, t.index as usize, t.generation, Backoff { spin: Duration::ZERO, park: true })
+            .unwrap();
+    assert_eq!(sub.try_take().unwrap().seq, 1);
 }

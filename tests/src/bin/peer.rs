@@ -73,8 +73,9 @@ fn stream_config(spec: &Value) -> memsock::StreamConfig {
 /// outlives this process.
 fn publisher(spec: &Value) -> Result<()> {
     if let Some(lease) = spec["lease"].as_str() {
-        let (socket, fds) = publish_raw(spec)?;
-        let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+        let (socket, fds, grants) = publish_raw(spec)?;
+        let channels: Vec<_> =
+            grants.iter().zip(&fds[1..]).map(|(c, fd)| (c.index, c.generation, fd.as_fd())).collect();
         let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
         match lease {
             "hang_up" => memsock_proto::platform::shutdown_socket(socket.as_fd())?,
@@ -103,22 +104,25 @@ fn publisher(spec: &Value) -> Result<()> {
         }
         return publish(spec, &mut publisher);
     }
+    // Every channel up front, one per index, each serving every generation (0).
     let fds = inherited_fds(spec);
-    let channels: Vec<_> = fds[1..].iter().map(AsFd::as_fd).collect();
+    let channels: Vec<_> = fds[1..].iter().enumerate().map(|(i, fd)| (i as u32, 0, fd.as_fd())).collect();
     let mut publisher = Publisher::open(fds[0].as_fd(), &channels)?;
     publish(spec, &mut publisher)
 }
 
 /// Says Hello and Publish on a connection of our own; returns it and the
 /// stream's descriptors.
-fn publish_raw(spec: &Value) -> Result<(memsock_tests::RawConn, Vec<std::os::fd::OwnedFd>)> {
+fn publish_raw(
+    spec: &Value,
+) -> Result<(memsock_tests::RawConn, Vec<std::os::fd::OwnedFd>, Vec<memsock_proto::control::ChannelGrant>)> {
     use memsock_proto::control::Request;
     let mut conn = memsock_tests::RawConn::connect(std::path::Path::new(spec["socket"].as_str().context("a socket")?))?;
     conn.hello()?;
     let name = spec["stream"].as_str().unwrap_or("test").to_owned();
     let (result, fds) = conn.ask(2, Request::Publish { stream: name, config: stream_config(spec) })?;
-    result?;
-    Ok((conn, fds))
+    let memsock_proto::control::Reply::Published { channels, .. } = result? else { bail!("not a Published reply") };
+    Ok((conn, fds, channels))
 }
 
 fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {

@@ -52,8 +52,14 @@ fn setup(
     (owner, tickets, payload)
 }
 
+/// Channel file `index` of a model's owner (each index has one from the start).
+fn channel_of(owner: &Owner, index: usize) -> Arc<HeapChannel> {
+    owner.channels()[index].as_ref().expect("created up front").map.clone()
+}
+
 fn publisher(owner: &Owner) -> PubCore<Arc<HeapStream>, Arc<HeapChannel>> {
-    PubCore::attach(owner.stream().clone(), owner.channels().to_vec(), 1).unwrap()
+    PubCore::attach(owner.stream().clone(), (0..owner.channels().len()).map(|i| channel_of(owner, i)).collect(), 1)
+        .unwrap()
 }
 
 /// Sends `frames` frames (waiting for lossless room), detaches, then closes.
@@ -154,7 +160,7 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 fn loom_lossless_delivers_everything_and_parks_both_ways() {
     model(|| {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
-        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let (stream, channel) = (owner.stream().clone(), channel_of(&owner, 0));
         let p = payload.clone();
         let publ = publisher(&owner);
         let t = loom::thread::spawn(move || publish_then_close(owner, publ, p, 3));
@@ -168,7 +174,7 @@ fn loom_lossless_delivers_everything_and_parks_both_ways() {
 fn loom_drop_newest_never_reuses_a_held_slot() {
     model(|| {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::DropNewest)]);
-        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let (stream, channel) = (owner.stream().clone(), channel_of(&owner, 0));
         let p = payload.clone();
         let publ = publisher(&owner);
         let t = loom::thread::spawn(move || publish_then_close(owner, publ, p, 3));
@@ -182,7 +188,7 @@ fn loom_drop_newest_never_reuses_a_held_slot() {
 fn loom_keep_latest_eviction_races_the_subscriber() {
     model(|| {
         let (owner, tickets, payload) = setup(3, 2, &[(2, OverflowPolicy::KeepLatest)]);
-        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let (stream, channel) = (owner.stream().clone(), channel_of(&owner, 0));
         let s2 = stream.clone();
         let p = payload.clone();
         let publ = publisher(&owner);
@@ -246,7 +252,7 @@ fn loom_removing_a_full_lossless_subscriber_wakes_the_publisher() {
 fn loom_close_racing_sends_loses_no_sent_frame() {
     model(|| {
         let (mut owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
-        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let (stream, channel) = (owner.stream().clone(), channel_of(&owner, 0));
         let mut p = publisher(&owner);
         let written = payload.clone();
         let sender = loom::thread::spawn(move || send_until_closed(&mut p, &written, 2));
@@ -266,7 +272,7 @@ fn loom_close_racing_sends_loses_no_sent_frame() {
 fn loom_ending_a_close_under_a_live_publisher_loses_no_sent_frame() {
     model(|| {
         let (mut owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
-        let (stream, channel) = (owner.stream().clone(), owner.channels()[0].clone());
+        let (stream, channel) = (owner.stream().clone(), channel_of(&owner, 0));
         let mut p = publisher(&owner);
         let written = payload.clone();
         let sender = loom::thread::spawn(move || {
@@ -297,8 +303,7 @@ fn loom_publisher_gone_comes_after_its_frames_and_wakes_the_subscriber() {
     model(|| {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
         let (index, generation) = tickets[0];
-        let sub =
-            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let sub = SubCore::attach(owner.stream().clone(), channel_of(&owner, 0), index, generation, PARK).unwrap();
         let p = payload.clone();
         // The publisher may come and go before the subscriber first looks:
         // the departure is still reported, after both frames. A lost
@@ -331,8 +336,7 @@ fn loom_a_sample_released_on_another_thread_goes_back_and_wakes_the_watcher() {
         // Attached after the publisher, the subscriber has no change of
         // publisher to learn of while its credits are used up.
         let publ = publisher(&owner);
-        let sub =
-            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let sub = SubCore::attach(owner.stream().clone(), channel_of(&owner, 0), index, generation, PARK).unwrap();
         let watcher = sub.watcher();
         let p = payload.clone();
         let t = loom::thread::spawn(move || {
@@ -385,8 +389,7 @@ fn loom_a_close_of_an_idle_publisher_ends_the_stream_without_a_departure() {
         let slot = idle.loan().unwrap();
         payload.0[slot as usize].with_mut(|v| unsafe_write(v, 0));
         idle.commit(slot, 1, 0).unwrap();
-        let sub =
-            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let sub = SubCore::attach(owner.stream().clone(), channel_of(&owner, 0), index, generation, PARK).unwrap();
         let closer = loom::thread::spawn(move || {
             owner.close();
             owner.publisher_gone();
@@ -418,8 +421,7 @@ fn loom_two_waiters_on_one_subscriber_lose_no_wake_up() {
         let (owner, tickets, payload) = setup(2, 1, &[(1, OverflowPolicy::Lossless)]);
         let (index, generation) = tickets[0];
         let publ = publisher(&owner);
-        let sub =
-            SubCore::attach(owner.stream().clone(), owner.channels()[0].clone(), index, generation, PARK).unwrap();
+        let sub = SubCore::attach(owner.stream().clone(), channel_of(&owner, 0), index, generation, PARK).unwrap();
         let watcher = sub.watcher();
         let from = sub.position();
         let w = loom::thread::spawn(move || {
@@ -439,5 +441,46 @@ fn loom_two_waiters_on_one_subscriber_lose_no_wake_up() {
         w.join().unwrap();
         t.join().unwrap();
         drop(owner);
+    });
+}
+
+/// A subscriber admitted while the publisher streams, with a channel file
+/// of its own created at admission: the owner hands the channel to the
+/// publisher's inbox, then activates the subscriber, which attaches and
+/// receives. The publisher picks the channel up only when it sees the
+/// table change, and delivers to the subscriber only with it: every frame
+/// the subscriber gets is intact, in order, and it sees the end.
+#[test]
+fn loom_a_subscriber_admitted_mid_stream_gets_its_channel_through_the_inbox() {
+    use super::publisher::{Chan, Inbox};
+    model(|| {
+        let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2 };
+        let stream = Arc::new(HeapStream::new(g));
+        let mut owner: Owner = OwnerCore::sparse(stream.clone());
+        let inbox: Arc<Inbox<Arc<HeapChannel>>> = Arc::default();
+        let p = PubCore::attach_with(stream.clone(), vec![None], Some(inbox.clone()), 1).unwrap();
+        let payload = Arc::new(Payload((0..4).map(|_| UnsafeCell::new(0)).collect()));
+        let publisher = {
+            let payload = payload.clone();
+            loom::thread::spawn(move || {
+                let mut p = p;
+                let sent = send_until_closed(&mut p, &payload, 2);
+                drop(p);
+                sent
+            })
+        };
+        let opts = SubscriberOptions { credits: 2, policy: OverflowPolicy::Lossless, wait: WaitStrategy::Park };
+        let r = owner.reserve(&opts, 1).unwrap();
+        let channel = Arc::new(HeapChannel::new(r.index, 2));
+        owner.install(r.index, channel.clone());
+        inbox.push(r.index, Chan { generation: Some(r.generation), map: channel.clone() });
+        let t = owner.activate(r.index).unwrap();
+        let subscriber =
+            loom::thread::spawn(move || receive_all(stream, channel, (t.index as usize, t.generation), payload));
+        let sent = publisher.join().unwrap();
+        owner.close();
+        let seen = subscriber.join().unwrap();
+        assert!(seen.len() <= sent, "{seen:?} of {sent}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
     });
 }

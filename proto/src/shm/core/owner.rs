@@ -10,7 +10,7 @@
 //! publisher is attached.
 
 use super::mem::{ChannelMem, StreamMem};
-use super::publisher::{PubCore, acknowledge_close, take_back_all};
+use super::publisher::{Chan, PubCore, acknowledge_close, mapped, take_back_all};
 use super::wait;
 use super::writer::{Writer, holders, is_free};
 use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
@@ -87,6 +87,25 @@ pub enum AddSubscriberError {
     Closed,
 }
 
+/// A subscriber index held for a subscriber being admitted: its channel
+/// is created and handed to the publisher before it is activated
+/// ([`OwnerCore::activate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// The index held.
+    pub index: u32,
+    /// The generation the subscriber will have: its channel's.
+    pub generation: u64,
+}
+
+/// A held index's terms, until it is activated or given up.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    generation: u64,
+    opts: SubscriberOptions,
+    pid: u32,
+}
+
 /// Why an operation on an existing subscriber failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -155,7 +174,14 @@ pub struct StreamStats {
 #[derive(Debug)]
 pub(crate) struct OwnerCore<S: StreamMem, C: ChannelMem> {
     stream: S,
-    channels: Vec<C>,
+    /// Per subscriber index, its channel file while it has one: from its
+    /// reservation until the index is free again.
+    channels: Vec<Option<Chan<C>>>,
+    /// Indices held for subscribers being admitted.
+    held: Vec<Option<Held>>,
+    /// The last generation each index was reserved for (so that every
+    /// reservation, even one given up, names its own channel).
+    reserved_gen: Vec<u64>,
     /// Where the search for a free index starts: indices are reused as
     /// late as possible, which keeps stale handles from meeting new peers.
     cursor: usize,
@@ -193,19 +219,61 @@ pub enum EndProgress {
 }
 
 impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
+    /// An owner with one channel file per subscriber index, each serving
+    /// every generation of its index (reset at each admission).
+    #[cfg(test)]
     pub(crate) fn new(stream: S, channels: Vec<C>) -> Self {
         assert_eq!(channels.len(), stream.layout().geometry.max_subscribers as usize);
+        Self::with_channels(stream, channels.into_iter().map(|c| Some(Chan::any(c))).collect())
+    }
+
+    /// An owner of a stream whose subscribers get a channel file each at
+    /// admission ([`reserve`](Self::reserve), [`install`](Self::install)).
+    pub(crate) fn sparse(stream: S) -> Self {
+        let n = stream.layout().geometry.max_subscribers as usize;
+        Self::with_channels(stream, (0..n).map(|_| None).collect())
+    }
+
+    fn with_channels(stream: S, channels: Vec<Option<Chan<C>>>) -> Self {
         let n = channels.len();
-        Self { stream, channels, cursor: 0, lowered: vec![None; n], ending: None }
+        Self {
+            stream,
+            channels,
+            held: vec![None; n],
+            reserved_gen: vec![0; n],
+            cursor: 0,
+            lowered: vec![None; n],
+            ending: None,
+        }
     }
 
     pub(crate) fn stream(&self) -> &S {
         &self.stream
     }
 
-    #[cfg(loom)]
-    pub(crate) fn channels(&self) -> &[C] {
+    /// Every channel file there is, by index.
+    pub(crate) fn channels(&self) -> &[Option<Chan<C>>] {
         &self.channels
+    }
+
+    /// Unmaps the channels of indices that are free again (their
+    /// subscriber gone and reclaimed, nobody holding them). Returns how
+    /// many it dropped.
+    pub(crate) fn sweep(&mut self) -> usize {
+        let mut dropped = 0;
+        for s in 0..self.channels.len() {
+            let Some(chan) = &self.channels[s] else { continue };
+            // Acquire pairs with the Release store of SUB_FREE by whoever
+            // reclaimed the index.
+            if chan.generation.is_some()
+                && self.held[s].is_none()
+                && self.stream.record(s).config.state.load(Acquire) == SUB_FREE
+            {
+                self.channels[s] = None;
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Announces a change of the subscriber table; returns the new generation.
@@ -242,6 +310,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         (0..held.len())
             .filter(|&s| Some(s) != except)
             .map(|s| {
+                if let Some(h) = &self.held[s] {
+                    // Being admitted: its credits are promised already.
+                    return u64::from(h.opts.credits);
+                }
                 let cfg = &self.stream.record(s).config;
                 // A detaching subscriber promises nothing any more: the
                 // publisher reclaims what it holds before its next loan or
@@ -279,7 +351,20 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         Ok(())
     }
 
+    /// Admits a subscriber at once, in one step, on an index that has its
+    /// channel already (an owner made with [`new`](Self::new)).
+    #[cfg(test)]
     pub(crate) fn add(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<SubscriberTicket, AddSubscriberError> {
+        let r = self.reserve(opts, pid)?;
+        self.activate(r.index)
+    }
+
+    /// Holds a free index for a subscriber of process `pid` whose credits
+    /// the pool can honour. Give the index its channel
+    /// ([`install`](Self::install)), hand the channel to the attached
+    /// publisher, then [`activate`](Self::activate) it — or
+    /// [`give_up`](Self::give_up).
+    pub(crate) fn reserve(&mut self, opts: &SubscriberOptions, pid: u32) -> Result<Reservation, AddSubscriberError> {
         let header = self.stream.header();
         // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
         // Release CAS to CLOSED (`acknowledge_close`).
@@ -287,6 +372,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             return Err(AddSubscriberError::Closed);
         }
         self.reclaim_detached();
+        self.sweep();
         let n = self.channels.len();
         let me = crate::platform::current_pid();
         let requester = if pid == 0 { u32::MAX } else { pid };
@@ -296,35 +382,105 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 let cfg = &self.stream.record(s).config;
                 // Acquire pairs with the Release store of SUB_FREE by whoever
                 // reclaimed the index: its mask changes are visible.
-                cfg.state.load(Acquire) == SUB_FREE && {
+                self.held[s].is_none() && cfg.state.load(Acquire) == SUB_FREE && {
                     // A process that was removed but still lives keeps its
-                    // mapping of this channel: do not hand the channel to
-                    // somebody else while it could still write there (the
-                    // same process may have it back).
+                    // mapping of this channel: do not hand a channel every
+                    // generation shares to somebody else while it could
+                    // still write there (the same process may have it
+                    // back). A new subscriber of a sparse index gets a new
+                    // file: the old one is nobody's concern.
                     let pid = cfg.pid.load(Relaxed);
-                    pid == 0 || pid == me || pid == requester || !crate::platform::process_alive(pid)
+                    !self.has_any(s as u32)
+                        || pid == 0
+                        || pid == me
+                        || pid == requester
+                        || !crate::platform::process_alive(pid)
                 }
             })
             .ok_or(AddSubscriberError::Full { max: n as u32 })?;
         self.check_credits(opts.credits, None)?;
+        // From the owner's own count, never from shared memory (which the
+        // publisher writes too). Generations start at 1: 0 names a file
+        // serving every generation.
+        let generation = self.reserved_gen[index].wrapping_add(1).max(1);
+        self.reserved_gen[index] = generation;
+        self.held[index] = Some(Held { generation, opts: *opts, pid });
+        self.cursor = index + 1;
+        Ok(Reservation { index: index as u32, generation })
+    }
+
+    /// Gives held index `index` its own channel file, created for the
+    /// reservation's generation.
+    ///
+    /// # Panics
+    /// If the index is not held.
+    pub(crate) fn install(&mut self, index: u32, map: C) {
+        let held = self.held[index as usize].expect("install on a held index");
+        self.channels[index as usize] = Some(Chan { generation: Some(held.generation), map });
+    }
+
+    /// Gives index `index` a channel file serving every generation of it
+    /// (reset at each admission), for good.
+    pub(crate) fn install_any(&mut self, index: u32, map: C) {
+        self.channels[index as usize] = Some(Chan::any(map));
+    }
+
+    /// Whether index `index` has a channel file serving every generation.
+    pub(crate) fn has_any(&self, index: u32) -> bool {
+        self.channels[index as usize].as_ref().is_some_and(|c| c.generation.is_none())
+    }
+
+    /// Gives up held index `index` and the channel created for it.
+    pub(crate) fn give_up(&mut self, index: u32) {
+        let s = index as usize;
+        if self.held.get(s).is_some_and(Option::is_some) {
+            self.held[s] = None;
+            if self.channels[s].as_ref().is_some_and(|c| c.generation.is_some()) {
+                self.channels[s] = None;
+            }
+        }
+    }
+
+    /// Activates held index `index`: the subscriber is attached and the
+    /// publisher delivers to it from its next send. Every publisher that
+    /// may be attached must have its channel by now.
+    ///
+    /// # Errors
+    /// [`AddSubscriberError::Closed`] if the stream closed meanwhile (the
+    /// index is given up).
+    ///
+    /// # Panics
+    /// If the index is not held or has no channel.
+    pub(crate) fn activate(&mut self, index: u32) -> Result<SubscriberTicket, AddSubscriberError> {
+        let s = index as usize;
+        let Held { generation, opts, pid } = self.held[s].expect("activate a held index");
+        let header = self.stream.header();
+        // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
+        // Release CAS to CLOSED (`acknowledge_close`).
+        if header.control.state.load(Acquire) != STREAM_OPEN {
+            self.give_up(index);
+            return Err(AddSubscriberError::Closed);
+        }
+        let chan = self.channels[s].as_ref().expect("a held index has its channel before it is activated");
+        assert!(chan.serves(generation), "the channel is the reservation's");
+        self.held[s] = None;
 
         // The index is free: neither the publisher nor any subscriber uses
         // its ring, counters or channel, so they can be reset.
-        for e in self.stream.ring(index) {
+        for e in self.stream.ring(s) {
             e.word.store(0, Relaxed);
         }
-        let counters = &self.stream.record(index).counters;
+        let counters = &self.stream.record(s).counters;
         for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.collected] {
             c.store(0, Relaxed);
         }
-        let cfg = &self.stream.record(index).config;
-        let generation = cfg.generation.load(Relaxed).wrapping_add(1);
-        // The previous subscriber could write anything in the channel:
-        // rewrite all of it.
-        let ch = self.channels[index].header();
+        let cfg = &self.stream.record(s).config;
+        // The previous subscriber could write anything in the channel (if
+        // it is a file every generation shares): rewrite all of it.
+        let ch = chan.map.header();
         let id = &ch.ident;
         id.magic.store(CHANNEL_MAGIC, Relaxed);
-        id.index.store(index as u32, Relaxed);
+        id.index.store(index, Relaxed);
         id.capacity.store(self.stream.layout().geometry.queue_capacity, Relaxed);
         id.claimed.store(0, Relaxed);
         id.generation.store(generation, Relaxed);
@@ -333,12 +489,12 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         ch.waiting.store(0, Relaxed);
         ch.pub_waiting.store(0, Relaxed);
-        for r in self.channels[index].returns() {
+        for r in chan.map.returns() {
             r.store(NO_SLOT, Relaxed);
         }
         // Release pairs with the subscriber's Acquire load in `ChannelMap::open`.
         id.version.store(LAYOUT_VERSION, Release);
-        self.lowered[index] = None;
+        self.lowered[s] = None;
 
         cfg.policy.store(opts.policy as u32, Relaxed);
         cfg.credits.store(opts.credits, Relaxed);
@@ -350,8 +506,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // publisher (`sync_table_slow`) and the subscriber (`attach`).
         cfg.state.store(SUB_ACTIVE, Release);
         self.bump_table();
-        self.cursor = index + 1;
-        Ok(SubscriberTicket { index: index as u32, generation, wait: opts.wait })
+        Ok(SubscriberTicket { index, generation, wait: opts.wait })
     }
 
     fn active_index(&self, index: u32) -> Result<usize, SubscriberOpError> {
@@ -376,7 +531,9 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             self.lowered[s] = Some((before, gen_now));
         }
         // A publisher blocked on this lossless subscriber re-reads credits.
-        wait::wake(&self.channels[s].header().pub_waiting);
+        if let Some(chan) = &self.channels[s] {
+            wait::wake(&chan.map.header().pub_waiting);
+        }
         Ok(())
     }
 
@@ -387,9 +544,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // Release pairs with the publisher's Acquire load in `sync_table_slow`.
         self.stream.record(s).config.state.store(SUB_DETACHING, Release);
         self.bump_table();
-        let ch = self.channels[s].header();
-        wait::wake(&ch.waiting);
-        wait::wake(&ch.pub_waiting);
+        if let Some(chan) = &self.channels[s] {
+            wait::wake(&chan.map.header().waiting);
+            wait::wake(&chan.map.header().pub_waiting);
+        }
         self.reclaim_detached();
         Ok(())
     }
@@ -423,7 +581,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     fn reclaim_as_writer(&self, mut writer: Writer) -> Writer {
         let ctl = &self.stream.header().control;
         if ctl.dirty.load(Relaxed) != 0 {
-            let channels = self.channels.iter().collect();
+            let channels = self.channels.iter().map(|c| c.as_ref().map(Chan::by_ref)).collect();
             writer = PubCore::take_over(&self.stream, channels, writer).into_writer();
             ctl.dirty.store(0, Relaxed);
         }
@@ -474,7 +632,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         // asleep in a send (waiting for a lossless subscriber's credit)
         // wakes, re-reads the table bumped above and finds itself replaced.
         super::publisher::wake_all(&self.channels);
-        for ch in &self.channels {
+        for ch in mapped(&self.channels) {
             wait::wake(&ch.header().pub_waiting);
         }
         // A close it never acknowledged ends here (unless a successor
@@ -509,7 +667,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         self.bump_table();
         // A publisher blocked on a lossless subscriber re-reads the table.
-        for ch in &self.channels {
+        for ch in mapped(&self.channels) {
             wait::wake(&ch.header().pub_waiting);
         }
         // The SeqCst fence pairs with the one in `PubCore::drop`: either we
@@ -607,7 +765,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 let pushed = c.pushed.load(Relaxed);
                 let evicted = c.evicted.load(Relaxed);
                 // The subscriber writes its head: clamp what it claims.
-                let head = (self.channels[s].header().queue_head.load(Acquire) & !HEAD_CLAIMED).min(pushed);
+                let head = self.channels[s]
+                    .as_ref()
+                    .map_or(pushed, |c| c.map.header().queue_head.load(Acquire) & !HEAD_CLAIMED)
+                    .min(pushed);
                 let queued = pushed - head;
                 let lag_ns = if queued > 0 {
                     let e = &self.stream.ring(s)[(head & cap_mask) as usize];

@@ -43,6 +43,7 @@ use crate::shm::layout::{
 };
 use crate::shm::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 /// How many loans ahead the publisher prefetches slots.
@@ -126,11 +127,85 @@ struct SubState {
     faults: u64,
 }
 
+/// A subscriber index's channel file as a writer (or the owner) maps it.
+#[derive(Debug, Clone)]
+pub(crate) struct Chan<C> {
+    /// The one subscriber generation the file was created for (a file per
+    /// subscription, created at admission); `None`: one file serves every
+    /// generation of its index, reset by the owner at each admission.
+    pub(crate) generation: Option<u64>,
+    pub(crate) map: C,
+}
+
+impl<C> Chan<C> {
+    /// A file serving every generation of its index.
+    pub(crate) fn any(map: C) -> Self {
+        Self { generation: None, map }
+    }
+
+    /// Whether the file is subscriber generation `generation`'s.
+    pub(crate) fn serves(&self, generation: u64) -> bool {
+        self.generation.is_none_or(|g| g == generation)
+    }
+
+    /// The same file, by reference.
+    pub(crate) fn by_ref(&self) -> Chan<&C> {
+        Chan { generation: self.generation, map: &self.map }
+    }
+}
+
+/// The mapped files of a table of channels, in index order.
+pub(crate) fn mapped<C>(channels: &[Option<Chan<C>>]) -> impl Iterator<Item = &C> {
+    channels.iter().flatten().map(|c| &c.map)
+}
+
+/// Channel files created for subscribers admitted after the publisher
+/// attached, handed over by another thread (the one talking to the owner)
+/// before the owner activates the subscriber. The publisher takes them
+/// only when the subscriber table changes (`sync_table_slow`): nothing on
+/// the per-frame path looks here.
+///
+/// The owner activates a subscriber only once the channel is in the inbox
+/// of the publisher attached (or given to a publisher at attach), so the
+/// publisher's `Acquire` load of the new `table_gen` comes after the push
+/// (through whatever told the owner, and this mutex).
+#[derive(Debug)]
+pub(crate) struct Inbox<C> {
+    new: Mutex<Vec<(u32, Chan<C>)>>,
+}
+
+impl<C> Default for Inbox<C> {
+    fn default() -> Self {
+        Self { new: Mutex::new(Vec::new()) }
+    }
+}
+
+impl<C> Inbox<C> {
+    /// Hands over subscriber `index`'s new channel. Only the newest
+    /// reservation of an index can be activated, so it replaces one not
+    /// taken yet: however often subscribers come and give up before the
+    /// publisher looks, the inbox holds at most one file per index.
+    pub(crate) fn push(&self, index: u32, chan: Chan<C>) {
+        // A poisoned lock only means a pusher panicked: the list is fine.
+        let mut new = self.new.lock().unwrap_or_else(PoisonError::into_inner);
+        new.retain(|(i, _)| *i != index);
+        new.push((index, chan));
+    }
+
+    pub(crate) fn take(&self) -> Vec<(u32, Chan<C>)> {
+        std::mem::take(&mut *self.new.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
 /// The publisher algorithm over any memory implementing the layout.
 #[derive(Debug)]
 pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     stream: S,
-    channels: Vec<C>,
+    /// Per subscriber index, its channel if this writer has it. Invariant:
+    /// every index in `active` has the channel of its generation.
+    channels: Vec<Option<Chan<C>>>,
+    /// Where channels of newly admitted subscribers arrive.
+    inbox: Option<Arc<Inbox<C>>>,
     subs: Vec<SubState>,
     /// Indices of active subscribers, and the subsets that are lossless
     /// and that may be asleep.
@@ -163,9 +238,33 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Attaches as the stream's only publisher: takes the writer role,
     /// recovers from a previous writer's crash if needed and rebuilds the
     /// private state from the holder masks.
+    /// Attaches with one channel file per subscriber index, each serving
+    /// every generation of its index (the owner resets it at admission).
+    #[cfg(test)]
     pub(crate) fn attach(stream: S, channels: Vec<C>, pid: u32) -> Result<Self, AttachRefusal> {
+        Self::attach_with(stream, channels.into_iter().map(|c| Some(Chan::any(c))).collect(), None, pid)
+    }
+
+    /// Attaches with the channels the owner has created so far (`None`
+    /// where an index has none), and the inbox where it hands over those
+    /// it creates later.
+    pub(crate) fn attach_with(
+        stream: S,
+        channels: Vec<Option<Chan<C>>>,
+        inbox: Option<Arc<Inbox<C>>>,
+        pid: u32,
+    ) -> Result<Self, AttachRefusal> {
         let g = stream.layout().geometry;
-        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        assert_eq!(channels.len(), g.max_subscribers as usize, "a place per subscriber index");
+        // What arrived before we attach counts from the start: the table is
+        // read against it (a file taken later could replace an active
+        // index's after the table was read).
+        let mut channels = channels;
+        for (index, chan) in inbox.iter().flat_map(|i| i.take()) {
+            if let Some(place) = channels.get_mut(index as usize) {
+                *place = Some(chan);
+            }
+        }
         let ctl = &stream.header().control;
         // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
         // Release CAS to CLOSED (`acknowledge_close`).
@@ -192,6 +291,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         crate::primitive::fence(crate::primitive::Ordering::SeqCst);
         ctl.publisher_pid.store(pid, Relaxed);
         let mut this = Self::take_over(stream, channels, writer);
+        this.inbox = inbox;
         // Only a writer changes the count, and it is even (no publisher):
         // make it odd. Release pairs with the subscribers' Acquire load in
         // `SubCore::publisher_event`.
@@ -209,19 +309,17 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// [`repair`]), reads every return ring to its end, rebuilds the free
     /// list and each subscriber's `held` from the holder masks, and rolls
     /// an interrupted delivery forward.
-    pub(crate) fn take_over(stream: S, channels: Vec<C>, mut writer: Writer) -> Self {
+    pub(crate) fn take_over(stream: S, channels: Vec<Option<Chan<C>>>, mut writer: Writer) -> Self {
         let g = stream.layout().geometry;
-        assert_eq!(channels.len(), g.max_subscribers as usize, "one channel per subscriber index");
+        assert_eq!(channels.len(), g.max_subscribers as usize, "a place per subscriber index");
         let ctl = &stream.header().control;
         let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&writer, &stream, &channels) } else { None };
         // A predecessor may have died part-way through reading a return
         // ring: read them all to the end now, before any slot is delivered
         // again. A return it had applied finds its bit clear and changes
         // nothing; one it had not is applied now.
-        for (s, channel) in channels.iter().enumerate() {
-            // Acquire pairs with the Release stores of the record's state (the owner's in
-            // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
-            if stream.record(s).config.state.load(Acquire) == SUB_ACTIVE {
+        for s in 0..channels.len() {
+            if let Some(channel) = active_channel(&stream, &channels, s) {
                 replay_returns(&writer, &stream, channel, s);
             }
         }
@@ -250,6 +348,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             bytes: p.bytes.load(Relaxed),
             stream,
             channels,
+            inbox: None,
             subs,
             active: Vec::with_capacity(subs_n),
             lossless: Vec::with_capacity(subs_n),
@@ -339,6 +438,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             self.closed = ctl.state.load(Acquire) != STREAM_OPEN;
             return;
         }
+        self.take_inbox();
         self.active.clear();
         self.lossless.clear();
         self.parkers.clear();
@@ -349,7 +449,17 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
             let state = cfg.state.load(Acquire);
             let generation = cfg.generation.load(Relaxed);
+            // The channel of a subscriber that has gone (not one created
+            // for the next, whose generation is higher): unmapped once the
+            // index is free.
+            let theirs = self.channels[s].as_ref().is_some_and(|c| c.generation == Some(generation));
             match state {
+                SUB_ACTIVE if !self.channels[s].as_ref().is_some_and(|c| c.serves(generation)) => {
+                    // Admitted without its channel reaching us: the owner
+                    // breaks its protocol. Deliver nothing rather than
+                    // write into another subscriber's channel.
+                    self.subs[s].active = false;
+                }
                 SUB_ACTIVE => {
                     let st = &mut self.subs[s];
                     if !st.active || st.generation != generation {
@@ -385,11 +495,19 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                     let free = &mut self.free;
                     take_back_all(&self.writer, &self.stream, s, |slot| free.push_back(slot));
                     self.subs[s] = SubState::default();
+                    if theirs {
+                        self.channels[s] = None;
+                    }
                     // Release pairs with the owner's Acquire load of the
                     // state before it reuses the index.
                     let _ = cfg.state.compare_exchange(SUB_DETACHING, SUB_FREE, Release, Relaxed);
                 }
-                _ => self.subs[s].active = false,
+                _ => {
+                    self.subs[s].active = false;
+                    if theirs {
+                        self.channels[s] = None;
+                    }
+                }
             }
         }
         // Release pairs with the owner's Acquire load in `committed`.
@@ -401,6 +519,24 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             self.closed = true;
             acknowledge_close(&self.stream, &self.channels);
         }
+    }
+
+    /// Maps the channels handed over since the last look, replacing what
+    /// an index had (the owner creates a file per admission).
+    #[cold]
+    fn take_inbox(&mut self) {
+        let Some(inbox) = &self.inbox else { return };
+        for (index, chan) in inbox.take() {
+            if let Some(place) = self.channels.get_mut(index as usize) {
+                *place = Some(chan);
+            }
+        }
+    }
+
+    /// Subscriber `s`'s channel: `s` is active, so the channel is here.
+    #[inline]
+    fn channel(&self, s: usize) -> &C {
+        channel_of(&self.channels, s)
     }
 
     /// Forgets the writer role without touching shared memory: this is a
@@ -558,7 +694,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             wait::fence_before_wake();
             for &s in &self.parkers {
                 let st = &self.subs[s];
-                let ch = self.channels[s].header();
+                let ch = self.channel(s).header();
                 // Only a subscriber this frame went to, asleep (or about
                 // to be) and whose queue held nothing before it: one with
                 // frames queued was woken for the first of them, or sees
@@ -643,7 +779,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         collect_returns(
             &self.writer,
             &self.stream,
-            &self.channels[s],
+            channel_of(&self.channels, s),
             &mut self.subs[s],
             &mut self.free,
             s,
@@ -673,7 +809,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Drops the oldest frame queued for `s`; returns whether it did.
     fn evict_one(&mut self, s: usize) -> bool {
-        let ch = self.channels[s].header();
+        let ch = channel_of(&self.channels, s).header();
         // Acquire pairs with the subscriber's AcqRel CAS on `queue_head` in
         // `SubCore::try_take`.
         let mut head = ch.queue_head.load(Acquire);
@@ -732,7 +868,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// changes or `deadline` passes; returns false on timeout.
     pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
         let Self { writer, stream, channels, subs, free, table_gen, cap_mask, .. } = self;
-        let (stream, channel, st) = (&*stream, &channels[s], &mut subs[s]);
+        let (stream, channel, st) = (&*stream, channel_of(channels, s), &mut subs[s]);
         wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
             if stream.header().control.table_gen.load(Acquire) != *table_gen {
                 return true; // detached or credits changed: let the caller retry
@@ -795,9 +931,9 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
 /// Wakes every subscriber asleep, so it sees a change of publisher made
 /// just before. The SeqCst fence pairs with the one a subscriber makes
 /// between announcing its sleep and re-checking (`wait::wait_until`).
-pub(crate) fn wake_all<C: ChannelMem>(channels: &[C]) {
+pub(crate) fn wake_all<C: ChannelMem>(channels: &[Option<Chan<C>>]) {
     wait::fence_before_wake();
-    for ch in channels {
+    for ch in mapped(channels) {
         wait::wake_if_waiting(&ch.header().waiting);
     }
 }
@@ -805,18 +941,43 @@ pub(crate) fn wake_all<C: ChannelMem>(channels: &[C]) {
 /// Moves a closing stream to [`STREAM_CLOSED`] and wakes every sleeping
 /// subscriber. Called by whoever ends delivery: the publisher on its first
 /// look after the close, the owner if no publisher is attached.
-pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[C]) {
+pub(crate) fn acknowledge_close<S: StreamMem, C: ChannelMem>(stream: &S, channels: &[Option<Chan<C>>]) {
     // Release pairs with the subscribers' Acquire load of the state in
     // `SubCore::empty`: every frame delivered before is visible with it.
     let state = &stream.header().control.state;
     for from in [STREAM_CLOSING, STREAM_ENDING] {
         if state.compare_exchange(from, STREAM_CLOSED, Release, Relaxed).is_ok() {
-            for ch in channels {
+            for ch in mapped(channels) {
                 wait::wake(&ch.header().waiting);
             }
             return;
         }
     }
+}
+
+/// Active subscriber `s`'s channel, which a writer always has.
+///
+/// # Panics
+/// If it has not: `sync_table_slow` makes only subscribers whose channel
+/// it has active, and drops channels only of subscribers it made inactive.
+#[inline]
+fn channel_of<C>(channels: &[Option<Chan<C>>], s: usize) -> &C {
+    match &channels[s] {
+        Some(chan) => &chan.map,
+        None => unreachable!("active subscriber #{s} without its channel"),
+    }
+}
+
+/// Subscriber `s`'s channel if it is active and the channel is its own.
+fn active_channel<'c, S: StreamMem, C>(stream: &S, channels: &'c [Option<Chan<C>>], s: usize) -> Option<&'c C> {
+    let cfg = &stream.record(s).config;
+    // Acquire pairs with the Release stores of the record's state (the owner's in
+    // `add`/`remove`/`release`, the writer's SUB_FREE after reclaiming).
+    if cfg.state.load(Acquire) != SUB_ACTIVE {
+        return None;
+    }
+    let generation = cfg.generation.load(Relaxed);
+    channels[s].as_ref().filter(|c| c.serves(generation)).map(|c| &c.map)
 }
 
 /// Reads subscriber `s`'s return ring into the free list.
@@ -989,14 +1150,19 @@ fn holds_frame<S: StreamMem>(stream: &S, s: usize, slot: u32, seq: u64) -> bool 
 ///   and only its bit or count may be missing. If any subscriber got it,
 ///   the frame is returned to be delivered to the rest; if none did, its
 ///   number is reused and its slot is free.
-pub(crate) fn repair<S: StreamMem, C: ChannelMem>(writer: &Writer, stream: &S, channels: &[C]) -> Option<Interrupted> {
+pub(crate) fn repair<S: StreamMem, C: ChannelMem>(
+    writer: &Writer,
+    stream: &S,
+    channels: &[Option<Chan<C>>],
+) -> Option<Interrupted> {
     let g = stream.layout().geometry;
     let cap = u64::from(g.queue_capacity);
-    for (s, channel) in channels.iter().enumerate() {
+    for s in 0..channels.len() {
         let cfg = &stream.record(s).config;
-        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.policy.load(Relaxed) != OverflowPolicy::KeepLatest as u32 {
+        if cfg.policy.load(Relaxed) != OverflowPolicy::KeepLatest as u32 {
             continue;
         }
+        let Some(channel) = active_channel(stream, channels, s) else { continue };
         let head = &channel.header().queue_head;
         // Acquire pairs with the subscriber's Release CAS on `queue_head`.
         let claimed = head.load(Acquire);

@@ -240,7 +240,7 @@ fn a_pending_close_comes_after_the_rolled_forward_frame() {
 #[test]
 fn dropped_loans_give_their_budget_back() {
     use crate::shm::{LoanError, StreamConfig, StreamSegment};
-    let seg = StreamSegment::create("review", &StreamConfig::new(8, 16)).unwrap();
+    let mut seg = StreamSegment::create("review", &StreamConfig::new(8, 16)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
     drop(publisher.loan().unwrap().detach());
     drop(publisher.loan().unwrap().detach());
