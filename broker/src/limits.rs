@@ -54,29 +54,44 @@ impl Budget {
 /// The broker's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Clients connected at once.
+    /// Most connections at once (past it, a Hello is refused).
     pub connections: u64,
-    /// Each client's.
+    /// What one client may hold.
     pub client: Budget,
-    /// Each user's (all its clients together).
+    /// What all clients of one user may hold together.
     pub user: Budget,
-    /// Everybody's together.
+    /// What all clients together may hold.
     pub broker: Budget,
+    /// The broker's descriptor limit and the system's limit on mappings
+    /// per process, which the default descriptor budgets follow.
+    fd_limit: u64,
+    map_limit: Option<u64>,
+    /// Descriptor budgets set explicitly (client, user, broker): kept when
+    /// `connections` changes.
+    descriptors_set: [bool; 3],
 }
 
 impl Default for Limits {
     /// 1,024 connections; per client 1,024 streams, 4,096 subscriptions,
     /// 1,024 waits, a quarter of the machine's memory and a quarter of the
     /// descriptors for streams; per user and for the broker four times as
-    /// many, half the memory and all those descriptors: the process's
-    /// descriptor limit (raised to its hard limit here) less two per
-    /// connection and 256 to spare.
+    /// many, half the memory and all those descriptors (see
+    /// `descriptor_budget`: the process's descriptor limit, raised to its
+    /// hard limit here, less what connections need, within
+    /// `vm.max_map_count`).
     fn default() -> Self {
-        let memory = physical_memory();
-        let connections = 1024;
         platform::raise_fd_limit();
         let (_, fd_limit) = platform::descriptors_in_use();
-        let descriptors = fd_limit.saturating_sub(2 * connections + 256);
+        Self::for_machine(physical_memory(), fd_limit, platform::mapping_limit())
+    }
+}
+
+impl Limits {
+    /// The defaults for a machine of `memory` bytes, a descriptor limit of
+    /// `fd_limit` and at most `map_limit` mappings per process.
+    pub fn for_machine(memory: u64, fd_limit: u64, map_limit: Option<u64>) -> Self {
+        let connections = 1024;
+        let descriptors = descriptor_budget(fd_limit, map_limit, connections);
         let client = Budget {
             streams: 1024,
             subscriptions: 4096,
@@ -85,8 +100,19 @@ impl Default for Limits {
             descriptors: descriptors / 4,
         };
         let user = Budget { streams: 4096, subscriptions: 16384, waits: 4096, memory: memory / 2, descriptors };
-        Self { connections, client, user, broker: user }
+        Self { connections, client, user, broker: user, fd_limit, map_limit, descriptors_set: [false; 3] }
     }
+}
+
+/// Descriptors for streams, of `fd_limit`: what is left after a socket and
+/// a pidfd per connection and 256 for the rest (at most half the limit,
+/// so a small limit still leaves room for streams), and no more than the
+/// mappings a process may have (each such descriptor is one mapping too),
+/// less 1,024 for the program's own.
+fn descriptor_budget(fd_limit: u64, map_limit: Option<u64>, connections: u64) -> u64 {
+    let reserve = connections.saturating_mul(2).saturating_add(256).min(fd_limit / 2);
+    let fds = fd_limit.saturating_sub(reserve);
+    map_limit.map_or(fds, |maps| fds.min(maps.saturating_sub(1024)))
 }
 
 /// Why a `--limit` setting was refused.
@@ -118,14 +144,28 @@ impl Limits {
         let (key, value) = spec.split_once('=').ok_or_else(unknown)?;
         let parsed = parse_amount(value.trim())
             .ok_or_else(|| LimitSpecError::BadValue { key: key.to_owned(), value: value.to_owned() })?;
-        let slot = match key.trim().split_once('.') {
-            None if key.trim() == "connections" => &mut self.connections,
-            Some(("client", field)) => self.client.field(field).ok_or_else(unknown)?,
-            Some(("user", field)) => self.user.field(field).ok_or_else(unknown)?,
-            Some(("broker", field)) => self.broker.field(field).ok_or_else(unknown)?,
-            _ => return Err(unknown()),
-        };
-        *slot = parsed;
+        let key = key.trim();
+        if key == "connections" {
+            self.connections = parsed;
+            // Their descriptors come out of the streams' budgets.
+            let descriptors = descriptor_budget(self.fd_limit, self.map_limit, parsed);
+            let defaults = [descriptors / 4, descriptors, descriptors];
+            for ((budget, set), default) in
+                [&mut self.client, &mut self.user, &mut self.broker].into_iter().zip(self.descriptors_set).zip(defaults)
+            {
+                if !set {
+                    budget.descriptors = default;
+                }
+            }
+            return Ok(());
+        }
+        let (scope, field) = key.split_once('.').ok_or_else(unknown)?;
+        let at = ["client", "user", "broker"].iter().position(|s| *s == scope).ok_or_else(unknown)?;
+        let budget = [&mut self.client, &mut self.user, &mut self.broker].into_iter().nth(at).expect("three scopes");
+        *budget.field(field).ok_or_else(unknown)? = parsed;
+        if field == "descriptors" {
+            self.descriptors_set[at] = true;
+        }
         Ok(())
     }
 
@@ -193,6 +233,28 @@ mod tests {
         assert!(matches!(limits.set("client.bogus=1"), Err(LimitSpecError::UnknownKey(_))));
         assert!(matches!(limits.set("streams"), Err(LimitSpecError::UnknownKey(_))));
         assert!(matches!(limits.set("client.streams=lots"), Err(LimitSpecError::BadValue { .. })));
+    }
+
+    /// Review finding: the default descriptor budget was 0 under a limit
+    /// of 2,304 or less (two per connection and 256 came off first), was
+    /// not recomputed when `connections` was set, and ignored the limit
+    /// on mappings.
+    #[test]
+    fn descriptor_budgets_follow_the_limits_they_come_from() {
+        // A small limit still leaves half for streams.
+        let small = Limits::for_machine(8 << 30, 1024, Some(65530));
+        assert_eq!((small.client.descriptors, small.user.descriptors), (128, 512));
+        // Fewer connections leave more for streams, unless set explicitly.
+        let mut limits = Limits::for_machine(8 << 30, 20_000, Some(65530));
+        assert_eq!(limits.user.descriptors, 20_000 - 2 * 1024 - 256);
+        limits.set("client.descriptors=99").unwrap();
+        limits.set("connections=64").unwrap();
+        assert_eq!(limits.user.descriptors, 20_000 - 2 * 64 - 256);
+        assert_eq!(limits.broker.descriptors, 20_000 - 2 * 64 - 256);
+        assert_eq!(limits.client.descriptors, 99, "set explicitly: kept");
+        // A million descriptors, but 65,530 mappings: the mappings bind.
+        let many = Limits::for_machine(8 << 30, 1 << 20, Some(65530));
+        assert_eq!(many.broker.descriptors, 65530 - 1024);
     }
 
     #[test]

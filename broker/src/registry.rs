@@ -326,6 +326,11 @@ impl Registry {
         Self { limits, ..Self::default() }
     }
 
+    /// The cap on connections.
+    pub fn connection_cap(&self) -> u64 {
+        self.limits.connections
+    }
+
     /// Refuses a handshake past the cap on connections.
     ///
     /// # Errors

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -33,6 +33,12 @@ const QUEUE_PER_CLIENT: usize = 1024;
 const CLOSE_GRACE: Duration = Duration::from_millis(100);
 /// How long a new connection may take to say Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections past the cap that are still let in to hear a refusal at
+/// their Hello (each holds a socket for at most [`HANDSHAKE_TIMEOUT`]);
+/// past those, a connection is closed as it is accepted, so a flood of
+/// connections that never say Hello cannot take the broker's descriptors.
+const UNGREETED_SLACK: u64 = 64;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +105,16 @@ pub struct Options {
 struct ConnHandle {
     tx: mpsc::Sender<Outgoing>,
     kill: Arc<Notify>,
+    /// Descriptors queued for it and not written yet.
+    queued_fds: Arc<AtomicUsize>,
 }
+
+/// Most descriptors queued for one connection: a client that asks for
+/// more without reading its replies (say, a Publish of a stream with many
+/// subscribers, over and over) is dropped, as one whose queue is full,
+/// rather than allowed to fill the broker's descriptor table with them.
+/// (A reply carries at most `MAX_FDS_PER_MESSAGE`.)
+const MAX_QUEUED_FDS: usize = 2048;
 
 #[derive(Debug)]
 struct Broker {
@@ -129,6 +144,12 @@ impl Broker {
         for o in out {
             let Some(handle) = conns.get(&o.conn) else { continue };
             let (conn, is_event) = (o.conn, matches!(o.message, ServerMessage::Event(_)));
+            let fds = o.fds.len();
+            if fds > 0 && handle.queued_fds.fetch_add(fds, Ordering::Relaxed) + fds > MAX_QUEUED_FDS {
+                tracing::warn!(conn, "client does not read the descriptors sent to it: dropping it");
+                handle.kill.notify_one();
+                continue;
+            }
             match handle.tx.try_send(o) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) if is_event => {
@@ -353,6 +374,12 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
         Ok(s) => s,
         Err(e) => return tracing::warn!("cannot take the connection's socket: {e}"),
     };
+    let cap = lock(&broker.registry).connection_cap();
+    let open = lock(&broker.conns).len() as u64;
+    if open >= cap.saturating_add(UNGREETED_SLACK) {
+        tracing::warn!(open, cap, "too many connections: one closed as it came");
+        return;
+    }
     let socket = match socket.set_nonblocking(true).and_then(|()| UnixStream::from_std(socket)) {
         Ok(s) => Arc::new(s),
         Err(e) => return tracing::warn!("cannot register the connection: {e}"),
@@ -369,8 +396,9 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     let conn = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(QUEUE_PER_CLIENT);
     let kill = Arc::new(Notify::new());
-    lock(&broker.conns).insert(conn, ConnHandle { tx, kill: kill.clone() });
-    let writer = tokio::spawn(write_loop(socket.clone(), rx, kill.clone()));
+    let queued_fds = Arc::new(AtomicUsize::new(0));
+    lock(&broker.conns).insert(conn, ConnHandle { tx, kill: kill.clone(), queued_fds: queued_fds.clone() });
+    let writer = tokio::spawn(write_loop(socket.clone(), rx, kill.clone(), queued_fds));
     tracing::debug!(conn, pid, uid, "client connected");
 
     let reason = tokio::select! {
@@ -545,9 +573,16 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
 }
 
 /// Writes queued messages, descriptors attached to their frame's first byte.
-async fn write_loop(socket: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>, kill: Arc<Notify>) {
+async fn write_loop(
+    socket: Arc<UnixStream>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    kill: Arc<Notify>,
+    queued_fds: Arc<AtomicUsize>,
+) {
     let mut writer = FrameWriter::new();
     while let Some(out) = rx.recv().await {
+        // Taken off the queue: the writer holds them until they are written.
+        queued_fds.fetch_sub(out.fds.len(), Ordering::Relaxed);
         if let Err(e) = writer.start(&out.message, out.fds) {
             tracing::error!("cannot encode a message: {e}");
             let ServerMessage::Reply { id, .. } = out.message else { continue };

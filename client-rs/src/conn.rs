@@ -233,9 +233,7 @@ impl Conn {
             lock(&self.shared.pending).remove(&id);
             return Err(e);
         }
-        let got = wait_reply(&rx, timeout);
-        lock(&self.shared.pending).remove(&id);
-        match got {
+        match collect_reply(&self.shared, id, &rx, timeout) {
             Ok((ServerMessage::Reply { result, .. }, fds)) => Ok((result?, fds)),
             Ok(_) => Err(ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected: "request's" })),
             Err(WaitError::Timeout) => Err(ClientError::Timeout(timeout.unwrap_or_default())),
@@ -326,6 +324,24 @@ fn connect_socket(path: &Path) -> io::Result<UnixStream> {
 enum WaitError {
     Timeout,
     Gone,
+}
+
+/// Waits for the reply to request `id` and withdraws the request.
+fn collect_reply(
+    shared: &Shared,
+    id: u64,
+    rx: &Receiver<Delivery>,
+    timeout: Option<Duration>,
+) -> Result<Delivery, WaitError> {
+    let got = wait_reply(rx, timeout);
+    if lock(&shared.pending).remove(&id).is_none() && matches!(got, Err(WaitError::Timeout)) {
+        // The reader took the entry just as we gave up: its reply is on its
+        // way (or the connection ended). Take it rather than lose it — a
+        // lost Subscribed or Published would hold its grant at the broker
+        // for the whole lease.
+        return rx.recv().map_err(|_| WaitError::Gone);
+    }
+    got
 }
 
 fn wait_reply(rx: &Receiver<Delivery>, timeout: Option<Duration>) -> Result<Delivery, WaitError> {
@@ -466,5 +482,29 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                 other => tracing::debug!(?other, "unknown message from the broker"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding: a reply the reader had taken off the table just as
+    /// the request timed out was lost (and with it a grant the broker then
+    /// held for the lease). It is taken, however late it comes.
+    #[test]
+    fn a_reply_taken_by_the_reader_as_the_request_times_out_is_not_lost() {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = sync_channel(1);
+        lock(&shared.pending).insert(7, tx);
+        // The reader's two steps, with the request's timeout between them.
+        let tx = lock(&shared.pending).remove(&7).expect("waiting");
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = tx.try_send((ServerMessage::Reply { id: 7, result: Ok(Reply::Done) }, Vec::new()));
+        });
+        let got = collect_reply(&shared, 7, &rx, Some(Duration::from_millis(1)));
+        reader.join().unwrap();
+        assert!(matches!(got, Ok((ServerMessage::Reply { id: 7, result: Ok(Reply::Done) }, _))));
     }
 }

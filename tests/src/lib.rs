@@ -454,6 +454,11 @@ impl RawConn {
         }
     }
 
+    /// The socket itself, to read raw bytes from.
+    pub fn into_socket(self) -> std::os::unix::net::UnixStream {
+        self.socket
+    }
+
     /// Leaves the channels of joining subscribers unanswered (see
     /// [`ask`](Self::ask)), as a publisher's client that hangs would.
     pub fn ignore_channels(&mut self) {

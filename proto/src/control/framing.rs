@@ -20,18 +20,29 @@ use super::{ClientMessage, FrameError, MAX_FRAME_LEN, ServerMessage, encode};
 
 /// A message that may carry descriptors.
 pub trait Framed: DeserializeOwned {
+    /// Most descriptors a reader holds for frames still coming: past it,
+    /// what came is closed at once and the stream is refused
+    /// ([`FrameError::StrayDescriptors`]).
+    const MAX_PENDING_FDS: usize;
     /// How many descriptors travel with this message.
     fn fd_count(&self) -> usize;
 }
 
 impl Framed for ClientMessage {
-    /// Clients send none.
+    /// Clients send none: a descriptor from one is closed as it comes, so
+    /// a client cannot fill the broker's table by sending descriptors with
+    /// a frame it never finishes.
+    const MAX_PENDING_FDS: usize = 0;
+
     fn fd_count(&self) -> usize {
         0
     }
 }
 
 impl Framed for ServerMessage {
+    /// The broker is trusted; a read brings a few frames' at most.
+    const MAX_PENDING_FDS: usize = usize::MAX;
+
     fn fd_count(&self) -> usize {
         ServerMessage::fd_count(self)
     }
@@ -47,6 +58,9 @@ pub struct FrameReader<T> {
     /// Where the undecoded bytes start in `buf`.
     start: usize,
     fds: VecDeque<OwnedFd>,
+    /// Descriptors closed for passing [`Framed::MAX_PENDING_FDS`]: the
+    /// stream is refused.
+    refused: Option<usize>,
     _message: PhantomData<fn() -> T>,
 }
 
@@ -59,7 +73,7 @@ impl<T: Framed> Default for FrameReader<T> {
 impl<T: Framed> FrameReader<T> {
     /// An empty reader.
     pub fn new() -> Self {
-        Self { buf: Vec::with_capacity(CHUNK), start: 0, fds: VecDeque::new(), _message: PhantomData }
+        Self { buf: Vec::with_capacity(CHUNK), start: 0, fds: VecDeque::new(), refused: None, _message: PhantomData }
     }
 
     /// Reads once with `read`, which fills the buffer it is given and
@@ -78,6 +92,10 @@ impl<T: Framed> FrameReader<T> {
         let mut fds = Vec::new();
         let result = read(&mut self.buf[old..], &mut fds);
         self.fds.extend(fds);
+        if self.fds.len() > T::MAX_PENDING_FDS {
+            *self.refused.get_or_insert(0) += self.fds.len();
+            self.fds.clear(); // closed now, not when a frame completes
+        }
         let n = *result.as_ref().unwrap_or(&0);
         self.buf.truncate(old + n.min(CHUNK));
         result
@@ -104,6 +122,9 @@ impl<T: Framed> FrameReader<T> {
     /// whose descriptors did not come, descriptors no message claims. The
     /// connection cannot be trusted after that.
     pub fn next_message(&mut self) -> Result<Option<(T, Vec<OwnedFd>)>, FrameError> {
+        if let Some(n) = self.refused {
+            return Err(FrameError::StrayDescriptors(n));
+        }
         let pending = &self.buf[self.start..];
         let Some(prefix) = pending.first_chunk::<4>() else { return self.none_complete(pending.len()) };
         let len = u32::from_le_bytes(*prefix);
@@ -296,6 +317,30 @@ mod tests {
                 Ok(0)
             })
             .unwrap();
+        assert!(matches!(reader.next_message(), Err(FrameError::StrayDescriptors(1))));
+    }
+
+    /// Review finding: a client that sends descriptors with the first
+    /// bytes of a frame it never finishes had them held until the frame
+    /// came: a way to fill the broker's descriptor table. They are closed
+    /// as they come, and the stream refused.
+    #[test]
+    fn a_client_s_descriptors_are_closed_as_they_come() {
+        use std::io::Read;
+        // The descriptor passed is one end of a pair, its only handle: the
+        // other end reads the end of the stream once it is closed.
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut reader = FrameReader::<ClientMessage>::new();
+        let mut a = Some(a);
+        reader
+            .fill(|buf, fds| {
+                fds.push(OwnedFd::from(a.take().unwrap()));
+                buf[..2].copy_from_slice(&[9, 0]); // half a length prefix
+                Ok(2)
+            })
+            .unwrap();
+        assert_eq!(b.read(&mut [0; 1]).unwrap(), 0, "closed at once, though its frame has only begun");
         assert!(matches!(reader.next_message(), Err(FrameError::StrayDescriptors(1))));
     }
 

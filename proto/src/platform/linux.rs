@@ -303,6 +303,12 @@ pub fn descriptors_in_use() -> (u64, u64) {
     (open.saturating_sub(1), limit)
 }
 
+/// The most memory mappings a process may have (`vm.max_map_count`), if
+/// it can be read.
+pub fn mapping_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+}
+
 /// Raises this process's limit on open descriptors to its hard limit.
 pub fn raise_fd_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};
