@@ -1,0 +1,321 @@
+//! The memsock client as a C library: `libmemsock.so` (soname
+//! `libmemsock.so.0`) and `libmemsock.a`, declared in
+//! `client-c/include/memsock.h` (generated from this crate by cbindgen and
+//! committed, so C users never need cbindgen).
+//!
+//! # Conventions
+//! - Every name starts with `memsock_`; handles are opaque pointers.
+//! - Every fallible function returns a [`memsock_status`]: `MEMSOCK_OK` (0)
+//!   or what went wrong; [`memsock_last_error`] then gives the reason (the
+//!   broker's own, where it refused), per thread.
+//! - NULL or otherwise bad arguments give `MEMSOCK_INVALID_ARGUMENT`, never
+//!   a crash; no Rust panic crosses into C (one becomes
+//!   `MEMSOCK_INTERNAL`).
+//!
+//! # Map
+//! - this module: status codes, the last error, version, connecting, stats
+//!   and closing streams.
+
+#![allow(non_camel_case_types)] // C names, as C users write them
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use memsock_rs::control::ControlError;
+use memsock_rs::{Client, ClientError};
+
+/// What came of a call. `MEMSOCK_OK` is 0; every other value names what
+/// went wrong, and `memsock_last_error()` says more.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum memsock_status {
+    /// Done.
+    MEMSOCK_OK = 0,
+    /// The timeout passed first.
+    MEMSOCK_TIMEOUT = 1,
+    /// Not now: a lossless subscriber has no room (try again), or nothing
+    /// to receive yet.
+    MEMSOCK_WOULD_BLOCK = 2,
+    /// `memsock_subscriber_interrupt` was called.
+    MEMSOCK_INTERRUPTED = 3,
+    /// The stream's publisher went away (the stream stays for another).
+    MEMSOCK_PUBLISHER_GONE = 4,
+    /// A publisher came back to the stream.
+    MEMSOCK_PUBLISHER_BACK = 5,
+    /// The stream was closed.
+    MEMSOCK_CLOSED = 6,
+    /// The broker refused the request (the last error says why).
+    MEMSOCK_REFUSED = 7,
+    /// No stream of that name.
+    MEMSOCK_NO_SUCH_STREAM = 8,
+    /// A NULL or otherwise invalid argument.
+    MEMSOCK_INVALID_ARGUMENT = 9,
+    /// The connection to the broker is gone.
+    MEMSOCK_DISCONNECTED = 10,
+    /// No broker answers at the socket (or it admits no one of this user).
+    MEMSOCK_BROKER_UNREACHABLE = 11,
+    /// A limit of the broker was reached (the last error names it).
+    MEMSOCK_LIMIT_REACHED = 12,
+    /// The stream's shared memory could not be opened or mapped.
+    MEMSOCK_SHARED_MEMORY = 13,
+    /// A bug in libmemsock (a panic, caught): please report it.
+    MEMSOCK_INTERNAL = 14,
+}
+
+use memsock_status::*;
+
+/// A failure on its way to C: its status and its message.
+#[derive(Debug)]
+struct Failure {
+    status: memsock_status,
+    message: String,
+}
+
+impl Failure {
+    fn invalid(what: &str) -> Self {
+        Self { status: MEMSOCK_INVALID_ARGUMENT, message: what.to_owned() }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let status = match &e {
+            ClientError::Connect { .. } | ClientError::PermissionDenied { .. } => MEMSOCK_BROKER_UNREACHABLE,
+            ClientError::Disconnected(_) | ClientError::Protocol(_) => MEMSOCK_DISCONNECTED,
+            ClientError::Timeout(_) => MEMSOCK_TIMEOUT,
+            ClientError::OpenPublisher(_) | ClientError::OpenSubscriber(_) => MEMSOCK_SHARED_MEMORY,
+            ClientError::Refused(refusal) => match refusal {
+                ControlError::NoSuchStream(_) => MEMSOCK_NO_SUCH_STREAM,
+                ControlError::StreamClosed(_) => MEMSOCK_CLOSED,
+                ControlError::InvalidName(_) | ControlError::InvalidConfig(_) => MEMSOCK_INVALID_ARGUMENT,
+                ControlError::LimitReached { .. } => MEMSOCK_LIMIT_REACHED,
+                _ => MEMSOCK_REFUSED,
+            },
+            _ => MEMSOCK_INTERNAL,
+        };
+        Self { status, message: e.to_string() }
+    }
+}
+
+thread_local! {
+    /// The last failure's message on this thread.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    // A message with a NUL in it is cut there.
+    let message = message.split('\0').next().unwrap_or_default();
+    let message = CString::new(message).unwrap_or_default();
+    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+}
+
+/// Runs `f` for C: its failure becomes a status and the last error, and a
+/// panic `MEMSOCK_INTERNAL` (it must not unwind into C).
+fn guard(f: impl FnOnce() -> Result<(), Failure>) -> memsock_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => MEMSOCK_OK,
+        Ok(Err(failure)) => {
+            set_last_error(&failure.message);
+            failure.status
+        }
+        Err(_) => {
+            set_last_error("internal error: libmemsock panicked (please report it)");
+            MEMSOCK_INTERNAL
+        }
+    }
+}
+
+/// A C string argument as UTF-8; `what` names it in the error.
+///
+/// # Safety
+/// `s` is NULL or points to a NUL-terminated string that lives as long as
+/// the borrow.
+unsafe fn text<'a>(s: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    if s.is_null() {
+        return Err(Failure::invalid(&format!("{what} is NULL")));
+    }
+    // SAFETY: not NULL, and NUL-terminated by the caller's contract.
+    let s = unsafe { CStr::from_ptr(s) };
+    s.to_str().map_err(|_| Failure::invalid(&format!("{what} is not UTF-8")))
+}
+
+/// A connection to the broker: the lease of everything opened through it.
+///
+/// Thread-safety: may be shared between threads (every call on it is
+/// safe from any thread); free it once, after every publisher and
+/// subscriber made through it.
+#[derive(Debug)]
+pub struct memsock_client {
+    inner: Client,
+}
+
+/// The library's version, `"MAJOR.MINOR.PATCH"` (static storage).
+#[unsafe(no_mangle)]
+pub extern "C" fn memsock_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// A short fixed description of `status`, a `memsock_status` (static
+/// storage; "unknown status" for a number that is none: taken as an `int`
+/// so that any number is safe to pass).
+#[unsafe(no_mangle)]
+pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
+    const ALL: [memsock_status; 15] = [
+        MEMSOCK_OK,
+        MEMSOCK_TIMEOUT,
+        MEMSOCK_WOULD_BLOCK,
+        MEMSOCK_INTERRUPTED,
+        MEMSOCK_PUBLISHER_GONE,
+        MEMSOCK_PUBLISHER_BACK,
+        MEMSOCK_CLOSED,
+        MEMSOCK_REFUSED,
+        MEMSOCK_NO_SUCH_STREAM,
+        MEMSOCK_INVALID_ARGUMENT,
+        MEMSOCK_DISCONNECTED,
+        MEMSOCK_BROKER_UNREACHABLE,
+        MEMSOCK_LIMIT_REACHED,
+        MEMSOCK_SHARED_MEMORY,
+        MEMSOCK_INTERNAL,
+    ];
+    let Some(&status) = ALL.iter().find(|&&s| s as c_int == status) else {
+        return c"unknown status".as_ptr();
+    };
+    let text: &'static str = match status {
+        MEMSOCK_OK => "ok\0",
+        MEMSOCK_TIMEOUT => "timed out\0",
+        MEMSOCK_WOULD_BLOCK => "would block\0",
+        MEMSOCK_INTERRUPTED => "interrupted\0",
+        MEMSOCK_PUBLISHER_GONE => "the publisher is gone\0",
+        MEMSOCK_PUBLISHER_BACK => "a publisher is back\0",
+        MEMSOCK_CLOSED => "the stream is closed\0",
+        MEMSOCK_REFUSED => "refused by the broker\0",
+        MEMSOCK_NO_SUCH_STREAM => "no such stream\0",
+        MEMSOCK_INVALID_ARGUMENT => "invalid argument\0",
+        MEMSOCK_DISCONNECTED => "disconnected from the broker\0",
+        MEMSOCK_BROKER_UNREACHABLE => "the broker is unreachable\0",
+        MEMSOCK_LIMIT_REACHED => "a limit of the broker was reached\0",
+        MEMSOCK_SHARED_MEMORY => "cannot open the stream's shared memory\0",
+        MEMSOCK_INTERNAL => "internal error\0",
+    };
+    text.as_ptr().cast()
+}
+
+/// The message of the last failure on this thread ("" if none yet). Valid
+/// until the next failing call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn memsock_last_error() -> *const c_char {
+    LAST_ERROR.with(|last| last.borrow().as_ptr())
+}
+
+/// Connects to the broker at `socket_path_or_null` (NULL: `$MEMSOCK_SOCKET`,
+/// else the default path) and stores the client in `*out`.
+///
+/// # Safety
+/// `socket_path_or_null` is NULL or a NUL-terminated string; `out` is NULL
+/// (refused) or points to writable storage for a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_connect(
+    socket_path_or_null: *const c_char,
+    out: *mut *mut memsock_client,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        let client = if socket_path_or_null.is_null() {
+            Client::connect()?
+        } else {
+            // SAFETY: not NULL; NUL-terminated by the contract.
+            Client::connect_to(unsafe { text(socket_path_or_null, "socket_path_or_null") }?)?
+        };
+        let client = Box::into_raw(Box::new(memsock_client { inner: client }));
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { out.write(client) };
+        Ok(())
+    })
+}
+
+/// Ends the connection (and the lease of whatever was opened through it).
+/// NULL is ignored.
+///
+/// # Safety
+/// `client` is NULL or was returned by `memsock_connect` and not freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_client_free(client: *mut memsock_client) {
+    if !client.is_null() {
+        // SAFETY: it came from `Box::into_raw` in `memsock_connect`, once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(client) })));
+    }
+}
+
+/// The client behind a handle.
+///
+/// # Safety
+/// `client` is NULL or a live handle from `memsock_connect`.
+unsafe fn client_ref<'a>(client: *const memsock_client) -> Result<&'a Client, Failure> {
+    // SAFETY: NULL or live, by the caller's contract.
+    unsafe { client.as_ref() }.map(|c| &c.inner).ok_or_else(|| Failure::invalid("client is NULL"))
+}
+
+/// Closes stream `name` for good: its publisher's next send fails and its
+/// subscribers get `MEMSOCK_CLOSED` after the frames already sent.
+///
+/// # Safety
+/// `client` is NULL or a live handle; `name` NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_close_stream(client: *const memsock_client, name: *const c_char) -> memsock_status {
+    guard(|| {
+        // SAFETY: by the contract.
+        let (client, name) = unsafe { (client_ref(client)?, text(name, "name")?) };
+        Ok(client.close_stream(name)?)
+    })
+}
+
+/// The broker's statistics as one JSON document (what `memsock stats
+/// --json` prints), of every stream or of `stream_or_null` only, in a
+/// string to free with `memsock_string_free`.
+///
+/// # Safety
+/// `client` is NULL or a live handle; `stream_or_null` NULL or a
+/// NUL-terminated string; `out` NULL (refused) or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_stats_json(
+    client: *const memsock_client,
+    stream_or_null: *const c_char,
+    out: *mut *mut c_char,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        // SAFETY: by the contract.
+        let client = unsafe { client_ref(client)? };
+        let stream = if stream_or_null.is_null() {
+            None
+        } else {
+            // SAFETY: not NULL; NUL-terminated by the contract.
+            Some(unsafe { text(stream_or_null, "stream_or_null")? })
+        };
+        let report = client.stats(stream)?;
+        let json = serde_json::to_string(&report)
+            .map_err(|e| Failure { status: MEMSOCK_INTERNAL, message: format!("encoding stats: {e}") })?;
+        let json = CString::new(json)
+            .map_err(|_| Failure { status: MEMSOCK_INTERNAL, message: "stats hold a NUL byte".into() })?;
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { out.write(json.into_raw()) };
+        Ok(())
+    })
+}
+
+/// Frees a string this library returned. NULL is ignored.
+///
+/// # Safety
+/// `s` is NULL or a string from this library, not freed yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: it came from `CString::into_raw` here, once.
+        drop(unsafe { CString::from_raw(s) });
+    }
+}
