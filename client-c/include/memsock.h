@@ -89,6 +89,55 @@ typedef enum memsock_status {
  */
 typedef struct memsock_client memsock_client;
 
+/**
+ * The publishing end of a stream, with its current loan.
+ *
+ * Thread-safety: use it from one thread at a time (it may move between
+ * threads); free it before its client.
+ */
+typedef struct memsock_publisher memsock_publisher;
+
+/**
+ * How to create a stream: fill it with `memsock_stream_config_init`,
+ * then change what you need. `size` is the struct's size as your header
+ * has it (set by the init function): a later library that grows the
+ * struct reads only what your program knows.
+ */
+typedef struct memsock_stream_config {
+  /**
+   * `sizeof(memsock_stream_config)`, set by `memsock_stream_config_init`.
+   */
+  size_t size;
+  /**
+   * Bytes per slot: the largest frame.
+   */
+  uint32_t slot_size;
+  /**
+   * Slots in the pool.
+   */
+  uint32_t slot_count;
+  /**
+   * Most subscribers at once.
+   */
+  uint32_t max_subscribers;
+  /**
+   * Lock the segment in memory (`mlock`) in every process that maps it.
+   */
+  bool mlock;
+  /**
+   * Back the pool with 2 MiB huge pages if the system has them.
+   */
+  bool huge_pages;
+  /**
+   * Fault every page in when mapping.
+   */
+  bool prefault;
+  /**
+   * Stamp every frame with its send time.
+   */
+  bool timestamps;
+} memsock_stream_config;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -159,6 +208,95 @@ enum memsock_status memsock_stats_json(const struct memsock_client *client,
  * `s` is NULL or a string from this library, not freed yet.
  */
 void memsock_string_free(char *s);
+
+/**
+ * Fills `config` with the defaults (4,096-byte slots, 16 of them, up to
+ * 32 subscribers, pre-faulted, time-stamped) and its size.
+ *
+ * # Safety
+ * `config` is NULL (refused) or points to a `memsock_stream_config`.
+ */
+enum memsock_status memsock_stream_config_init(struct memsock_stream_config *config);
+
+/**
+ * Becomes the publisher of stream `name`, creating it with `config` (or
+ * taking it over, same geometry, if its publisher is gone).
+ *
+ * # Safety
+ * `client` NULL or live; `name` NULL or NUL-terminated; `config` NULL or a
+ * `memsock_stream_config`; `out` NULL (refused) or writable.
+ */
+enum memsock_status memsock_publisher_create(const struct memsock_client *client,
+                                             const char *name,
+                                             const struct memsock_stream_config *config,
+                                             struct memsock_publisher **out);
+
+/**
+ * Loans a slot to write the next frame in place: `*data` gets its
+ * address, `*capacity` its size. The loan stays current until sent
+ * (`memsock_publisher_send`) or discarded; loaning again meanwhile gives
+ * the same slot.
+ *
+ * # Safety
+ * `publisher` NULL or live (this thread's); `data` and `capacity` NULL
+ * (refused) or writable.
+ */
+enum memsock_status memsock_publisher_loan(struct memsock_publisher *publisher,
+                                           void **data,
+                                           size_t *capacity);
+
+/**
+ * Sends the first `len` bytes of the current loan without waiting: a
+ * full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`, the loan staying
+ * current.
+ *
+ * # Safety
+ * `publisher` NULL or live (this thread's).
+ */
+enum memsock_status memsock_publisher_send(struct memsock_publisher *publisher, size_t len);
+
+/**
+ * As `memsock_publisher_send`, waiting at most `timeout_ns` for room
+ * (negative: forever); `MEMSOCK_TIMEOUT` leaves the loan current.
+ *
+ * # Safety
+ * `publisher` NULL or live (this thread's).
+ */
+enum memsock_status memsock_publisher_send_timeout(struct memsock_publisher *publisher,
+                                                   size_t len,
+                                                   int64_t timeout_ns);
+
+/**
+ * Drops the current loan unsent (nothing if there is none).
+ *
+ * # Safety
+ * `publisher` NULL or live (this thread's).
+ */
+enum memsock_status memsock_publisher_discard(struct memsock_publisher *publisher);
+
+/**
+ * Copies `len` bytes into a slot and sends them, waiting at most
+ * `timeout_ns` for room (negative: forever; 0: not at all). A current
+ * loan is left as it is.
+ *
+ * # Safety
+ * `publisher` NULL or live (this thread's); `bytes` NULL only if `len`
+ * is 0, else `len` readable bytes.
+ */
+enum memsock_status memsock_publisher_send_copy(struct memsock_publisher *publisher,
+                                                const void *bytes,
+                                                size_t len,
+                                                int64_t timeout_ns);
+
+/**
+ * Stops publishing: the stream stays, for another publisher. Drops a
+ * current loan. NULL is ignored.
+ *
+ * # Safety
+ * `publisher` NULL or a live handle from `memsock_publisher_create`, not
+ * freed yet.
+ */
+void memsock_publisher_free(struct memsock_publisher *publisher);
 
 #ifdef __cplusplus
 }  // extern "C"

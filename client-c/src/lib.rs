@@ -19,11 +19,12 @@
 #![allow(non_camel_case_types)] // C names, as C users write them
 
 use std::cell::RefCell;
-use std::ffi::{CStr, CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
 
 use memsock_rs::control::ControlError;
-use memsock_rs::{Client, ClientError};
+use memsock_rs::{Client, ClientError, Publisher, StreamConfig, shm};
 
 /// What came of a call. `MEMSOCK_OK` is 0; every other value names what
 /// went wrong, and `memsock_last_error()` says more.
@@ -317,5 +318,321 @@ pub unsafe extern "C" fn memsock_string_free(s: *mut c_char) {
     if !s.is_null() {
         // SAFETY: it came from `CString::into_raw` here, once.
         drop(unsafe { CString::from_raw(s) });
+    }
+}
+
+/// How to create a stream: fill it with `memsock_stream_config_init`,
+/// then change what you need. `size` is the struct's size as your header
+/// has it (set by the init function): a later library that grows the
+/// struct reads only what your program knows.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct memsock_stream_config {
+    /// `sizeof(memsock_stream_config)`, set by `memsock_stream_config_init`.
+    pub size: usize,
+    /// Bytes per slot: the largest frame.
+    pub slot_size: u32,
+    /// Slots in the pool.
+    pub slot_count: u32,
+    /// Most subscribers at once.
+    pub max_subscribers: u32,
+    /// Lock the segment in memory (`mlock`) in every process that maps it.
+    pub mlock: bool,
+    /// Back the pool with 2 MiB huge pages if the system has them.
+    pub huge_pages: bool,
+    /// Fault every page in when mapping.
+    pub prefault: bool,
+    /// Stamp every frame with its send time.
+    pub timestamps: bool,
+}
+
+/// Fills `config` with the defaults (4,096-byte slots, 16 of them, up to
+/// 32 subscribers, pre-faulted, time-stamped) and its size.
+///
+/// # Safety
+/// `config` is NULL (refused) or points to a `memsock_stream_config`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_stream_config_init(config: *mut memsock_stream_config) -> memsock_status {
+    guard(|| {
+        if config.is_null() {
+            return Err(Failure::invalid("config is NULL"));
+        }
+        let d = StreamConfig::new(4096, 16);
+        let c = memsock_stream_config {
+            size: std::mem::size_of::<memsock_stream_config>(),
+            slot_size: d.slot_size,
+            slot_count: d.slot_count,
+            max_subscribers: d.max_subscribers,
+            mlock: d.mlock,
+            huge_pages: d.huge_pages,
+            prefault: d.prefault,
+            timestamps: d.timestamps,
+        };
+        // SAFETY: not NULL, and a `memsock_stream_config` by the contract.
+        unsafe { config.write(c) };
+        Ok(())
+    })
+}
+
+/// A stream's configuration from C.
+///
+/// # Safety
+/// `config` is NULL or points to a `memsock_stream_config`.
+unsafe fn stream_config(config: *const memsock_stream_config) -> Result<StreamConfig, Failure> {
+    // SAFETY: NULL or valid, by the contract.
+    let c = unsafe { config.as_ref() }.ok_or_else(|| Failure::invalid("config is NULL"))?;
+    if c.size != std::mem::size_of::<memsock_stream_config>() {
+        return Err(Failure::invalid(&format!(
+            "config.size is {}, not {}: fill it with memsock_stream_config_init",
+            c.size,
+            std::mem::size_of::<memsock_stream_config>()
+        )));
+    }
+    let mut config = StreamConfig::new(c.slot_size, c.slot_count);
+    config.max_subscribers = c.max_subscribers;
+    config.mlock = c.mlock;
+    config.huge_pages = c.huge_pages;
+    config.prefault = c.prefault;
+    config.timestamps = c.timestamps;
+    Ok(config)
+}
+
+/// The publishing end of a stream, with its current loan.
+///
+/// Thread-safety: use it from one thread at a time (it may move between
+/// threads); free it before its client.
+#[derive(Debug)]
+pub struct memsock_publisher {
+    /// The loan `memsock_publisher_loan` gave, until sent or discarded
+    /// (dropped before the publisher).
+    current: Option<shm::Loan>,
+    inner: Publisher,
+}
+
+/// A wait without end, in pieces of this.
+const FOREVER: Duration = Duration::from_secs(3600);
+
+/// Becomes the publisher of stream `name`, creating it with `config` (or
+/// taking it over, same geometry, if its publisher is gone).
+///
+/// # Safety
+/// `client` NULL or live; `name` NULL or NUL-terminated; `config` NULL or a
+/// `memsock_stream_config`; `out` NULL (refused) or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_create(
+    client: *const memsock_client,
+    name: *const c_char,
+    config: *const memsock_stream_config,
+    out: *mut *mut memsock_publisher,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        // SAFETY: by the contract.
+        let (client, name, config) = unsafe { (client_ref(client)?, text(name, "name")?, stream_config(config)?) };
+        let inner = client.publisher(name, &config)?;
+        let publisher = Box::into_raw(Box::new(memsock_publisher { current: None, inner }));
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { out.write(publisher) };
+        Ok(())
+    })
+}
+
+/// The publisher behind a handle.
+///
+/// # Safety
+/// `publisher` is NULL or a live handle used by this thread only.
+unsafe fn publisher_mut<'a>(publisher: *mut memsock_publisher) -> Result<&'a mut memsock_publisher, Failure> {
+    // SAFETY: NULL or live and unshared, by the caller's contract.
+    unsafe { publisher.as_mut() }.ok_or_else(|| Failure::invalid("publisher is NULL"))
+}
+
+impl From<shm::LoanError> for Failure {
+    fn from(e: shm::LoanError) -> Self {
+        let status = match e {
+            shm::LoanError::Closed => MEMSOCK_CLOSED,
+            shm::LoanError::TooManyLoans { .. } => MEMSOCK_INVALID_ARGUMENT,
+            _ => MEMSOCK_REFUSED,
+        };
+        Self { status, message: e.to_string() }
+    }
+}
+
+impl From<shm::SendError> for Failure {
+    fn from(e: shm::SendError) -> Self {
+        let status = match e {
+            shm::SendError::WouldBlock { .. } => MEMSOCK_WOULD_BLOCK,
+            shm::SendError::Timeout => MEMSOCK_TIMEOUT,
+            shm::SendError::TooLarge { .. } => MEMSOCK_INVALID_ARGUMENT,
+            shm::SendError::Closed => MEMSOCK_CLOSED,
+            shm::SendError::Loan(e) => return e.into(),
+            _ => MEMSOCK_REFUSED,
+        };
+        Self { status, message: e.to_string() }
+    }
+}
+
+/// Loans a slot to write the next frame in place: `*data` gets its
+/// address, `*capacity` its size. The loan stays current until sent
+/// (`memsock_publisher_send`) or discarded; loaning again meanwhile gives
+/// the same slot.
+///
+/// # Safety
+/// `publisher` NULL or live (this thread's); `data` and `capacity` NULL
+/// (refused) or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_loan(
+    publisher: *mut memsock_publisher,
+    data: *mut *mut c_void,
+    capacity: *mut usize,
+) -> memsock_status {
+    guard(|| {
+        if data.is_null() || capacity.is_null() {
+            return Err(Failure::invalid("data or capacity is NULL"));
+        }
+        // SAFETY: by the contract.
+        let p = unsafe { publisher_mut(publisher)? };
+        let mut sample = match p.current.take() {
+            Some(loan) => p.inner.resume(loan).map_err(|_| Failure::invalid("the loan is another publisher's"))?,
+            None => p.inner.loan()?,
+        };
+        let (ptr, cap) = (sample.as_mut_ptr(), sample.capacity());
+        p.current = Some(sample.detach());
+        // SAFETY: both writable by the contract.
+        unsafe {
+            data.write(ptr.cast());
+            capacity.write(cap);
+        }
+        Ok(())
+    })
+}
+
+/// Sends the first `len` bytes of the current loan, waiting at most
+/// `timeout_ns` (negative: forever; 0: not at all) for a lossless
+/// subscriber to make room. On `MEMSOCK_WOULD_BLOCK` or `MEMSOCK_TIMEOUT`
+/// the loan stays current: send it again, or discard it.
+fn send_current(p: &mut memsock_publisher, len: usize, timeout_ns: i64) -> Result<(), Failure> {
+    let loan = p.current.take().ok_or_else(|| Failure::invalid("no current loan: call memsock_publisher_loan"))?;
+    let mut sample = p.inner.resume(loan).map_err(|_| Failure::invalid("the loan is another publisher's"))?;
+    if len > sample.capacity() {
+        let e = Failure::invalid(&format!("len {len} is more than the slot's {} bytes", sample.capacity()));
+        p.current = Some(sample.detach());
+        return Err(e);
+    }
+    sample.set_len(len);
+    let sent = match timeout_ns {
+        0 => sample.try_send(),
+        t if t < 0 => loop {
+            match sample.try_send_timeout(FOREVER) {
+                Err(unsent) if unsent.error == shm::SendError::Timeout => sample = unsent.sample,
+                sent => break sent,
+            }
+        },
+        t => sample.try_send_timeout(Duration::from_nanos(t as u64)),
+    };
+    match sent {
+        Ok(_) => Ok(()),
+        Err(unsent) => {
+            let error = unsent.error;
+            if matches!(error, shm::SendError::WouldBlock { .. } | shm::SendError::Timeout) {
+                p.current = Some(unsent.sample.detach());
+            }
+            Err(error.into())
+        }
+    }
+}
+
+/// Sends the first `len` bytes of the current loan without waiting: a
+/// full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`, the loan staying
+/// current.
+///
+/// # Safety
+/// `publisher` NULL or live (this thread's).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_send(publisher: *mut memsock_publisher, len: usize) -> memsock_status {
+    // SAFETY: by the contract.
+    guard(|| send_current(unsafe { publisher_mut(publisher)? }, len, 0))
+}
+
+/// As `memsock_publisher_send`, waiting at most `timeout_ns` for room
+/// (negative: forever); `MEMSOCK_TIMEOUT` leaves the loan current.
+///
+/// # Safety
+/// `publisher` NULL or live (this thread's).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_send_timeout(
+    publisher: *mut memsock_publisher,
+    len: usize,
+    timeout_ns: i64,
+) -> memsock_status {
+    // SAFETY: by the contract.
+    guard(|| send_current(unsafe { publisher_mut(publisher)? }, len, timeout_ns))
+}
+
+/// Drops the current loan unsent (nothing if there is none).
+///
+/// # Safety
+/// `publisher` NULL or live (this thread's).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_discard(publisher: *mut memsock_publisher) -> memsock_status {
+    guard(|| {
+        // SAFETY: by the contract.
+        let p = unsafe { publisher_mut(publisher)? };
+        if let Some(loan) = p.current.take() {
+            // Resumed and dropped: the slot goes straight back.
+            drop(p.inner.resume(loan));
+        }
+        Ok(())
+    })
+}
+
+/// Copies `len` bytes into a slot and sends them, waiting at most
+/// `timeout_ns` for room (negative: forever; 0: not at all). A current
+/// loan is left as it is.
+///
+/// # Safety
+/// `publisher` NULL or live (this thread's); `bytes` NULL only if `len`
+/// is 0, else `len` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_send_copy(
+    publisher: *mut memsock_publisher,
+    bytes: *const c_void,
+    len: usize,
+    timeout_ns: i64,
+) -> memsock_status {
+    guard(|| {
+        // SAFETY: by the contract.
+        let p = unsafe { publisher_mut(publisher)? };
+        let payload: &[u8] = match (bytes.is_null(), len) {
+            (_, 0) => &[],
+            (true, _) => return Err(Failure::invalid("bytes is NULL")),
+            // SAFETY: `len` readable bytes at `bytes` by the contract.
+            (false, _) => unsafe { std::slice::from_raw_parts(bytes.cast(), len) },
+        };
+        match timeout_ns {
+            t if t < 0 => loop {
+                match p.inner.send_timeout(payload, FOREVER) {
+                    Err(shm::SendError::Timeout) => continue,
+                    r => return Ok(r.map(drop)?),
+                }
+            },
+            0 => Ok(p.inner.send(payload).map(drop)?),
+            t => Ok(p.inner.send_timeout(payload, Duration::from_nanos(t as u64)).map(drop)?),
+        }
+    })
+}
+
+/// Stops publishing: the stream stays, for another publisher. Drops a
+/// current loan. NULL is ignored.
+///
+/// # Safety
+/// `publisher` NULL or a live handle from `memsock_publisher_create`, not
+/// freed yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_free(publisher: *mut memsock_publisher) {
+    if !publisher.is_null() {
+        // SAFETY: it came from `Box::into_raw` in `memsock_publisher_create`, once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(publisher) })));
     }
 }
