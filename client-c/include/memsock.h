@@ -13,6 +13,39 @@
 #include <stdbool.h>
 
 /**
+ * `memsock_subscribe_options.policy`: a full subscriber loses the newest
+ * frame.
+ */
+#define MEMSOCK_DROP_NEWEST 0
+
+/**
+ * `policy`: a full subscriber loses its oldest queued frame.
+ */
+#define MEMSOCK_KEEP_LATEST 1
+
+/**
+ * `policy`: a full subscriber makes the publisher wait (or fail with
+ * `MEMSOCK_WOULD_BLOCK`): it loses nothing.
+ */
+#define MEMSOCK_LOSSLESS 2
+
+/**
+ * `memsock_subscribe_options.wait`: a blocking receive sleeps in the
+ * kernel (futex) until a frame comes.
+ */
+#define MEMSOCK_WAIT_PARK 0
+
+/**
+ * `wait`: spins `spin_us` microseconds, then sleeps.
+ */
+#define MEMSOCK_WAIT_SPIN_THEN_PARK 1
+
+/**
+ * `wait`: spins, never sleeps (a core per subscriber, the least latency).
+ */
+#define MEMSOCK_WAIT_SPIN 2
+
+/**
  * What came of a call. `MEMSOCK_OK` is 0; every other value names what
  * went wrong, and `memsock_last_error()` says more.
  */
@@ -78,6 +111,11 @@ typedef enum memsock_status {
    * A bug in libmemsock (a panic, caught): please report it.
    */
   MEMSOCK_INTERNAL = 14,
+  /**
+   * The subscriber holds as many samples as it has credits: release
+   * one before receiving more.
+   */
+  MEMSOCK_CREDITS_EXHAUSTED = 15,
 } memsock_status;
 
 /**
@@ -96,6 +134,14 @@ typedef struct memsock_client memsock_client;
  * threads); free it before its client.
  */
 typedef struct memsock_publisher memsock_publisher;
+
+/**
+ * A subscriber of a stream.
+ *
+ * Thread-safety: use it from one thread at a time (it may move between
+ * threads, without samples out); free it before its client.
+ */
+typedef struct memsock_subscriber memsock_subscriber;
 
 /**
  * How to create a stream: fill it with `memsock_stream_config_init`,
@@ -137,6 +183,67 @@ typedef struct memsock_stream_config {
    */
   bool timestamps;
 } memsock_stream_config;
+
+/**
+ * How to subscribe: fill it with `memsock_subscribe_options_init`, then
+ * change what you need. `size` as for `memsock_stream_config`.
+ */
+typedef struct memsock_subscribe_options {
+  /**
+   * `sizeof(memsock_subscribe_options)`, set by the init function.
+   */
+  size_t size;
+  /**
+   * Most frames it may hold at once, queued plus borrowed.
+   */
+  uint32_t credits;
+  /**
+   * `MEMSOCK_DROP_NEWEST`, `MEMSOCK_KEEP_LATEST` or `MEMSOCK_LOSSLESS`.
+   */
+  uint32_t policy;
+  /**
+   * `MEMSOCK_WAIT_PARK`, `MEMSOCK_WAIT_SPIN_THEN_PARK` or `MEMSOCK_WAIT_SPIN`.
+   */
+  uint32_t wait;
+  /**
+   * Spin time for `MEMSOCK_WAIT_SPIN_THEN_PARK`, in microseconds.
+   */
+  uint32_t spin_us;
+  /**
+   * If the stream does not exist yet, wait for it (else
+   * `MEMSOCK_NO_SUCH_STREAM`).
+   */
+  bool wait_for_stream;
+} memsock_subscribe_options;
+
+/**
+ * A received frame, in storage the caller owns: `data` points into the
+ * stream's shared memory (read-only), `len` bytes, until
+ * `memsock_sample_release`.
+ */
+typedef struct memsock_sample {
+  /**
+   * The frame's bytes (NULL once released).
+   */
+  const void *data;
+  /**
+   * Its length.
+   */
+  size_t len;
+  /**
+   * Its sequence number in the stream: a jump shows frames lost.
+   */
+  uint64_t seq;
+  /**
+   * When it was sent (monotonic clock, ns; 0 if the stream has no
+   * timestamps).
+   */
+  uint64_t timestamp_ns;
+  /**
+   * For `memsock_sample_release`: do not change.
+   */
+  uint32_t slot;
+} memsock_sample;
 
 #ifdef __cplusplus
 extern "C" {
@@ -297,6 +404,89 @@ enum memsock_status memsock_publisher_send_copy(struct memsock_publisher *publis
  * freed yet.
  */
 void memsock_publisher_free(struct memsock_publisher *publisher);
+
+/**
+ * Fills `options` with the defaults (4 credits, drop-newest, park, do not
+ * wait for the stream) and its size.
+ *
+ * # Safety
+ * `options` is NULL (refused) or points to a `memsock_subscribe_options`.
+ */
+enum memsock_status memsock_subscribe_options_init(struct memsock_subscribe_options *options);
+
+/**
+ * Subscribes to stream `name`.
+ *
+ * # Safety
+ * `client` NULL or live; `name` NULL or NUL-terminated; `options` NULL or
+ * a `memsock_subscribe_options`; `out` NULL (refused) or writable.
+ */
+enum memsock_status memsock_subscriber_create(const struct memsock_client *client,
+                                              const char *name,
+                                              const struct memsock_subscribe_options *options,
+                                              struct memsock_subscriber **out);
+
+/**
+ * Takes the next frame if one is queued (`MEMSOCK_WOULD_BLOCK` if none),
+ * without waiting. Publisher news (`MEMSOCK_PUBLISHER_GONE`, `_BACK`)
+ * and `MEMSOCK_CLOSED` come in order with the frames.
+ *
+ * # Safety
+ * `subscriber` NULL or live (this thread's); `out` NULL (refused) or a
+ * writable `memsock_sample`.
+ */
+enum memsock_status memsock_subscriber_try_recv(const struct memsock_subscriber *subscriber,
+                                                struct memsock_sample *out);
+
+/**
+ * Waits up to `timeout_ns` (negative: without end) for the next frame.
+ *
+ * # Safety
+ * As `memsock_subscriber_try_recv`.
+ */
+enum memsock_status memsock_subscriber_recv(const struct memsock_subscriber *subscriber,
+                                            int64_t timeout_ns,
+                                            struct memsock_sample *out);
+
+/**
+ * Gives a received frame's slot back (its bytes may be reused from
+ * now): every sample once. `sample->data` is NULL afterwards.
+ *
+ * # Safety
+ * `subscriber` NULL or live (this thread's); `sample` NULL or a sample
+ * it gave.
+ */
+enum memsock_status memsock_sample_release(const struct memsock_subscriber *subscriber,
+                                           struct memsock_sample *sample);
+
+/**
+ * Changes the subscriber's credits (the broker checks the pool can
+ * honour them).
+ *
+ * # Safety
+ * `subscriber` NULL or live.
+ */
+enum memsock_status memsock_subscriber_set_credits(const struct memsock_subscriber *subscriber,
+                                                   uint32_t credits);
+
+/**
+ * The publisher generation the subscriber has seen: it changes when a
+ * publisher goes or comes (0 for NULL).
+ *
+ * # Safety
+ * `subscriber` NULL or live.
+ */
+uint64_t memsock_subscriber_publisher_generation(const struct memsock_subscriber *subscriber);
+
+/**
+ * Unsubscribes. Samples not released are given back, and their `data`
+ * no longer points anywhere: release or drop them first. NULL is ignored.
+ *
+ * # Safety
+ * `subscriber` NULL or a live handle from `memsock_subscriber_create`, not
+ * freed yet.
+ */
+void memsock_subscriber_free(struct memsock_subscriber *subscriber);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -24,7 +24,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use memsock_rs::control::ControlError;
-use memsock_rs::{Client, ClientError, Publisher, StreamConfig, shm};
+use memsock_rs::{
+    Client, ClientError, OverflowPolicy, Publisher, StreamConfig, SubscribeOptions, Subscriber, WaitStrategy, shm,
+};
 
 /// What came of a call. `MEMSOCK_OK` is 0; every other value names what
 /// went wrong, and `memsock_last_error()` says more.
@@ -62,6 +64,9 @@ pub enum memsock_status {
     MEMSOCK_SHARED_MEMORY = 13,
     /// A bug in libmemsock (a panic, caught): please report it.
     MEMSOCK_INTERNAL = 14,
+    /// The subscriber holds as many samples as it has credits: release
+    /// one before receiving more.
+    MEMSOCK_CREDITS_EXHAUSTED = 15,
 }
 
 use memsock_status::*;
@@ -70,12 +75,18 @@ use memsock_status::*;
 #[derive(Debug)]
 struct Failure {
     status: memsock_status,
-    message: String,
+    /// Fixed text where a failure is routine (an empty poll), so that it
+    /// allocates nothing.
+    message: std::borrow::Cow<'static, str>,
 }
 
 impl Failure {
     fn invalid(what: &str) -> Self {
-        Self { status: MEMSOCK_INVALID_ARGUMENT, message: what.to_owned() }
+        Self { status: MEMSOCK_INVALID_ARGUMENT, message: what.to_owned().into() }
+    }
+
+    fn fixed(status: memsock_status, message: &'static str) -> Self {
+        Self { status, message: message.into() }
     }
 }
 
@@ -95,20 +106,26 @@ impl From<ClientError> for Failure {
             },
             _ => MEMSOCK_INTERNAL,
         };
-        Self { status, message: e.to_string() }
+        Self { status, message: e.to_string().into() }
     }
 }
 
 thread_local! {
-    /// The last failure's message on this thread.
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// The last failure's message on this thread, NUL-terminated; its
+    /// buffer is reused, so a routine failure allocates nothing.
+    static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn set_last_error(message: &str) {
     // A message with a NUL in it is cut there.
     let message = message.split('\0').next().unwrap_or_default();
-    let message = CString::new(message).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    // (Not during the thread's teardown, when there is no storage left.)
+    let _ = LAST_ERROR.try_with(|last| {
+        let mut last = last.borrow_mut();
+        last.clear();
+        last.extend_from_slice(message.as_bytes());
+        last.push(0);
+    });
 }
 
 /// Runs `f` for C: its failure becomes a status and the last error, and a
@@ -162,7 +179,7 @@ pub extern "C" fn memsock_version() -> *const c_char {
 /// so that any number is safe to pass).
 #[unsafe(no_mangle)]
 pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
-    const ALL: [memsock_status; 15] = [
+    const ALL: [memsock_status; 16] = [
         MEMSOCK_OK,
         MEMSOCK_TIMEOUT,
         MEMSOCK_WOULD_BLOCK,
@@ -178,6 +195,7 @@ pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
         MEMSOCK_LIMIT_REACHED,
         MEMSOCK_SHARED_MEMORY,
         MEMSOCK_INTERNAL,
+        MEMSOCK_CREDITS_EXHAUSTED,
     ];
     let Some(&status) = ALL.iter().find(|&&s| s as c_int == status) else {
         return c"unknown status".as_ptr();
@@ -198,6 +216,7 @@ pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
         MEMSOCK_LIMIT_REACHED => "a limit of the broker was reached\0",
         MEMSOCK_SHARED_MEMORY => "cannot open the stream's shared memory\0",
         MEMSOCK_INTERNAL => "internal error\0",
+        MEMSOCK_CREDITS_EXHAUSTED => "every credit is held: release a sample\0",
     };
     text.as_ptr().cast()
 }
@@ -206,7 +225,11 @@ pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
 /// until the next failing call on this thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn memsock_last_error() -> *const c_char {
-    LAST_ERROR.with(|last| last.borrow().as_ptr())
+    let last = LAST_ERROR.try_with(|last| {
+        let last = last.borrow();
+        if last.is_empty() { c"".as_ptr() } else { last.as_ptr().cast() }
+    });
+    last.unwrap_or(c"".as_ptr())
 }
 
 /// Connects to the broker at `socket_path_or_null` (NULL: `$MEMSOCK_SOCKET`,
@@ -300,9 +323,8 @@ pub unsafe extern "C" fn memsock_stats_json(
         };
         let report = client.stats(stream)?;
         let json = serde_json::to_string(&report)
-            .map_err(|e| Failure { status: MEMSOCK_INTERNAL, message: format!("encoding stats: {e}") })?;
-        let json = CString::new(json)
-            .map_err(|_| Failure { status: MEMSOCK_INTERNAL, message: "stats hold a NUL byte".into() })?;
+            .map_err(|e| Failure { status: MEMSOCK_INTERNAL, message: format!("encoding stats: {e}").into() })?;
+        let json = CString::new(json).map_err(|_| Failure::fixed(MEMSOCK_INTERNAL, "stats hold a NUL byte"))?;
         // SAFETY: `out` is not NULL and writable by the contract.
         unsafe { out.write(json.into_raw()) };
         Ok(())
@@ -374,20 +396,34 @@ pub unsafe extern "C" fn memsock_stream_config_init(config: *mut memsock_stream_
     })
 }
 
+/// An option struct from C, `what` by name, once its first field — its
+/// size, as the caller's header has it, set by `init` — says it is this
+/// version's (a struct of an older header may be shorter: it is read no
+/// further).
+///
+/// # Safety
+/// `ptr` is NULL or points to a struct that begins with its size.
+unsafe fn sized<'a, T>(ptr: *const T, what: &str, init: &str) -> Result<&'a T, Failure> {
+    if ptr.is_null() {
+        return Err(Failure::invalid(&format!("{what} is NULL")));
+    }
+    // SAFETY: not NULL, and every version of the struct begins with its size.
+    let size = unsafe { ptr.cast::<usize>().read() };
+    if size != std::mem::size_of::<T>() {
+        let want = std::mem::size_of::<T>();
+        return Err(Failure::invalid(&format!("{what}.size is {size}, not {want}: fill it with {init}")));
+    }
+    // SAFETY: as large as this version's, by its size.
+    Ok(unsafe { &*ptr })
+}
+
 /// A stream's configuration from C.
 ///
 /// # Safety
 /// `config` is NULL or points to a `memsock_stream_config`.
 unsafe fn stream_config(config: *const memsock_stream_config) -> Result<StreamConfig, Failure> {
-    // SAFETY: NULL or valid, by the contract.
-    let c = unsafe { config.as_ref() }.ok_or_else(|| Failure::invalid("config is NULL"))?;
-    if c.size != std::mem::size_of::<memsock_stream_config>() {
-        return Err(Failure::invalid(&format!(
-            "config.size is {}, not {}: fill it with memsock_stream_config_init",
-            c.size,
-            std::mem::size_of::<memsock_stream_config>()
-        )));
-    }
+    // SAFETY: by the contract.
+    let c = unsafe { sized(config, "config", "memsock_stream_config_init")? };
     let mut config = StreamConfig::new(c.slot_size, c.slot_count);
     config.max_subscribers = c.max_subscribers;
     config.mlock = c.mlock;
@@ -455,21 +491,26 @@ impl From<shm::LoanError> for Failure {
             shm::LoanError::TooManyLoans { .. } => MEMSOCK_INVALID_ARGUMENT,
             _ => MEMSOCK_REFUSED,
         };
-        Self { status, message: e.to_string() }
+        Self { status, message: e.to_string().into() }
     }
 }
 
 impl From<shm::SendError> for Failure {
     fn from(e: shm::SendError) -> Self {
         let status = match e {
-            shm::SendError::WouldBlock { .. } => MEMSOCK_WOULD_BLOCK,
-            shm::SendError::Timeout => MEMSOCK_TIMEOUT,
+            // Routine while a lossless subscriber catches up: no allocation.
+            shm::SendError::WouldBlock { .. } => {
+                return Self::fixed(MEMSOCK_WOULD_BLOCK, "a lossless subscriber has no room yet");
+            }
+            shm::SendError::Timeout => {
+                return Self::fixed(MEMSOCK_TIMEOUT, "timed out waiting for a lossless subscriber to make room");
+            }
             shm::SendError::TooLarge { .. } => MEMSOCK_INVALID_ARGUMENT,
             shm::SendError::Closed => MEMSOCK_CLOSED,
             shm::SendError::Loan(e) => return e.into(),
             _ => MEMSOCK_REFUSED,
         };
-        Self { status, message: e.to_string() }
+        Self { status, message: e.to_string().into() }
     }
 }
 
@@ -634,5 +675,302 @@ pub unsafe extern "C" fn memsock_publisher_free(publisher: *mut memsock_publishe
     if !publisher.is_null() {
         // SAFETY: it came from `Box::into_raw` in `memsock_publisher_create`, once.
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(publisher) })));
+    }
+}
+
+/// `memsock_subscribe_options.policy`: a full subscriber loses the newest
+/// frame.
+pub const MEMSOCK_DROP_NEWEST: u32 = 0;
+/// `policy`: a full subscriber loses its oldest queued frame.
+pub const MEMSOCK_KEEP_LATEST: u32 = 1;
+/// `policy`: a full subscriber makes the publisher wait (or fail with
+/// `MEMSOCK_WOULD_BLOCK`): it loses nothing.
+pub const MEMSOCK_LOSSLESS: u32 = 2;
+/// `memsock_subscribe_options.wait`: a blocking receive sleeps in the
+/// kernel (futex) until a frame comes.
+pub const MEMSOCK_WAIT_PARK: u32 = 0;
+/// `wait`: spins `spin_us` microseconds, then sleeps.
+pub const MEMSOCK_WAIT_SPIN_THEN_PARK: u32 = 1;
+/// `wait`: spins, never sleeps (a core per subscriber, the least latency).
+pub const MEMSOCK_WAIT_SPIN: u32 = 2;
+
+/// How to subscribe: fill it with `memsock_subscribe_options_init`, then
+/// change what you need. `size` as for `memsock_stream_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct memsock_subscribe_options {
+    /// `sizeof(memsock_subscribe_options)`, set by the init function.
+    pub size: usize,
+    /// Most frames it may hold at once, queued plus borrowed.
+    pub credits: u32,
+    /// `MEMSOCK_DROP_NEWEST`, `MEMSOCK_KEEP_LATEST` or `MEMSOCK_LOSSLESS`.
+    pub policy: u32,
+    /// `MEMSOCK_WAIT_PARK`, `MEMSOCK_WAIT_SPIN_THEN_PARK` or `MEMSOCK_WAIT_SPIN`.
+    pub wait: u32,
+    /// Spin time for `MEMSOCK_WAIT_SPIN_THEN_PARK`, in microseconds.
+    pub spin_us: u32,
+    /// If the stream does not exist yet, wait for it (else
+    /// `MEMSOCK_NO_SUCH_STREAM`).
+    pub wait_for_stream: bool,
+}
+
+/// Fills `options` with the defaults (4 credits, drop-newest, park, do not
+/// wait for the stream) and its size.
+///
+/// # Safety
+/// `options` is NULL (refused) or points to a `memsock_subscribe_options`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscribe_options_init(options: *mut memsock_subscribe_options) -> memsock_status {
+    guard(|| {
+        if options.is_null() {
+            return Err(Failure::invalid("options is NULL"));
+        }
+        let o = memsock_subscribe_options {
+            size: std::mem::size_of::<memsock_subscribe_options>(),
+            credits: SubscribeOptions::default().credits,
+            policy: MEMSOCK_DROP_NEWEST,
+            wait: MEMSOCK_WAIT_PARK,
+            spin_us: 50,
+            wait_for_stream: false,
+        };
+        // SAFETY: not NULL, and a `memsock_subscribe_options` by the contract.
+        unsafe { options.write(o) };
+        Ok(())
+    })
+}
+
+/// Subscription options from C.
+///
+/// # Safety
+/// `options` is NULL or points to a `memsock_subscribe_options`.
+unsafe fn subscribe_options(options: *const memsock_subscribe_options) -> Result<SubscribeOptions, Failure> {
+    // SAFETY: by the contract.
+    let o = unsafe { sized(options, "options", "memsock_subscribe_options_init")? };
+    let policy = match o.policy {
+        MEMSOCK_DROP_NEWEST => OverflowPolicy::DropNewest,
+        MEMSOCK_KEEP_LATEST => OverflowPolicy::KeepLatest,
+        MEMSOCK_LOSSLESS => OverflowPolicy::Lossless,
+        other => return Err(Failure::invalid(&format!("policy {other} is none of the MEMSOCK_* policies"))),
+    };
+    let wait = match o.wait {
+        MEMSOCK_WAIT_PARK => WaitStrategy::Park,
+        MEMSOCK_WAIT_SPIN_THEN_PARK => WaitStrategy::SpinThenPark { spin_us: o.spin_us },
+        MEMSOCK_WAIT_SPIN => WaitStrategy::Spin,
+        other => return Err(Failure::invalid(&format!("wait {other} is none of the MEMSOCK_WAIT_* strategies"))),
+    };
+    Ok(SubscribeOptions { credits: o.credits, policy, wait, wait_for_stream: o.wait_for_stream })
+}
+
+/// A subscriber of a stream.
+///
+/// Thread-safety: use it from one thread at a time (it may move between
+/// threads, without samples out); free it before its client.
+#[derive(Debug)]
+pub struct memsock_subscriber {
+    inner: Subscriber,
+}
+
+/// A received frame, in storage the caller owns: `data` points into the
+/// stream's shared memory (read-only), `len` bytes, until
+/// `memsock_sample_release`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct memsock_sample {
+    /// The frame's bytes (NULL once released).
+    pub data: *const c_void,
+    /// Its length.
+    pub len: usize,
+    /// Its sequence number in the stream: a jump shows frames lost.
+    pub seq: u64,
+    /// When it was sent (monotonic clock, ns; 0 if the stream has no
+    /// timestamps).
+    pub timestamp_ns: u64,
+    /// For `memsock_sample_release`: do not change.
+    pub slot: u32,
+}
+
+/// Subscribes to stream `name`.
+///
+/// # Safety
+/// `client` NULL or live; `name` NULL or NUL-terminated; `options` NULL or
+/// a `memsock_subscribe_options`; `out` NULL (refused) or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_create(
+    client: *const memsock_client,
+    name: *const c_char,
+    options: *const memsock_subscribe_options,
+    out: *mut *mut memsock_subscriber,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        // SAFETY: by the contract.
+        let (client, name, options) =
+            unsafe { (client_ref(client)?, text(name, "name")?, subscribe_options(options)?) };
+        let inner = client.subscriber(name, &options)?;
+        let subscriber = Box::into_raw(Box::new(memsock_subscriber { inner }));
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { out.write(subscriber) };
+        Ok(())
+    })
+}
+
+/// The subscriber behind a handle.
+///
+/// # Safety
+/// `subscriber` is NULL or a live handle used by this thread only.
+unsafe fn subscriber_ref<'a>(subscriber: *const memsock_subscriber) -> Result<&'a Subscriber, Failure> {
+    // SAFETY: NULL or live, by the caller's contract.
+    unsafe { subscriber.as_ref() }.map(|s| &s.inner).ok_or_else(|| Failure::invalid("subscriber is NULL"))
+}
+
+fn recv_failure(e: shm::RecvError) -> Failure {
+    let status = match e {
+        // Routine: no allocation.
+        shm::RecvError::Timeout => return Failure::fixed(MEMSOCK_TIMEOUT, "timed out waiting for a frame"),
+        shm::RecvError::PublisherGone => return Failure::fixed(MEMSOCK_PUBLISHER_GONE, "the publisher is gone"),
+        shm::RecvError::PublisherBack => return Failure::fixed(MEMSOCK_PUBLISHER_BACK, "a publisher is back"),
+        shm::RecvError::CreditsExhausted { .. } => MEMSOCK_CREDITS_EXHAUSTED,
+        shm::RecvError::Detached => MEMSOCK_DISCONNECTED,
+        shm::RecvError::Closed => MEMSOCK_CLOSED,
+        _ => MEMSOCK_SHARED_MEMORY,
+    };
+    Failure { status, message: e.to_string().into() }
+}
+
+/// Hands a sample to C: its slot stays taken until `memsock_sample_release`.
+///
+/// # Safety
+/// `out` is writable.
+unsafe fn hand_out(sample: shm::Sample<'_>, out: *mut memsock_sample) {
+    let (data, info) = sample.forget();
+    let sample = memsock_sample {
+        data: data.cast(),
+        len: info.len as usize,
+        seq: info.seq,
+        timestamp_ns: info.timestamp_ns,
+        slot: info.slot,
+    };
+    // SAFETY: writable by the contract.
+    unsafe { out.write(sample) };
+}
+
+/// Takes the next frame if one is queued (`MEMSOCK_WOULD_BLOCK` if none),
+/// without waiting. Publisher news (`MEMSOCK_PUBLISHER_GONE`, `_BACK`)
+/// and `MEMSOCK_CLOSED` come in order with the frames.
+///
+/// # Safety
+/// `subscriber` NULL or live (this thread's); `out` NULL (refused) or a
+/// writable `memsock_sample`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_try_recv(
+    subscriber: *const memsock_subscriber,
+    out: *mut memsock_sample,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        // SAFETY: by the contract.
+        let sub = unsafe { subscriber_ref(subscriber)? };
+        let sample = sub.try_recv().map_err(|e| match e {
+            shm::TryRecvError::Empty => Failure::fixed(MEMSOCK_WOULD_BLOCK, "no frame is queued"),
+            e => recv_failure(e.into()),
+        })?;
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { hand_out(sample, out) };
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ns` (negative: without end) for the next frame.
+///
+/// # Safety
+/// As `memsock_subscriber_try_recv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_recv(
+    subscriber: *const memsock_subscriber,
+    timeout_ns: i64,
+    out: *mut memsock_sample,
+) -> memsock_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        // SAFETY: by the contract.
+        let sub = unsafe { subscriber_ref(subscriber)? };
+        let sample =
+            if timeout_ns < 0 { sub.recv() } else { sub.recv_timeout(Duration::from_nanos(timeout_ns as u64)) };
+        let sample = sample.map_err(recv_failure)?;
+        // SAFETY: `out` is not NULL and writable by the contract.
+        unsafe { hand_out(sample, out) };
+        Ok(())
+    })
+}
+
+/// Gives a received frame's slot back (its bytes may be reused from
+/// now): every sample once. `sample->data` is NULL afterwards.
+///
+/// # Safety
+/// `subscriber` NULL or live (this thread's); `sample` NULL or a sample
+/// it gave.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_sample_release(
+    subscriber: *const memsock_subscriber,
+    sample: *mut memsock_sample,
+) -> memsock_status {
+    guard(|| {
+        // SAFETY: by the contract.
+        let (sub, sample) = unsafe { (subscriber_ref(subscriber)?, sample.as_mut()) };
+        let sample = sample.ok_or_else(|| Failure::invalid("sample is NULL"))?;
+        if sample.data.is_null() {
+            return Err(Failure::invalid("the sample was released already"));
+        }
+        if !sub.release_slot(sample.slot) {
+            return Err(Failure::invalid("not a sample this subscriber holds"));
+        }
+        sample.data = std::ptr::null();
+        Ok(())
+    })
+}
+
+/// Changes the subscriber's credits (the broker checks the pool can
+/// honour them).
+///
+/// # Safety
+/// `subscriber` NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_set_credits(
+    subscriber: *const memsock_subscriber,
+    credits: u32,
+) -> memsock_status {
+    // SAFETY: by the contract.
+    guard(|| Ok(unsafe { subscriber_ref(subscriber)? }.set_credits(credits)?))
+}
+
+/// The publisher generation the subscriber has seen: it changes when a
+/// publisher goes or comes (0 for NULL).
+///
+/// # Safety
+/// `subscriber` NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_publisher_generation(subscriber: *const memsock_subscriber) -> u64 {
+    // SAFETY: by the contract.
+    catch_unwind(AssertUnwindSafe(|| unsafe { subscriber_ref(subscriber) }.map_or(0, |s| s.publisher_generation())))
+        .unwrap_or(0)
+}
+
+/// Unsubscribes. Samples not released are given back, and their `data`
+/// no longer points anywhere: release or drop them first. NULL is ignored.
+///
+/// # Safety
+/// `subscriber` NULL or a live handle from `memsock_subscriber_create`, not
+/// freed yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_free(subscriber: *mut memsock_subscriber) {
+    if !subscriber.is_null() {
+        // SAFETY: it came from `Box::into_raw` in `memsock_subscriber_create`, once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(subscriber) })));
     }
 }

@@ -317,7 +317,7 @@ pub enum ControlError {
     NoSuchPublication(u64),
     /// The pool cannot honour the requested credits.
     #[error(
-        "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, 1 kept for the publisher)"
+        "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, the rest kept for the publisher's loans)"
     )]
     CreditsRefused {
         /// Stream name.

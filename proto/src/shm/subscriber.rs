@@ -43,6 +43,9 @@ pub enum OpenSubscriberError {
 pub struct Subscriber {
     core: Core,
     wait: WaitStrategy,
+    /// Slots of samples given up with [`Sample::forget`], a bit per slot:
+    /// only those may be given back by number ([`Subscriber::release_slot`]).
+    forgotten: Box<[std::cell::Cell<u64>]>,
 }
 
 type Core = SubCore<Arc<StreamMap>, Arc<ChannelMap>>;
@@ -80,7 +83,8 @@ impl Subscriber {
                 SubAttachRefusal::NotAttached => not_attached,
                 SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
             })?;
-        Ok(Self { core, wait: ticket.wait })
+        let forgotten = (0..g.slot_count.div_ceil(64)).map(|_| std::cell::Cell::new(0)).collect();
+        Ok(Self { core, wait: ticket.wait, forgotten })
     }
 
     /// Takes the next frame if one is queued.
@@ -168,6 +172,23 @@ impl Subscriber {
         self.core.stream().layout().geometry.slot_size as usize
     }
 
+    /// Gives back the slot of a sample given up with [`Sample::forget`]
+    /// (for callers that cannot hold a `Sample`, such as the C library).
+    /// Returns false, changing nothing, unless `slot` is the slot of a
+    /// sample forgotten and not given back yet: a number given twice, made
+    /// up, or another subscriber's is refused here, before it could free
+    /// a slot somebody still reads.
+    pub fn release_slot(&self, slot: u32) -> bool {
+        let Some(word) = self.forgotten.get(slot as usize / 64) else { return false };
+        let bit = 1u64 << (slot % 64);
+        if word.get() & bit == 0 {
+            return false;
+        }
+        word.set(word.get() & !bit);
+        self.core.return_slot(slot);
+        true
+    }
+
     /// Hands back now the slots of detached samples dropped since the
     /// last receive (receives do this themselves).
     pub fn hand_back(&self) {
@@ -252,6 +273,18 @@ impl Sample<'_> {
     pub fn detach(self) -> OwnedSample {
         let this = std::mem::ManuallyDrop::new(self);
         OwnedSample { board: this.subscriber.core.board().clone(), ptr: this.ptr, info: this.info }
+    }
+
+    /// Gives the sample up without giving its slot back: its bytes stay
+    /// readable at the returned address, `info().len` long, until
+    /// [`Subscriber::release_slot`] with its slot (or until the subscriber
+    /// is dropped).
+    pub fn forget(self) -> (*const u8, FrameInfo) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // The slot is in range (`try_take` checked it): its bit exists.
+        let word = &this.subscriber.forgotten[this.info.slot as usize / 64];
+        word.set(word.get() | 1 << (this.info.slot % 64));
+        (this.ptr, this.info)
     }
 
     /// Stream sequence number; a jump shows frames this subscriber lost.

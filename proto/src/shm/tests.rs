@@ -1209,3 +1209,31 @@ fn a_publisher_delivers_only_with_the_subscriber_s_own_channel() {
             .unwrap();
     assert_eq!(sub.try_take().unwrap().seq, 1);
 }
+
+/// For the C library: a sample forgotten keeps its slot until its slot is
+/// given back by number; a number out of range, or one more than was
+/// taken, changes nothing.
+#[test]
+fn a_forgotten_sample_s_slot_is_given_back_by_number() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(b"one").unwrap();
+    publisher.send(b"two").unwrap();
+    assert!(matches!(publisher.send(b"three"), Err(SendError::WouldBlock { .. })), "two credits");
+    let (ptr, info) = sub.try_recv().unwrap().forget();
+    // SAFETY: the slot is still this subscriber's: its bytes stay put.
+    assert_eq!(unsafe { std::slice::from_raw_parts(ptr, info.len as usize) }, b"one");
+    assert_eq!(sub.borrowed(), 1);
+    assert!(!sub.release_slot(99), "out of range");
+    // A live sample's slot, or one made up, is not given back by number.
+    let live = sub.try_recv().unwrap();
+    assert!(!sub.release_slot(live.info().slot), "a live sample's");
+    assert!(!sub.release_slot((info.slot + 2) % 4), "made up");
+    drop(live);
+    assert!(sub.release_slot(info.slot));
+    assert!(!sub.release_slot(info.slot), "twice");
+    assert_eq!(sub.borrowed(), 0);
+    publisher.send(b"three").unwrap();
+    assert_eq!(&*sub.try_recv().unwrap(), b"three");
+}
