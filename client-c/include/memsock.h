@@ -139,7 +139,9 @@ typedef struct memsock_publisher memsock_publisher;
  * A subscriber of a stream.
  *
  * Thread-safety: use it from one thread at a time (it may move between
- * threads, without samples out); free it before its client.
+ * threads, without samples out); free it before its client. The one
+ * exception is `memsock_subscriber_interrupt`, which any thread or a
+ * signal handler may call while the handle is live.
  */
 typedef struct memsock_subscriber memsock_subscriber;
 
@@ -354,8 +356,11 @@ enum memsock_status memsock_publisher_loan(struct memsock_publisher *publisher,
 
 /**
  * Sends the first `len` bytes of the current loan without waiting: a
- * full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`, the loan staying
- * current.
+ * full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`. The loan stays
+ * current after `MEMSOCK_WOULD_BLOCK` (and `MEMSOCK_TIMEOUT` from
+ * `memsock_publisher_send_timeout`) and after `MEMSOCK_INVALID_ARGUMENT`
+ * for a `len` above the slot; after any other failure (`MEMSOCK_CLOSED`,
+ * ...) it is gone: loan again.
  *
  * # Safety
  * `publisher` NULL or live (this thread's).
@@ -440,6 +445,9 @@ enum memsock_status memsock_subscriber_try_recv(const struct memsock_subscriber 
 
 /**
  * Waits up to `timeout_ns` (negative: without end) for the next frame.
+ * Returns `MEMSOCK_INTERRUPTED` instead, at once, if
+ * `memsock_subscriber_interrupt` was called since the last receive that
+ * returned it (also before this call began: no interrupt is lost).
  *
  * # Safety
  * As `memsock_subscriber_try_recv`.
@@ -470,13 +478,29 @@ enum memsock_status memsock_subscriber_set_credits(const struct memsock_subscrib
                                                    uint32_t credits);
 
 /**
- * The publisher generation the subscriber has seen: it changes when a
- * publisher goes or comes (0 for NULL).
+ * The stream's publisher generation (0 for NULL): odd while a publisher
+ * is attached, it changes whenever one comes or goes. Level-triggered,
+ * unlike `MEMSOCK_PUBLISHER_GONE` / `_BACK`, which a receive reports
+ * once: compare two readings to know whether the publisher changed in
+ * between (its last frames may still be queued).
  *
  * # Safety
  * `subscriber` NULL or live.
  */
 uint64_t memsock_subscriber_publisher_generation(const struct memsock_subscriber *subscriber);
+
+/**
+ * Makes the subscriber's receive in progress, or else its next one,
+ * return `MEMSOCK_INTERRUPTED` (once per interrupt; several before a
+ * receive count as one). Safe from any thread and from a signal handler:
+ * an atomic store and a futex wake, nothing else (no allocation, no lock,
+ * and the last error is not set). Returns `MEMSOCK_INVALID_ARGUMENT` for
+ * NULL.
+ *
+ * # Safety
+ * `subscriber` NULL or live: not freed before this returns.
+ */
+enum memsock_status memsock_subscriber_interrupt(const struct memsock_subscriber *subscriber);
 
 /**
  * Unsubscribes. Samples not released are given back, and their `data`

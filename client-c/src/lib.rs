@@ -21,7 +21,9 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::time::{Duration, Instant};
 
 use memsock_rs::control::ControlError;
 use memsock_rs::{
@@ -585,8 +587,11 @@ fn send_current(p: &mut memsock_publisher, len: usize, timeout_ns: i64) -> Resul
 }
 
 /// Sends the first `len` bytes of the current loan without waiting: a
-/// full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`, the loan staying
-/// current.
+/// full lossless subscriber gives `MEMSOCK_WOULD_BLOCK`. The loan stays
+/// current after `MEMSOCK_WOULD_BLOCK` (and `MEMSOCK_TIMEOUT` from
+/// `memsock_publisher_send_timeout`) and after `MEMSOCK_INVALID_ARGUMENT`
+/// for a `len` above the slot; after any other failure (`MEMSOCK_CLOSED`,
+/// ...) it is gone: loan again.
 ///
 /// # Safety
 /// `publisher` NULL or live (this thread's).
@@ -764,10 +769,32 @@ unsafe fn subscribe_options(options: *const memsock_subscribe_options) -> Result
 /// A subscriber of a stream.
 ///
 /// Thread-safety: use it from one thread at a time (it may move between
-/// threads, without samples out); free it before its client.
+/// threads, without samples out); free it before its client. The one
+/// exception is `memsock_subscriber_interrupt`, which any thread or a
+/// signal handler may call while the handle is live.
 #[derive(Debug)]
 pub struct memsock_subscriber {
+    /// Set by `memsock_subscriber_interrupt`, cleared by the receive that
+    /// reports it.
+    interrupted: AtomicBool,
+    /// Wakes a receive asleep on the subscriber's channel.
+    interrupter: shm::Interrupter,
+    /// Waits for the next frame when a receive finds none, stopping early
+    /// on `interrupted`.
+    watcher: shm::Watcher,
     inner: Subscriber,
+}
+
+impl memsock_subscriber {
+    /// Reports an interrupt once: true if one was pending (now taken).
+    #[inline]
+    fn take_interrupt(&self) -> bool {
+        // Relaxed first: a receive pays a plain load when nothing is
+        // pending. The swap's Acquire pairs with the Release store in
+        // `memsock_subscriber_interrupt` (nothing else is published with
+        // it, but a caller may rely on what it wrote before interrupting).
+        self.interrupted.load(Relaxed) && self.interrupted.swap(false, Acquire)
+    }
 }
 
 /// A received frame, in storage the caller owns: `data` points into the
@@ -809,7 +836,14 @@ pub unsafe extern "C" fn memsock_subscriber_create(
         let (client, name, options) =
             unsafe { (client_ref(client)?, text(name, "name")?, subscribe_options(options)?) };
         let inner = client.subscriber(name, &options)?;
-        let subscriber = Box::into_raw(Box::new(memsock_subscriber { inner }));
+        let watcher = inner.watcher();
+        let interrupter = watcher.interrupter();
+        let subscriber = Box::into_raw(Box::new(memsock_subscriber {
+            interrupted: AtomicBool::new(false),
+            interrupter,
+            watcher,
+            inner,
+        }));
         // SAFETY: `out` is not NULL and writable by the contract.
         unsafe { out.write(subscriber) };
         Ok(())
@@ -820,9 +854,13 @@ pub unsafe extern "C" fn memsock_subscriber_create(
 ///
 /// # Safety
 /// `subscriber` is NULL or a live handle used by this thread only.
-unsafe fn subscriber_ref<'a>(subscriber: *const memsock_subscriber) -> Result<&'a Subscriber, Failure> {
+unsafe fn subscriber_ref<'a>(subscriber: *const memsock_subscriber) -> Result<&'a memsock_subscriber, Failure> {
     // SAFETY: NULL or live, by the caller's contract.
-    unsafe { subscriber.as_ref() }.map(|s| &s.inner).ok_or_else(|| Failure::invalid("subscriber is NULL"))
+    unsafe { subscriber.as_ref() }.ok_or_else(|| Failure::invalid("subscriber is NULL"))
+}
+
+fn interrupted() -> Failure {
+    Failure::fixed(MEMSOCK_INTERRUPTED, "interrupted by memsock_subscriber_interrupt")
 }
 
 fn recv_failure(e: shm::RecvError) -> Failure {
@@ -874,7 +912,10 @@ pub unsafe extern "C" fn memsock_subscriber_try_recv(
         }
         // SAFETY: by the contract.
         let sub = unsafe { subscriber_ref(subscriber)? };
-        let sample = sub.try_recv().map_err(|e| match e {
+        if sub.take_interrupt() {
+            return Err(interrupted());
+        }
+        let sample = sub.inner.try_recv().map_err(|e| match e {
             shm::TryRecvError::Empty => Failure::fixed(MEMSOCK_WOULD_BLOCK, "no frame is queued"),
             e => recv_failure(e.into()),
         })?;
@@ -885,6 +926,9 @@ pub unsafe extern "C" fn memsock_subscriber_try_recv(
 }
 
 /// Waits up to `timeout_ns` (negative: without end) for the next frame.
+/// Returns `MEMSOCK_INTERRUPTED` instead, at once, if
+/// `memsock_subscriber_interrupt` was called since the last receive that
+/// returned it (also before this call began: no interrupt is lost).
 ///
 /// # Safety
 /// As `memsock_subscriber_try_recv`.
@@ -900,12 +944,29 @@ pub unsafe extern "C" fn memsock_subscriber_recv(
         }
         // SAFETY: by the contract.
         let sub = unsafe { subscriber_ref(subscriber)? };
-        let sample =
-            if timeout_ns < 0 { sub.recv() } else { sub.recv_timeout(Duration::from_nanos(timeout_ns as u64)) };
-        let sample = sample.map_err(recv_failure)?;
-        // SAFETY: `out` is not NULL and writable by the contract.
-        unsafe { hand_out(sample, out) };
-        Ok(())
+        let mut deadline = None;
+        loop {
+            if sub.take_interrupt() {
+                return Err(interrupted());
+            }
+            match sub.inner.try_recv() {
+                Ok(sample) => {
+                    // SAFETY: `out` is not NULL and writable by the contract.
+                    unsafe { hand_out(sample, out) };
+                    return Ok(());
+                }
+                Err(shm::TryRecvError::Empty) => {}
+                Err(e) => return Err(recv_failure(e.into())),
+            }
+            // Nothing queued: only now read the clock, once per call.
+            if timeout_ns >= 0 && deadline.is_none() {
+                deadline = Instant::now().checked_add(Duration::from_nanos(timeout_ns as u64));
+            }
+            let woke = sub.watcher.wait(sub.inner.position(), deadline, || sub.interrupted.load(Relaxed));
+            if !woke && !sub.interrupted.load(Relaxed) {
+                return Err(recv_failure(shm::RecvError::Timeout));
+            }
+        }
     })
 }
 
@@ -927,7 +988,7 @@ pub unsafe extern "C" fn memsock_sample_release(
         if sample.data.is_null() {
             return Err(Failure::invalid("the sample was released already"));
         }
-        if !sub.release_slot(sample.slot) {
+        if !sub.inner.release_slot(sample.slot) {
             return Err(Failure::invalid("not a sample this subscriber holds"));
         }
         sample.data = std::ptr::null();
@@ -946,19 +1007,46 @@ pub unsafe extern "C" fn memsock_subscriber_set_credits(
     credits: u32,
 ) -> memsock_status {
     // SAFETY: by the contract.
-    guard(|| Ok(unsafe { subscriber_ref(subscriber)? }.set_credits(credits)?))
+    guard(|| Ok(unsafe { subscriber_ref(subscriber)? }.inner.set_credits(credits)?))
 }
 
-/// The publisher generation the subscriber has seen: it changes when a
-/// publisher goes or comes (0 for NULL).
+/// The stream's publisher generation (0 for NULL): odd while a publisher
+/// is attached, it changes whenever one comes or goes. Level-triggered,
+/// unlike `MEMSOCK_PUBLISHER_GONE` / `_BACK`, which a receive reports
+/// once: compare two readings to know whether the publisher changed in
+/// between (its last frames may still be queued).
 ///
 /// # Safety
 /// `subscriber` NULL or live.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memsock_subscriber_publisher_generation(subscriber: *const memsock_subscriber) -> u64 {
-    // SAFETY: by the contract.
-    catch_unwind(AssertUnwindSafe(|| unsafe { subscriber_ref(subscriber) }.map_or(0, |s| s.publisher_generation())))
-        .unwrap_or(0)
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: by the contract.
+        unsafe { subscriber_ref(subscriber) }.map_or(0, |s| s.inner.publisher_generation())
+    }))
+    .unwrap_or(0)
+}
+
+/// Makes the subscriber's receive in progress, or else its next one,
+/// return `MEMSOCK_INTERRUPTED` (once per interrupt; several before a
+/// receive count as one). Safe from any thread and from a signal handler:
+/// an atomic store and a futex wake, nothing else (no allocation, no lock,
+/// and the last error is not set). Returns `MEMSOCK_INVALID_ARGUMENT` for
+/// NULL.
+///
+/// # Safety
+/// `subscriber` NULL or live: not freed before this returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_interrupt(subscriber: *const memsock_subscriber) -> memsock_status {
+    // SAFETY: NULL or live by the contract; only fields that are safe to
+    // share are touched (an atomic and the channel mapping).
+    let Some(sub) = (unsafe { subscriber.as_ref() }) else { return MEMSOCK_INVALID_ARGUMENT };
+    // Release pairs with the Acquire swap in `take_interrupt`; the waker's
+    // SeqCst fence (in `interrupt`) orders it before the wake, against the
+    // sleeper's fence after it announces itself (`wait_for`).
+    sub.interrupted.store(true, Release);
+    sub.interrupter.interrupt();
+    MEMSOCK_OK
 }
 
 /// Unsubscribes. Samples not released are given back, and their `data`

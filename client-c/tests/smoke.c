@@ -1,6 +1,9 @@
 /* The C API against a real broker: connecting, errors with their
  * messages, stats, closing. Usage: smoke SOCKET_PATH. Ends with a line
  * "N passed, N failed". */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -16,6 +19,62 @@ static void check(int ok, const char *what) {
         failed++;
         fprintf(stderr, "FAILED: %s (last error: %s)\n", what, memsock_last_error());
     }
+}
+
+/* Interrupts: a receive blocked in another thread, and one in a thread
+ * whose signal handler interrupts it. */
+static memsock_subscriber *interrupted_sub;
+
+static void *blocked_receive(void *arg) {
+    memsock_sample sample;
+    *(memsock_status *)arg = memsock_subscriber_recv(interrupted_sub, -1, &sample);
+    return NULL;
+}
+
+static void on_signal(int signo) {
+    (void)signo;
+    memsock_subscriber_interrupt(interrupted_sub);
+}
+
+static void check_interrupts(memsock_publisher *pub, memsock_subscriber *sub) {
+    memsock_sample sample;
+    check(memsock_subscriber_interrupt(NULL) == MEMSOCK_INVALID_ARGUMENT, "interrupt NULL");
+    check(memsock_subscriber_interrupt(sub) == MEMSOCK_OK, "interrupt");
+    check(memsock_subscriber_try_recv(sub, &sample) == MEMSOCK_INTERRUPTED, "the next receive reports it");
+    check(strstr(memsock_last_error(), "interrupt") != NULL, "and says so");
+    check(memsock_subscriber_try_recv(sub, &sample) == MEMSOCK_WOULD_BLOCK, "once");
+    memsock_subscriber_interrupt(sub);
+    memsock_subscriber_interrupt(sub);
+    check(memsock_subscriber_recv(sub, -1, &sample) == MEMSOCK_INTERRUPTED, "a pending interrupt ends a wait at once");
+    check(memsock_subscriber_recv(sub, 0, &sample) == MEMSOCK_TIMEOUT, "two before a receive count as one");
+    check(memsock_publisher_send_copy(pub, "f", 1, -1) == MEMSOCK_OK, "a frame queued");
+    memsock_subscriber_interrupt(sub);
+    check(memsock_subscriber_recv(sub, -1, &sample) == MEMSOCK_INTERRUPTED, "the interrupt comes before it");
+    check(memsock_subscriber_recv(sub, -1, &sample) == MEMSOCK_OK && sample.len == 1, "then the frame");
+    check(memsock_sample_release(sub, &sample) == MEMSOCK_OK, "released");
+
+    /* Another thread blocked without end: whether the interrupt comes
+     * before it sleeps or after, it returns MEMSOCK_INTERRUPTED. */
+    interrupted_sub = sub;
+    memsock_status status = MEMSOCK_OK;
+    pthread_t thread;
+    check(pthread_create(&thread, NULL, blocked_receive, &status) == 0, "a receiving thread");
+    check(memsock_subscriber_interrupt(sub) == MEMSOCK_OK, "interrupted from this thread");
+    pthread_join(thread, NULL);
+    check(status == MEMSOCK_INTERRUPTED, "the blocked receive returned MEMSOCK_INTERRUPTED");
+
+    /* A signal handler in the blocked thread itself. */
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_signal;
+    sigemptyset(&action.sa_mask);
+    check(sigaction(SIGUSR1, &action, NULL) == 0, "a handler");
+    status = MEMSOCK_OK;
+    check(pthread_create(&thread, NULL, blocked_receive, &status) == 0, "another receiving thread");
+    check(pthread_kill(thread, SIGUSR1) == 0, "signalled");
+    pthread_join(thread, NULL);
+    check(status == MEMSOCK_INTERRUPTED, "the handler's interrupt ended its receive");
+    check(memsock_subscriber_try_recv(sub, &sample) == MEMSOCK_WOULD_BLOCK, "nothing left over");
 }
 
 int main(int argc, char **argv) {
@@ -164,6 +223,7 @@ int main(int argc, char **argv) {
     check(memsock_subscriber_set_credits(sub, 7) == MEMSOCK_REFUSED, "more than the pool can promise");
     check(strstr(memsock_last_error(), "7 credits refused, 6 available") != NULL, "with the numbers");
     check(memsock_subscriber_set_credits(sub, 100) == MEMSOCK_INVALID_ARGUMENT, "more than the queue");
+    check_interrupts(pub, sub);
     uint64_t generation = memsock_subscriber_publisher_generation(sub);
     memsock_publisher_free(pub);
     check(memsock_subscriber_recv(sub, -1, &sample) == MEMSOCK_PUBLISHER_GONE, "its publisher went");

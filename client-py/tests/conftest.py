@@ -102,6 +102,44 @@ def eventually(cond, timeout=10.0):
     return cond()
 
 
+def check_a_killed_holder_gives_back(broker, spawn_holder):
+    """A subscriber process holding 3 frames of a 9-slot stream is killed
+    (SIGKILL): its credits are free again at once, though the publisher is
+    idle, and then its slots. `spawn_holder(socket, stream, n)` starts the
+    holder (a peer in some language that says "ready" and "holding")."""
+    client = broker.connect()
+    # Nine slots: seven to promise, two kept for the publisher's loans.
+    pub = client.publisher("held", slot_size=64, slots=9)
+    holder = spawn_holder(broker.socket, "held", 3)
+    holder.read_until("ready")
+    for i in range(3):
+        pub.send(bytes([i]))
+    holder.read_until("holding")
+    assert broker.stream("held")["free_slots"] == 6
+    holder.kill()
+
+    newcomer = []
+
+    def admitted():
+        try:
+            newcomer.append(client.subscribe("held", credits=7, wait=False))
+            return True
+        except memsock.CreditsRefused:
+            return False
+    assert eventually(admitted)
+    newcomer.pop().close()
+
+    # The lease ended: subscriber and slots reclaimed.
+    def reclaimed():
+        try:
+            pub.send(b"x", timeout=0)
+        except memsock.WouldBlock:
+            pass
+        s = broker.stream("held")
+        return not s["subscribers"] and s["free_slots"] == 9
+    assert eventually(reclaimed)
+
+
 @pytest.fixture
 def broker():
     b = Broker(_exe("MEMSOCK_EXE", "memsock"))

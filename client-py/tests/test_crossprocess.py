@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import memsock
-from conftest import _exe, eventually, frame_bytes, frame_len
+from conftest import _exe, check_a_killed_holder_gives_back, eventually, frame_bytes, frame_len
 
 
 def subscribe_in_background(broker, name, **kw):
@@ -85,38 +85,7 @@ def test_python_publisher_to_rust_subscriber(broker, rust_peer):
 
 
 def test_a_killed_python_subscriber_gives_its_slots_back(broker, py_peer):
-    client = broker.connect()
-    # Nine slots: seven to promise, two kept for the publisher's loans.
-    pub = client.publisher("held", slot_size=64, slots=9)
-    holder = py_peer("hold", broker.socket, "held", 3)
-    holder.read_until("ready")
-    for i in range(3):
-        pub.send(bytes([i]))
-    holder.read_until("holding")
-    assert broker.stream("held")["free_slots"] == 6
-    holder.kill()
-
-    # Its credits are free again at once, though the publisher is idle.
-    newcomer = []
-
-    def admitted():
-        try:
-            newcomer.append(client.subscribe("held", credits=7, wait=False))
-            return True
-        except memsock.CreditsRefused:
-            return False
-    assert eventually(admitted)
-    newcomer.pop().close()
-
-    # The lease ended: subscriber and slots reclaimed.
-    def reclaimed():
-        try:
-            pub.send(b"x", timeout=0)
-        except memsock.WouldBlock:
-            pass
-        s = broker.stream("held")
-        return not s["subscribers"] and s["free_slots"] == 9
-    assert eventually(reclaimed)
+    check_a_killed_holder_gives_back(broker, lambda socket, stream, n: py_peer("hold", socket, stream, n))
 
 
 def _in_futex_wait(pid):

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
 use rustix::io::FdFlags;
 use rustix::thread::futex;
-use rustix::time::{ClockId, Timespec};
+use rustix::time::Timespec;
 
 /// Granularity of a huge-page backed segment (2 MiB pages).
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -172,9 +172,19 @@ pub fn prefetch_for_read(addr: *const u8) {
 ///
 /// `CLOCK_MONOTONIC` is system-wide, so timestamps taken in different
 /// processes compare. Served by the vDSO: no system call.
+///
+/// Through the C library's `clock_gettime`, not rustix's: rustix finds
+/// the vDSO itself from the auxiliary vector, which valgrind rewrites
+/// (it read unmapped memory there and died), so that a C program using
+/// libmemsock could not be checked with memcheck. glibc's call goes to the
+/// same vDSO function.
 #[inline]
 pub fn now_ns() -> u64 {
-    let t = rustix::time::clock_gettime(ClockId::Monotonic);
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so the call cannot fail (and `t` stays zero if it
+    // somehow did).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) };
     (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
 }
 
