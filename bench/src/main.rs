@@ -10,6 +10,7 @@
 //! at a time.
 
 mod broker;
+mod cstream;
 mod reference;
 mod seed_ring;
 mod stream;
@@ -70,6 +71,21 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The C library against the Rust client: the same stream case in C
+    /// and in Rust, and C or Rust publishers to a Python consumer, in one
+    /// run (compiles bench/c/c_stream.c; needs target/pyenv or
+    /// MEMSOCK_PYTHON for the Python side).
+    C {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Multiplies every message count.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Measures everything this many times, interleaved, reporting medians.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// (internal) The seed article's hand-rolled ring producer, for the
     /// Python benchmark (`python -m memsock.bench`).
     #[command(hide = true)]
@@ -90,6 +106,7 @@ fn main() -> Result<()> {
             dataplane(json, scale, only.as_deref(), huge_pages, rounds.max(1))
         }
         Command::Broker { json, scale, rounds, only } => broker_bench(json, scale, rounds.max(1), only.as_deref()),
+        Command::C { json, scale, rounds } => c_bench(json, scale, rounds.max(1)),
         Command::RingProducer { path, count } => seed_ring::ring_producer(&path, count),
         Command::Child => child(),
     }
@@ -193,6 +210,23 @@ fn broker_targets(lines: &[Value]) -> Value {
     Value::Object(t)
 }
 
+/// `memsock-bench c`: C and Rust pairs interleaved, `rounds` times.
+fn c_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
+    let mut setup = cstream::Setup::new(scale)?;
+    let mut round = 0;
+    let rounds_lines = measure_rounds(rounds, json_out, || {
+        round += 1;
+        cstream::round(&mut setup, round)
+    })?;
+    let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, cstream::targets);
+    if json_out {
+        print_json(&figures, &targets);
+    } else {
+        print_table(&figures, &targets, &round_targets);
+    }
+    Ok(())
+}
+
 fn child() -> Result<()> {
     let spec: Value = serde_json::from_str(&std::env::var(sys::CHILD_ENV)?)?;
     match spec["role"].as_str() {
@@ -205,6 +239,8 @@ fn child() -> Result<()> {
         Some("connect_publisher") => broker::connect_publisher(&spec),
         Some("connect_subscriber") => broker::connect_subscriber(&spec),
         Some("lease_subscriber") => broker::lease_subscriber(&spec),
+        Some("cstream_publish") => cstream::publish_child(&spec),
+        Some("cstream_subscribe") => cstream::subscribe_child(&spec),
         other => bail!("unknown child role {other:?}"),
     }
 }

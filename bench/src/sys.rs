@@ -42,6 +42,15 @@ impl ChildProc {
         Ok((Self { child, out }, numbers))
     }
 
+    /// Starts another program (a C or Python side of a measurement),
+    /// reading its JSON lines as a child's.
+    pub fn command(command: &mut Command) -> Result<Self> {
+        let mut child =
+            command.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().context("spawning a benchmark program")?;
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self { child, out })
+    }
+
     /// Reads the child's next output line as JSON.
     pub fn read(&mut self) -> Result<Value> {
         let mut line = String::new();

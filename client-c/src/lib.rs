@@ -441,9 +441,8 @@ unsafe fn stream_config(config: *const memsock_stream_config) -> Result<StreamCo
 /// threads); free it before its client.
 #[derive(Debug)]
 pub struct memsock_publisher {
-    /// The loan `memsock_publisher_loan` gave, until sent or discarded
-    /// (dropped before the publisher).
-    current: Option<shm::Loan>,
+    /// Holds the loan `memsock_publisher_loan` gave parked
+    /// (`SampleMut::park`) until it is sent or discarded.
     inner: Publisher,
 }
 
@@ -470,7 +469,7 @@ pub unsafe extern "C" fn memsock_publisher_create(
         // SAFETY: by the contract.
         let (client, name, config) = unsafe { (client_ref(client)?, text(name, "name")?, stream_config(config)?) };
         let inner = client.publisher(name, &config)?;
-        let publisher = Box::into_raw(Box::new(memsock_publisher { current: None, inner }));
+        let publisher = Box::into_raw(Box::new(memsock_publisher { inner }));
         // SAFETY: `out` is not NULL and writable by the contract.
         unsafe { out.write(publisher) };
         Ok(())
@@ -536,12 +535,13 @@ pub unsafe extern "C" fn memsock_publisher_loan(
         }
         // SAFETY: by the contract.
         let p = unsafe { publisher_mut(publisher)? };
-        let mut sample = match p.current.take() {
-            Some(loan) => p.inner.resume(loan).map_err(|_| Failure::invalid("the loan is another publisher's"))?,
-            None => p.inner.loan()?,
+        let mut sample = match p.inner.has_parked() {
+            true => p.inner.unpark().ok_or_else(|| Failure::fixed(MEMSOCK_INTERNAL, "the parked loan vanished"))?,
+            false => p.inner.loan()?,
         };
         let (ptr, cap) = (sample.as_mut_ptr(), sample.capacity());
-        p.current = Some(sample.detach());
+        // Just unparked or loaned: nothing else is parked.
+        park(sample);
         // SAFETY: both writable by the contract.
         unsafe {
             data.write(ptr.cast());
@@ -551,35 +551,54 @@ pub unsafe extern "C" fn memsock_publisher_loan(
     })
 }
 
+/// Keeps `sample` as the publisher's current loan. Only ever called with
+/// nothing parked (the sample was just unparked or loaned), so it cannot
+/// be refused; were it, dropping the sample would give its slot back.
+#[inline]
+fn park(sample: shm::SampleMut<'_>) {
+    let _ = sample.park();
+}
+
+/// `send_current` once the frame has to wait: up to `timeout_ns`
+/// (negative: forever).
+#[cold]
+#[inline(never)]
+fn wait_and_send(mut sample: shm::SampleMut<'_>, timeout_ns: i64) -> Result<shm::SendInfo, shm::Unsent<'_>> {
+    if timeout_ns >= 0 {
+        return sample.try_send_timeout(Duration::from_nanos(timeout_ns as u64));
+    }
+    loop {
+        match sample.try_send_timeout(FOREVER) {
+            Err(unsent) if unsent.error == shm::SendError::Timeout => sample = unsent.sample,
+            sent => return sent,
+        }
+    }
+}
+
 /// Sends the first `len` bytes of the current loan, waiting at most
 /// `timeout_ns` (negative: forever; 0: not at all) for a lossless
 /// subscriber to make room. On `MEMSOCK_WOULD_BLOCK` or `MEMSOCK_TIMEOUT`
 /// the loan stays current: send it again, or discard it.
 fn send_current(p: &mut memsock_publisher, len: usize, timeout_ns: i64) -> Result<(), Failure> {
-    let loan = p.current.take().ok_or_else(|| Failure::invalid("no current loan: call memsock_publisher_loan"))?;
-    let mut sample = p.inner.resume(loan).map_err(|_| Failure::invalid("the loan is another publisher's"))?;
-    if len > sample.capacity() {
-        let e = Failure::invalid(&format!("len {len} is more than the slot's {} bytes", sample.capacity()));
-        p.current = Some(sample.detach());
-        return Err(e);
-    }
-    sample.set_len(len);
-    let sent = match timeout_ns {
-        0 => sample.try_send(),
-        t if t < 0 => loop {
-            match sample.try_send_timeout(FOREVER) {
-                Err(unsent) if unsent.error == shm::SendError::Timeout => sample = unsent.sample,
-                sent => break sent,
-            }
-        },
-        t => sample.try_send_timeout(Duration::from_nanos(t as u64)),
+    // Sent at once unless a lossless subscriber is full: only then the
+    // waiting (out of line).
+    let error = match p.inner.try_send_parked(len) {
+        None => return Err(Failure::invalid("no current loan: call memsock_publisher_loan")),
+        Some(Ok(_)) => return Ok(()),
+        Some(Err(shm::SendError::TooLarge { len, slot_size })) => {
+            return Err(Failure::invalid(&format!("len {len} is more than the slot's {slot_size} bytes")));
+        }
+        Some(Err(e @ shm::SendError::WouldBlock { .. })) if timeout_ns != 0 => e,
+        Some(Err(e)) => return Err(e.into()),
     };
-    match sent {
+    let Some(mut sample) = p.inner.unpark() else { return Err(error.into()) };
+    sample.set_len(len);
+    match wait_and_send(sample, timeout_ns) {
         Ok(_) => Ok(()),
         Err(unsent) => {
             let error = unsent.error;
-            if matches!(error, shm::SendError::WouldBlock { .. } | shm::SendError::Timeout) {
-                p.current = Some(unsent.sample.detach());
+            if error == shm::SendError::Timeout {
+                park(unsent.sample);
             }
             Err(error.into())
         }
@@ -625,10 +644,8 @@ pub unsafe extern "C" fn memsock_publisher_discard(publisher: *mut memsock_publi
     guard(|| {
         // SAFETY: by the contract.
         let p = unsafe { publisher_mut(publisher)? };
-        if let Some(loan) = p.current.take() {
-            // Resumed and dropped: the slot goes straight back.
-            drop(p.inner.resume(loan));
-        }
+        // Dropped unsent: the slot goes straight back.
+        drop(p.inner.unpark());
         Ok(())
     })
 }

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "memsock.h"
 
@@ -141,6 +143,33 @@ int main(int argc, char **argv) {
     check(memsock_publisher_send(pub, 65) == MEMSOCK_INVALID_ARGUMENT, "more than the slot");
     check(memsock_publisher_send(pub, 5) == MEMSOCK_OK, "the loan stayed current: sent");
     check(memsock_publisher_loan(pub, &data, &capacity) == MEMSOCK_OK, "another loan");
+    /* A forked child does not get the parent's current loan (the parent
+     * is filling that slot): its loan is refused. It reports through a
+     * pipe and ends by SIGKILL, so that no exit-time check (valgrind's
+     * leak check of the child) changes its answer. */
+    int report[2];
+    check(pipe(report) == 0, "a pipe");
+    pid_t child = fork();
+    if (child == 0) {
+        void *theirs = NULL;
+        size_t cap = 0;
+        memsock_status st = memsock_publisher_loan(pub, &theirs, &cap);
+        memsock_status sent = memsock_publisher_send(pub, 1);
+        char verdict = st == MEMSOCK_REFUSED && theirs == NULL && sent == MEMSOCK_REFUSED ? 'y'
+                       : theirs == data                                                ? 'p'
+                                                                                       : 'n';
+        if (write(report[1], &verdict, 1) != 1) {
+            _exit(1);
+        }
+        raise(SIGKILL);
+    }
+    char verdict = 0;
+    check(child > 0 && read(report[0], &verdict, 1) == 1 && waitpid(child, NULL, 0) == child, "forked");
+    check(verdict == 'y', "a forked child's loan and send are refused");
+    close(report[0]);
+    close(report[1]);
+    void *same = NULL;
+    check(memsock_publisher_loan(pub, &same, &capacity) == MEMSOCK_OK && same == data, "the parent's loan stays");
     check(memsock_publisher_discard(pub) == MEMSOCK_OK, "discarded");
     check(memsock_publisher_send_copy(pub, "copy", 4, 0) == MEMSOCK_OK, "send a copy");
     check(memsock_publisher_send_copy(pub, NULL, 4, 0) == MEMSOCK_INVALID_ARGUMENT, "copy from NULL");
@@ -149,7 +178,11 @@ int main(int argc, char **argv) {
     check(memsock_stats_json(client, "c-pub", &json) == MEMSOCK_OK, "its stats");
     check(json != NULL && strstr(json, "\"published\":2") != NULL, "two frames published");
     memsock_string_free(json);
+    check(memsock_publisher_loan(pub, &data, &capacity) == MEMSOCK_OK, "a loan current at the close");
     check(memsock_close_stream(client, "c-pub") == MEMSOCK_OK, "close it");
+    check(memsock_publisher_send(pub, 1) == MEMSOCK_CLOSED, "its send after the close");
+    check(memsock_publisher_send(pub, 1) == MEMSOCK_INVALID_ARGUMENT, "the loan is gone with it");
+    check(memsock_publisher_loan(pub, &data, &capacity) == MEMSOCK_CLOSED, "no loan after the close");
     check(memsock_publisher_send_copy(pub, "late", 4, 0) == MEMSOCK_CLOSED, "a send after the close");
     memsock_publisher_free(pub);
     memsock_publisher_free(NULL);
@@ -212,6 +245,13 @@ int main(int argc, char **argv) {
     }
     check(memsock_subscriber_try_recv(sub, &sample) == MEMSOCK_CREDITS_EXHAUSTED, "every credit held");
     check(strstr(memsock_last_error(), "release one") != NULL, "and what to do");
+    void *full = NULL, *again_full = NULL;
+    check(memsock_publisher_loan(pub, &full, &capacity) == MEMSOCK_OK, "a loan for a full subscriber");
+    check(memsock_publisher_send_timeout(pub, 1, 1000000) == MEMSOCK_TIMEOUT, "a millisecond without room");
+    check(memsock_publisher_send(pub, 1) == MEMSOCK_WOULD_BLOCK, "no room at once either");
+    check(memsock_publisher_loan(pub, &again_full, &capacity) == MEMSOCK_OK && again_full == full,
+          "the loan stayed current");
+    check(memsock_publisher_discard(pub) == MEMSOCK_OK, "and is discarded");
     copy = held[0];
     check(memsock_sample_release(sub, &held[0]) == MEMSOCK_OK, "release the first");
     check(memsock_sample_release(sub, &copy) == MEMSOCK_INVALID_ARGUMENT, "its copy is refused");

@@ -213,12 +213,14 @@ impl Publisher {
 
 impl Deref for Publisher {
     type Target = shm::Publisher;
+    #[inline]
     fn deref(&self) -> &shm::Publisher {
         self.inner.as_ref().expect("present until dropped")
     }
 }
 
 impl DerefMut for Publisher {
+    #[inline]
     fn deref_mut(&mut self) -> &mut shm::Publisher {
         self.inner.as_mut().expect("present until dropped")
     }
@@ -284,6 +286,7 @@ impl Subscriber {
 
 impl Deref for Subscriber {
     type Target = shm::Subscriber;
+    #[inline]
     fn deref(&self) -> &shm::Subscriber {
         &self.inner
     }

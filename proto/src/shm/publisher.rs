@@ -110,6 +110,8 @@ pub struct Publisher {
     forks: u64,
     /// Where channels of subscribers admitted later arrive.
     inbox: ChannelInbox,
+    /// The loan set aside by [`SampleMut::park`]: its slot and length.
+    parked: Option<(u32, u32)>,
 }
 
 /// Where the channel files of subscribers admitted after a [`Publisher`]
@@ -149,6 +151,9 @@ impl Drop for Publisher {
         if self.forked() {
             // The parent holds the role: leave shared memory alone.
             self.core.disown();
+        } else if let Some((slot, _)) = self.parked.take() {
+            // As a `SampleMut` dropped unsent.
+            self.core.abandon(slot);
         }
     }
 }
@@ -242,7 +247,7 @@ impl Publisher {
         let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
         platform::watch_forks();
         let id = NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count(), inbox })
+        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count(), inbox, parked: None })
     }
 
     /// Where the channels of subscribers admitted from now on are to be
@@ -262,6 +267,63 @@ impl Publisher {
         loan.dropped = None; // resumed: the sample owns the slot now
         let ptr = self.core.stream().payload_ptr(loan.slot);
         Ok(SampleMut { publisher: self, slot: loan.slot, ptr, len: loan.len })
+    }
+
+    /// Whether a loan is parked ([`SampleMut::park`]) that
+    /// [`unpark`](Self::unpark) would give.
+    #[inline]
+    pub fn has_parked(&self) -> bool {
+        self.parked.is_some() && !self.forked()
+    }
+
+    /// Takes back the loan [`SampleMut::park`] set aside, if any. Never in
+    /// a copy forked since the publisher opened: the slot is the parent's
+    /// to fill (as [`loan`](Self::loan) refuses there).
+    #[inline]
+    pub fn unpark(&mut self) -> Option<SampleMut<'_>> {
+        if self.forked() {
+            return None;
+        }
+        let (slot, len) = self.parked.take()?;
+        let ptr = self.core.stream().payload_ptr(slot);
+        Some(SampleMut { publisher: self, slot, ptr, len })
+    }
+
+    /// Sends the first `len` bytes of the parked loan without waiting, as
+    /// `unpark`, `set_len` and `SampleMut::try_send` would, but without
+    /// moving a sample around (the C library's send). `None` if nothing
+    /// is parked. The loan stays parked after [`SendError::TooLarge`] and
+    /// (with `len` set) [`SendError::WouldBlock`]; after any other
+    /// refusal, or a panic, its slot is given back as a dropped sample's.
+    /// In a copy forked since the publisher opened, a parked loan is the
+    /// parent's: [`SendError::Replaced`], leaving it alone.
+    #[inline]
+    pub fn try_send_parked(&mut self, len: usize) -> Option<Result<SendInfo, SendError>> {
+        if self.forked() {
+            return self.parked.map(|_| Err(SendError::Replaced));
+        }
+        let (slot, _) = self.parked?;
+        let slot_size = self.slot_size();
+        if len > slot_size {
+            return Some(Err(SendError::TooLarge { len, slot_size }));
+        }
+        // Out of `parked` while it is sent: should delivery panic, the
+        // sample's drop gives the slot back (never loaned out twice).
+        self.parked = None;
+        let ptr = self.core.stream().payload_ptr(slot);
+        let sample = SampleMut { publisher: self, slot, ptr, len: len as u32 };
+        Some(match sample.publisher.commit(slot, len as u32) {
+            Ok(info) => {
+                std::mem::forget(sample);
+                Ok(info)
+            }
+            Err(refusal @ CommitRefusal::WouldBlock { .. }) => {
+                let _ = sample.park();
+                Err(refusal.into())
+            }
+            // Dropped: the slot goes back.
+            Err(refusal) => Err(refusal.into()),
+        })
     }
 
     /// Takes back the slots and loans of `Loan`s dropped unsent.
@@ -409,6 +471,28 @@ impl<'p> SampleMut<'p> {
         }
     }
 
+    /// Sets the loan aside in its publisher, to be taken again with
+    /// [`Publisher::unpark`]: for bindings that cannot hold the borrow
+    /// between calls (the C library keeps one current loan this way).
+    /// Unlike [`detach`](Self::detach) it costs nothing (no shared count
+    /// to raise and lower), but the publisher holds one at a time: with
+    /// one parked already, the sample comes back. A parked loan still
+    /// counts against the loan budget; the publisher gives its slot back
+    /// when dropped.
+    ///
+    /// # Errors
+    /// The sample, if another loan is parked.
+    #[inline]
+    pub fn park(self) -> Result<(), Self> {
+        if self.publisher.parked.is_some() {
+            return Err(self);
+        }
+        // Not dropped: the slot stays loaned, now recorded in the publisher.
+        let mut this = std::mem::ManuallyDrop::new(self);
+        this.publisher.parked = Some((this.slot, this.len));
+        Ok(())
+    }
+
     /// The address of the slot (valid while the publisher lives): for
     /// bindings that expose the loan through another language's buffer
     /// protocol. Writing through it is allowed only while the loan is
@@ -485,32 +569,52 @@ impl<'p> SampleMut<'p> {
     ///
     /// # Errors
     /// [`SendError::Timeout`] or [`SendError::Closed`], with the sample.
+    #[inline]
     pub fn try_send_timeout(self, timeout: Duration) -> Result<SendInfo, Unsent<'p>> {
+        // The first try inline and without the clock: a frame that need
+        // not wait costs what `try_send` does.
+        match self.publisher.commit(self.slot, self.len) {
+            Ok(info) => {
+                std::mem::forget(self);
+                Ok(info)
+            }
+            Err(CommitRefusal::WouldBlock { subscriber }) => self.wait_and_send(subscriber, timeout),
+            Err(refusal) => Err(self.unsent(refusal)),
+        }
+    }
+
+    /// `try_send_timeout` once a lossless subscriber was full.
+    #[cold]
+    fn wait_and_send(self, mut subscriber: u32, timeout: Duration) -> Result<SendInfo, Unsent<'p>> {
         let deadline = Instant::now().checked_add(timeout);
+        let backoff = Backoff { spin: PUBLISHER_SPIN, park: true };
         loop {
+            if !self.publisher.core.wait_for_room(subscriber as usize, backoff, deadline) {
+                return Err(Unsent { error: SendError::Timeout, sample: self });
+            }
             match self.publisher.commit(self.slot, self.len) {
                 Ok(info) => {
                     std::mem::forget(self);
                     return Ok(info);
                 }
-                Err(CommitRefusal::WouldBlock { subscriber }) => {
-                    let backoff = Backoff { spin: PUBLISHER_SPIN, park: true };
-                    if !self.publisher.core.wait_for_room(subscriber as usize, backoff, deadline) {
-                        return Err(Unsent { error: SendError::Timeout, sample: self });
-                    }
-                }
+                Err(CommitRefusal::WouldBlock { subscriber: s }) => subscriber = s,
                 Err(refusal) => return Err(self.unsent(refusal)),
             }
         }
     }
 
     fn unsent(self, refusal: CommitRefusal) -> Unsent<'p> {
-        let error = match refusal {
+        Unsent { error: refusal.into(), sample: self }
+    }
+}
+
+impl From<CommitRefusal> for SendError {
+    fn from(refusal: CommitRefusal) -> Self {
+        match refusal {
             CommitRefusal::WouldBlock { subscriber } => SendError::WouldBlock { subscriber },
             CommitRefusal::Closed => SendError::Closed,
             CommitRefusal::Replaced => SendError::Replaced,
-        };
-        Unsent { error, sample: self }
+        }
     }
 }
 

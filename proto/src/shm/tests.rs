@@ -1237,3 +1237,118 @@ fn a_forgotten_sample_s_slot_is_given_back_by_number() {
     publisher.send(b"three").unwrap();
     assert_eq!(&*sub.try_recv().unwrap(), b"three");
 }
+
+#[test]
+fn a_parked_loan_is_taken_back_whole_one_at_a_time_and_freed_with_its_publisher() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    assert!(!publisher.has_parked() && publisher.unpark().is_none());
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice()[..2].copy_from_slice(b"hi");
+    sample.set_len(2);
+    let slot = sample.as_mut_ptr();
+    sample.park().unwrap();
+    assert!(publisher.has_parked());
+    // A second loan cannot be parked beside it: it comes back, and goes
+    // back to the pool when dropped.
+    let second = publisher.loan().unwrap();
+    let second = second.park().unwrap_err();
+    drop(second);
+    // The same slot, with what was written and its length.
+    let mut sample = publisher.unpark().unwrap();
+    assert_eq!((sample.as_mut_ptr(), &*sample), (slot, &b"hi"[..]));
+    sample.send().unwrap();
+    assert_eq!(&*sub.try_recv().unwrap(), b"hi");
+    // A parked loan counts against the loan budget (two here) like any.
+    publisher.loan().unwrap().park().unwrap();
+    let other = publisher.loan().unwrap().detach();
+    assert_eq!(publisher.loan().unwrap_err(), LoanError::TooManyLoans { budget: 2 });
+    drop(publisher.resume(other).unwrap());
+    // Dropped with a loan parked (given back as a dropped sample's is),
+    // the publisher leaves the stream to the next.
+    drop(publisher);
+    let mut publisher = seg.open_publisher().unwrap();
+    assert!(!publisher.has_parked());
+    publisher.send(b"next").unwrap();
+    assert_eq!(&*sub.try_recv().unwrap(), b"next");
+}
+
+#[test]
+fn a_send_with_a_timeout_that_need_not_wait_sends_and_one_that_must_times_out() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    let mut sample = publisher.loan().unwrap();
+    sample.set_len(1);
+    assert_eq!(sample.try_send_timeout(Duration::ZERO).unwrap().seq, 0);
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice()[0] = 7;
+    sample.set_len(1);
+    let unsent = sample.try_send_timeout(Duration::from_millis(10)).unwrap_err();
+    assert_eq!(unsent.error, SendError::Timeout);
+    drop(sub.try_recv().unwrap());
+    assert_eq!(unsent.sample.try_send_timeout(Duration::from_secs(60)).unwrap().seq, 1);
+    assert_eq!(*sub.try_recv().unwrap(), [7]);
+}
+
+#[test]
+fn a_parked_loan_is_sent_in_place_kept_when_it_must_wait_and_given_back_when_refused() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    assert!(publisher.try_send_parked(1).is_none(), "nothing parked");
+    let mut sample = publisher.loan().unwrap();
+    sample.as_mut_slice()[..3].copy_from_slice(b"abc");
+    sample.park().unwrap();
+    assert_eq!(publisher.try_send_parked(9), Some(Err(SendError::TooLarge { len: 9, slot_size: 8 })));
+    assert_eq!(publisher.try_send_parked(3).unwrap().unwrap().seq, 0);
+    assert!(!publisher.has_parked());
+    // The subscriber's one credit is taken: the next must wait, parked.
+    publisher.loan().unwrap().park().unwrap();
+    assert!(matches!(publisher.try_send_parked(1), Some(Err(SendError::WouldBlock { .. }))));
+    assert!(publisher.has_parked());
+    assert_eq!(&*sub.try_recv().unwrap(), b"abc");
+    assert_eq!(publisher.try_send_parked(1).unwrap().unwrap().seq, 1);
+    drop(sub.try_recv().unwrap());
+    // Closed: the loan's slot is given back, nothing stays parked.
+    publisher.loan().unwrap().park().unwrap();
+    seg.close();
+    assert_eq!(publisher.try_send_parked(1), Some(Err(SendError::Closed)));
+    assert!(!publisher.has_parked());
+}
+
+/// A panic in the middle of a parked loan's delivery (simulated at every
+/// point of a send) leaves nothing parked: the slot, which subscribers
+/// may hold, is not handed out again as the current loan.
+#[test]
+fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
+    for k in 1..8 {
+        let mut seg = segment(8, 4);
+        let _sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
+        let mut publisher = seg.open_publisher().unwrap();
+        publisher.loan().unwrap().park().unwrap();
+        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.try_send_parked(1)))
+        });
+        if !ran {
+            assert!(matches!(result, Ok(Some(Ok(_)))));
+            return; // past the last point of a send
+        }
+        assert!(result.is_err(), "the panic went through");
+        assert!(!publisher.has_parked() && publisher.unpark().is_none(), "point {k}: still parked");
+    }
+    panic!("a send has more points than the test tries");
+}
+
+#[test]
+fn a_parked_loan_that_must_wait_keeps_the_length_it_was_sent_with() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    publisher.send(b"a").unwrap();
+    publisher.loan().unwrap().park().unwrap();
+    assert!(matches!(publisher.try_send_parked(3), Some(Err(SendError::WouldBlock { .. }))));
+    assert_eq!(publisher.unpark().unwrap().len(), 3);
+    drop(sub);
+}
