@@ -1239,7 +1239,7 @@ fn a_forgotten_sample_s_slot_is_given_back_by_number() {
 }
 
 #[test]
-fn a_parked_loan_is_taken_back_whole_one_at_a_time_and_freed_with_its_publisher() {
+fn a_parked_loan_is_taken_back_whole_and_one_at_a_time() {
     let mut seg = segment(8, 4);
     let sub = seg.open_subscriber(&opts(2, OverflowPolicy::Lossless)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
