@@ -108,7 +108,9 @@ typedef enum memsock_status {
    */
   MEMSOCK_SHARED_MEMORY = 13,
   /**
-   * A bug in libmemsock (a panic, caught): please report it.
+   * A bug in libmemsock (a panic, caught): please report it. A publisher
+   * whose send it cut short refuses every later loan and send with this
+   * status too: free it, and the next publisher finishes the frame.
    */
   MEMSOCK_INTERNAL = 14,
   /**

@@ -64,7 +64,9 @@ pub enum memsock_status {
     MEMSOCK_LIMIT_REACHED = 12,
     /// The stream's shared memory could not be opened or mapped.
     MEMSOCK_SHARED_MEMORY = 13,
-    /// A bug in libmemsock (a panic, caught): please report it.
+    /// A bug in libmemsock (a panic, caught): please report it. A publisher
+    /// whose send it cut short refuses every later loan and send with this
+    /// status too: free it, and the next publisher finishes the frame.
     MEMSOCK_INTERNAL = 14,
     /// The subscriber holds as many samples as it has credits: release
     /// one before receiving more.
@@ -490,6 +492,7 @@ impl From<shm::LoanError> for Failure {
         let status = match e {
             shm::LoanError::Closed => MEMSOCK_CLOSED,
             shm::LoanError::TooManyLoans { .. } => MEMSOCK_INVALID_ARGUMENT,
+            shm::LoanError::Poisoned => MEMSOCK_INTERNAL,
             _ => MEMSOCK_REFUSED,
         };
         Self { status, message: e.to_string().into() }
@@ -509,6 +512,7 @@ impl From<shm::SendError> for Failure {
             shm::SendError::TooLarge { .. } => MEMSOCK_INVALID_ARGUMENT,
             shm::SendError::Closed => MEMSOCK_CLOSED,
             shm::SendError::Loan(e) => return e.into(),
+            shm::SendError::Poisoned => MEMSOCK_INTERNAL,
             _ => MEMSOCK_REFUSED,
         };
         Self { status, message: e.to_string().into() }

@@ -81,6 +81,10 @@ pub enum SendError {
     /// over), or this is a copy in a child forked since it opened.
     #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
+    /// A panic cut one of this publisher's sends short (see
+    /// [`LoanError::Poisoned`]): drop it.
+    #[error("a send of this publisher panicked part-way; drop it, and the next publisher finishes the frame")]
+    Poisoned,
 }
 
 /// A frame that could not be sent, handed back with the reason.
@@ -439,6 +443,7 @@ impl Publisher {
         let mut sample = self.loan().map_err(|e| match e {
             LoanError::Closed => SendError::Closed,
             LoanError::Replaced => SendError::Replaced,
+            LoanError::Poisoned => SendError::Poisoned,
             e => SendError::Loan(e),
         })?;
         sample.as_mut_slice()[..payload.len()].copy_from_slice(payload);
@@ -497,6 +502,7 @@ impl<'p> SampleMut<'p> {
     /// bindings that expose the loan through another language's buffer
     /// protocol. Writing through it is allowed only while the loan is
     /// held and not resumed elsewhere.
+    #[inline]
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr
     }
@@ -614,6 +620,7 @@ impl From<CommitRefusal> for SendError {
             CommitRefusal::WouldBlock { subscriber } => SendError::WouldBlock { subscriber },
             CommitRefusal::Closed => SendError::Closed,
             CommitRefusal::Replaced => SendError::Replaced,
+            CommitRefusal::Poisoned => SendError::Poisoned,
         }
     }
 }

@@ -178,6 +178,7 @@ impl Subscriber {
     /// sample forgotten and not given back yet: a number given twice, made
     /// up, or another subscriber's is refused here, before it could free
     /// a slot somebody still reads.
+    #[inline]
     pub fn release_slot(&self, slot: u32) -> bool {
         let Some(word) = self.forgotten.get(slot as usize / 64) else { return false };
         let bit = 1u64 << (slot % 64);
@@ -279,6 +280,7 @@ impl Sample<'_> {
     /// readable at the returned address, `info().len` long, until
     /// [`Subscriber::release_slot`] with its slot (or until the subscriber
     /// is dropped).
+    #[inline]
     pub fn forget(self) -> (*const u8, FrameInfo) {
         let this = std::mem::ManuallyDrop::new(self);
         // The slot is in range (`try_take` checked it): its bit exists.

@@ -563,7 +563,9 @@ impl Harness {
                         assert!(expect_block.is_some(), "unexpected WouldBlock");
                         self.publisher.abandon(slot);
                     }
-                    Err(refusal @ (CommitRefusal::Closed | CommitRefusal::Replaced)) => panic!("{refusal:?}"),
+                    Err(refusal @ (CommitRefusal::Closed | CommitRefusal::Replaced | CommitRefusal::Poisoned)) => {
+                        panic!("{refusal:?}")
+                    }
                     Ok(info) => {
                         assert!(expect_block.is_none(), "send should have blocked on {expect_block:?}");
                         assert_eq!(info.seq, self.next_seq);
@@ -1323,7 +1325,7 @@ fn a_parked_loan_is_sent_in_place_kept_when_it_must_wait_and_given_back_when_ref
 /// may hold, is not handed out again as the current loan.
 #[test]
 fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
-    for k in 1..8 {
+    for k in 0..8 {
         let mut seg = segment(8, 4);
         let _sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
         let mut publisher = seg.open_publisher().unwrap();
@@ -1339,6 +1341,191 @@ fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
         assert!(!publisher.has_parked() && publisher.unpark().is_none(), "point {k}: still parked");
     }
     panic!("a send has more points than the test tries");
+}
+
+/// Takes what `sub` has until it finds nothing, its credits run out or
+/// it ends: frames (kept in `held`) as `f<seq>`, news by name.
+fn take_all<'s>(sub: &'s Subscriber, held: &mut Vec<Sample<'s>>, log: &mut Vec<String>) {
+    loop {
+        match sub.try_recv() {
+            Ok(sample) => {
+                log.push(format!("f{}", sample.seq()));
+                held.push(sample);
+            }
+            Err(TryRecvError::Empty | TryRecvError::CreditsExhausted { .. }) => return,
+            Err(e @ (TryRecvError::PublisherGone | TryRecvError::PublisherBack)) => log.push(format!("{e:?}")),
+            Err(e) => return log.push(format!("{e:?}")), // the end
+        }
+    }
+}
+
+/// Sends frames that carry their own number until one is refused;
+/// returns how many went.
+fn send_numbered(publisher: &mut Publisher, most: usize) -> usize {
+    (0..most).take_while(|_| publisher.send(&[publisher.next_seq() as u8; 8]).is_ok()).count()
+}
+
+/// Review findings: a panic part-way through a send (simulated at every
+/// point) left the publisher going on with a private state that
+/// disagreed with shared memory — a slot queued to a subscriber without
+/// its holder bit went back on the free list and was written while read;
+/// a later loan acknowledged a close before the frame reached everyone;
+/// the publisher's drop counted its departure before it. Now the panic
+/// poisons the publisher: it refuses everything, and its drop leaves the
+/// repair to the owner. Every subscriber gets frame 1 or none does, before
+/// the publisher is gone and before the end; no held sample changes; no
+/// number is used twice.
+#[test]
+fn a_send_that_panics_poisons_its_publisher_and_the_owner_finishes_the_frame() {
+    for close in [false, true] {
+        for k in 0.. {
+            let mut seg = segment(8, 24);
+            let subs: Vec<_> = [OverflowPolicy::DropNewest, OverflowPolicy::KeepLatest, OverflowPolicy::Lossless]
+                .into_iter()
+                .map(|policy| seg.open_subscriber(&opts(6, policy)).unwrap())
+                .collect();
+            let mut publisher = seg.open_publisher().unwrap();
+            publisher.send(&[0; 8]).unwrap();
+            let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[1; 8])))
+            });
+            if !ran {
+                assert!(matches!(result, Ok(Ok(_))) && k > 0);
+                break; // past the last point of a send
+            }
+            let at = format!("point {k}, close {close}");
+            assert!(result.is_err(), "{at}: the panic went through");
+            if close {
+                seg.close();
+            }
+            assert!(matches!(publisher.loan(), Err(LoanError::Poisoned)), "{at}");
+            assert_eq!(publisher.send(&[9; 8]), Err(SendError::Poisoned), "{at}");
+            let mut held: Vec<Vec<Sample<'_>>> = subs.iter().map(|_| Vec::new()).collect();
+            let mut logs: Vec<Vec<String>> = subs.iter().map(|_| Vec::new()).collect();
+            // No news while it lives, nor once it has let go, until the
+            // owner has finished its frame.
+            let mut publisher = Some(publisher);
+            for round in 0..2 {
+                if round == 1 {
+                    drop(publisher.take());
+                }
+                for (i, sub) in subs.iter().enumerate() {
+                    take_all(sub, &mut held[i], &mut logs[i]);
+                    assert!(logs[i].iter().all(|e| e.starts_with('f')), "{at}: news too early: {:?}", logs[i]);
+                }
+            }
+            seg.publisher_released();
+            for (i, sub) in subs.iter().enumerate() {
+                take_all(sub, &mut held[i], &mut logs[i]);
+                // The frames, then the news (gone, or the end).
+                let news = logs[i].iter().position(|e| !e.starts_with('f')).unwrap_or(logs[i].len());
+                assert!(logs[i][news..].iter().all(|e| !e.starts_with('f')), "{at}: subscriber {i}: {:?}", logs[i]);
+            }
+            if !close {
+                let mut next = seg.open_publisher().unwrap();
+                send_numbered(&mut next, 3);
+            }
+            for (i, sub) in subs.iter().enumerate() {
+                take_all(sub, &mut held[i], &mut logs[i]);
+            }
+            let mut got_1 = 0;
+            for (i, log) in logs.iter().enumerate() {
+                let seqs: Vec<u64> = held[i].iter().map(|s| s.seq()).collect();
+                assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{at}: subscriber {i}: {log:?}");
+                for sample in &held[i] {
+                    assert_eq!(&**sample, &[sample.seq() as u8; 8][..], "{at}: subscriber {i}'s frame was overwritten");
+                }
+                got_1 += usize::from(log.iter().any(|e| e == "f1"));
+                let gone = log.iter().position(|e| e == "PublisherGone");
+                if close {
+                    // Its frames, then the news: gone (or not: the end
+                    // supersedes it), and the end.
+                    let frames = log.iter().filter(|e| e.starts_with('f')).count();
+                    assert!(gone.is_none_or(|g| g >= frames), "{at}: subscriber {i}: {log:?}");
+                    assert_eq!(log.last().map(String::as_str), Some("Closed"), "{at}: subscriber {i}: {log:?}");
+                } else {
+                    assert!(gone.is_some(), "{at}: subscriber {i} never heard the publisher go: {log:?}");
+                }
+            }
+            assert!(got_1 == 0 || got_1 == subs.len(), "{at}: frame 1 reached {got_1} of {}: {logs:?}", subs.len());
+        }
+    }
+}
+
+/// Review finding: a panic while the publisher read a lossless
+/// subscriber's returns (simulated at every point of the send that reads
+/// them) left returns applied but not counted: applied twice later, a slot
+/// the subscriber still read was loaned again, or a credit was lost for
+/// good. The owner's repair after the poisoned publisher goes counts each
+/// return once: the next publisher sends exactly what the credits allow.
+#[test]
+fn a_panic_while_reading_returns_loses_no_credit_and_frees_no_held_slot() {
+    for k in 0.. {
+        let mut seg = segment(8, 8);
+        let sub = seg.open_subscriber(&opts(6, OverflowPolicy::Lossless)).unwrap();
+        let mut publisher = seg.open_publisher().unwrap();
+        assert_eq!(send_numbered(&mut publisher, 6), 6);
+        let mut kept: Vec<_> = std::iter::from_fn(|| sub.try_recv().ok()).collect();
+        kept.drain(..4); // frames 0 to 3 go back; 4 and 5 stay held
+        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[6; 8])))
+        });
+        if !ran {
+            assert!(matches!(result, Ok(Ok(_))) && k > 0);
+            return; // past the last point of a send
+        }
+        assert!(result.is_err(), "point {k}: the panic went through");
+        assert!(matches!(publisher.loan(), Err(LoanError::Poisoned)), "point {k}");
+        drop(publisher);
+        seg.publisher_released();
+        let mut next = seg.open_publisher().unwrap();
+        let sent = send_numbered(&mut next, 8);
+        // Credits 6: the 2 held, frame 6 if it was delivered, and the rest.
+        let mut seqs: Vec<u64> = kept.iter().map(|s| s.seq()).collect();
+        for sample in std::iter::from_fn(|| sub.try_recv().ok()) {
+            seqs.push(sample.seq());
+            assert_eq!(&*sample, &[sample.seq() as u8; 8][..], "point {k}");
+            kept.push(sample);
+        }
+        for sample in &kept {
+            assert_eq!(&**sample, &[sample.seq() as u8; 8][..], "point {k}: a held frame was overwritten");
+        }
+        assert_eq!(seqs, (4..4 + seqs.len() as u64).collect::<Vec<_>>(), "point {k}: a gap");
+        assert_eq!(seqs.len(), 6, "point {k}: sent {sent} after the panic; credits lost or gained");
+    }
+}
+
+/// Review finding: a panic while the publisher took back a removed
+/// subscriber's slots (on its next send; simulated at every point) left
+/// its list of subscribers short until the table next changed: a lossless
+/// subscriber silently missed frames. Now the publisher is poisoned, and
+/// the next one, rebuilt from shared memory, reaches it.
+#[test]
+fn a_panic_while_taking_back_a_removed_subscriber_s_slots_loses_nobody_s_frames() {
+    for k in 0.. {
+        let mut seg = segment(8, 12);
+        let gone = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+        let stay = seg.open_subscriber(&opts(4, OverflowPolicy::Lossless)).unwrap();
+        let mut publisher = seg.open_publisher().unwrap();
+        assert_eq!(send_numbered(&mut publisher, 2), 2);
+        seg.remove_subscriber(gone.index()).unwrap();
+        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| send_numbered(&mut publisher, 1)))
+        });
+        if !ran {
+            assert_eq!(result.ok(), Some(1));
+            assert!(k > 0);
+            return; // past the last point of a send
+        }
+        assert!(matches!(publisher.loan(), Err(LoanError::Poisoned)), "point {k}");
+        drop(publisher);
+        seg.publisher_released();
+        let mut next = seg.open_publisher().unwrap();
+        send_numbered(&mut next, 1);
+        let seqs: Vec<u64> = std::iter::from_fn(|| stay.try_recv().ok()).map(|s| s.seq()).collect();
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "point {k}");
+        assert!(seqs.len() >= 3, "point {k}: the lossless subscriber got {seqs:?}");
+    }
 }
 
 #[test]

@@ -571,7 +571,13 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let ctl = &self.stream.header().control;
         // The last writer let go (publisher `Drop`, or here).
         let Ok(writer) = Writer::acquire(ctl, WRITER_NONE, WRITER_OWNER) else { return false };
-        self.reclaim_as_writer(writer).release(ctl);
+        let writer = self.reclaim_as_writer(writer);
+        // A poisoned publisher lets go without counting its departure
+        // (`PubCore::let_go_poisoned`): counted now, after its frame.
+        if count_departure(ctl) {
+            super::publisher::wake_all(&self.channels);
+        }
+        writer.release(ctl);
         true
     }
 
@@ -608,12 +614,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             // every frame it sent.
             let writer = self.reclaim_as_writer(writer);
             // Count the departure, unless the publisher did as it left.
-            // Release pairs with the subscribers' Acquire fence after their
-            // load in `SubCore::publisher_event`.
-            let now = ctl.publisher_changes.load(Relaxed);
-            if now % 2 == 1 {
-                let _ = ctl.publisher_changes.compare_exchange(now, now.wrapping_add(1), Release, Relaxed);
-            }
+            count_departure(ctl);
             writer.release(ctl);
         }
         self.publisher_released();
@@ -894,4 +895,14 @@ impl StreamConfig {
         }
         Ok(g)
     }
+}
+
+/// Counts a publisher's departure if it is not counted yet (the count is
+/// odd while a publisher is attached); returns whether it counted. Only
+/// the owner holding the writer role calls it, after finishing the
+/// publisher's frames. Release pairs with the subscribers' Acquire fence
+/// after their load in `SubCore::publisher_event`.
+fn count_departure(ctl: &crate::shm::layout::StreamControl) -> bool {
+    let now = ctl.publisher_changes.load(Relaxed);
+    now % 2 == 1 && ctl.publisher_changes.compare_exchange(now, now.wrapping_add(1), Release, Relaxed).is_ok()
 }

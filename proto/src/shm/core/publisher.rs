@@ -77,6 +77,8 @@ pub(crate) enum CommitRefusal {
     },
     Closed,
     Replaced,
+    /// A panic cut short one of this publisher's changes to shared memory.
+    Poisoned,
 }
 
 /// Why no slot could be loaned.
@@ -97,6 +99,11 @@ pub enum LoanError {
     /// publish.
     #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
+    /// A panic cut one of this publisher's sends short: its view of the
+    /// stream may no longer match the shared memory, so it refuses to go
+    /// on. Drop it; the next publisher finishes the interrupted frame.
+    #[error("a send of this publisher panicked part-way; drop it, and the next publisher finishes the frame")]
+    Poisoned,
     /// The publisher already holds as many loans (samples being written
     /// and detached loans) as its stream allows: send or drop one first.
     #[error("the publisher already holds its {budget} loan(s): send or drop one first")]
@@ -232,6 +239,16 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     /// is acknowledged only after, or a subscriber could see the end and
     /// then a frame.
     hold_close: bool,
+    /// Set while this writer changes shared memory (a loan, a send, a wait
+    /// for room, taking over). Set outside one, a panic cut it short: the
+    /// private state (free list, counts, subscriber list) may disagree
+    /// with shared memory, and a slot some subscriber reads may look free
+    /// (a push between entry and holder bit, a return applied but not
+    /// counted). Such a publisher is poisoned: it loans, sends, frees and
+    /// acknowledges nothing more, and lets go of the role with `dirty` set
+    /// and its departure uncounted, so the owner repairs from shared
+    /// memory (`repair`, `take_over`) before anyone sees it gone.
+    busy: bool,
 }
 
 impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
@@ -360,8 +377,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
             arrival: 0,
-
             hold_close: true,
+            // Until taken over: a panic in between poisons it.
+            busy: true,
         };
         this.sync_table();
         if let Some(frame) = interrupted {
@@ -374,6 +392,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             this.closed = true;
             acknowledge_close(&this.stream, &this.channels);
         }
+        this.busy = false;
         this
     }
 
@@ -553,9 +572,21 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     }
 
     /// Takes a free slot.
+    #[inline]
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
+        if self.busy {
+            return Err(LoanError::Poisoned);
+        }
+        self.busy = true;
+        let loaned = self.take_slot();
+        self.busy = false;
+        loaned
+    }
+
+    #[inline]
+    fn take_slot(&mut self) -> Result<u32, LoanError> {
         self.sync_table();
-        if self.closed || self.replaced {
+        if self.closed | self.replaced {
             return Err(if self.replaced { LoanError::Replaced } else { LoanError::Closed });
         }
         self.writer.take_loan().map_err(|budget| LoanError::TooManyLoans { budget })?;
@@ -580,15 +611,32 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         self.free.pop_front().ok_or(LoanError::PoolExhausted)
     }
 
+    /// The `Drop` of a poisoned publisher (see `busy`): lets go of the
+    /// role, if still ours, and touches nothing else. `dirty` stays set
+    /// and the departure uncounted: the owner repairs, rolls the
+    /// interrupted frame forward, and only then counts the departure and
+    /// acknowledges a close (`OwnerCore::reclaim_detached`), so that no
+    /// subscriber sees the publisher gone, or the end, before a frame
+    /// another one got.
+    #[cold]
+    fn let_go_poisoned(&mut self) {
+        let ctl = &self.stream.header().control;
+        if self.writer.role() == WRITER_PUBLISHER && self.writer.is_current(ctl) {
+            let _ = std::mem::replace(&mut self.writer, Writer::disowned()).release(ctl);
+        }
+    }
+
     /// Gives a loaned slot back unsent.
     pub(crate) fn abandon(&mut self, slot: u32) {
         self.writer.end_loan();
-        if self.replaced {
+        if self.replaced || self.busy {
+            // Replaced: not ours. Poisoned (`busy` outside a step): the
+            // slot whose delivery a panic cut short may be in some
+            // subscriber's queue without its holder bit yet (see `push`);
+            // the next writer sorts it out.
             return;
         }
-        // Unsent, so untouched by subscribers: reuse it first. (A slot whose
-        // delivery was interrupted by a panic carries holder bits: it is
-        // not free, and recovery sorts it out.)
+        // Unsent, so untouched by subscribers: reuse it first.
         if is_free(self.stream.mask(slot)) {
             self.free.push_front(slot);
         }
@@ -596,9 +644,21 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Sends the loaned `slot` holding `len` bytes to every subscriber.
     /// On refusal the slot stays loaned.
+    #[inline]
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
+        if self.busy {
+            return Err(CommitRefusal::Poisoned);
+        }
+        self.busy = true;
+        let sent = self.send_slot(slot, len, timestamp_ns);
+        self.busy = false;
+        sent
+    }
+
+    #[inline]
+    fn send_slot(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
         self.sync_table();
-        if self.closed || self.replaced {
+        if self.closed | self.replaced {
             return Err(if self.replaced { CommitRefusal::Replaced } else { CommitRefusal::Closed });
         }
         for i in 0..self.lossless.len() {
@@ -867,9 +927,13 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// Waits until lossless subscriber `s` has room, the subscriber table
     /// changes or `deadline` passes; returns false on timeout.
     pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
+        if self.busy {
+            return true; // poisoned: the caller's retry hears it
+        }
+        self.busy = true;
         let Self { writer, stream, channels, subs, free, table_gen, cap_mask, .. } = self;
         let (stream, channel, st) = (&*stream, channel_of(channels, s), &mut subs[s]);
-        wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
+        let room = wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
             if stream.header().control.table_gen.load(Acquire) != *table_gen {
                 return true; // detached or credits changed: let the caller retry
             }
@@ -878,7 +942,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
             collect_returns(writer, stream, channel, st, free, s, *cap_mask);
             st.held < st.credits
-        })
+        });
+        self.busy = false;
+        room
     }
 }
 
@@ -890,6 +956,10 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
         }
         if self.writer.role() == WRITER_NONE {
             return; // disowned: a copy in a forked child, or handed back
+        }
+        if self.busy {
+            self.let_go_poisoned();
+            return;
         }
         // Finish any detach the owner asked for: only a writer may.
         self.sync_table();
