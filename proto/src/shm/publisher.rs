@@ -426,7 +426,7 @@ impl Publisher {
 
     /// Sends the loaned `slot` (see `PubCore::commit`), stamped if the
     /// stream says so.
-    #[inline]
+    #[inline(always)]
     fn commit(&mut self, slot: u32, len: u32) -> Result<SendInfo, CommitRefusal> {
         if self.forked() {
             return Err(CommitRefusal::Replaced);

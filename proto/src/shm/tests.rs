@@ -1528,6 +1528,68 @@ fn a_panic_while_taking_back_a_removed_subscriber_s_slots_loses_nobody_s_frames(
     }
 }
 
+/// Second review: a panic in the writer's own code while a publisher
+/// took over after a poisoned one (attach), while the owner did (its
+/// reclaim), or in a publisher's drop (taking back a removed subscriber's
+/// slots), simulated at every point, left the writer role held by nobody
+/// alive: every later publisher was refused. Now the role is let go with
+/// `dirty` set: the next publisher repairs, and the lossless subscriber's
+/// frames come whole, in order, without a gap.
+#[test]
+fn a_panic_while_taking_over_or_letting_go_leaves_the_role_free() {
+    for stage in ["attach", "owner", "drop"] {
+        for k in 0.. {
+            let mut seg = segment(8, 12);
+            let gone = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+            let sub = seg.open_subscriber(&opts(4, OverflowPolicy::Lossless)).unwrap();
+            let mut publisher = seg.open_publisher().unwrap();
+            assert_eq!(send_numbered(&mut publisher, 2), 2);
+            let mut held: Vec<_> = std::iter::from_fn(|| sub.try_recv().ok()).collect();
+            if stage == "drop" {
+                seg.remove_subscriber(gone.index()).unwrap();
+            } else {
+                // Poisoned between a subscriber's entry and its bit.
+                let (result, _) = super::core::crash::hook::act_at(1, &mut || panic!("simulated panic"), || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[2; 8])))
+                });
+                assert!(result.is_err());
+            }
+            let panic = || -> Box<dyn FnMut()> { Box::new(|| panic!("simulated panic")) };
+            let (result, ran) = match stage {
+                "attach" => {
+                    drop(publisher);
+                    let (r, ran) = super::core::crash::hook::act_at(k, &mut *panic(), || {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(seg.open_publisher())))
+                    });
+                    (r, ran)
+                }
+                "owner" => {
+                    drop(publisher);
+                    super::core::crash::hook::act_at(k, &mut *panic(), || {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seg.publisher_released()))
+                    })
+                }
+                _ => super::core::crash::hook::act_at(k, &mut *panic(), || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(publisher)))
+                }),
+            };
+            if !ran {
+                assert!(result.is_ok() && k > 0, "{stage} {k}");
+                break; // past its last point
+            }
+            assert!(result.is_err(), "{stage} {k}: the panic went through");
+            let mut next = seg.open_publisher().unwrap_or_else(|e| panic!("{stage} {k}: {e}"));
+            assert!(send_numbered(&mut next, 2) > 0, "{stage} {k}");
+            held.extend(std::iter::from_fn(|| sub.try_recv().ok()));
+            let seqs: Vec<u64> = held.iter().map(|s| s.seq()).collect();
+            assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{stage} {k}");
+            for sample in &held {
+                assert_eq!(&**sample, &[sample.seq() as u8; 8][..], "{stage} {k}: a frame was overwritten");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_parked_loan_that_must_wait_keeps_the_length_it_was_sent_with() {
     let mut seg = segment(8, 4);

@@ -43,6 +43,7 @@ use crate::shm::layout::{
 };
 use crate::shm::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -330,33 +331,46 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let g = stream.layout().geometry;
         assert_eq!(channels.len(), g.max_subscribers as usize, "a place per subscriber index");
         let ctl = &stream.header().control;
-        let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&writer, &stream, &channels) } else { None };
-        // A predecessor may have died part-way through reading a return
-        // ring: read them all to the end now, before any slot is delivered
-        // again. A return it had applied finds its bit clear and changes
-        // nothing; one it had not is applied now.
-        for s in 0..channels.len() {
-            if let Some(channel) = active_channel(&stream, &channels, s) {
-                replay_returns(&writer, &stream, channel, s);
-            }
-        }
-        ctl.dirty.store(1, Relaxed);
-
         let subs_n = g.max_subscribers as usize;
-        let mut subs = vec![SubState::default(); subs_n];
-        let mut free = VecDeque::with_capacity(g.slot_count as usize);
-        for slot in (0..g.slot_count).rev() {
-            let mut empty = true;
-            for s in holders(stream.mask(slot)) {
-                empty = false;
-                if s < subs_n {
-                    subs[s].held += 1;
+        // Should our own code panic before `this` exists, let go of the
+        // role, `dirty` set (a `Writer` has no drop); from then on `busy`
+        // does it (`let_go_poisoned`).
+        let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let interrupted = if ctl.dirty.load(Relaxed) != 0 { repair(&writer, &stream, &channels) } else { None };
+            // A predecessor may have died part-way through reading a return
+            // ring: read them all to the end now, before any slot is delivered
+            // again. A return it had applied finds its bit clear and changes
+            // nothing; one it had not is applied now.
+            for s in 0..channels.len() {
+                if let Some(channel) = active_channel(&stream, &channels, s) {
+                    replay_returns(&writer, &stream, channel, s);
                 }
             }
-            if empty {
-                free.push_front(slot);
+            ctl.dirty.store(1, Relaxed);
+
+            let mut subs = vec![SubState::default(); subs_n];
+            let mut free = VecDeque::with_capacity(g.slot_count as usize);
+            for slot in (0..g.slot_count).rev() {
+                let mut empty = true;
+                for s in holders(stream.mask(slot)) {
+                    empty = false;
+                    if s < subs_n {
+                        subs[s].held += 1;
+                    }
+                }
+                if empty {
+                    free.push_front(slot);
+                }
             }
-        }
+            (interrupted, subs, free)
+        }));
+        let (interrupted, subs, free) = match prepared {
+            Ok(prepared) => prepared,
+            Err(panic) => {
+                writer.let_go(ctl);
+                std::panic::resume_unwind(panic)
+            }
+        };
         let ctl_loans = stream.header().ident.publisher_loans.load(Relaxed).clamp(1, g.slot_count - 1);
         writer.set_loan_budget(ctl_loans);
         let p = &stream.header().publisher;
@@ -572,7 +586,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     }
 
     /// Takes a free slot.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
         if self.busy {
             return Err(LoanError::Poisoned);
@@ -618,12 +632,10 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// acknowledges a close (`OwnerCore::reclaim_detached`), so that no
     /// subscriber sees the publisher gone, or the end, before a frame
     /// another one got.
+    /// (The owner's role too, should its take-over panic.)
     #[cold]
     fn let_go_poisoned(&mut self) {
-        let ctl = &self.stream.header().control;
-        if self.writer.role() == WRITER_PUBLISHER && self.writer.is_current(ctl) {
-            let _ = std::mem::replace(&mut self.writer, Writer::disowned()).release(ctl);
-        }
+        std::mem::replace(&mut self.writer, Writer::disowned()).let_go(&self.stream.header().control);
     }
 
     /// Gives a loaned slot back unsent.
@@ -644,7 +656,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Sends the loaned `slot` holding `len` bytes to every subscriber.
     /// On refusal the slot stays loaned.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
         if self.busy {
             return Err(CommitRefusal::Poisoned);
@@ -961,8 +973,12 @@ impl<S: StreamMem, C: ChannelMem> Drop for PubCore<S, C> {
             self.let_go_poisoned();
             return;
         }
-        // Finish any detach the owner asked for: only a writer may.
-        self.sync_table();
+        // Finish any detach the owner asked for: only a writer may. Should
+        // that panic, let go as a poisoned publisher does.
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| self.sync_table())) {
+            self.let_go_poisoned();
+            std::panic::resume_unwind(panic);
+        }
         if self.replaced || self.writer.role() != WRITER_PUBLISHER {
             return; // the role is somebody else's now, or the owner's to end
         }

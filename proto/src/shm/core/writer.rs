@@ -110,6 +110,13 @@ impl Writer {
     pub(crate) fn release(self, ctl: &StreamControl) -> bool {
         self.role != WRITER_NONE && ctl.writer.compare_exchange(self.role, WRITER_NONE, Release, Relaxed).is_ok()
     }
+
+    /// Releases the role if it is still ours, touching nothing else: for a
+    /// writer whose own code panicked part-way (`dirty` stays set, so the
+    /// next writer repairs). Returns whether it released.
+    pub(crate) fn let_go(self, ctl: &StreamControl) -> bool {
+        self.is_current(ctl) && self.release(ctl)
+    }
 }
 
 /// Subscriber `s`'s bit in a slot's holder mask (one bit per subscriber
