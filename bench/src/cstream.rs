@@ -193,21 +193,30 @@ impl Setup {
 
 /// One round: every case, the C and Rust sides of a pair back to back (in
 /// an order that alternates between rounds, against drift).
-pub fn round(setup: &mut Setup, round: usize) -> Result<Vec<Value>> {
+pub fn round(setup: &mut Setup, round: usize, only: Option<&str>) -> Result<Vec<Value>> {
     let langs = if round % 2 == 0 { ["c", "rust"] } else { ["rust", "c"] };
+    let want = |pair: &str| only.is_none_or(|o| pair.contains(o));
     let mut lines = Vec::new();
-    for size in SIZES {
+    for size in SIZES.into_iter().filter(|size| want(&format!("c_stream_{size}"))) {
         for lang in langs {
             lines.push(setup.c_stream(size, lang)?);
         }
     }
-    for api in ["recv", "recv_batch"] {
+    for api in ["recv", "recv_batch"].into_iter().filter(|api| want(&format!("python_{api}"))) {
         for lang in langs {
             lines.push(setup.python_case(lang, api)?);
         }
     }
     Ok(lines)
 }
+
+/// The targets of [`targets`]: key, what it compares, goal.
+pub const TARGETS: [(&str, &str, &str); 4] = [
+    ("c_vs_rust_64", "64 B C pair msgs/s ÷ Rust pair", ">= 0.95"),
+    ("c_vs_rust_1153434", "1.1 MB C pair msgs/s ÷ Rust pair", ">= 0.95"),
+    ("c_to_python_vs_rust_to_python_recv", "C → Python ÷ Rust → Python, recv", ">= 0.95"),
+    ("c_to_python_vs_rust_to_python_recv_batch", "C → Python ÷ Rust → Python, recv_batch", ">= 0.95"),
+];
 
 /// The round's ratios: C ÷ Rust per size, C → Python ÷ Rust → Python per
 /// API (targets: at least 0.95).

@@ -85,6 +85,10 @@ enum Command {
         /// Measures everything this many times, interleaved, reporting medians.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Only the pairs whose name contains this: `c_stream_64`,
+        /// `c_stream_1153434`, `python_recv` (both APIs), `python_recv_batch`.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// (internal) The seed article's hand-rolled ring producer, for the
     /// Python benchmark (`python -m memsock.bench`).
@@ -106,7 +110,7 @@ fn main() -> Result<()> {
             dataplane(json, scale, only.as_deref(), huge_pages, rounds.max(1))
         }
         Command::Broker { json, scale, rounds, only } => broker_bench(json, scale, rounds.max(1), only.as_deref()),
-        Command::C { json, scale, rounds } => c_bench(json, scale, rounds.max(1)),
+        Command::C { json, scale, rounds, only } => c_bench(json, scale, rounds.max(1), only.as_deref()),
         Command::RingProducer { path, count } => seed_ring::ring_producer(&path, count),
         Command::Child => child(),
     }
@@ -211,18 +215,18 @@ fn broker_targets(lines: &[Value]) -> Value {
 }
 
 /// `memsock-bench c`: C and Rust pairs interleaved, `rounds` times.
-fn c_bench(json_out: bool, scale: f64, rounds: usize) -> Result<()> {
+fn c_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -> Result<()> {
     let mut setup = cstream::Setup::new(scale)?;
     let mut round = 0;
     let rounds_lines = measure_rounds(rounds, json_out, || {
         round += 1;
-        cstream::round(&mut setup, round)
+        cstream::round(&mut setup, round, only)
     })?;
     let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, cstream::targets);
     if json_out {
         print_json(&figures, &targets);
     } else {
-        print_table(&figures, &targets, &round_targets);
+        print_table(&figures, &targets, &round_targets, &cstream::TARGETS);
     }
     Ok(())
 }
@@ -286,7 +290,7 @@ fn dataplane(json_out: bool, scale: f64, only: Option<&str>, huge_pages: bool, r
     if json_out {
         print_json(&figures, &targets);
     } else {
-        print_table(&figures, &targets, &round_targets);
+        print_table(&figures, &targets, &round_targets, &DATAPLANE_TARGETS);
     }
     Ok(())
 }
@@ -473,7 +477,28 @@ fn describe(v: &Value) -> String {
     }
 }
 
-fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
+/// The dataplane's targets: key, what it compares, goal.
+const DATAPLANE_TARGETS: [(&str, &str, &str); 15] = [
+    ("small_spin_nostamp_vs_reference_ring", "64 B spin, no timestamps, msgs/s ÷ reference ring", ">= 0.5"),
+    ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read", ">= 0.9"),
+    ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring (info)", "-"),
+    ("stamped_ring_vs_reference_ring", "ring + clock read ÷ reference ring (info)", "-"),
+    ("big_spin_vs_memcpy", "1.1 MB spin GB/s ÷ memcpy", ">= 0.9"),
+    ("big_block_vs_memcpy", "1.1 MB block GB/s ÷ memcpy", ">= 0.9"),
+    ("big_spin_vs_reference_ring", "1.1 MB spin GB/s ÷ bare ring", ">= 0.95"),
+    ("big_spin_header_vs_reference_ring_header", "1.1 MB spin, header read, ÷ bare ring read so", ">= 0.95"),
+    ("big_reference_ring_vs_memcpy", "1.1 MB bare ring GB/s ÷ memcpy (info)", "-"),
+    ("small_spin_p50_vs_cacheline", "64 B spin p50 ÷ cache-line one-way", "<= 2"),
+    ("small_block_p50_vs_futex", "64 B block p50 ÷ futex one-way", "<= 1.2"),
+    ("small_pub_cpu_4_vs_1", "64 B block publisher CPU, 4 subs ÷ 1", "<= 2"),
+    ("big_pub_cpu_4_vs_1", "1.1 MB block publisher CPU, 4 subs ÷ 1", "<= 2"),
+    ("small_pub_cpu_hostile_vs_plain", "64 B block publisher CPU, hostile peer ÷ none", "~ 1"),
+    ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
+];
+
+/// The figures as a table, then each target (`rows`: key, what, goal)
+/// with its median and range over the rounds.
+fn print_table(lines: &[Value], targets: &Value, rounds: &[Value], rows: &[(&str, &str, &str)]) {
     let f = |v: &Value, k: &str, scale: f64, prec: usize| match v[k].as_f64() {
         Some(x) => format!("{:.*}", prec, x / scale),
         None => "-".into(),
@@ -485,7 +510,9 @@ fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
     for v in lines {
         let case = v["case"].as_str().unwrap_or("?");
         let oneway = f(v, "one_way_ns", 1.0, 1);
-        let variant = stream::variant(v);
+        let mut variant: Vec<&str> = stream::variant(v);
+        // The C benchmark's lines name their language or API instead.
+        variant.extend(["lang", "api"].iter().filter_map(|k| v[*k].as_str()));
         println!(
             "{:<22} {:>9} {:>5} {:>6} {:>16} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
             case,
@@ -506,24 +533,7 @@ fn print_table(lines: &[Value], targets: &Value, rounds: &[Value]) {
         );
     }
     println!("\ntargets (ratios within each round; median and range of {} rounds):", rounds.len());
-    let rows = [
-        ("small_spin_nostamp_vs_reference_ring", "64 B spin, no timestamps, msgs/s ÷ reference ring", ">= 0.5"),
-        ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read", ">= 0.9"),
-        ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring (info)", "-"),
-        ("stamped_ring_vs_reference_ring", "ring + clock read ÷ reference ring (info)", "-"),
-        ("big_spin_vs_memcpy", "1.1 MB spin GB/s ÷ memcpy", ">= 0.9"),
-        ("big_block_vs_memcpy", "1.1 MB block GB/s ÷ memcpy", ">= 0.9"),
-        ("big_spin_vs_reference_ring", "1.1 MB spin GB/s ÷ bare ring", ">= 0.95"),
-        ("big_spin_header_vs_reference_ring_header", "1.1 MB spin, header read, ÷ bare ring read so", ">= 0.95"),
-        ("big_reference_ring_vs_memcpy", "1.1 MB bare ring GB/s ÷ memcpy (info)", "-"),
-        ("small_spin_p50_vs_cacheline", "64 B spin p50 ÷ cache-line one-way", "<= 2"),
-        ("small_block_p50_vs_futex", "64 B block p50 ÷ futex one-way", "<= 1.2"),
-        ("small_pub_cpu_4_vs_1", "64 B block publisher CPU, 4 subs ÷ 1", "<= 2"),
-        ("big_pub_cpu_4_vs_1", "1.1 MB block publisher CPU, 4 subs ÷ 1", "<= 2"),
-        ("small_pub_cpu_hostile_vs_plain", "64 B block publisher CPU, hostile peer ÷ none", "~ 1"),
-        ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
-    ];
-    for (key, what, goal) in rows {
+    for &(key, what, goal) in rows {
         let each: Vec<f64> = rounds.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
         let (lo, hi) = each.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
         println!("  {what:<44} {:>9.4}  ({lo:.3}–{hi:.3})   target {goal}", targets[key].as_f64().unwrap_or(f64::NAN));

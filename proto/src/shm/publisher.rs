@@ -384,7 +384,7 @@ impl Publisher {
     /// sample.send()?;
     /// # Ok(()) }
     /// ```
-    #[inline]
+    #[inline(always)]
     pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
         if self.forked() {
             return Err(LoanError::Replaced);
