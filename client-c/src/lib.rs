@@ -134,18 +134,30 @@ fn set_last_error(message: &str) {
 
 /// Runs `f` for C: its failure becomes a status and the last error, and a
 /// panic `MEMSOCK_INTERNAL` (it must not unwind into C).
+///
+/// The status, not the `Result`, crosses `catch_unwind` (which passes its
+/// closure's result through memory): a success is a register, never a
+/// 32-byte value stored in parts and reloaded whole on the per-frame path
+/// (a load the processor cannot forward, which waits for every earlier
+/// store, those to lines another process holds included).
+#[inline(always)]
 fn guard(f: impl FnOnce() -> Result<(), Failure>) -> memsock_status {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => MEMSOCK_OK,
-        Ok(Err(failure)) => {
-            set_last_error(&failure.message);
-            failure.status
-        }
-        Err(_) => {
-            set_last_error("internal error: libmemsock panicked (please report it)");
-            MEMSOCK_INTERNAL
-        }
-    }
+    let status = catch_unwind(AssertUnwindSafe(|| match f() {
+        Ok(()) => MEMSOCK_OK,
+        Err(failure) => failed(failure),
+    }));
+    status.unwrap_or_else(|_| {
+        set_last_error("internal error: libmemsock panicked (please report it)");
+        MEMSOCK_INTERNAL
+    })
+}
+
+/// Records `failure` as the thread's last error; its status.
+#[cold]
+#[inline(never)]
+fn failed(failure: Failure) -> memsock_status {
+    set_last_error(&failure.message);
+    failure.status
 }
 
 /// A C string argument as UTF-8; `what` names it in the error.
