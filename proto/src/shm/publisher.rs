@@ -81,9 +81,9 @@ pub enum SendError {
     /// over), or this is a copy in a child forked since it opened.
     #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
-    /// A panic cut one of this publisher's sends short (see
+    /// A panic cut one of this publisher's loans or sends short (see
     /// [`LoanError::Poisoned`]): drop it.
-    #[error("a send of this publisher panicked part-way; drop it, and the next publisher finishes the frame")]
+    #[error("a loan or send of this publisher panicked part-way; drop it, and the stream is repaired")]
     Poisoned,
 }
 

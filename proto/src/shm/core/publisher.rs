@@ -100,10 +100,10 @@ pub enum LoanError {
     /// publish.
     #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
     Replaced,
-    /// A panic cut one of this publisher's sends short: its view of the
-    /// stream may no longer match the shared memory, so it refuses to go
-    /// on. Drop it; the next publisher finishes the interrupted frame.
-    #[error("a send of this publisher panicked part-way; drop it, and the next publisher finishes the frame")]
+    /// A panic cut one of this publisher's loans or sends short: its view
+    /// of the stream may no longer match the shared memory, so it refuses
+    /// to go on. Drop it; the owner finishes what it left half done.
+    #[error("a loan or send of this publisher panicked part-way; drop it, and the stream is repaired")]
     Poisoned,
     /// The publisher already holds as many loans (samples being written
     /// and detached loans) as its stream allows: send or drop one first.
@@ -585,16 +585,23 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         std::mem::replace(&mut self.writer, Writer::disowned())
     }
 
+    /// Runs `step`, a change to shared memory, marked `busy`; `poisoned`
+    /// instead if an earlier one never finished (see `busy`).
+    #[inline(always)]
+    fn step<R>(&mut self, poisoned: R, step: impl FnOnce(&mut Self) -> R) -> R {
+        if self.busy {
+            return poisoned;
+        }
+        self.busy = true;
+        let done = step(self);
+        self.busy = false;
+        done
+    }
+
     /// Takes a free slot.
     #[inline(always)]
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
-        if self.busy {
-            return Err(LoanError::Poisoned);
-        }
-        self.busy = true;
-        let loaned = self.take_slot();
-        self.busy = false;
-        loaned
+        self.step(Err(LoanError::Poisoned), Self::take_slot)
     }
 
     #[inline(always)]
@@ -631,8 +638,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// interrupted frame forward, and only then counts the departure and
     /// acknowledges a close (`OwnerCore::reclaim_detached`), so that no
     /// subscriber sees the publisher gone, or the end, before a frame
-    /// another one got.
-    /// (The owner's role too, should its take-over panic.)
+    /// another one got. (It lets go of the owner's role too, should the
+    /// owner's take-over panic.)
     #[cold]
     fn let_go_poisoned(&mut self) {
         std::mem::replace(&mut self.writer, Writer::disowned()).let_go(&self.stream.header().control);
@@ -658,13 +665,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// On refusal the slot stays loaned.
     #[inline(always)]
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
-        if self.busy {
-            return Err(CommitRefusal::Poisoned);
-        }
-        self.busy = true;
-        let sent = self.send_slot(slot, len, timestamp_ns);
-        self.busy = false;
-        sent
+        self.step(Err(CommitRefusal::Poisoned), |this| this.send_slot(slot, len, timestamp_ns))
     }
 
     // Inlined, as `deliver`: what it returns stays in registers.
@@ -944,14 +945,15 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
 
     /// Waits until lossless subscriber `s` has room, the subscriber table
     /// changes or `deadline` passes; returns false on timeout.
+    /// (Poisoned: true at once, and the caller's retry hears why.)
     pub(crate) fn wait_for_room(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
-        if self.busy {
-            return true; // poisoned: the caller's retry hears it
-        }
-        self.busy = true;
+        self.step(true, |this| this.wait_for_room_unmarked(s, backoff, deadline))
+    }
+
+    fn wait_for_room_unmarked(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
         let Self { writer, stream, channels, subs, free, table_gen, cap_mask, .. } = self;
         let (stream, channel, st) = (&*stream, channel_of(channels, s), &mut subs[s]);
-        let room = wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
+        wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
             if stream.header().control.table_gen.load(Acquire) != *table_gen {
                 return true; // detached or credits changed: let the caller retry
             }
@@ -960,9 +962,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
             collect_returns(writer, stream, channel, st, free, s, *cap_mask);
             st.held < st.credits
-        });
-        self.busy = false;
-        room
+        })
     }
 }
 
