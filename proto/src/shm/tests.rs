@@ -1330,9 +1330,7 @@ fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
         let _sub = seg.open_subscriber(&opts(2, OverflowPolicy::DropNewest)).unwrap();
         let mut publisher = seg.open_publisher().unwrap();
         publisher.loan().unwrap().park().unwrap();
-        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.try_send_parked(1)))
-        });
+        let (result, ran) = panic_at(k, || publisher.try_send_parked(1));
         if !ran {
             assert!(matches!(result, Ok(Some(Ok(_)))));
             return; // past the last point of a send
@@ -1341,6 +1339,15 @@ fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
         assert!(!publisher.has_parked() && publisher.unpark().is_none(), "point {k}: still parked");
     }
     panic!("a send has more points than the test tries");
+}
+
+/// Runs `body`, panicking (as a bug would) at its `k`-th crash point;
+/// the panic caught. Returns `body`'s result, or the panic, and whether
+/// the panic happened (false: `body` has fewer points).
+fn panic_at<R>(k: u32, body: impl FnOnce() -> R) -> (std::thread::Result<R>, bool) {
+    super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
+    })
 }
 
 /// Takes what `sub` has until it finds nothing, its credits run out or
@@ -1386,9 +1393,7 @@ fn a_send_that_panics_poisons_its_publisher_and_the_owner_finishes_the_frame() {
                 .collect();
             let mut publisher = seg.open_publisher().unwrap();
             publisher.send(&[0; 8]).unwrap();
-            let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[1; 8])))
-            });
+            let (result, ran) = panic_at(k, || publisher.send(&[1; 8]));
             if !ran {
                 assert!(matches!(result, Ok(Ok(_))) && k > 0);
                 break; // past the last point of a send
@@ -1467,9 +1472,7 @@ fn a_panic_while_reading_returns_loses_no_credit_and_frees_no_held_slot() {
         assert_eq!(send_numbered(&mut publisher, 6), 6);
         let mut kept: Vec<_> = std::iter::from_fn(|| sub.try_recv().ok()).collect();
         kept.drain(..4); // frames 0 to 3 go back; 4 and 5 stay held
-        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[6; 8])))
-        });
+        let (result, ran) = panic_at(k, || publisher.send(&[6; 8]));
         if !ran {
             assert!(matches!(result, Ok(Ok(_))) && k > 0);
             return; // past the last point of a send
@@ -1509,9 +1512,7 @@ fn a_panic_while_taking_back_a_removed_subscriber_s_slots_loses_nobody_s_frames(
         let mut publisher = seg.open_publisher().unwrap();
         assert_eq!(send_numbered(&mut publisher, 2), 2);
         seg.remove_subscriber(gone.index()).unwrap();
-        let (result, ran) = super::core::crash::hook::act_at(k, &mut || panic!("simulated panic"), || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| send_numbered(&mut publisher, 1)))
-        });
+        let (result, ran) = panic_at(k, || send_numbered(&mut publisher, 1));
         if !ran {
             assert_eq!(result.ok(), Some(1));
             assert!(k > 0);
@@ -1549,29 +1550,19 @@ fn a_panic_while_taking_over_or_letting_go_leaves_the_role_free() {
                 seg.remove_subscriber(gone.index()).unwrap();
             } else {
                 // Poisoned between a subscriber's entry and its bit.
-                let (result, _) = super::core::crash::hook::act_at(1, &mut || panic!("simulated panic"), || {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publisher.send(&[2; 8])))
-                });
+                let (result, _) = panic_at(1, || publisher.send(&[2; 8]));
                 assert!(result.is_err());
             }
-            let panic = || -> Box<dyn FnMut()> { Box::new(|| panic!("simulated panic")) };
             let (result, ran) = match stage {
                 "attach" => {
                     drop(publisher);
-                    let (r, ran) = super::core::crash::hook::act_at(k, &mut *panic(), || {
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(seg.open_publisher())))
-                    });
-                    (r, ran)
+                    panic_at(k, || drop(seg.open_publisher()))
                 }
                 "owner" => {
                     drop(publisher);
-                    super::core::crash::hook::act_at(k, &mut *panic(), || {
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seg.publisher_released()))
-                    })
+                    panic_at(k, || seg.publisher_released())
                 }
-                _ => super::core::crash::hook::act_at(k, &mut *panic(), || {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(publisher)))
-                }),
+                _ => panic_at(k, || drop(publisher)),
             };
             if !ran {
                 assert!(result.is_ok() && k > 0, "{stage} {k}");
