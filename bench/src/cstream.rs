@@ -144,7 +144,7 @@ impl Setup {
 
     /// `{"case":"c_stream","size":S,"lang":L,"msgs_per_s":X,"gbytes_per_s":Y}`.
     pub fn c_stream(&mut self, size: usize, lang: &str) -> Result<Value> {
-        let count = if size <= 4096 { self.count(2e6) } else { self.count(3e3) };
+        let count = if size <= 4096 { self.count(1e6) } else { self.count(3e3) };
         let credits = geometry(size).1;
         let stream = self.stream_name();
         let subscriber = if lang == "c" {

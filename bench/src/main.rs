@@ -82,8 +82,10 @@ enum Command {
         /// Multiplies every message count.
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
-        /// Measures everything this many times, interleaved, reporting medians.
-        #[arg(long, default_value_t = 5)]
+        /// Measures everything this many times, interleaved, reporting
+        /// medians (many short rounds: on a shared machine a pair's rate
+        /// swings between rounds far more than within one).
+        #[arg(long, default_value_t = 21)]
         rounds: usize,
         /// Only the pairs whose name contains this: `c_stream_64`,
         /// `c_stream_1153434`, `python_recv` (both APIs), `python_recv_batch`.

@@ -85,10 +85,14 @@ struct Failure {
 }
 
 impl Failure {
+    #[cold]
+    #[inline(never)]
     fn invalid(what: &str) -> Self {
         Self { status: MEMSOCK_INVALID_ARGUMENT, message: what.to_owned().into() }
     }
 
+    #[cold]
+    #[inline(never)]
     fn fixed(status: memsock_status, message: &'static str) -> Self {
         Self { status, message: message.into() }
     }
@@ -551,13 +555,7 @@ pub unsafe extern "C" fn memsock_publisher_loan(
         }
         // SAFETY: by the contract.
         let p = unsafe { publisher_mut(publisher)? };
-        let mut sample = match p.inner.has_parked() {
-            true => p.inner.unpark().ok_or_else(|| Failure::fixed(MEMSOCK_INTERNAL, "the parked loan vanished"))?,
-            false => p.inner.loan()?,
-        };
-        let (ptr, cap) = (sample.as_mut_ptr(), sample.capacity());
-        // Just unparked or loaned: nothing else is parked.
-        park(sample);
+        let (ptr, cap) = p.inner.loan_parked()?;
         // SAFETY: both writable by the contract.
         unsafe {
             data.write(ptr.cast());
@@ -567,25 +565,13 @@ pub unsafe extern "C" fn memsock_publisher_loan(
     })
 }
 
-/// Keeps `sample` as the publisher's current loan. Only ever called with
-/// nothing parked (the sample was just unparked or loaned), so it cannot
-/// be refused; were it, dropping the sample would give its slot back.
-#[inline]
-fn park(sample: shm::SampleMut<'_>) {
-    let _ = sample.park();
-}
-
-/// `send_current` once the frame has to wait: up to `timeout_ns`
-/// (negative: forever).
+/// `send_current` without end: after each `FOREVER` waited, again.
 #[cold]
 #[inline(never)]
-fn wait_and_send(mut sample: shm::SampleMut<'_>, timeout_ns: i64) -> Result<shm::SendInfo, shm::Unsent<'_>> {
-    if timeout_ns >= 0 {
-        return sample.try_send_timeout(Duration::from_nanos(timeout_ns as u64));
-    }
+fn send_forever(p: &mut memsock_publisher, len: usize) -> Option<Result<shm::SendInfo, shm::SendError>> {
     loop {
-        match sample.try_send_timeout(FOREVER) {
-            Err(unsent) if unsent.error == shm::SendError::Timeout => sample = unsent.sample,
+        match p.inner.send_parked_timeout(len, FOREVER) {
+            Some(Err(shm::SendError::Timeout)) => {}
             sent => return sent,
         }
     }
@@ -595,29 +581,27 @@ fn wait_and_send(mut sample: shm::SampleMut<'_>, timeout_ns: i64) -> Result<shm:
 /// `timeout_ns` (negative: forever; 0: not at all) for a lossless
 /// subscriber to make room. On `MEMSOCK_WOULD_BLOCK` or `MEMSOCK_TIMEOUT`
 /// the loan stays current: send it again, or discard it.
+#[inline(always)]
 fn send_current(p: &mut memsock_publisher, len: usize, timeout_ns: i64) -> Result<(), Failure> {
-    // Sent at once unless a lossless subscriber is full: only then the
-    // waiting (out of line).
-    let error = match p.inner.try_send_parked(len) {
-        None => return Err(Failure::invalid("no current loan: call memsock_publisher_loan")),
-        Some(Ok(_)) => return Ok(()),
-        Some(Err(shm::SendError::TooLarge { len, slot_size })) => {
-            return Err(Failure::invalid(&format!("len {len} is more than the slot's {slot_size} bytes")));
-        }
-        Some(Err(e @ shm::SendError::WouldBlock { .. })) if timeout_ns != 0 => e,
-        Some(Err(e)) => return Err(e.into()),
-    };
-    let Some(mut sample) = p.inner.unpark() else { return Err(error.into()) };
-    sample.set_len(len);
-    match wait_and_send(sample, timeout_ns) {
-        Ok(_) => Ok(()),
-        Err(unsent) => {
-            let error = unsent.error;
-            if error == shm::SendError::Timeout {
-                park(unsent.sample);
+    // One try, and only if a lossless subscriber is full the waiting (out
+    // of line in the data plane), as a Rust sender's.
+    let sent = match timeout_ns {
+        0 => p.inner.try_send_parked(len),
+        t => {
+            let timeout = if t < 0 { FOREVER } else { Duration::from_nanos(t as u64) };
+            match p.inner.send_parked_timeout(len, timeout) {
+                Some(Err(shm::SendError::Timeout)) if t < 0 => send_forever(p, len),
+                sent => sent,
             }
-            Err(error.into())
         }
+    };
+    match sent {
+        None => Err(Failure::invalid("no current loan: call memsock_publisher_loan")),
+        Some(Ok(_)) => Ok(()),
+        Some(Err(shm::SendError::TooLarge { len, slot_size })) => {
+            Err(Failure::invalid(&format!("len {len} is more than the slot's {slot_size} bytes")))
+        }
+        Some(Err(e)) => Err(e.into()),
     }
 }
 
@@ -892,10 +876,12 @@ unsafe fn subscriber_ref<'a>(subscriber: *const memsock_subscriber) -> Result<&'
     unsafe { subscriber.as_ref() }.ok_or_else(|| Failure::invalid("subscriber is NULL"))
 }
 
+#[cold]
 fn interrupted() -> Failure {
     Failure::fixed(MEMSOCK_INTERRUPTED, "interrupted by memsock_subscriber_interrupt")
 }
 
+#[cold]
 fn recv_failure(e: shm::RecvError) -> Failure {
     let status = match e {
         // Routine: no allocation.
@@ -977,30 +963,54 @@ pub unsafe extern "C" fn memsock_subscriber_recv(
         }
         // SAFETY: by the contract.
         let sub = unsafe { subscriber_ref(subscriber)? };
-        let mut deadline = None;
-        loop {
-            if sub.take_interrupt() {
-                return Err(interrupted());
+        // A frame that is queued costs what `try_recv` does: the waiting,
+        // and the clock, out of line.
+        if sub.take_interrupt() {
+            return Err(interrupted());
+        }
+        match sub.inner.try_recv() {
+            Ok(sample) => {
+                // SAFETY: `out` is not NULL and writable by the contract.
+                unsafe { hand_out(sample, out) };
+                Ok(())
             }
-            match sub.inner.try_recv() {
-                Ok(sample) => {
-                    // SAFETY: `out` is not NULL and writable by the contract.
-                    unsafe { hand_out(sample, out) };
-                    return Ok(());
-                }
-                Err(shm::TryRecvError::Empty) => {}
-                Err(e) => return Err(recv_failure(e.into())),
-            }
-            // Nothing queued: only now read the clock, once per call.
-            if timeout_ns >= 0 && deadline.is_none() {
-                deadline = Instant::now().checked_add(Duration::from_nanos(timeout_ns as u64));
-            }
-            let woke = sub.watcher.wait(sub.inner.position(), deadline, || sub.interrupted.load(Relaxed));
-            if !woke && !sub.interrupted.load(Relaxed) {
-                return Err(recv_failure(shm::RecvError::Timeout));
-            }
+            // SAFETY: as above.
+            Err(shm::TryRecvError::Empty) => unsafe { wait_and_recv(sub, timeout_ns, out) },
+            Err(e) => Err(recv_failure(e.into())),
         }
     })
+}
+
+/// `memsock_subscriber_recv` once nothing was queued.
+///
+/// # Safety
+/// `out` is not NULL and writable.
+#[cold]
+#[inline(never)]
+unsafe fn wait_and_recv(sub: &memsock_subscriber, timeout_ns: i64, out: *mut memsock_sample) -> Result<(), Failure> {
+    let deadline = match timeout_ns {
+        t if t < 0 => None,
+        t => Instant::now().checked_add(Duration::from_nanos(t as u64)),
+    };
+    loop {
+        let woke = sub.watcher.wait(sub.inner.position(), deadline, || sub.interrupted.load(Relaxed));
+        if !woke && !sub.interrupted.load(Relaxed) {
+            return Err(recv_failure(shm::RecvError::Timeout));
+        }
+        if sub.take_interrupt() {
+            return Err(interrupted());
+        }
+        match sub.inner.try_recv() {
+            Ok(sample) => {
+                // SAFETY: `out` is not NULL and writable by the caller's
+                // contract.
+                unsafe { hand_out(sample, out) };
+                return Ok(());
+            }
+            Err(shm::TryRecvError::Empty) => {}
+            Err(e) => return Err(recv_failure(e.into())),
+        }
+    }
 }
 
 /// Gives a received frame's slot back (its bytes may be reused from

@@ -293,15 +293,44 @@ impl Publisher {
         Some(SampleMut { publisher: self, slot, ptr, len })
     }
 
+    /// The parked loan's address and capacity, loaning a slot and parking
+    /// it first if nothing is parked: the C library's loan, as
+    /// [`unpark`](Self::unpark), [`loan`](Self::loan) and
+    /// [`SampleMut::park`] would do it, without moving a sample around.
+    ///
+    /// # Errors
+    /// As [`loan`](Self::loan) (in a copy forked since the publisher
+    /// opened, [`LoanError::Replaced`], whatever is parked).
+    #[inline(always)]
+    pub fn loan_parked(&mut self) -> Result<(*mut u8, usize), LoanError> {
+        if self.forked() {
+            return Err(LoanError::Replaced);
+        }
+        let slot = match self.parked {
+            Some((slot, _)) => slot,
+            None => {
+                if self.dropped.pending.load(Ordering::Acquire) {
+                    self.take_back_dropped_loans();
+                }
+                let slot = self.core.loan()?;
+                self.parked = Some((slot, 0));
+                slot
+            }
+        };
+        Ok((self.core.stream().payload_ptr(slot), self.slot_size()))
+    }
+
     /// Sends the first `len` bytes of the parked loan without waiting, as
     /// `unpark`, `set_len` and `SampleMut::try_send` would, but without
     /// moving a sample around (the C library's send). `None` if nothing
     /// is parked. The loan stays parked after [`SendError::TooLarge`] and
     /// (with `len` set) [`SendError::WouldBlock`]; after any other
-    /// refusal, or a panic, its slot is given back as a dropped sample's.
-    /// In a copy forked since the publisher opened, a parked loan is the
-    /// parent's: [`SendError::Replaced`], leaving it alone.
-    #[inline]
+    /// refusal its slot is given back as a dropped sample's. (A panic in
+    /// the send poisons the publisher, which then frees nothing: see
+    /// `PubCore::step`.) In a copy forked since the publisher opened, a
+    /// parked loan is the parent's: [`SendError::Replaced`], leaving it
+    /// alone.
+    #[inline(always)]
     pub fn try_send_parked(&mut self, len: usize) -> Option<Result<SendInfo, SendError>> {
         if self.forked() {
             return self.parked.map(|_| Err(SendError::Replaced));
@@ -311,23 +340,59 @@ impl Publisher {
         if len > slot_size {
             return Some(Err(SendError::TooLarge { len, slot_size }));
         }
-        // Out of `parked` while it is sent: should delivery panic, the
-        // sample's drop gives the slot back (never loaned out twice).
+        let ts = self.timestamp();
+        // Out of `parked` while it is sent: should the send panic, the
+        // poisoned publisher must not offer the slot again.
         self.parked = None;
-        let ptr = self.core.stream().payload_ptr(slot);
-        let sample = SampleMut { publisher: self, slot, ptr, len: len as u32 };
-        Some(match sample.publisher.commit(slot, len as u32) {
-            Ok(info) => {
-                std::mem::forget(sample);
-                Ok(info)
-            }
+        Some(match self.core.commit(slot, len as u32, ts) {
+            Ok(info) => Ok(info),
             Err(refusal @ CommitRefusal::WouldBlock { .. }) => {
-                let _ = sample.park();
+                self.parked = Some((slot, len as u32));
                 Err(refusal.into())
             }
-            // Dropped: the slot goes back.
-            Err(refusal) => Err(refusal.into()),
+            Err(refusal) => Err(self.refuse_parked(slot, refusal)),
         })
+    }
+
+    /// As [`try_send_parked`](Self::try_send_parked), waiting up to
+    /// `timeout` for a full lossless subscriber as
+    /// [`SampleMut::try_send_timeout`] does (one try, then the wait, then
+    /// the send: a publisher that keeps meeting a full subscriber reads
+    /// its returns once per frame, not twice). On [`SendError::Timeout`]
+    /// the loan stays parked; after any other refusal its slot goes back.
+    #[inline(always)]
+    pub fn send_parked_timeout(&mut self, len: usize, timeout: Duration) -> Option<Result<SendInfo, SendError>> {
+        Some(match self.try_send_parked(len)? {
+            Err(SendError::WouldBlock { subscriber }) if !timeout.is_zero() => {
+                self.wait_and_send_parked(subscriber, timeout)
+            }
+            done => done,
+        })
+    }
+
+    /// `send_parked_timeout` once a lossless subscriber was full (the loan
+    /// parked, with its length).
+    #[cold]
+    #[inline(never)]
+    fn wait_and_send_parked(&mut self, subscriber: u32, timeout: Duration) -> Result<SendInfo, SendError> {
+        let Some(sample) = self.unpark() else { return Err(SendError::WouldBlock { subscriber }) };
+        sample.wait_and_send(subscriber, timeout).map_err(|unsent| {
+            if unsent.error == SendError::Timeout {
+                // Nothing else is parked: it was just unparked.
+                let _ = unsent.sample.park();
+            }
+            unsent.error
+        })
+    }
+
+    /// `try_send_parked` refused for good: the slot goes back as a dropped
+    /// sample's.
+    #[cold]
+    #[inline(never)]
+    fn refuse_parked(&mut self, slot: u32, refusal: CommitRefusal) -> SendError {
+        let ptr = self.core.stream().payload_ptr(slot);
+        drop(SampleMut { publisher: self, slot, ptr, len: 0 });
+        refusal.into()
     }
 
     /// Takes back the slots and loans of `Loan`s dropped unsent.

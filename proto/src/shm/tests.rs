@@ -1341,6 +1341,45 @@ fn a_parked_loan_whose_send_panics_is_not_parked_any_more() {
     panic!("a send has more points than the test tries");
 }
 
+/// The C library's loan (`loan_parked`) and send (`try_send_parked`): the
+/// parked slot comes back until it is sent, a send refused as too large
+/// or as would-block leaves it parked, and after many rounds of each no
+/// slot and no loan is lost (the whole budget is still there). A
+/// publisher poisoned meanwhile refuses its parked loan.
+#[test]
+fn the_c_library_s_parked_loan_loses_no_slot_and_no_loan() {
+    let mut seg = segment(8, 4);
+    let sub = seg.open_subscriber(&opts(1, OverflowPolicy::Lossless)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for round in 0..100u8 {
+        let (ptr, cap) = publisher.loan_parked().unwrap();
+        assert_eq!(publisher.loan_parked().unwrap(), (ptr, cap), "round {round}: the same loan while parked");
+        // SAFETY: the parked loan's slot, `cap` bytes, is ours to write.
+        unsafe { ptr.write(round) };
+        assert!(matches!(publisher.try_send_parked(cap + 1), Some(Err(SendError::TooLarge { .. }))));
+        let sent = match publisher.try_send_parked(1).unwrap() {
+            // The one-credit subscriber still holds last round's frame.
+            Err(SendError::WouldBlock { .. }) => {
+                assert_eq!(publisher.loan_parked().unwrap().0, ptr, "round {round}: parked after would-block");
+                drop(sub.try_recv().unwrap());
+                publisher.try_send_parked(1).unwrap()
+            }
+            other => other,
+        };
+        assert_eq!(sent.unwrap().seq, u64::from(round));
+        assert!(!publisher.has_parked());
+    }
+    assert_eq!(sub.try_recv().unwrap()[0], 99);
+    let loans = [publisher.loan().unwrap().detach(), publisher.loan().unwrap().detach()];
+    assert_eq!(publisher.loan().unwrap_err(), LoanError::TooManyLoans { budget: 2 });
+    drop(loans);
+    publisher.loan_parked().unwrap();
+    let (result, ran) = panic_at(0, || publisher.try_send_parked(1));
+    assert!(ran && result.is_err());
+    assert_eq!(publisher.loan_parked().unwrap_err(), LoanError::Poisoned);
+    assert!(publisher.try_send_parked(1).is_none());
+}
+
 /// Runs `body`, panicking (as a bug would) at its `k`-th crash point;
 /// the panic caught. Returns `body`'s result, or the panic, and whether
 /// the panic happened (false: `body` has fewer points).

@@ -665,7 +665,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// On refusal the slot stays loaned.
     #[inline(always)]
     pub(crate) fn commit(&mut self, slot: u32, len: u32, timestamp_ns: u64) -> Result<SendInfo, CommitRefusal> {
-        self.step(Err(CommitRefusal::Poisoned), |this| this.send_slot(slot, len, timestamp_ns))
+        self.step(
+            Err(CommitRefusal::Poisoned),
+            #[inline(always)]
+            |this| this.send_slot(slot, len, timestamp_ns),
+        )
     }
 
     // Inlined, as `deliver`: what it returns stays in registers.
@@ -682,8 +686,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
         }
         let info = self.deliver(slot, len, timestamp_ns)?;
-        // After the delivery: should it panic, the sample's drop gives the
-        // loan back (`abandon`), and only once.
+        // After the delivery, so counted once: should it panic, the
+        // publisher is poisoned and its loans are never counted again (a
+        // sample's drop ends the loan in `abandon`, freeing nothing).
         self.writer.end_loan();
         Ok(info)
     }

@@ -615,17 +615,19 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     }
 
     /// Takes the next frame, if one is queued.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_take(&self) -> Result<FrameInfo, TryRecvError> {
         self.hand_back();
-        if !self.attached() {
+        let cfg = &self.stream.record(self.index).config;
+        // As `attached` and `credits`, with one look-up.
+        if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.generation.load(Relaxed) != self.generation {
             return Err(TryRecvError::Detached);
         }
         if self.gone_reported.get() {
             // After `PublisherGone`, the news of a new publisher comes before its frames.
             self.check_publisher_back()?;
         }
-        let credits = self.credits();
+        let credits = cfg.credits.load(Relaxed);
         if self.borrowed.get() >= credits {
             return Err(TryRecvError::CreditsExhausted { held: self.borrowed.get(), credits });
         }
@@ -722,8 +724,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             }
             self.borrowed.set(self.borrowed.get() + 1);
             if info.len > g.slot_size {
-                self.return_slot(info.slot);
-                return Err(self.corrupt("frame length exceeds the slot size"));
+                return Err(self.refuse_too_long(info.slot));
             }
             return Ok(info);
         }
@@ -766,6 +767,15 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         }
     }
 
+    /// A frame claiming more bytes than its slot holds: its slot goes
+    /// back unread.
+    #[cold]
+    #[inline(never)]
+    fn refuse_too_long(&self, slot: u32) -> TryRecvError {
+        self.return_slot(slot);
+        self.corrupt("frame length exceeds the slot size")
+    }
+
     #[cold]
     fn corrupt(&self, what: &'static str) -> TryRecvError {
         self.faults.set(self.faults.get() + 1);
@@ -787,7 +797,7 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
     }
 
     /// Hands `slot` back to the publisher.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn return_slot(&self, slot: u32) {
         self.borrowed.set(self.borrowed.get() - 1);
         if !self.attached() {
