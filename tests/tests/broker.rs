@@ -1214,12 +1214,14 @@ fn a_client_that_leaves_descriptors_unread_is_dropped() -> Result<()> {
         _ => false,
     }));
     // (Once dropped, the broker may reset the connection under the rest.)
+    let mut pairs = 0;
     for n in 0..200u64 {
         let unpublish = greedy.send(2 * n + 2, Request::Unpublish { publication: first_token + n });
         let publish = greedy.send(2 * n + 3, publish());
         if unpublish.and(publish).is_err() {
             break;
         }
+        pairs += 1;
     }
     // It reads nothing until the broker has dropped it: then what was
     // written, and the end (or a reset).
@@ -1231,7 +1233,12 @@ fn a_client_that_leaves_descriptors_unread_is_dropped() -> Result<()> {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => return Err(e.into()),
+            // (Seen twice, not reproduced since: the broker never dropped
+            // it. Its log says whether it saw the descriptors pile up.)
+            Err(e) => anyhow::bail!(
+                "the greedy client was not dropped ({e}, {pairs} pairs sent); the broker's log:\n{}",
+                broker.log()
+            ),
         }
     }
     let report = client.stats(None)?;
