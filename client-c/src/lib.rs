@@ -974,7 +974,8 @@ pub unsafe extern "C" fn memsock_subscriber_recv(
                 unsafe { hand_out(sample, out) };
                 Ok(())
             }
-            // SAFETY: as above.
+            // SAFETY: `out` was checked not NULL above and is writable by
+            // the contract: what `wait_and_recv` requires.
             Err(shm::TryRecvError::Empty) => unsafe { wait_and_recv(sub, timeout_ns, out) },
             Err(e) => Err(recv_failure(e.into())),
         }
