@@ -460,6 +460,7 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
             policy: OverflowPolicy::Lossless,
             wait,
             wait_for_stream: true,
+            credits_up_to: false,
         };
         let sub = client.subscriber("bench", &options)?;
         return receive_frames(&sub, size, count, lat_count, spec["read_header"] == true);

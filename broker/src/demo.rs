@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use memsock::{Client, OverflowPolicy, RecvError, StreamConfig, SubscribeOptions, WaitStrategy};
+use memsock::{Client, OverflowPolicy, RecvError, StreamConfig, SubscribeOptions};
 use serde_json::{Value, json};
 
 const STREAM: &str = "demo/camera";
@@ -229,7 +229,7 @@ pub fn subscriber(socket: &Path, policy: &str, credits: u32, work_us: u64) -> Re
         "drop-newest" => OverflowPolicy::DropNewest,
         other => bail!("unknown policy {other:?}"),
     };
-    let options = SubscribeOptions { credits, policy, wait: WaitStrategy::default(), wait_for_stream: true };
+    let options = SubscribeOptions { credits, policy, wait_for_stream: true, ..SubscribeOptions::default() };
     let sub = client.subscriber(STREAM, &options)?;
     let (mut received, mut missing, mut window) = (0u64, 0u64, 0u64);
     let mut last_seq: Option<u64> = None;

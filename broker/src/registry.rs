@@ -26,9 +26,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use memsock_proto::control::{
-    ChannelGrant, ConfigProblem, ControlError, Event, Limit, Reply, SegmentStep, ServerMessage, StatsReport,
-    StreamReport, SubscriberReport, valid_stream_name,
+    ChannelGrant, ConfigProblem, ControlError, Event, Limit, PatternSubscription, Reply, SegmentStep, ServerMessage,
+    StatsReport, StreamInfo, StreamReport, SubscriberGrant, SubscriberReport, WatchChange, valid_stream_name,
 };
+use memsock_proto::pattern::Pattern;
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::layout::{Layout, PAGE, channel_len};
 use memsock_proto::shm::{
@@ -63,6 +64,8 @@ impl Outgoing {
 #[derive(Debug)]
 struct Stream {
     segment: Segment,
+    /// The configuration it was created with (for listings).
+    config: StreamConfig,
     publisher: Option<ConnId>,
     /// The token of the current publication (meaningful while `publisher`
     /// is some): what an `Unpublish` must name.
@@ -104,14 +107,52 @@ struct Subscription {
     conn: ConnId,
 }
 
+/// Whom a subscriber's admission is told to: the Subscribe request's
+/// reply, or a watch's event ([`WatchChange::Subscribed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Reply(u64),
+    Watch(u64),
+}
+
+/// A subscriber to admit: whose, how, and whom to tell.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    conn: ConnId,
+    answer: Answer,
+    options: SubscriberOptions,
+    /// Take fewer credits than asked if the pool cannot give them all.
+    credits_up_to: bool,
+}
+
+impl Admission {
+    /// The refusal, to whom it is owed.
+    fn refuse(&self, stream: &str, e: ControlError) -> Outgoing {
+        match self.answer {
+            Answer::Reply(id) => Outgoing::reply(self.conn, id, Err(e), Vec::new()),
+            Answer::Watch(watch) => {
+                let change = WatchChange::SubscribeFailed { stream: stream.into(), error: e };
+                Outgoing::event(self.conn, Event::Watch { watch, change })
+            }
+        }
+    }
+}
+
+/// A client following the streams whose names match a pattern.
+#[derive(Debug)]
+struct Watch {
+    conn: ConnId,
+    pattern: Pattern,
+    subscribe: Option<PatternSubscription>,
+}
+
 /// A subscriber being attached to a stream with a publisher: its channel
 /// went to the publisher's client ([`Event::Channel`]), and it is
 /// attached once that client says it has it ([`Registry::channel_taken`]).
 #[derive(Debug)]
 struct Joining {
-    conn: ConnId,
-    id: u64,
-    options: SubscriberOptions,
+    /// Its options with the credits it was granted.
+    admission: Admission,
     stream: String,
     index: u32,
     generation: u64,
@@ -124,10 +165,8 @@ pub const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Pending {
-    conn: ConnId,
-    id: u64,
+    admission: Admission,
     stream: String,
-    options: SubscriberOptions,
 }
 
 #[derive(Debug)]
@@ -284,6 +323,8 @@ pub struct Registry {
     subscriptions: HashMap<u64, Subscription>,
     pending: Vec<Pending>,
     joining: Vec<Joining>,
+    watches: HashMap<u64, Watch>,
+    next_watch: u64,
     clients: HashMap<ConnId, Client>,
     next_subscription: u64,
     next_publication: u64,
@@ -479,6 +520,7 @@ impl Registry {
                 Ok(segment) => {
                     let stream = Stream {
                         segment: Segment(Some(segment)),
+                        config: creation.config,
                         publisher: None,
                         publication: 0,
                         lingering: None,
@@ -490,6 +532,9 @@ impl Registry {
                         fds: reserved.fds,
                     };
                     self.streams.insert(name.clone(), stream);
+                    // Before the publisher is attached: their channels go
+                    // with its reply, so they miss none of its frames.
+                    self.admit_watchers(name, &mut out);
                     self.attach_publisher(conn, name, false, &mut out)
                 }
             }
@@ -572,7 +617,7 @@ impl Registry {
         let fds = match fds {
             Ok(fds) => fds,
             Err(e) => {
-                self.drop_if_unused(name);
+                self.drop_if_unused(name, out);
                 return Err(ControlError::segment(name, SegmentStep::Duplicate, &e));
             }
         };
@@ -594,8 +639,132 @@ impl Registry {
             std::mem::take(&mut self.pending).into_iter().partition(|p| p.stream == name);
         self.pending = later;
         for p in now {
-            self.add_subscriber(p.conn, p.id, name, &p.options, true, out);
+            self.add_subscriber(p.admission, name, true, out);
         }
+    }
+
+    /// Stream `name` was just created: the watches it matches hear of it,
+    /// and those that subscribe get their subscriber.
+    fn admit_watchers(&mut self, name: &str, out: &mut Vec<Outgoing>) {
+        let mut matching: Vec<(u64, ConnId, Option<PatternSubscription>)> = self
+            .watches
+            .iter()
+            .filter(|(_, w)| w.pattern.matches(name))
+            .map(|(&id, w)| (id, w.conn, w.subscribe))
+            .collect();
+        // In the order they were made.
+        matching.sort_unstable_by_key(|m| m.0);
+        let info = self.info(name, &self.streams[name]);
+        for (watch, conn, subscribe) in matching {
+            out.push(Outgoing::event(conn, Event::Watch { watch, change: WatchChange::Created(info.clone()) }));
+            if let Some(sub) = subscribe {
+                let admission = Admission {
+                    conn,
+                    answer: Answer::Watch(watch),
+                    options: sub.options,
+                    credits_up_to: sub.credits_up_to,
+                };
+                self.add_subscriber(admission, name, true, out);
+            }
+        }
+    }
+
+    /// Stream `name` is gone (closed, or removed unused): the watches it
+    /// matched hear of it.
+    fn tell_watchers_removed(&self, name: &str, closed: bool, out: &mut Vec<Outgoing>) {
+        for (&watch, w) in &self.watches {
+            if w.pattern.matches(name) {
+                let change = WatchChange::Removed { stream: name.into(), closed };
+                out.push(Outgoing::event(w.conn, Event::Watch { watch, change }));
+            }
+        }
+    }
+
+    /// A stream as listings show it.
+    fn info(&self, name: &str, stream: &Stream) -> StreamInfo {
+        StreamInfo {
+            name: name.into(),
+            config: stream.config,
+            publisher_pid: stream.publisher.map(|c| self.pid(c)).or_else(|| stream.lingering.as_ref().map(|h| h.pid)),
+            subscribers: stream.subscribers.len() as u32,
+        }
+    }
+
+    /// The streams matching `pattern`, by name.
+    fn matching(&self, pattern: &Pattern) -> Vec<StreamInfo> {
+        let mut found: Vec<StreamInfo> =
+            self.streams.iter().filter(|(n, _)| pattern.matches(n)).map(|(n, s)| self.info(n, s)).collect();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        found
+    }
+
+    /// `List`.
+    pub fn list(&self, conn: ConnId, id: u64, pattern: &str) -> Vec<Outgoing> {
+        let result = parse_pattern(pattern).map(|p| Reply::Streams(self.matching(&p)));
+        vec![Outgoing::reply(conn, id, result, Vec::new())]
+    }
+
+    /// `Watch`: the reply lists the matching streams; with `subscribe`,
+    /// a subscriber of each follows it.
+    pub fn watch(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        pattern: &str,
+        subscribe: Option<PatternSubscription>,
+    ) -> Vec<Outgoing> {
+        let pattern = match parse_pattern(pattern) {
+            Ok(p) => p,
+            Err(e) => return vec![Outgoing::reply(conn, id, Err(e), Vec::new())],
+        };
+        // A watch is a standing wait: it counts with the waits.
+        if let Err(e) = self.limits.check(Limit::Waits, self.uid(conn), 1, self.usage(conn, Self::waits)) {
+            return vec![Outgoing::reply(conn, id, Err(e), Vec::new())];
+        }
+        self.next_watch += 1;
+        let watch = self.next_watch;
+        let streams = self.matching(&pattern);
+        tracing::info!(conn, watch, pattern = pattern.as_str(), subscribe = subscribe.is_some(), "watch");
+        self.watches.insert(watch, Watch { conn, pattern, subscribe });
+        let mut out =
+            vec![Outgoing::reply(conn, id, Ok(Reply::Watching { watch, streams: streams.clone() }), Vec::new())];
+        if let Some(sub) = subscribe {
+            for info in streams {
+                let admission = Admission {
+                    conn,
+                    answer: Answer::Watch(watch),
+                    options: sub.options,
+                    credits_up_to: sub.credits_up_to,
+                };
+                self.add_subscriber(admission, &info.name, true, &mut out);
+            }
+        }
+        out
+    }
+
+    /// `Unwatch`.
+    pub fn unwatch(&mut self, conn: ConnId, id: u64, watch: u64) -> Vec<Outgoing> {
+        let result = if self.watches.get(&watch).is_some_and(|w| w.conn == conn) {
+            self.end_watch(watch);
+            Ok(Reply::Done)
+        } else {
+            Err(ControlError::NoSuchWatch(watch))
+        };
+        vec![Outgoing::reply(conn, id, result, Vec::new())]
+    }
+
+    /// Ends a watch and the admissions it has under way.
+    fn end_watch(&mut self, watch: u64) {
+        self.watches.remove(&watch);
+        self.pending.retain(|p| p.admission.answer != Answer::Watch(watch));
+        self.give_up_joining(|j| j.admission.answer == Answer::Watch(watch), None);
+        tracing::info!(watch, "watch ended");
+    }
+
+    /// Waits for a stream and watches, for the limits.
+    fn waits(&self, scope: &dyn Fn(ConnId) -> bool) -> u64 {
+        let pending = self.pending.iter().filter(|p| scope(p.admission.conn)).count();
+        (pending + self.watches.values().filter(|w| scope(w.conn)).count()) as u64
     }
 
     /// A process holding stream `name`'s writer role without a connection
@@ -611,7 +780,7 @@ impl Registry {
 
     /// Subscriber `p` waits for stream `name` (again).
     fn wait_for(&mut self, p: Pending) {
-        tracing::debug!(stream = p.stream, conn = p.conn, "subscriber waits for the stream");
+        tracing::debug!(stream = p.stream, conn = p.admission.conn, "subscriber waits for the stream");
         self.pending.push(p);
     }
 
@@ -623,23 +792,24 @@ impl Registry {
         name: &str,
         options: &SubscriberOptions,
         wait_for_stream: bool,
+        credits_up_to: bool,
     ) -> Vec<Outgoing> {
         if !valid_stream_name(name) {
             return vec![Outgoing::reply(conn, id, Err(ControlError::InvalidName(name.into())), Vec::new())];
         }
+        let admission = Admission { conn, answer: Answer::Reply(id), options: *options, credits_up_to };
         if !self.streams.contains_key(name) {
             if wait_for_stream {
-                let used = self.usage(conn, |r, scope| r.pending.iter().filter(|p| scope(p.conn)).count() as u64);
-                if let Err(e) = self.limits.check(Limit::Waits, self.uid(conn), 1, used) {
+                if let Err(e) = self.limits.check(Limit::Waits, self.uid(conn), 1, self.usage(conn, Self::waits)) {
                     return vec![Outgoing::reply(conn, id, Err(e), Vec::new())];
                 }
-                self.wait_for(Pending { conn, id, stream: name.into(), options: *options });
+                self.wait_for(Pending { admission, stream: name.into() });
                 return Vec::new();
             }
             return vec![Outgoing::reply(conn, id, Err(ControlError::NoSuchStream(name.into())), Vec::new())];
         }
         let mut out = Vec::new();
-        self.add_subscriber(conn, id, name, options, wait_for_stream, &mut out);
+        self.add_subscriber(admission, name, wait_for_stream, &mut out);
         out
     }
 
@@ -652,67 +822,87 @@ impl Registry {
     /// ([`unreachable_writer`](Self::unreachable_writer)), a subscriber
     /// that may wait waits (until that publisher exits or lets go); one
     /// that may not is refused.
-    fn add_subscriber(
-        &mut self,
-        conn: ConnId,
-        id: u64,
-        name: &str,
-        options: &SubscriberOptions,
-        wait: bool,
-        out: &mut Vec<Outgoing>,
-    ) {
+    fn add_subscriber(&mut self, admission: Admission, name: &str, wait: bool, out: &mut Vec<Outgoing>) {
+        let conn = admission.conn;
         if let Some(pid) = self.unreachable_writer(name) {
             if wait {
-                let used = self.usage(conn, |r, scope| r.pending.iter().filter(|p| scope(p.conn)).count() as u64);
-                match self.limits.check(Limit::Waits, self.uid(conn), 1, used) {
-                    Ok(()) => self.wait_for(Pending { conn, id, stream: name.into(), options: *options }),
-                    Err(e) => out.push(Outgoing::reply(conn, id, Err(e), Vec::new())),
+                match self.limits.check(Limit::Waits, self.uid(conn), 1, self.usage(conn, Self::waits)) {
+                    Ok(()) => self.wait_for(Pending { admission, stream: name.into() }),
+                    Err(e) => out.push(admission.refuse(name, e)),
                 }
             } else {
-                let e = ControlError::PublisherDisconnected { stream: name.into(), pid };
-                out.push(Outgoing::reply(conn, id, Err(e), Vec::new()));
+                out.push(admission.refuse(name, ControlError::PublisherDisconnected { stream: name.into(), pid }));
             }
             return;
         }
-        let result = self.reserve_subscriber(conn, id, name, options, out);
+        let result = self.reserve_subscriber(admission, name, out);
         match result {
             Ok(None) => {}
-            Ok(Some(index)) => {
+            Ok(Some((index, admission))) => {
                 let stream = self.streams.get_mut(name).expect("just reserved in it");
                 let result = stream.segment.activate_subscriber(index).map_err(|e| credit_error(name, e));
-                out.push(self.subscribed(conn, id, name, result));
+                out.push(self.subscribed(&admission, name, result));
             }
-            Err(e) => out.push(Outgoing::reply(conn, id, Err(e), Vec::new())),
+            Err(e) => out.push(admission.refuse(name, e)),
         }
     }
 
     /// Checks the limits and reserves a place with its channel. Returns the
-    /// index to activate now, or `None` if its channel went to the
-    /// publisher's client (the reply waits for [`channel_taken`](Self::channel_taken)).
+    /// index to activate now (and the admission with the credits granted),
+    /// or `None` if its channel went to the publisher's client (the reply
+    /// waits for [`channel_taken`](Self::channel_taken)).
     fn reserve_subscriber(
         &mut self,
-        conn: ConnId,
-        id: u64,
+        admission: Admission,
         name: &str,
-        options: &SubscriberOptions,
         out: &mut Vec<Outgoing>,
-    ) -> Result<Option<u32>, ControlError> {
+    ) -> Result<Option<(u32, Admission)>, ControlError> {
+        let conn = admission.conn;
         let pid = self.pid(conn);
         let uid = self.uid(conn);
         let count = |r: &Self, scope: &dyn Fn(ConnId) -> bool| {
             let subscribed = r.subscriptions.values().filter(|s| scope(s.conn)).count();
-            (subscribed + r.joining.iter().filter(|j| scope(j.conn)).count()) as u64
+            (subscribed + r.joining.iter().filter(|j| scope(j.admission.conn)).count()) as u64
         };
         let used = self.usage(conn, count);
         self.limits.check(Limit::Subscriptions, uid, 1, used)?;
         self.check_descriptors(conn, 1)?;
         let stream = self.streams.get_mut(name).ok_or_else(|| ControlError::NoSuchStream(name.into()))?;
-        let reservation = stream.segment.reserve_subscriber(options, pid).map_err(|e| match e {
-            AdmitError::Refused(e) => credit_error(name, e),
-            AdmitError::Channel(e) => ControlError::from_create(name, &e),
-            _ => ControlError::Segment { stream: name.into(), step: SegmentStep::Credit, os_error: None },
-        })?;
-        let Some(publisher) = stream.publisher else { return Ok(Some(reservation.index)) };
+        let mut admission = admission;
+        // "Up to N credits": at most twice more, with what the refusal said
+        // there is (the queue's capacity, then the pool's free credits).
+        let mut tries = if admission.credits_up_to { 3 } else { 1 };
+        let reservation = loop {
+            tries -= 1;
+            let refused = match stream.segment.reserve_subscriber(&admission.options, pid) {
+                Ok(reservation) => break reservation,
+                Err(AdmitError::Refused(e)) => e,
+                Err(AdmitError::Channel(e)) => return Err(ControlError::from_create(name, &e)),
+                Err(_) => {
+                    return Err(ControlError::Segment {
+                        stream: name.into(),
+                        step: SegmentStep::Credit,
+                        os_error: None,
+                    });
+                }
+            };
+            let fewer = match refused {
+                AddSubscriberError::CreditsOutOfRange { credits, max } if credits > max => max,
+                AddSubscriberError::CreditsRefused { available, .. } if available > 0 => available,
+                _ => 0,
+            };
+            if tries == 0 || fewer == 0 || fewer >= admission.options.credits {
+                return Err(credit_error(name, refused));
+            }
+            tracing::debug!(
+                stream = name,
+                asked = admission.options.credits,
+                granted = fewer,
+                "fewer credits, as allowed"
+            );
+            admission.options.credits = fewer;
+        };
+        let Some(publisher) = stream.publisher else { return Ok(Some((reservation.index, admission))) };
         let channel = stream.segment.channel_fd(reservation.index).map(dup);
         let Some(Ok(fd)) = channel else {
             stream.segment.give_up_subscriber(reservation.index);
@@ -724,8 +914,7 @@ impl Registry {
         let event = Event::Channel { publication, index, generation };
         out.push(Outgoing { conn: publisher, message: ServerMessage::Event(event), fds: vec![fd] });
         let since = Instant::now();
-        let joining =
-            Joining { conn, id, options: *options, stream: name.into(), index, generation, publication, since };
+        let joining = Joining { admission, stream: name.into(), index, generation, publication, since };
         tracing::debug!(stream = name, conn, index, generation, "subscriber's channel sent to the publisher");
         self.joining.push(joining);
         Ok(None)
@@ -739,7 +928,7 @@ impl Registry {
             let streams = r.streams.values().filter(|s| scope(s.creator)).count();
             let creating = r.reserved.values().filter(|c| scope(c.conn)).count();
             let subscribed = r.subscriptions.values().filter(|s| scope(s.conn)).count();
-            (streams + creating + subscribed + r.joining.iter().filter(|j| scope(j.conn)).count()) as u64
+            (streams + creating + subscribed + r.joining.iter().filter(|j| scope(j.admission.conn)).count()) as u64
         };
         let used = self.usage(conn, count);
         self.limits.check(Limit::Descriptors, self.uid(conn), asked, used)
@@ -767,7 +956,7 @@ impl Registry {
         let stream = self.streams.get_mut(&j.stream).expect("a joining subscriber's stream is registered");
         let result = stream.segment.activate_subscriber(j.index).map_err(|e| credit_error(&j.stream, e));
         tracing::debug!(stream = j.stream, index = j.index, waited = ?j.since.elapsed(), "subscriber's channel taken");
-        self.subscribed(j.conn, j.id, &j.stream, result)
+        self.subscribed(&j.admission, &j.stream, result)
     }
 
     /// Attaches the subscribers joining stream `name` without waiting: its
@@ -798,7 +987,7 @@ impl Registry {
                 pid,
                 waited_ms: JOIN_TIMEOUT.as_millis() as u64,
             };
-            out.push(Outgoing::reply(j.conn, j.id, Err(e), Vec::new()));
+            out.push(j.admission.refuse(&j.stream, e));
         }
         out
     }
@@ -815,7 +1004,7 @@ impl Registry {
                 stream.segment.give_up_subscriber(j.index);
             }
             if let Some(e) = error {
-                out.push(Outgoing::reply(j.conn, j.id, Err(e.clone()), Vec::new()));
+                out.push(j.admission.refuse(&j.stream, e.clone()));
             }
         }
         out
@@ -825,14 +1014,18 @@ impl Registry {
     /// refusal.
     fn subscribed(
         &mut self,
-        conn: ConnId,
-        id: u64,
+        admission: &Admission,
         name: &str,
         ticket: Result<SubscriberTicket, ControlError>,
     ) -> Outgoing {
-        match self.attach_subscriber(conn, name, ticket) {
-            Ok((reply, fds)) => Outgoing::reply(conn, id, Ok(reply), fds),
-            Err(e) => Outgoing::reply(conn, id, Err(e), Vec::new()),
+        let conn = admission.conn;
+        match (self.attach_subscriber(conn, name, admission.options.credits, ticket), admission.answer) {
+            (Ok((grant, fds)), Answer::Reply(id)) => Outgoing::reply(conn, id, Ok(Reply::Subscribed(grant)), fds),
+            (Ok((grant, fds)), Answer::Watch(watch)) => {
+                let change = WatchChange::Subscribed { grant, config: self.streams[name].config };
+                Outgoing { conn, message: ServerMessage::Event(Event::Watch { watch, change }), fds }
+            }
+            (Err(e), _) => admission.refuse(name, e),
         }
     }
 
@@ -840,8 +1033,9 @@ impl Registry {
         &mut self,
         conn: ConnId,
         name: &str,
+        credits: u32,
         ticket: Result<SubscriberTicket, ControlError>,
-    ) -> Result<(Reply, Vec<OwnedFd>), ControlError> {
+    ) -> Result<(SubscriberGrant, Vec<OwnedFd>), ControlError> {
         let ticket = ticket?;
         let stream = self.streams.get_mut(name).ok_or_else(|| ControlError::NoSuchStream(name.into()))?;
         let channel = stream.segment.channel_fd(ticket.index).map(dup);
@@ -860,14 +1054,15 @@ impl Registry {
         let publisher_attached = stream.publisher.is_some();
         self.subscriptions.insert(subscription, Subscription { stream: name.into(), index: ticket.index, conn });
         tracing::info!(stream = name, conn, subscription, index = ticket.index, "subscriber attached");
-        let reply = Reply::Subscribed {
+        let grant = SubscriberGrant {
             subscription,
             stream: name.into(),
             index: ticket.index,
             generation: ticket.generation,
             publisher_attached,
+            credits,
         };
-        Ok((reply, fds))
+        Ok((grant, fds))
     }
 
     /// `Credit`.
@@ -889,19 +1084,21 @@ impl Registry {
 
     /// `Unsubscribe`.
     pub fn unsubscribe(&mut self, conn: ConnId, id: u64, subscription: u64) -> Vec<Outgoing> {
+        let mut out = Vec::new();
         let result = if self.subscriptions.get(&subscription).is_some_and(|s| s.conn == conn) {
             // Its client let go of it: the index may serve anyone at once.
-            self.remove_subscription(subscription, true);
+            self.remove_subscription(subscription, true, &mut out);
             Ok(Reply::Done)
         } else {
             Err(ControlError::NoSuchSubscription(subscription))
         };
-        vec![Outgoing::reply(conn, id, result, Vec::new())]
+        out.insert(0, Outgoing::reply(conn, id, result, Vec::new()));
+        out
     }
 
     /// Ends a subscription; `released` if its own client gave it up (else
     /// its lease ended, and its index waits for its process to end).
-    fn remove_subscription(&mut self, subscription: u64, released: bool) {
+    fn remove_subscription(&mut self, subscription: u64, released: bool, out: &mut Vec<Outgoing>) {
         let Some(sub) = self.subscriptions.remove(&subscription) else { return };
         if let Some(stream) = self.streams.get_mut(&sub.stream) {
             stream.subscribers.retain(|&s| s != subscription);
@@ -916,7 +1113,7 @@ impl Registry {
             // With no publisher attached nobody else would finish it.
             stream.segment.reclaim();
             tracing::info!(stream = sub.stream, subscription, "subscriber detached");
-            self.drop_if_unused(&sub.stream);
+            self.drop_if_unused(&sub.stream, out);
         }
     }
 
@@ -962,8 +1159,7 @@ impl Registry {
                 let stream = self.streams.get_mut(name).expect("just found");
                 for j in now {
                     stream.segment.give_up_subscriber(j.index);
-                    let options = j.options;
-                    self.pending.push(Pending { conn: j.conn, id: j.id, stream: j.stream, options });
+                    self.pending.push(Pending { admission: j.admission, stream: j.stream });
                 }
                 return;
             }
@@ -997,12 +1193,12 @@ impl Registry {
         let stream = &self.streams[name];
         self.tell_subscribers(stream, &Event::PublisherGone { stream: name.into() }, out);
         self.admit_pending(name, out);
-        self.drop_if_unused(name);
+        self.drop_if_unused(name, out);
     }
 
     /// Forgets a stream nobody uses any more: its memory goes once the
     /// last process that mapped it lets go.
-    fn drop_if_unused(&mut self, name: &str) {
+    fn drop_if_unused(&mut self, name: &str, out: &mut Vec<Outgoing>) {
         if self
             .streams
             .get(name)
@@ -1011,6 +1207,7 @@ impl Registry {
         {
             self.streams.remove(name);
             tracing::info!(stream = name, "stream removed");
+            self.tell_watchers_removed(name, false, out);
         }
     }
 
@@ -1058,6 +1255,7 @@ impl Registry {
                 let conn = stream.publisher;
                 self.closing.push(Closing { at: Instant::now(), segment: stream.segment, holder, conn });
                 tracing::info!(stream = name, conn, "stream closed");
+                self.tell_watchers_removed(name, true, &mut out);
                 Ok(Reply::Done)
             }
         };
@@ -1068,9 +1266,10 @@ impl Registry {
     /// A connection ended: its lease is over. Reclaims everything it held.
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        self.pending.retain(|p| p.conn != conn);
+        self.pending.retain(|p| p.admission.conn != conn);
         self.reserved.retain(|_, r| r.conn != conn);
-        self.give_up_joining(|j| j.conn == conn, None);
+        self.give_up_joining(|j| j.admission.conn == conn, None);
+        self.watches.retain(|_, w| w.conn != conn);
         let published: Vec<String> =
             self.streams.iter().filter(|(_, s)| s.publisher == Some(conn)).map(|(n, _)| n.clone()).collect();
         for name in published {
@@ -1078,7 +1277,7 @@ impl Registry {
         }
         let subs: Vec<u64> = self.subscriptions.iter().filter(|(_, s)| s.conn == conn).map(|(&id, _)| id).collect();
         for s in subs {
-            self.remove_subscription(s, false);
+            self.remove_subscription(s, false, &mut out);
         }
         self.clients.remove(&conn);
         out.retain(|o| o.conn != conn);
@@ -1147,6 +1346,7 @@ impl Registry {
         }
         self.subscriptions.clear();
         self.pending.clear();
+        self.watches.clear();
     }
 
     /// Ends the closes begun at least `grace` ago. Returns whether one
@@ -1289,6 +1489,10 @@ impl Registry {
     }
 }
 
+fn parse_pattern(pattern: &str) -> Result<Pattern, ControlError> {
+    Pattern::parse(pattern).map_err(|problem| ControlError::InvalidPattern { pattern: pattern.into(), problem })
+}
+
 fn credit_error(stream: &str, e: AddSubscriberError) -> ControlError {
     match e {
         AddSubscriberError::CreditsRefused { requested, available, slot_count, committed } => {
@@ -1375,7 +1579,7 @@ mod tests {
         let reply = out.remove(0);
         // A subscriber keeps the stream registered.
         registry.connect(3, me, platform::current_uid(), None);
-        registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false);
+        registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false, false);
         registry.disconnect(1);
         let _late =
             Publisher::open(reply.fds[0].as_fd(), &granted(&reply).unwrap()).expect("attach after the lease ended");
@@ -1424,7 +1628,7 @@ mod tests {
 
         // A subscriber keeps "c" registered once its publisher is gone.
         drop(publish(&mut registry, 1, "c").unwrap());
-        registry.subscribe(2, 1, "c", &SubscriberOptions::default(), false);
+        registry.subscribe(2, 1, "c", &SubscriberOptions::default(), false, false);
         let token = registry.streams["c"].publication;
         registry.unpublish(1, 1, token);
         match close_result(&mut registry, 2, "c") {
@@ -1460,7 +1664,7 @@ mod tests {
             },
             PublishStep::Create(_) => panic!("the name is reserved"),
         }
-        assert!(registry.subscribe(3, 7, "big", &SubscriberOptions::default(), true).is_empty(), "waits");
+        assert!(registry.subscribe(3, 7, "big", &SubscriberOptions::default(), true, false).is_empty(), "waits");
         let out = registry.created(&creation, creation.create());
         let replies: Vec<_> = out.iter().map(|o| (o.conn, o.fds.len())).collect();
         // The waiting subscriber attaches first: its channel goes with the publisher's reply.
@@ -1468,7 +1672,7 @@ mod tests {
 
         // The creator's connection ends while its segment is created.
         let PublishStep::Create(creation) = registry.publish(1, 2, "gone", &config()) else { panic!("created") };
-        registry.subscribe(3, 8, "gone", &SubscriberOptions::default(), true);
+        registry.subscribe(3, 8, "gone", &SubscriberOptions::default(), true, false);
         registry.disconnect(1);
         assert!(registry.created(&creation, creation.create()).is_empty(), "nobody to answer");
         assert!(!registry.streams.contains_key("gone"));

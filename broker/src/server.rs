@@ -558,9 +558,12 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
     match request {
         Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
         Request::Unpublish { publication } => registry.unpublish(conn, id, publication),
-        Request::Subscribe { stream, options, wait_for_stream } => {
-            registry.subscribe(conn, id, &stream, &options, wait_for_stream)
+        Request::Subscribe { stream, options, wait_for_stream, credits_up_to } => {
+            registry.subscribe(conn, id, &stream, &options, wait_for_stream, credits_up_to)
         }
+        Request::List { pattern } => registry.list(conn, id, &pattern),
+        Request::Watch { pattern, subscribe } => registry.watch(conn, id, &pattern, subscribe),
+        Request::Unwatch { watch } => registry.unwatch(conn, id, watch),
         Request::Credit { subscription, credits } => registry.credit(conn, id, subscription, credits),
         Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
         Request::Close { stream } => registry.close(conn, id, &stream),

@@ -128,6 +128,7 @@ impl Client {
             policy: parse_policy(policy)?,
             wait: parse_strategy(strategy)?,
             wait_for_stream: wait,
+            credits_up_to: false,
         };
         if !wait {
             let inner = py.detach(|| self.inner.subscriber(name, &options)).map_err(errors::client)?;

@@ -2,16 +2,18 @@
 
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use memsock_proto::control::{Event, Reply, Request, StatsReport};
+use memsock_proto::control::{Event, PatternSubscription, Reply, Request, StatsReport, StreamInfo, SubscriberGrant};
 use memsock_proto::shm::{self, OverflowPolicy, StreamConfig, SubscriberOptions, SubscriberTicket, WaitStrategy};
 
 use crate::conn::{ClientError, Conn, ProtocolViolation};
 
-fn unexpected(expected: &'static str) -> ClientError {
+pub(crate) fn unexpected(expected: &'static str) -> ClientError {
     ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected })
 }
 
@@ -56,12 +58,22 @@ pub struct SubscribeOptions {
     /// If the stream does not exist yet, wait for a publisher to create it
     /// instead of failing with `NoSuchStream`.
     pub wait_for_stream: bool,
+    /// Take fewer credits than `credits` (at least 1) if the stream's pool
+    /// cannot give them all, instead of being refused:
+    /// [`Subscriber::credits`] says how many it got.
+    pub credits_up_to: bool,
 }
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
         let o = SubscriberOptions::default();
-        Self { credits: o.credits, policy: o.policy, wait: o.wait, wait_for_stream: false }
+        Self { credits: o.credits, policy: o.policy, wait: o.wait, wait_for_stream: false, credits_up_to: false }
+    }
+}
+
+impl SubscribeOptions {
+    fn wire(&self) -> SubscriberOptions {
+        SubscriberOptions { credits: self.credits, policy: self.policy, wait: self.wait }
     }
 }
 
@@ -127,27 +139,53 @@ impl Client {
     pub fn subscriber(&self, name: &str, options: &SubscribeOptions) -> Result<Subscriber, ClientError> {
         let request = Request::Subscribe {
             stream: name.into(),
-            options: SubscriberOptions { credits: options.credits, policy: options.policy, wait: options.wait },
+            options: options.wire(),
             wait_for_stream: options.wait_for_stream,
+            credits_up_to: options.credits_up_to,
         };
         let timeout = if options.wait_for_stream { None } else { Some(REQUEST_TIMEOUT) };
         let (reply, fds) = self.conn.request_within(request, timeout)?;
-        let Reply::Subscribed { subscription, index, generation, .. } = reply else {
+        let Reply::Subscribed(grant) = reply else {
             return Err(unexpected("Subscribed"));
         };
-        let [data, channel] = fds.as_slice() else {
-            self.conn.notify(Request::Unsubscribe { subscription });
-            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 2, got: fds.len() }));
-        };
-        let ticket = SubscriberTicket { index, generation, wait: options.wait };
-        // From here on, the lease of the subscription ends with the last of
-        // the subscriber and the samples detached from it.
-        let lease = Arc::new(SubscriptionLease { conn: self.conn.clone(), subscription });
-        let mut inner =
-            shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(ClientError::OpenSubscriber)?;
-        inner.set_keep_alive(lease);
-        tracing::debug!(stream = name, subscription, "subscribed");
-        Ok(Subscriber { inner, conn: self.conn.clone(), subscription, stream: name.into() })
+        Subscriber::open(&self.conn, &grant, options.wait, &fds)
+    }
+
+    /// The streams whose names match `pattern` (see [`crate::pattern`]),
+    /// by name: each one's configuration, publisher and subscriber count.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for a malformed pattern, or a connection
+    /// error.
+    pub fn list(&self, pattern: &str) -> Result<Vec<StreamInfo>, ClientError> {
+        match self.conn.request(Request::List { pattern: pattern.into() })? {
+            (Reply::Streams(streams), _) => Ok(streams),
+            _ => Err(unexpected("Streams")),
+        }
+    }
+
+    /// Follows the streams whose names match `pattern`: the ones there are
+    /// ([`Watch::streams`](crate::Watch::streams)), then each created or
+    /// removed, as [`WatchEvent`](crate::WatchEvent)s.
+    ///
+    /// # Errors
+    /// As [`list`](Self::list).
+    pub fn watch(&self, pattern: &str) -> Result<crate::Watch, ClientError> {
+        crate::Watch::start(&self.conn, pattern, None)
+    }
+
+    /// Subscribes to every stream whose name matches `pattern`: those there
+    /// are, and each created later from the moment it is created (before
+    /// its publisher can send a frame, so none is missed). Each subscriber
+    /// comes as a [`WatchEvent::Subscribed`](crate::WatchEvent::Subscribed);
+    /// `options.wait_for_stream` is implied. With `options.credits_up_to`
+    /// a busy pool gives what it can rather than refusing.
+    ///
+    /// # Errors
+    /// As [`list`](Self::list).
+    pub fn subscribe_pattern(&self, pattern: &str, options: &SubscribeOptions) -> Result<crate::Watch, ClientError> {
+        let subscribe = PatternSubscription { options: options.wire(), credits_up_to: options.credits_up_to };
+        crate::Watch::start(&self.conn, pattern, Some(subscribe))
     }
 
     /// Closes stream `name` for good: its publisher's next send fails and
@@ -246,6 +284,8 @@ pub struct Subscriber {
     conn: Arc<Conn>,
     subscription: u64,
     stream: String,
+    /// Credits granted (as last set).
+    credits: AtomicU32,
 }
 
 /// Ends a subscription at the broker when the subscriber and every sample
@@ -263,6 +303,35 @@ impl Drop for SubscriptionLease {
 }
 
 impl Subscriber {
+    /// Opens the subscriber the broker granted, with its two descriptors.
+    pub(crate) fn open(
+        conn: &Arc<Conn>,
+        grant: &SubscriberGrant,
+        wait: WaitStrategy,
+        fds: &[OwnedFd],
+    ) -> Result<Self, ClientError> {
+        let SubscriberGrant { subscription, ref stream, index, generation, credits, .. } = *grant;
+        let ticket = SubscriberTicket { index, generation, wait };
+        let [data, channel] = fds else {
+            conn.notify(Request::Unsubscribe { subscription });
+            return Err(ClientError::Protocol(ProtocolViolation::Descriptors { expected: 2, got: fds.len() }));
+        };
+        // From here on, the lease of the subscription ends with the last of
+        // the subscriber and the samples detached from it.
+        let lease = Arc::new(SubscriptionLease { conn: conn.clone(), subscription });
+        let mut inner =
+            shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(ClientError::OpenSubscriber)?;
+        inner.set_keep_alive(lease);
+        tracing::debug!(stream, subscription, credits, "subscribed");
+        Ok(Self { inner, conn: conn.clone(), subscription, stream: stream.clone(), credits: AtomicU32::new(credits) })
+    }
+
+    /// Credits it holds: as asked, or fewer if it subscribed with
+    /// `credits_up_to`; as last set by [`set_credits`](Self::set_credits).
+    pub fn credits(&self) -> u32 {
+        self.credits.load(Ordering::Relaxed)
+    }
+
     /// The stream's name.
     pub fn stream(&self) -> &str {
         &self.stream
@@ -280,7 +349,9 @@ impl Subscriber {
     /// [`ClientError::Refused`] (credits refused, with the numbers), or a
     /// connection error.
     pub fn set_credits(&self, credits: u32) -> Result<(), ClientError> {
-        self.conn.request(Request::Credit { subscription: self.subscription, credits }).map(drop)
+        self.conn.request(Request::Credit { subscription: self.subscription, credits })?;
+        self.credits.store(credits, Ordering::Relaxed);
+        Ok(())
     }
 }
 

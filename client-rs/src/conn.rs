@@ -9,13 +9,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use memsock_proto::control::{
     ClientMessage, ControlError, DecodeFailure, Event, FrameError, FrameReader, FrameWriter, PROTOCOL_VERSION, Reply,
-    Request, ServerMessage,
+    Request, ServerMessage, WatchChange,
 };
 use memsock_proto::shm;
 
@@ -159,9 +159,63 @@ enum Channels {
     Open(shm::ChannelInbox),
 }
 
+/// The news of one watch, as the reader thread queues it for the
+/// [`Watch`](crate::Watch) handle: unbounded, since a subscriber announced
+/// there holds a grant at the broker until it is opened or given back.
+#[derive(Debug, Default)]
+pub(crate) struct WatchQueue {
+    items: Mutex<WatchItems>,
+    ready: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WatchItems {
+    queue: VecDeque<(WatchChange, Vec<OwnedFd>)>,
+    /// No more will come (the connection ended).
+    ended: bool,
+}
+
+impl WatchQueue {
+    fn push(&self, item: (WatchChange, Vec<OwnedFd>)) {
+        lock(&self.items).queue.push_back(item);
+        self.ready.notify_all();
+    }
+
+    fn end(&self) {
+        lock(&self.items).ended = true;
+        self.ready.notify_all();
+    }
+
+    /// The next item, waiting at most `timeout` (`None`: not at all).
+    /// `Err(())` once the connection ended and the queue is empty.
+    pub(crate) fn pop(&self, timeout: Option<Duration>) -> Result<Option<(WatchChange, Vec<OwnedFd>)>, ()> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut items = lock(&self.items);
+        loop {
+            if let Some(item) = items.queue.pop_front() {
+                return Ok(Some(item));
+            }
+            if items.ended {
+                return Err(());
+            }
+            let Some(left) = deadline.and_then(|d| d.checked_duration_since(std::time::Instant::now())) else {
+                return Ok(None);
+            };
+            items = self.ready.wait_timeout(items, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
+    /// Everything queued.
+    pub(crate) fn drain(&self) -> Vec<(WatchChange, Vec<OwnedFd>)> {
+        lock(&self.items).queue.drain(..).collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     pending: Mutex<HashMap<u64, SyncSender<Delivery>>>,
+    /// Our watches, by id.
+    watches: Mutex<HashMap<u64, Arc<WatchQueue>>>,
     /// Our publications, by token.
     publications: Mutex<HashMap<u64, Channels>>,
     /// Serialises writers (requesters, and the reader undoing late replies).
@@ -289,6 +343,16 @@ impl Conn {
         lock(&self.shared.events).pop_front()
     }
 
+    /// The queue of watch `watch` (the reader made it as the reply came).
+    pub(crate) fn watch_queue(&self, watch: u64) -> Option<Arc<WatchQueue>> {
+        lock(&self.shared.watches).get(&watch).cloned()
+    }
+
+    /// Watch `watch` has ended here: later news of it is undone.
+    pub(crate) fn forget_watch(&self, watch: u64) {
+        lock(&self.shared.watches).remove(&watch);
+    }
+
     /// Whether the broker closed the connection.
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
@@ -360,11 +424,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn undo_late_reply(socket: &UnixStream, shared: &Shared, message: &ServerMessage) {
     let request = match message {
-        ServerMessage::Reply { result: Ok(Reply::Subscribed { subscription, .. }), .. } => {
-            Request::Unsubscribe { subscription: *subscription }
+        ServerMessage::Reply { result: Ok(Reply::Subscribed(grant)), .. } => {
+            Request::Unsubscribe { subscription: grant.subscription }
         }
         ServerMessage::Reply { result: Ok(Reply::Published { publication, .. }), .. } => {
             Request::Unpublish { publication: *publication }
+        }
+        ServerMessage::Reply { result: Ok(Reply::Watching { watch, .. }), .. } => {
+            lock(&shared.watches).remove(watch);
+            Request::Unwatch { watch: *watch }
+        }
+        ServerMessage::Event(Event::Watch { change: WatchChange::Subscribed { grant, .. }, .. }) => {
+            Request::Unsubscribe { subscription: grant.subscription }
         }
         _ => return,
     };
@@ -423,6 +494,9 @@ fn read_loop(socket: UnixStream, shared: &Shared) {
     let _ = socket.shutdown(std::net::Shutdown::Both);
     // Requesters waiting for a reply see their channel close.
     lock(&shared.pending).clear();
+    for queue in lock(&shared.watches).values() {
+        queue.end();
+    }
 }
 
 fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
@@ -446,6 +520,10 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                                 // Channels for it may follow before it opens.
                                 lock(&shared.publications).insert(*publication, Channels::Waiting(Vec::new()));
                             }
+                            if let ServerMessage::Reply { result: Ok(Reply::Watching { watch, .. }), .. } = &message {
+                                // Its news follows at once.
+                                lock(&shared.watches).insert(*watch, Arc::default());
+                            }
                             if let Err(e) = tx.try_send((message, mine)) {
                                 // It gave up just now: as if nobody waited.
                                 let (std::sync::mpsc::TrySendError::Full((message, _))
@@ -466,6 +544,14 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                 }
                 ServerMessage::Event(Event::Channel { publication, index, generation }) => {
                     take_channel(socket, shared, publication, index, generation, mine);
+                }
+                ServerMessage::Event(Event::Watch { watch, change }) => {
+                    let queue = lock(&shared.watches).get(&watch).cloned();
+                    match queue {
+                        Some(queue) => queue.push((change, mine)),
+                        // Ended here: a subscriber it brought goes back.
+                        None => undo_late_reply(socket, shared, &ServerMessage::Event(Event::Watch { watch, change })),
+                    }
                 }
                 ServerMessage::Event(event) => {
                     tracing::debug!(?event, "broker event");

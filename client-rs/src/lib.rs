@@ -33,24 +33,31 @@
 mod asynk;
 mod client;
 mod conn;
+mod watch;
 
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncSubscriber;
 pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
 pub use conn::{ClientError, Disconnect, ProtocolViolation};
 pub use memsock_proto::control::{
-    ConfigProblem, ControlError, DecodeFailure, Event, Malformation, SegmentStep, StatsReport, StreamReport,
-    SubscriberReport,
+    ConfigProblem, ControlError, DecodeFailure, Event, Malformation, SegmentStep, StatsReport, StreamInfo,
+    StreamReport, SubscriberReport,
 };
 pub use memsock_proto::shm::{
     FrameInfo, LoanError, OverflowPolicy, OwnedSample, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,
     TryRecvError, Unsent, WaitStrategy,
 };
+pub use watch::{Watch, WatchEvent};
 
 /// The data plane on its own: stream segments, their owner operations and
 /// file-level publishers and subscribers (what the broker builds on).
 pub mod shm {
     pub use memsock_proto::shm::*;
+}
+
+/// Stream-name patterns: `*` within a part, `**` across parts.
+pub mod pattern {
+    pub use memsock_proto::pattern::*;
 }
 
 /// The control protocol (for tools that speak to the broker directly).

@@ -17,11 +17,12 @@ use serde::{Deserialize, Serialize};
 mod framing;
 pub use framing::{FrameReader, FrameWriter, Framed};
 
+use crate::pattern::PatternError;
 use crate::shm::layout::MAX_SEGMENT_LEN;
 use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;
@@ -72,6 +73,10 @@ pub enum Request {
         options: SubscriberOptions,
         /// If the stream does not exist yet, wait for it instead of failing.
         wait_for_stream: bool,
+        /// Take fewer credits than `options.credits` (at least 1) if the
+        /// pool cannot give them all, instead of being refused;
+        /// [`Reply::Subscribed`] says how many.
+        credits_up_to: bool,
     },
     /// Change a subscriber's credits.
     Credit {
@@ -96,6 +101,29 @@ pub enum Request {
         /// Only this stream.
         stream: Option<String>,
     },
+    /// The streams whose names match `pattern` (see [`crate::pattern`]).
+    List {
+        /// The pattern.
+        pattern: String,
+    },
+    /// Follow the streams whose names match `pattern`: the reply lists
+    /// those there are; [`Event::Watch`] tells of each created or removed
+    /// later. With `subscribe`, also attach a subscriber to each, those
+    /// there are and each at the moment it is created (before its
+    /// publisher can send a frame), every one announced by an
+    /// [`WatchChange::Subscribed`] with its two descriptors.
+    Watch {
+        /// The pattern.
+        pattern: String,
+        /// Subscribe to every match, with these options.
+        subscribe: Option<PatternSubscription>,
+    },
+    /// Stop a watch: no more events or subscribers from it (the
+    /// subscribers it attached stay, each ended by its own Unsubscribe).
+    Unwatch {
+        /// The watch, as [`Reply::Watching`] named it.
+        watch: u64,
+    },
     /// The publisher's client has mapped the channel an
     /// [`Event::Channel`] brought: the broker may attach its subscriber.
     /// No reply.
@@ -106,6 +134,80 @@ pub enum Request {
         index: u32,
         /// Subscriber generation.
         generation: u64,
+    },
+}
+
+/// How a watch subscribes to the streams it matches ([`Request::Watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatternSubscription {
+    /// Credits, policy and wait strategy of each subscriber.
+    pub options: SubscriberOptions,
+    /// Take what credits a pool can give, up to `options.credits`, as
+    /// [`Request::Subscribe`]'s `credits_up_to`.
+    pub credits_up_to: bool,
+}
+
+/// A subscriber the broker attached ([`Reply::Subscribed`],
+/// [`WatchChange::Subscribed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriberGrant {
+    /// Names the subscription in later requests.
+    pub subscription: u64,
+    /// Stream name.
+    pub stream: String,
+    /// Subscriber index in the stream.
+    pub index: u32,
+    /// Attach generation of that index.
+    pub generation: u64,
+    /// The stream has a publisher right now.
+    pub publisher_attached: bool,
+    /// Credits granted (fewer than asked only with `credits_up_to`).
+    pub credits: u32,
+}
+
+/// A stream as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Stream name.
+    pub name: String,
+    /// The configuration it was created with (its geometry, and the memory
+    /// options of its creator).
+    pub config: StreamConfig,
+    /// The pid of its publisher, if one is attached.
+    pub publisher_pid: Option<u32>,
+    /// Subscribers attached.
+    pub subscribers: u32,
+}
+
+/// What a watch reports ([`Event::Watch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WatchChange {
+    /// A matching stream was created.
+    Created(StreamInfo),
+    /// A matching stream was closed, or removed when nothing used it any
+    /// more.
+    Removed {
+        /// Stream name.
+        stream: String,
+        /// It was closed (else removed unused).
+        closed: bool,
+    },
+    /// The watch's subscriber of a matching stream is attached. Descriptors:
+    /// the stream's data file (read-only), then the subscriber's channel
+    /// file, as with [`Reply::Subscribed`].
+    Subscribed {
+        /// The subscriber.
+        grant: SubscriberGrant,
+        /// The stream's configuration.
+        config: StreamConfig,
+    },
+    /// The watch could not subscribe to a matching stream.
+    SubscribeFailed {
+        /// Stream name.
+        stream: String,
+        /// Why.
+        error: ControlError,
     },
 }
 
@@ -139,8 +241,9 @@ impl ServerMessage {
     pub fn fd_count(&self) -> usize {
         match self {
             ServerMessage::Reply { result: Ok(Reply::Published { channels, .. }), .. } => 1 + channels.len(),
-            ServerMessage::Reply { result: Ok(Reply::Subscribed { .. }), .. } => 2,
+            ServerMessage::Reply { result: Ok(Reply::Subscribed(_)), .. } => 2,
             ServerMessage::Event(Event::Channel { .. }) => 1,
+            ServerMessage::Event(Event::Watch { change: WatchChange::Subscribed { .. }, .. }) => 2,
             _ => 0,
         }
     }
@@ -174,22 +277,21 @@ pub enum Reply {
     },
     /// The client has a subscriber. Descriptors: the stream's data file
     /// (read-only), then the subscriber's channel file.
-    Subscribed {
-        /// Names the subscription in later requests.
-        subscription: u64,
-        /// Stream name.
-        stream: String,
-        /// Subscriber index in the stream.
-        index: u32,
-        /// Attach generation of that index.
-        generation: u64,
-        /// The stream has a publisher right now.
-        publisher_attached: bool,
-    },
+    Subscribed(SubscriberGrant),
     /// Done, nothing to report.
     Done,
     /// Counters.
     Stats(StatsReport),
+    /// The streams a [`Request::List`] matched, by name.
+    Streams(Vec<StreamInfo>),
+    /// A watch is in place.
+    Watching {
+        /// Names the watch in its events and in [`Request::Unwatch`].
+        watch: u64,
+        /// The matching streams there are, by name (a subscribing watch's
+        /// subscribers of them follow as events).
+        streams: Vec<StreamInfo>,
+    },
 }
 
 /// Things that happen to a stream.
@@ -226,6 +328,13 @@ pub enum Event {
         /// Subscriber generation.
         generation: u64,
     },
+    /// News from a watch of this client.
+    Watch {
+        /// The watch, as [`Reply::Watching`] named it.
+        watch: u64,
+        /// What happened.
+        change: WatchChange,
+    },
 }
 
 /// Why a request failed. Every variant names what was wrong.
@@ -257,6 +366,17 @@ pub enum ControlError {
     /// A stream name is empty, too long or not printable.
     #[error("invalid stream name {0:?}: 1 to 255 bytes of printable characters")]
     InvalidName(String),
+    /// A stream-name pattern is malformed.
+    #[error("invalid pattern {pattern:?}: {problem}")]
+    InvalidPattern {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong.
+        problem: PatternError,
+    },
+    /// No watch of this client has this id.
+    #[error("no watch #{0} on this connection")]
+    NoSuchWatch(u64),
     /// No stream has this name.
     #[error("no stream named {0:?}")]
     NoSuchStream(String),
@@ -791,8 +911,23 @@ mod tests {
                     wait: WaitStrategy::SpinThenPark { spin_us: 20 },
                 },
                 wait_for_stream: true,
+                credits_up_to: true,
             },
         });
+        roundtrip(ClientMessage {
+            id: 12,
+            request: Request::Watch {
+                pattern: "camera/**".into(),
+                subscribe: Some(PatternSubscription { options: SubscriberOptions::default(), credits_up_to: true }),
+            },
+        });
+        roundtrip(ServerMessage::Event(Event::Watch {
+            watch: 3,
+            change: WatchChange::SubscribeFailed {
+                stream: "camera/left".into(),
+                error: ControlError::InvalidPattern { pattern: "a**".into(), problem: PatternError::TrailingEscape },
+            },
+        }));
         roundtrip(ClientMessage {
             id: 9,
             request: Request::Publish { stream: "video".into(), config: StreamConfig::new(1 << 20, 8) },

@@ -13,6 +13,8 @@
 
 #[cfg(not(loom))]
 pub mod control;
+#[cfg(not(loom))]
+pub mod pattern;
 pub mod platform;
 mod primitive;
 pub mod shm;

@@ -524,3 +524,15 @@ impl AsFd for RawConn {
         self.socket.as_fd()
     }
 }
+
+/// Options of a lossless subscriber with `credits` that parks while it
+/// waits and waits for its stream to exist.
+pub fn lossless(credits: u32) -> memsock::SubscribeOptions {
+    memsock::SubscribeOptions {
+        credits,
+        policy: memsock::OverflowPolicy::Lossless,
+        wait: memsock::WaitStrategy::Park,
+        wait_for_stream: true,
+        credits_up_to: false,
+    }
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use futures_core::Stream;
-use memsock::{AsyncSubscriber, Client, OverflowPolicy, RecvError, StreamConfig, SubscribeOptions, WaitStrategy};
-use memsock_tests::{Broker, Peer, check_frame, eventually};
+use memsock::{AsyncSubscriber, Client, RecvError, StreamConfig, SubscribeOptions};
+use memsock_tests::{Broker, Peer, check_frame, eventually, lossless};
 use serde_json::json;
 
 const PEER: &str = env!("CARGO_BIN_EXE_memsock-test-peer");
@@ -22,10 +22,6 @@ async fn next(sub: &mut AsyncSubscriber) -> Option<Result<memsock::OwnedSample, 
 }
 
 fn assert_send<T: Send>(_: &T) {}
-
-fn lossless(credits: u32) -> SubscribeOptions {
-    SubscribeOptions { credits, policy: OverflowPolicy::Lossless, wait: WaitStrategy::Park, wait_for_stream: true }
-}
 
 /// On a single-threaded runtime, a ticker task keeps running while the
 /// receiver waits for frames from a paced publisher process: no receive

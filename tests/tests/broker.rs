@@ -189,7 +189,8 @@ fn a_late_unpublish_or_unsubscribe_ends_nothing() -> Result<()> {
     let Reply::Published { publication: first, .. } = s.ask(2, publish())?.0? else { panic!("published") };
     s.ask(3, Request::Unpublish { publication: first })?.0?;
     let options = memsock::shm::SubscriberOptions::default();
-    let subscribe = || Request::Subscribe { stream: "tok".into(), options, wait_for_stream: true };
+    let subscribe =
+        || Request::Subscribe { stream: "tok".into(), options, wait_for_stream: true, credits_up_to: false };
     // The stream went with its publisher: this subscriber waits for the next.
     s.send(4, subscribe())?;
     let Reply::Published { publication: second, .. } = s.ask(5, publish())?.0? else { panic!("published again") };
@@ -204,7 +205,11 @@ fn a_late_unpublish_or_unsubscribe_ends_nothing() -> Result<()> {
     // The subscriber that waited was attached; resubscribe, then end the first late.
     let first_sub = report.subscribers[0].subscription;
     s.ask(7, Request::Unsubscribe { subscription: first_sub })?.0?;
-    let Reply::Subscribed { subscription: second_sub, .. } = s.ask(8, subscribe())?.0? else { panic!("subscribed") };
+    let Reply::Subscribed(memsock::control::SubscriberGrant { subscription: second_sub, .. }) =
+        s.ask(8, subscribe())?.0?
+    else {
+        panic!("subscribed")
+    };
     assert_ne!(first_sub, second_sub);
     assert_eq!(
         s.ask(9, Request::Unsubscribe { subscription: first_sub })?.0,
@@ -956,9 +961,12 @@ fn a_greedy_client_meets_named_limits_while_another_is_served() -> Result<()> {
     raw_greedy.hello()?;
     let options = memsock::shm::SubscriberOptions::default();
     for id in 1..=4 {
-        raw_greedy.send(id, Request::Subscribe { stream: format!("never-{id}"), options, wait_for_stream: true })?;
+        raw_greedy.send(
+            id,
+            Request::Subscribe { stream: format!("never-{id}"), options, wait_for_stream: true, credits_up_to: false },
+        )?;
     }
-    let wait = Request::Subscribe { stream: "never-5".into(), options, wait_for_stream: true };
+    let wait = Request::Subscribe { stream: "never-5".into(), options, wait_for_stream: true, credits_up_to: false };
     match raw_greedy.ask(5, wait)?.0 {
         Err(ControlError::LimitReached {
             limit: Limit::Waits,

@@ -238,7 +238,7 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ChannelGrant, Reply, Request};
+    use crate::control::{ChannelGrant, Reply, Request, SubscriberGrant};
 
     fn hello(id: u64) -> ClientMessage {
         ClientMessage { id, request: Request::Hello { version: 1, client_name: "x".into() } }
@@ -347,13 +347,14 @@ mod tests {
     fn reader_bait() -> ServerMessage {
         ServerMessage::Reply {
             id: 1,
-            result: Ok(Reply::Subscribed {
+            result: Ok(Reply::Subscribed(SubscriberGrant {
                 subscription: 1,
                 stream: "s".into(),
                 index: 0,
                 generation: 0,
                 publisher_attached: false,
-            }),
+                credits: 4,
+            })),
         }
     }
 

@@ -116,6 +116,9 @@ fn session(proxy: &Path) -> Result<(Client, Client)> {
     let _ = viewer.stats(None)?;
     let _ = viewer.stats(Some("cam"))?;
     let refused = |r: Result<_, ClientError>| r.err().context("a refusal");
+    let _ = viewer.list("**")?;
+    refused(viewer.list("a**").map(drop))?;
+    let watch = viewer.subscribe_pattern("la*", &SubscribeOptions { credits: 2, credits_up_to: true, ..options })?;
     refused(camera.publisher("cam", &StreamConfig::new(128, 8)).map(drop))?;
     refused(viewer.subscriber("nope", &SubscribeOptions::default()).map(drop))?;
     refused(viewer.subscriber("cam", &SubscribeOptions { credits: 99, ..Default::default() }).map(drop))?;
@@ -132,6 +135,12 @@ fn session(proxy: &Path) -> Result<(Client, Client)> {
     }
     let later = camera.publisher("later", &config)?;
     let late = waiting.join().expect("no panic")?;
+    // The watch saw "later" created and subscribed to it.
+    while !matches!(
+        watch.next_timeout(std::time::Duration::from_secs(10))?,
+        Some(memsock::WatchEvent::Subscribed { .. })
+    ) {}
+    drop(watch);
     drop(later);
     let _ = late.try_recv().map(|s| s.len());
     let _back = camera.publisher("later", &config)?;

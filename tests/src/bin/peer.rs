@@ -236,6 +236,7 @@ fn subscriber(spec: &Value) -> Result<()> {
             },
             wait: ticket(spec).wait,
             wait_for_stream: spec["wait_for_stream"].as_bool().unwrap_or(false),
+            credits_up_to: false,
         };
         let sub = client.subscriber(name, &options)?;
         return receive(spec, &sub);
