@@ -191,7 +191,7 @@ impl Limits {
 }
 
 /// `123`, or for memory `64M`, `2G`…: powers of 1024.
-fn parse_amount(value: &str) -> Option<u64> {
+pub fn parse_amount(value: &str) -> Option<u64> {
     let (digits, shift) = match value.as_bytes().last()? {
         b'K' | b'k' => (&value[..value.len() - 1], 10),
         b'M' | b'm' => (&value[..value.len() - 1], 20),

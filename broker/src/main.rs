@@ -1,8 +1,8 @@
 //! `memsock`: the broker daemon and the command line around it.
 
-mod demo;
-mod stats;
-mod tools;
+mod cli;
+
+use cli::{demo, publish, record, replay, stats};
 
 use memsock_broker::server;
 
@@ -102,6 +102,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         work_us: u64,
     },
+    /// Records live streams into MCAP files until SIGINT or SIGTERM.
+    Record(record::RecordArgs),
+    /// Publishes recorded streams again, at their recorded pacing.
+    Replay(replay::ReplayArgs),
     /// Shows every stream's publisher, rates and subscribers.
     Stats {
         /// One JSON document instead of a table.
@@ -137,10 +141,20 @@ fn main() -> Result<()> {
         }
         Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
-        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => tools::publish(
+        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => publish::run(
             &socket,
-            &tools::PublishArgs { stream: &stream, size, slots, count, rate, subscribers, timestamps: !no_timestamps },
+            &publish::PublishArgs {
+                stream: &stream,
+                size,
+                slots,
+                count,
+                rate,
+                subscribers,
+                timestamps: !no_timestamps,
+            },
         ),
+        Command::Record(args) => record::run(&socket, &args),
+        Command::Replay(args) => replay::run(&socket, &args),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),
         Command::DemoSubscriber { policy, credits, work_us } => demo::subscriber(&socket, &policy, credits, work_us),
     }

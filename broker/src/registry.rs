@@ -1061,6 +1061,9 @@ impl Registry {
             generation: ticket.generation,
             publisher_attached,
             credits,
+            // Read after the subscriber was attached: no frame it misses
+            // is below it.
+            first_seq: stream.segment.stats().published,
         };
         Ok((grant, fds))
     }

@@ -286,6 +286,8 @@ pub struct Subscriber {
     stream: String,
     /// Credits granted (as last set).
     credits: AtomicU32,
+    /// The stream's frames published before it attached.
+    first_seq: u64,
 }
 
 /// Ends a subscription at the broker when the subscriber and every sample
@@ -310,7 +312,7 @@ impl Subscriber {
         wait: WaitStrategy,
         fds: &[OwnedFd],
     ) -> Result<Self, ClientError> {
-        let SubscriberGrant { subscription, ref stream, index, generation, credits, .. } = *grant;
+        let SubscriberGrant { subscription, ref stream, index, generation, credits, first_seq, .. } = *grant;
         let ticket = SubscriberTicket { index, generation, wait };
         let [data, channel] = fds else {
             conn.notify(Request::Unsubscribe { subscription });
@@ -323,7 +325,8 @@ impl Subscriber {
             shm::Subscriber::open(data.as_fd(), channel.as_fd(), ticket).map_err(ClientError::OpenSubscriber)?;
         inner.set_keep_alive(lease);
         tracing::debug!(stream, subscription, credits, "subscribed");
-        Ok(Self { inner, conn: conn.clone(), subscription, stream: stream.clone(), credits: AtomicU32::new(credits) })
+        let credits = AtomicU32::new(credits);
+        Ok(Self { inner, conn: conn.clone(), subscription, stream: stream.clone(), credits, first_seq })
     }
 
     /// Credits it holds: as asked, or fewer if it subscribed with
@@ -335,6 +338,14 @@ impl Subscriber {
     /// The stream's name.
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    /// The sequence number from which on this subscriber receives: frames
+    /// the stream had published when it attached (one in flight then may
+    /// still come first). A first frame numbered above it follows frames
+    /// it lost.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
     }
 
     /// The broker's id for this subscription.

@@ -163,6 +163,11 @@ pub struct SubscriberGrant {
     pub publisher_attached: bool,
     /// Credits granted (fewer than asked only with `credits_up_to`).
     pub credits: u32,
+    /// Frames the stream had published when the subscriber was attached:
+    /// the sequence number from which on it receives (frames in flight
+    /// as it attached may still come before it). A first frame numbered
+    /// above it follows frames the subscriber lost.
+    pub first_seq: u64,
 }
 
 /// A stream as a listing shows it.

@@ -354,6 +354,7 @@ mod tests {
                 generation: 0,
                 publisher_attached: false,
                 credits: 4,
+                first_seq: 0,
             })),
         }
     }

@@ -24,7 +24,7 @@ pub struct PublishArgs<'a> {
 /// first 8 bytes, little-endian), as fast as lossless subscribers allow or
 /// at `rate` per second, after `subscribers` subscribers have attached.
 /// Prints one JSON line at the end.
-pub fn publish(socket: &Path, a: &PublishArgs<'_>) -> Result<()> {
+pub fn run(socket: &Path, a: &PublishArgs<'_>) -> Result<()> {
     let client = Client::connect_to(socket)?;
     let mut config = StreamConfig::new(a.size, a.slots);
     config.max_subscribers = config.max_subscribers.max(a.subscribers);
