@@ -11,6 +11,7 @@
 
 mod broker;
 mod cstream;
+mod record;
 mod reference;
 mod seed_ring;
 mod stream;
@@ -92,6 +93,25 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The MCAP recorder and replayer against the disk they write to:
+    /// buffered writes to the same filesystem, lossless recordings of
+    /// 64 B, 64 KiB and 1.1 MB frames (RSS against its bound), replay at
+    /// full speed and the pacing of a 100 Hz stream at 1x, and a plugin
+    /// host's idle CPU and wake latency with 100 streams. Writes under
+    /// target/bench-record (or $MEMSOCK_BENCH_DIR).
+    Record {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Multiplies every frame count.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Only the cases whose name contains this (`record_64_none`,
+        /// `record_1153434`, `lz4`, `replay`, `plugin_idle`); the disk
+        /// baseline always runs.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// (internal) The seed article's hand-rolled ring producer, for the
     /// Python benchmark (`python -m memsock.bench`).
     #[command(hide = true)]
@@ -113,6 +133,7 @@ fn main() -> Result<()> {
         }
         Command::Broker { json, scale, rounds, only } => broker_bench(json, scale, rounds.max(1), only.as_deref()),
         Command::C { json, scale, rounds, only } => c_bench(json, scale, rounds.max(1), only.as_deref()),
+        Command::Record { json, scale, only } => record::run(json, scale, only.as_deref()),
         Command::RingProducer { path, count } => seed_ring::ring_producer(&path, count),
         Command::Child => child(),
     }
@@ -247,6 +268,9 @@ fn child() -> Result<()> {
         Some("lease_subscriber") => broker::lease_subscriber(&spec),
         Some("cstream_publish") => cstream::publish_child(&spec),
         Some("cstream_subscribe") => cstream::subscribe_child(&spec),
+        Some("record_recorder") => record::recorder_child(&spec),
+        Some("record_publisher") => record::publisher_child(&spec),
+        Some("record_drain") => record::drain_child(&spec),
         other => bail!("unknown child role {other:?}"),
     }
 }

@@ -333,11 +333,13 @@ def test_a_publisher_taken_over_mid_recording(broker, rust_peer, tmp_path):
 
 def test_bad_arguments_are_refused_with_a_reason(broker, tmp_path):
     exe = _exe("MEMSOCK_EXE", "memsock")
+    (tmp_path / "taken.mcap").write_bytes(b"a recording")
     for args, text in [
         (["record", "-o", str(tmp_path / "x.mcap"), "--stream", "a**"], "whole part"),
         (["record", "-o", str(tmp_path / "x.mcap"), "--policy", "sometimes"], "lossless or keep-latest"),
         (["record", "-o", str(tmp_path / "x.mcap"), "--split-size", "lots"], "not a number of bytes"),
         (["replay", str(tmp_path / "missing.mcap")], "no such file"),
+        (["record", "-o", str(tmp_path / "taken.mcap")], "File exists"),
         (["replay", str(tmp_path / "x.mcap"), "--rename", "nothing"], "FROM=TO"),
     ]:
         r = subprocess.run([exe, "--socket", broker.socket, *args], capture_output=True, text=True, timeout=30)

@@ -546,11 +546,18 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                     take_channel(socket, shared, publication, index, generation, mine);
                 }
                 ServerMessage::Event(Event::Watch { watch, change }) => {
-                    let queue = lock(&shared.watches).get(&watch).cloned();
-                    match queue {
+                    // Queued under the table's lock: once `forget_watch`
+                    // has removed the watch, nothing more reaches its queue
+                    // (the handle drains it after), and its news is undone.
+                    let watches = lock(&shared.watches);
+                    match watches.get(&watch) {
                         Some(queue) => queue.push((change, mine)),
-                        // Ended here: a subscriber it brought goes back.
-                        None => undo_late_reply(socket, shared, &ServerMessage::Event(Event::Watch { watch, change })),
+                        None => {
+                            drop(watches);
+                            // Ended here: a subscriber it brought goes back.
+                            let message = ServerMessage::Event(Event::Watch { watch, change });
+                            undo_late_reply(socket, shared, &message);
+                        }
                     }
                 }
                 ServerMessage::Event(event) => {

@@ -106,6 +106,9 @@ pub struct RecordOptions {
     /// Write at most this many bytes a second (to test with a slow disk,
     /// or to spare one).
     pub throttle: Option<u64>,
+    /// Replace files that exist (else refuse them: a recording is never
+    /// written over by mistake).
+    pub overwrite: bool,
 }
 
 impl RecordOptions {
@@ -122,6 +125,7 @@ impl RecordOptions {
             compression: RecordCompression::None,
             chunk_size: 4 << 20,
             throttle: None,
+            overwrite: false,
         }
     }
 
@@ -463,15 +467,23 @@ impl McapFile {
         let path = options.file_path(n);
         let io = |source| FileError::Io { path: path.clone(), source };
         // Owner-only, as the streams it records.
-        let file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).map_err(io)?;
+        let mut open = std::fs::OpenOptions::new();
+        if options.overwrite {
+            open.create(true).truncate(true);
+        } else {
+            open.create_new(true);
+        }
+        let file = open.write(true).mode(0o600).open(&path).map_err(io)?;
         let end = Arc::new(AtomicU64::new(0));
         let counted = Counted { file, position: 0, end: end.clone(), throttle: options.throttle.map(Throttle::new) };
         let write_options = mcap::WriteOptions::new()
             .compression(options.compression.mcap())
             .chunk_size(Some(options.chunk_size))
             .profile("memsock")
-            .library(concat!("memsock-plugins ", env!("CARGO_PKG_VERSION")));
+            .library(concat!("memsock-plugins ", env!("CARGO_PKG_VERSION")))
+            // Every chunk has its CRC; one more pass over the whole data
+            // section (a second read of every frame) buys readers nothing.
+            .calculate_data_section_crc(false);
         let mcap_err = |source| FileError::Mcap { path: path.clone(), source };
         let mut mcap = write_options.create(BufWriter::with_capacity(256 << 10, counted)).map_err(mcap_err)?;
         let events = mcap.add_channel(0, EVENTS_TOPIC, "json", &BTreeMap::new()).map_err(mcap_err)?;
@@ -531,7 +543,7 @@ impl Writer {
     }
 
     fn write_all(&mut self, rx: &Receiver<Cmd>) -> Result<(), RecordError> {
-        for cmd in rx {
+        while let Some(cmd) = next_command(rx) {
             match cmd {
                 Cmd::Open { id, name, config, credits, in_flight } => {
                     let i = id.0 as usize;
@@ -697,6 +709,26 @@ impl Writer {
         Ok(())
     }
 }
+
+/// The writer's next command; `None` once the recorder has hung up. When
+/// the queue is empty it naps a few times before blocking: small frames
+/// then come in batches, and the host's send seldom has to wake it (a
+/// futex wake per frame would cost more than writing the frame).
+fn next_command(rx: &Receiver<Cmd>) -> Option<Cmd> {
+    for nap in 0..WRITER_NAPS {
+        match rx.try_recv() {
+            Ok(cmd) => return Some(cmd),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            Err(std::sync::mpsc::TryRecvError::Empty) if nap == 0 => std::thread::yield_now(),
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::sleep(WRITER_NAP),
+        }
+    }
+    rx.recv().ok()
+}
+
+/// Naps before the writer blocks on an empty queue, and their length.
+const WRITER_NAPS: u32 = 20;
+const WRITER_NAP: Duration = Duration::from_micros(50);
 
 /// The file under the MCAP writer: counts its length, and throttles.
 struct Counted {

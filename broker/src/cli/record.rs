@@ -43,6 +43,9 @@ pub struct RecordArgs {
     /// disk, or stands in for a slow one.
     #[arg(long, value_name = "BYTES")]
     throttle: Option<String>,
+    /// Replace files that exist (else they are refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Progress and the summary as JSON lines on stdout.
     #[arg(long)]
     json: bool,
@@ -83,6 +86,7 @@ impl RecordArgs {
             options.split_duration = Some(Duration::from_secs_f64(secs));
         }
         options.throttle = self.throttle.as_deref().map(|s| amount("--throttle", s)).transpose()?;
+        options.overwrite = self.overwrite;
         Ok(options)
     }
 }
