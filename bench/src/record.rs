@@ -9,6 +9,12 @@
 //!   publisher got through), what reached the file, frames per second,
 //!   drops, and the recorder's peak RSS against its bound (credits × slot
 //!   size + 64 MiB).
+//! - `ring_write`: the reference for `record`: a minimal ring in one
+//!   process — a thread fills 66 frame buffers in turn as the publisher
+//!   does, another writes each to a file with one `write` — what writing
+//!   frames fresh from another core costs on this machine, with no
+//!   broker, no MCAP and no CRC. The baseline writes one 1 MiB buffer that
+//!   stays in its core's cache; a recorder's frames never are.
 //! - `replay`: a recording replayed at full speed into a lossless
 //!   subscriber, and a 100 Hz stream replayed at 1× with its pacing error.
 //! - `plugin_idle`: a host following 100 idle streams — its CPU, and the
@@ -92,6 +98,7 @@ pub fn run(json_out: bool, scale: f64, only: Option<&str>) -> Result<()> {
             lines.push(record_case(&broker, &dir, size, count, compression)?);
             if size == 1_153_434 {
                 baselines.push(disk_baseline(&dir, big_bytes)?);
+                lines.push(ring_write(&dir, size, count)?);
             }
         }
     }
@@ -105,6 +112,7 @@ pub fn run(json_out: bool, scale: f64, only: Option<&str>) -> Result<()> {
     }
     let baseline = lines[0]["gbytes_per_s"].as_f64().unwrap_or(0.0);
     let big = lines.iter().find(|l| l["case"] == "record" && l["size"] == 1_153_434).cloned().unwrap_or_default();
+    let ring = lines.iter().find(|l| l["case"] == "ring_write").cloned().unwrap_or_default();
     let small = lines.iter().find(|l| l["case"] == "record" && l["size"] == 64).cloned().unwrap_or_default();
     let paced = lines.iter().find(|l| l["case"] == "replay" && l["rate"] == 1.0).cloned().unwrap_or_default();
     let rss_ok = lines
@@ -115,6 +123,9 @@ pub fn run(json_out: bool, scale: f64, only: Option<&str>) -> Result<()> {
         "targets": {
             "record_1153434_vs_disk (>= 0.8)": big["written_gbytes_per_s"].as_f64().unwrap_or(0.0) / baseline.max(1e-9),
             "record_1153434_drops (= 0)": big["drops"],
+            "reference: ring_write_vs_disk": ring["gbytes_per_s"].as_f64().unwrap_or(0.0) / baseline.max(1e-9),
+            "reference: record_1153434_vs_ring_write": big["written_gbytes_per_s"].as_f64().unwrap_or(0.0)
+                / ring["gbytes_per_s"].as_f64().unwrap_or(0.0).max(1e-9),
             "record_64_frames_per_s (>= 1e6)": small["frames_per_s"],
             "rss_within_bound": rss_ok,
             "replay_100hz_pacing_error_p99_us (<= 1000)": paced["pacing_error_p99_us"],
@@ -150,6 +161,44 @@ fn disk_baseline(dir: &Path, bytes: u64) -> Result<f64> {
     std::fs::remove_file(&path)?;
     Ok(bytes as f64 / secs / 1e9)
 }
+
+/// The minimal ring writing `count` frames of `size` bytes to a new file
+/// (see the module's notes): GB/s.
+fn ring_write(dir: &Path, size: u32, count: u64) -> Result<Value> {
+    let path = dir.join("ring.bin");
+    let size = size as usize;
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Box<[u8]>>(RING_FRAMES);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Box<[u8]>>(RING_FRAMES);
+    for _ in 0..RING_FRAMES {
+        free_tx.send(vec![0u8; size].into_boxed_slice())?;
+    }
+    sync();
+    let mut file = std::fs::File::create(&path)?;
+    let filler = std::thread::spawn(move || {
+        for i in 0..count {
+            let Ok(mut frame) = free_rx.recv() else { return };
+            // The publisher child's pattern.
+            frame[..8].copy_from_slice(&i.to_le_bytes());
+            frame[8..].fill(i as u8);
+            if full_tx.send(frame).is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    for frame in full_rx.iter() {
+        file.write_all(&frame)?;
+        let _ = free_tx.send(frame);
+    }
+    drop(file);
+    let secs = start.elapsed().as_secs_f64();
+    filler.join().map_err(|_| anyhow::anyhow!("the ring's filler panicked"))?;
+    std::fs::remove_file(&path)?;
+    Ok(json!({"case": "ring_write", "size": size, "gbytes_per_s": (count * size as u64) as f64 / secs / 1e9}))
+}
+
+/// Frame buffers of [`ring_write`]'s ring: as many as the recorded pool.
+const RING_FRAMES: usize = 66;
 
 /// A lossless recording of `count` frames of `size` bytes.
 fn record_case(broker: &BrokerProc, dir: &Path, size: u32, count: u64, compression: &str) -> Result<Value> {

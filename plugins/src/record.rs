@@ -738,8 +738,15 @@ struct Counted {
     throttle: Option<Throttle>,
 }
 
+/// The most one write call passes to the file. The MCAP writer hashes a
+/// chunk's bytes after each write returns, as far as it wrote: a frame
+/// written piece by piece is hashed while each piece is still in this
+/// core's cache from the copy into the file, not read from memory again.
+const WRITE_PIECE: usize = 256 << 10;
+
 impl Write for Counted {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let buf = &buf[..buf.len().min(WRITE_PIECE)];
         if let Some(t) = &mut self.throttle {
             t.pace(buf.len() as u64);
         }
