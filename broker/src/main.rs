@@ -2,7 +2,7 @@
 
 mod cli;
 
-use cli::{demo, publish, record, replay, stats};
+use cli::{demo, doctor, echo, hz, metrics, publish, record, replay, stats};
 
 use memsock_broker::server;
 
@@ -108,8 +108,11 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Shows every stream's publisher, rates and subscribers.
     Stats {
-        /// One JSON document instead of a table.
-        #[arg(long)]
+        /// How to print.
+        #[arg(long, value_enum, default_value_t = stats::StatsFormat::Table)]
+        format: stats::StatsFormat,
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
         /// Refresh every second until interrupted.
         #[arg(long)]
@@ -118,9 +121,50 @@ enum Command {
         #[arg(long)]
         stream: Option<String>,
     },
+    /// Serves the broker's stats as Prometheus metrics over HTTP (the
+    /// Prometheus or OpenMetrics text format, as the scraper asks).
+    Metrics(metrics::MetricsArgs),
+    /// Prints each frame of a stream as it comes (keep-latest: never holds
+    /// the publisher back): sequence number, length, latency, first bytes.
+    Echo(echo::EchoArgs),
+    /// Prints a stream's rate and the statistics of its frame intervals
+    /// every second.
+    Hz(hz::HzArgs),
+    /// Checks what breaks memfd-based shared memory on this host or in
+    /// this container (seccomp, mlock limits, huge pages, the broker's
+    /// memory cgroup, pid namespaces, the socket's directory, descriptor
+    /// limits) and says how to fix each; exits non-zero if something
+    /// would fail.
+    Doctor(doctor::DoctorArgs),
 }
 
-fn main() -> Result<()> {
+/// Errors end the program with one line: what failed, then its causes —
+/// never a backtrace, whatever RUST_BACKTRACE says.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("memsock: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once (some errors
+/// already quote their cause).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -139,7 +183,14 @@ fn main() -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             Ok(runtime.block_on(server::serve(server::Options { socket, group, limits }))?)
         }
-        Command::Stats { json, watch, stream } => stats::run(&socket, json, watch, stream.as_deref()),
+        Command::Stats { format, json, watch, stream } => {
+            let format = if json { stats::StatsFormat::Json } else { format };
+            stats::run(&socket, format, watch, stream.as_deref())
+        }
+        Command::Metrics(args) => metrics::run(&socket, &args),
+        Command::Echo(args) => echo::run(&socket, &args),
+        Command::Hz(args) => hz::run(&socket, &args),
+        Command::Doctor(args) => doctor::run(&socket, &args),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
         Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => publish::run(
             &socket,

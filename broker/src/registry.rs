@@ -94,10 +94,28 @@ struct Rates {
     at: Option<Instant>,
     published: u64,
     bytes: u64,
-    delivered: HashMap<u32, u64>,
+    /// Per subscriber index: frames delivered and dropped.
+    subscribers: HashMap<u32, (u64, u64)>,
     msgs_per_s: f64,
     bytes_per_s: f64,
-    delivered_per_s: HashMap<u32, f64>,
+    /// Per subscriber index: frames delivered and dropped per second.
+    subscriber_rates: HashMap<u32, (f64, f64)>,
+    /// The count of frames as last seen, and when it was first seen so.
+    seen: Option<(u64, Instant)>,
+}
+
+impl Rates {
+    /// Notes the count of frames published as seen at `now`.
+    fn observe(&mut self, published: u64, now: Instant) {
+        if self.seen.is_none_or(|(count, _)| count != published) {
+            self.seen = (published > 0).then_some((published, now));
+        }
+    }
+
+    /// Time since the count of frames last moved.
+    fn idle_ns(&self, now: Instant) -> Option<u64> {
+        self.seen.map(|(_, at)| now.saturating_duration_since(at).as_nanos() as u64)
+    }
 }
 
 #[derive(Debug)]
@@ -174,6 +192,20 @@ struct Client {
     holder: Holder,
     /// The user it runs as.
     uid: u32,
+    /// The name it gave in its `Hello` (see [`client_name`]).
+    name: String,
+}
+
+/// The longest client name kept, in characters.
+const MAX_CLIENT_NAME: usize = 64;
+
+/// A client's name as the broker keeps it for stats: what it sent, with
+/// control characters (which would garble a terminal or a metrics label)
+/// replaced, and at most [`MAX_CLIENT_NAME`] characters.
+fn client_name(sent: &str) -> String {
+    let name: String =
+        sent.chars().take(MAX_CLIENT_NAME).map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
+    if name.is_empty() { "?".into() } else { name }
 }
 
 /// A client's process, as far as the broker can tell whether it lives.
@@ -316,6 +348,15 @@ impl Creation {
     }
 }
 
+/// Who the broker is, for stats.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerIdent {
+    /// Its process id.
+    pub pid: u32,
+    /// When it started.
+    pub started: Instant,
+}
+
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -345,8 +386,9 @@ fn dup(fd: impl AsFd) -> io::Result<OwnedFd> {
 impl Registry {
     /// A client completed its handshake. `process` is its pidfd, if one
     /// could be had.
-    pub fn connect(&mut self, conn: ConnId, pid: u32, uid: u32, process: Option<ProcessHandle>) {
-        self.clients.insert(conn, Client { holder: Holder { pid, process: process.map(Arc::new) }, uid });
+    pub fn connect(&mut self, conn: ConnId, pid: u32, uid: u32, process: Option<ProcessHandle>, name: &str) {
+        let holder = Holder { pid, process: process.map(Arc::new) };
+        self.clients.insert(conn, Client { holder, uid, name: client_name(name) });
     }
 
     /// Every connection, for a shutdown notice.
@@ -1409,41 +1451,48 @@ impl Registry {
             stream.segment.sweep_channels();
             let stats = stream.segment.stats();
             let r = &mut stream.rates;
+            r.observe(stats.published, now);
             if let Some(at) = r.at {
                 let dt = now.duration_since(at).as_secs_f64().max(1e-3);
                 r.msgs_per_s = stats.published.saturating_sub(r.published) as f64 / dt;
                 r.bytes_per_s = stats.bytes.saturating_sub(r.bytes) as f64 / dt;
-                r.delivered_per_s = stats
+                r.subscriber_rates = stats
                     .subscribers
                     .iter()
                     .map(|s| {
-                        let before = r.delivered.get(&s.index).copied().unwrap_or(s.delivered);
-                        (s.index, s.delivered.saturating_sub(before) as f64 / dt)
+                        let (delivered, dropped) =
+                            r.subscribers.get(&s.index).copied().unwrap_or((s.delivered, s.dropped));
+                        let per_s = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt;
+                        (s.index, (per_s(s.delivered, delivered), per_s(s.dropped, dropped)))
                     })
                     .collect();
             }
             r.at = Some(now);
             r.published = stats.published;
             r.bytes = stats.bytes;
-            r.delivered = stats.subscribers.iter().map(|s| (s.index, s.delivered)).collect();
+            r.subscribers = stats.subscribers.iter().map(|s| (s.index, (s.delivered, s.dropped))).collect();
         }
     }
 
     /// `Stats`.
-    pub fn stats(&self, conn: ConnId, id: u64, name: Option<&str>, broker_pid: u32) -> Vec<Outgoing> {
+    pub fn stats(&mut self, conn: ConnId, id: u64, name: Option<&str>, broker: BrokerIdent) -> Vec<Outgoing> {
         let result = match name {
             Some(n) if !self.streams.contains_key(n) => Err(ControlError::NoSuchStream(n.into())),
             _ => {
-                let mut streams: Vec<StreamReport> = self
-                    .streams
-                    .iter()
-                    .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
-                    .map(|(n, s)| self.report(n, s))
-                    .collect();
+                let now = Instant::now();
+                let mut streams: Vec<StreamReport> = Vec::new();
+                for (n, s) in &mut self.streams {
+                    if name.is_none_or(|want| want == n.as_str()) {
+                        let stats = s.segment.stats();
+                        s.rates.observe(stats.published, now);
+                        streams.push(Self::report(&self.subscriptions, &self.clients, n, s, stats, now));
+                    }
+                }
                 streams.sort_by(|a, b| a.name.cmp(&b.name));
                 let (descriptors, descriptor_limit) = platform::descriptors_in_use();
                 Ok(Reply::Stats(StatsReport {
-                    broker_pid,
+                    broker_pid: broker.pid,
+                    uptime_ns: now.saturating_duration_since(broker.started).as_nanos() as u64,
                     clients: self.clients.len() as u32,
                     waiting_subscribers: self.pending.len() as u32,
                     descriptors,
@@ -1455,30 +1504,48 @@ impl Registry {
         vec![Outgoing::reply(conn, id, result, Vec::new())]
     }
 
-    fn report(&self, name: &str, stream: &Stream) -> StreamReport {
-        let stats: StreamStats = stream.segment.stats();
-        let by_index: HashMap<u32, u64> =
-            self.subscriptions.iter().filter(|(_, s)| s.stream == name).map(|(&id, s)| (s.index, id)).collect();
+    fn report(
+        subscriptions: &HashMap<u64, Subscription>,
+        clients: &HashMap<ConnId, Client>,
+        name: &str,
+        stream: &Stream,
+        stats: StreamStats,
+        now: Instant,
+    ) -> StreamReport {
+        let client_name = |conn: ConnId| clients.get(&conn).map(|c| c.name.clone());
+        let by_index: HashMap<u32, (u64, ConnId)> =
+            subscriptions.iter().filter(|(_, s)| s.stream == name).map(|(&id, s)| (s.index, (id, s.conn))).collect();
         let subscribers = stats
             .subscribers
             .iter()
             .filter(|s| !s.detaching)
-            .map(|s| SubscriberReport {
-                subscription: by_index.get(&s.index).copied().unwrap_or(0),
-                pid: s.pid,
-                policy: s.policy,
-                credits: s.credits,
-                delivered: s.delivered,
-                dropped: s.dropped,
-                queued: s.queued,
-                lag_ns: s.lag_ns,
-                msgs_per_s: stream.rates.delivered_per_s.get(&s.index).copied().unwrap_or(0.0),
-                faults: s.faults,
+            .map(|s| {
+                let (subscription, conn) = by_index.get(&s.index).copied().unzip();
+                let (msgs_per_s, dropped_per_s) =
+                    stream.rates.subscriber_rates.get(&s.index).copied().unwrap_or_default();
+                SubscriberReport {
+                    subscription: subscription.unwrap_or(0),
+                    index: s.index,
+                    attach_seq: s.attach_seq,
+                    pid: s.pid,
+                    client_name: conn.and_then(client_name).unwrap_or_default(),
+                    policy: s.policy,
+                    credits: s.credits,
+                    delivered: s.delivered,
+                    dropped: s.dropped,
+                    evicted: s.evicted,
+                    queued: s.queued,
+                    lag_ns: s.lag_ns,
+                    msgs_per_s,
+                    dropped_per_s,
+                    faults: s.faults,
+                }
             })
             .collect();
         StreamReport {
             name: name.into(),
             publisher_pid: (stats.publisher_pid != 0).then_some(stats.publisher_pid),
+            publisher_name: stream.publisher.and_then(client_name),
             slot_size: stats.slot_size,
             slot_count: stats.slot_count,
             free_slots: stats.free_slots,
@@ -1486,6 +1553,7 @@ impl Registry {
             bytes: stats.bytes,
             msgs_per_s: stream.rates.msgs_per_s,
             bytes_per_s: stream.rates.bytes_per_s,
+            idle_ns: stream.rates.idle_ns(now),
             closed: stats.closed,
             subscribers,
         }
@@ -1557,8 +1625,8 @@ mod tests {
     #[test]
     fn the_close_grace_takes_no_role_from_a_publisher_whose_lease_holds() {
         let mut registry = Registry::default();
-        registry.connect(1, platform::current_pid(), platform::current_uid(), None);
-        registry.connect(2, platform::current_pid(), platform::current_uid(), None);
+        registry.connect(1, platform::current_pid(), platform::current_uid(), None, "test");
+        registry.connect(2, platform::current_pid(), platform::current_uid(), None, "test");
         let mut publisher = publish(&mut registry, 1, "s").unwrap();
         registry.close(2, 1, "s");
         let mut barrier = None;
@@ -1577,16 +1645,16 @@ mod tests {
     fn an_unknown_live_writer_keeps_its_stream() {
         let mut registry = Registry::default();
         let me = platform::current_pid();
-        registry.connect(1, me, platform::current_uid(), None);
+        registry.connect(1, me, platform::current_uid(), None, "test");
         let mut out = publish_out(&mut registry, 1, "s");
         let reply = out.remove(0);
         // A subscriber keeps the stream registered.
-        registry.connect(3, me, platform::current_uid(), None);
+        registry.connect(3, me, platform::current_uid(), None, "test");
         registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false, false);
         registry.disconnect(1);
         let _late =
             Publisher::open(reply.fds[0].as_fd(), &granted(&reply).unwrap()).expect("attach after the lease ended");
-        registry.connect(2, me, platform::current_uid(), ProcessHandle::of_pid(me));
+        registry.connect(2, me, platform::current_uid(), ProcessHandle::of_pid(me), "test");
         match publish(&mut registry, 2, "s") {
             Err(ControlError::PublisherExists { pid, .. }) => assert_eq!(pid, me),
             other => panic!("expected the live writer to keep the stream, got {other:?}"),
@@ -1610,10 +1678,10 @@ mod tests {
         let ours = platform::current_uid();
         let (alice, bob) = (ours.wrapping_add(1001), ours.wrapping_add(1002));
         let mut registry = Registry::default();
-        registry.connect(1, me, alice, None); // publishes "a"
-        registry.connect(2, me, bob, None);
-        registry.connect(3, me, alice, None); // alice's second client
-        registry.connect(4, me, ours, None);
+        registry.connect(1, me, alice, None, "test"); // publishes "a"
+        registry.connect(2, me, bob, None, "test");
+        registry.connect(3, me, alice, None, "test"); // alice's second client
+        registry.connect(4, me, ours, None, "test");
         let _a = publish(&mut registry, 1, "a").unwrap();
         for conn in [2, 3] {
             match close_result(&mut registry, conn, "a") {
@@ -1653,7 +1721,7 @@ mod tests {
         let uid = platform::current_uid();
         let mut registry = Registry::default();
         for conn in 1..=3 {
-            registry.connect(conn, me + conn as u32, uid, None);
+            registry.connect(conn, me + conn as u32, uid, None, "test");
         }
         let PublishStep::Create(creation) = registry.publish(1, 1, "big", &config()) else {
             panic!("a new stream is created outside the lock")

@@ -24,7 +24,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::limits::Limits;
-use crate::registry::{ConnId, Outgoing, PublishStep, Registry};
+use crate::registry::{BrokerIdent, ConnId, Outgoing, PublishStep, Registry};
 
 /// Messages queued for one client before it counts as stuck and is dropped.
 const QUEUE_PER_CLIENT: usize = 1024;
@@ -122,6 +122,7 @@ struct Broker {
     conns: Mutex<HashMap<ConnId, ConnHandle>>,
     next_conn: AtomicU64,
     pid: u32,
+    started: std::time::Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -184,6 +185,7 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         pid: platform::current_pid(),
+        started: std::time::Instant::now(),
     });
     tracing::info!(socket = %options.socket.display(), pid = broker.pid, "memsock broker listening");
 
@@ -458,7 +460,7 @@ async fn read_loop(
                             return "too many connections".into();
                         }
                         greeted = true;
-                        registry.connect(conn, pid, uid, process.take());
+                        registry.connect(conn, pid, uid, process.take(), &client_name);
                         tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
                         broker.route(vec![reply(conn, id, Ok(welcome))]);
@@ -536,7 +538,13 @@ async fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request)
         } else if let Request::Publish { stream, config } = &request {
             registry.publish(conn, id, stream, config)
         } else {
-            PublishStep::Done(dispatch(&mut registry, broker.pid, conn, id, request))
+            PublishStep::Done(dispatch(
+                &mut registry,
+                BrokerIdent { pid: broker.pid, started: broker.started },
+                conn,
+                id,
+                request,
+            ))
         };
         match step {
             PublishStep::Done(out) => return broker.route(out),
@@ -554,7 +562,7 @@ async fn serve_request(broker: &Broker, conn: ConnId, id: u64, request: Request)
     broker.route(out);
 }
 
-fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
+fn dispatch(registry: &mut Registry, broker: BrokerIdent, conn: ConnId, id: u64, request: Request) -> Vec<Outgoing> {
     match request {
         Request::Hello { .. } => vec![reply(conn, id, Err(ControlError::HandshakeExpected))],
         Request::Unpublish { publication } => registry.unpublish(conn, id, publication),
@@ -567,7 +575,7 @@ fn dispatch(registry: &mut Registry, broker_pid: u32, conn: ConnId, id: u64, req
         Request::Credit { subscription, credits } => registry.credit(conn, id, subscription, credits),
         Request::Unsubscribe { subscription } => registry.unsubscribe(conn, id, subscription),
         Request::Close { stream } => registry.close(conn, id, &stream),
-        Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker_pid),
+        Request::Stats { stream } => registry.stats(conn, id, stream.as_deref(), broker),
         Request::ChannelTaken { publication, index, generation } => {
             registry.channel_taken(conn, publication, index, generation)
         }

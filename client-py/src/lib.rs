@@ -30,13 +30,32 @@ struct Client {
 
 /// Connects to the broker at `socket`, or at the default path
 /// (`$MEMSOCK_SOCKET`, else `$XDG_RUNTIME_DIR/memsock/broker.sock`, else
-/// `/tmp/memsock-<uid>/broker.sock`).
+/// `/tmp/memsock-<uid>/broker.sock`), under `name` (what stats and
+/// `memsock top` show; default: the script's file name).
 #[pyfunction]
-#[pyo3(signature = (socket=None))]
-fn connect(py: Python<'_>, socket: Option<std::path::PathBuf>) -> PyResult<Client> {
+#[pyo3(signature = (socket=None, name=None))]
+fn connect(py: Python<'_>, socket: Option<std::path::PathBuf>, name: Option<String>) -> PyResult<Client> {
     let socket = socket.unwrap_or_else(memsock::default_socket_path);
-    let inner = py.detach(|| memsock::Client::connect_to(&socket)).map_err(errors::client)?;
+    let name = match name {
+        Some(name) => name,
+        None => script_name(py),
+    };
+    let inner = py.detach(|| memsock::Client::connect_named(&socket, &name)).map_err(errors::client)?;
     Ok(Client { inner })
+}
+
+/// The running script's file name (`sys.argv[0]`), else "python".
+fn script_name(py: Python<'_>) -> String {
+    let argv0 = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("argv"))
+        .and_then(|argv| argv.get_item(0))
+        .and_then(|a| a.extract::<String>())
+        .unwrap_or_default();
+    match std::path::Path::new(&argv0).file_name() {
+        Some(name) if !name.is_empty() && argv0 != "-c" => name.to_string_lossy().into_owned(),
+        _ => "python".into(),
+    }
 }
 
 pub(crate) fn parse_policy(policy: &str) -> PyResult<OverflowPolicy> {

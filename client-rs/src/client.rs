@@ -93,7 +93,18 @@ impl Client {
     pub fn connect_to(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let name = std::env::args().next().unwrap_or_default();
         let name = Path::new(&name).file_name().map_or("client".into(), |n| n.to_string_lossy().into_owned());
-        Ok(Self { conn: Arc::new(Conn::connect(path.as_ref(), &name, REQUEST_TIMEOUT)?) })
+        Self::connect_named(path, &name)
+    }
+
+    /// Connects to the broker listening at `path` under `name`, which stats,
+    /// `memsock top` and metrics show for this client (at most 64
+    /// characters are kept; [`Client::connect_to`] gives the program's
+    /// name).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if no broker answers there, or a handshake error.
+    pub fn connect_named(path: impl AsRef<Path>, name: &str) -> Result<Self, ClientError> {
+        Ok(Self { conn: Arc::new(Conn::connect(path.as_ref(), name, REQUEST_TIMEOUT)?) })
     }
 
     /// The broker's process id.

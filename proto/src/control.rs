@@ -22,7 +22,7 @@ use crate::shm::layout::MAX_SEGMENT_LEN;
 use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;
@@ -754,6 +754,8 @@ fn os_error_text(os_error: Option<i32>) -> String {
 pub struct StatsReport {
     /// The broker's process id.
     pub broker_pid: u32,
+    /// How long the broker has run, nanoseconds.
+    pub uptime_ns: u64,
     /// Connected clients.
     pub clients: u32,
     /// Subscribers waiting for a stream that does not exist yet.
@@ -774,6 +776,9 @@ pub struct StreamReport {
     pub name: String,
     /// Publisher pid, if one is attached.
     pub publisher_pid: Option<u32>,
+    /// The name its publisher's client gave in its `Hello`, if one is
+    /// connected.
+    pub publisher_name: Option<String>,
     /// Slot size in bytes.
     pub slot_size: u32,
     /// Slots in the pool.
@@ -788,6 +793,10 @@ pub struct StreamReport {
     pub msgs_per_s: f64,
     /// Payload bytes per second over the last second.
     pub bytes_per_s: f64,
+    /// Time since the broker last saw its count of frames move (it looks
+    /// once a second, and at each stats request), nanoseconds; `None`
+    /// before its first frame.
+    pub idle_ns: Option<u64>,
     /// The stream is closed.
     pub closed: bool,
     /// Subscribers.
@@ -799,8 +808,16 @@ pub struct StreamReport {
 pub struct SubscriberReport {
     /// Subscription id.
     pub subscription: u64,
+    /// Its place among the stream's subscribers (reused once it has left;
+    /// below the stream's `max_subscribers`).
+    pub index: u32,
+    /// The stream's count of frames published when it attached: every frame
+    /// since is delivered, dropped or queued.
+    pub attach_seq: u64,
     /// Subscriber process id.
     pub pid: u32,
+    /// The name its client gave in its `Hello`.
+    pub client_name: String,
     /// Overflow policy.
     pub policy: OverflowPolicy,
     /// Credits.
@@ -809,12 +826,17 @@ pub struct SubscriberReport {
     pub delivered: u64,
     /// Frames it lost.
     pub dropped: u64,
+    /// Of `dropped`, frames evicted from its queue by newer ones (under
+    /// keep-latest); the others were published while it had no credit.
+    pub evicted: u64,
     /// Frames in its queue.
     pub queued: u64,
     /// Age of its oldest queued frame, nanoseconds.
     pub lag_ns: u64,
     /// Frames per second it took over the last second.
     pub msgs_per_s: f64,
+    /// Frames per second it lost over the last second.
+    pub dropped_per_s: f64,
     /// Protocol violations seen from it.
     pub faults: u64,
 }

@@ -1,4 +1,5 @@
-//! `memsock stats`: the broker's counters as a table or JSON.
+//! `memsock stats`: the broker's counters as a table, JSON, or metrics in
+//! the Prometheus or OpenMetrics text format.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -7,12 +8,36 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use memsock::{Client, OverflowPolicy, StatsReport};
 
+use super::metrics;
+
+/// How `memsock stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// A table for people.
+    Table,
+    /// One JSON document (the same as the Python client's dicts).
+    Json,
+    /// Prometheus text format 0.0.4 (for node_exporter's textfile
+    /// collector).
+    Prometheus,
+    /// OpenMetrics 1.0 text.
+    Openmetrics,
+}
+
 /// Prints the stats once, or every second with `watch`.
-pub fn run(socket: &Path, json: bool, watch: bool, stream: Option<&str>) -> Result<()> {
+pub fn run(socket: &Path, format: StatsFormat, watch: bool, stream: Option<&str>) -> Result<()> {
     let client = Client::connect_to(socket)?;
     loop {
         let report = client.stats(stream)?;
-        let text = if json { to_json(&report)? } else { table(&report) };
+        let text = match format {
+            StatsFormat::Table => table(&report),
+            StatsFormat::Json => to_json(&report)?,
+            StatsFormat::Prometheus => metrics::encode(Some(report), metrics::Format::Prometheus, Default::default())?,
+            StatsFormat::Openmetrics => {
+                metrics::encode(Some(report), metrics::Format::Openmetrics, Default::default())?
+            }
+        };
+        let text = text.trim_end();
         if watch {
             // Clear the screen and home the cursor, like `watch`.
             print!("\x1b[2J\x1b[H");
@@ -32,7 +57,7 @@ fn to_json(report: &StatsReport) -> Result<String> {
 }
 
 /// The policy's name, as serde spells it.
-fn policy(p: OverflowPolicy) -> String {
+pub fn policy(p: OverflowPolicy) -> String {
     serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
@@ -49,7 +74,11 @@ fn table(report: &StatsReport) -> String {
         report.descriptor_limit
     );
     for s in &report.streams {
-        let publisher = s.publisher_pid.map_or("none".to_owned(), |p| format!("pid {p}"));
+        let publisher = match (s.publisher_pid, &s.publisher_name) {
+            (Some(pid), Some(name)) => format!("{name} (pid {pid})"),
+            (Some(pid), None) => format!("pid {pid}"),
+            (None, _) => "none".to_owned(),
+        };
         let _ = writeln!(
             t,
             "\nstream {:?}{}  publisher {publisher}  slots {} B × {} ({} free)\n  published {}  {:.0} msg/s  {:.2} MB/s",
@@ -68,15 +97,16 @@ fn table(report: &StatsReport) -> String {
         }
         let _ = writeln!(
             t,
-            "  {:>6} {:>8} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10} {:>10}",
-            "sub", "pid", "policy", "credits", "delivered", "dropped", "queue", "lag µs", "msg/s"
+            "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10} {:>10}",
+            "sub", "pid", "client", "policy", "credits", "delivered", "dropped", "queue", "lag µs", "msg/s"
         );
         for u in &s.subscribers {
             let _ = writeln!(
                 t,
-                "  {:>6} {:>8} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10.1} {:>10.0}",
+                "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10.1} {:>10.0}",
                 u.subscription,
                 u.pid,
+                u.client_name,
                 policy(u.policy),
                 u.credits,
                 u.delivered,

@@ -11,9 +11,11 @@ import numpy.typing as npt
 Policy = Literal["drop_newest", "keep_latest", "lossless"]
 Strategy = Literal["park", "spin_then_park", "spin"]
 
-def connect(socket: Optional[Union[str, PathLike[str]]] = None) -> Client:
+def connect(socket: Optional[Union[str, PathLike[str]]] = None, name: Optional[str] = None) -> Client:
     """Connects to the broker (default path: $MEMSOCK_SOCKET, else
-    $XDG_RUNTIME_DIR/memsock/broker.sock, else /tmp/memsock-<uid>/broker.sock)."""
+    $XDG_RUNTIME_DIR/memsock/broker.sock, else /tmp/memsock-<uid>/broker.sock)
+    under `name`, which stats and `memsock top` show (default: the script's
+    file name)."""
 
 def now_ns() -> int:
     """Nanoseconds on the monotonic clock (the clock of Frame.timestamp_ns)."""
