@@ -2,7 +2,7 @@
 
 mod cli;
 
-use cli::{demo, doctor, echo, hz, metrics, publish, record, replay, stats};
+use cli::{demo, doctor, echo, hz, metrics, publish, record, replay, stats, top};
 
 use memsock_broker::server;
 
@@ -136,6 +136,9 @@ enum Command {
     /// limits) and says how to fix each; exits non-zero if something
     /// would fail.
     Doctor(doctor::DoctorArgs),
+    /// A live view of the streams and their subscribers (rates, slots,
+    /// queues, lag, drops), refreshed every second; `q` quits.
+    Top(top::TopArgs),
 }
 
 /// Errors end the program with one line: what failed, then its causes —
@@ -191,6 +194,7 @@ fn run() -> Result<()> {
         Command::Echo(args) => echo::run(&socket, &args),
         Command::Hz(args) => hz::run(&socket, &args),
         Command::Doctor(args) => doctor::run(&socket, &args),
+        Command::Top(args) => top::run(&socket, &args),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
         Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => publish::run(
             &socket,

@@ -414,3 +414,89 @@ fn the_scrape_example_is_valid_prometheus_configuration() -> Result<()> {
     ensure!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// The text of tmux session `session`'s pane.
+fn capture(session: &str) -> String {
+    Command::new("tmux")
+        .args(["capture-pane", "-p", "-t", session])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The whitespace-separated fields of the first line of `screen`
+/// containing `needle`.
+fn fields_of(screen: &str, needle: &str) -> Vec<String> {
+    screen
+        .lines()
+        .find(|l| l.contains(needle))
+        .map_or_else(Vec::new, |l| l.split_whitespace().map(str::to_owned).collect())
+}
+
+/// A tmux session, ended when dropped.
+struct Tmux(String);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+    }
+}
+
+/// `memsock top` in a real terminal (tmux): the stream and both its
+/// subscribers by their clients' names, the stream's rate and the idle
+/// keep-latest subscriber's drops moving; "broker gone" once the broker
+/// is killed; `q` quits.
+#[test]
+fn top_shows_live_streams_in_a_terminal_and_says_when_the_broker_is_gone() -> Result<()> {
+    let mut broker = Broker::start()?;
+    let publisher_client = Client::connect_named(broker.socket(), "cam-grabber")?;
+    let (stop, publisher) = publish_in_background(&publisher_client, "ops/top", Duration::from_millis(1))?;
+    let reader = Client::connect_named(broker.socket(), "reader")?.subscriber("ops/top", &lossless(16))?;
+    let idle = SubscribeOptions { credits: 4, policy: OverflowPolicy::KeepLatest, ..SubscribeOptions::default() };
+    let _idler = Client::connect_named(broker.socket(), "idler")?.subscriber("ops/top", &idle)?;
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader_thread = {
+        let reading = reading.clone();
+        std::thread::spawn(move || {
+            while reading.load(Relaxed) {
+                let _ = reader.recv_timeout(Duration::from_millis(100));
+            }
+        })
+    };
+    let session = Tmux(format!("memsock-top-{}", std::process::id()));
+    let command = format!("{} --socket {} top --interval 0.2", memsock_exe().display(), broker.socket().display());
+    let started = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session.0, "-x", "170", "-y", "30", &command])
+        .status()?;
+    ensure!(started.success(), "tmux new-session failed");
+
+    let result = (|| -> Result<()> {
+        let moving = eventually(DEADLINE, || {
+            let screen = capture(&session.0);
+            let stream = fields_of(&screen, "ops/top");
+            let idler = fields_of(&screen, "idler");
+            // ops/top PID cam-grabber FRAMES/S ...; ├─ #i PID idler keep_latest FRAMES/S CREDITS QUEUED LAG DROPS/S
+            let rate = stream.get(3).and_then(|r| r.parse::<f64>().ok()).unwrap_or(0.0);
+            let drops = idler.get(9).and_then(|r| r.parse::<f64>().ok()).unwrap_or(0.0);
+            screen.contains("cam-grabber") && screen.contains("reader") && rate > 0.0 && drops > 0.0
+        });
+        ensure!(moving, "top did not show the stream moving:\n{}", capture(&session.0));
+        broker.signal_and_wait(libc::SIGKILL)?;
+        ensure!(
+            eventually(DEADLINE, || capture(&session.0).contains("broker gone")),
+            "top did not say the broker is gone:\n{}",
+            capture(&session.0)
+        );
+        Command::new("tmux").args(["send-keys", "-t", &session.0, "q"]).status()?;
+        let quit = eventually(DEADLINE, || {
+            !Command::new("tmux").args(["has-session", "-t", &session.0]).status().is_ok_and(|s| s.success())
+        });
+        ensure!(quit, "q did not quit top");
+        Ok(())
+    })();
+    stop.store(true, Relaxed);
+    reading.store(false, Relaxed);
+    let _ = publisher.join();
+    let _ = reader_thread.join();
+    result
+}

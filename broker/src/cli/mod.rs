@@ -10,6 +10,7 @@ pub mod publish;
 pub mod record;
 pub mod replay;
 pub mod stats;
+pub mod top;
 
 /// A subscriber of the tools that watch a stream (`echo`, `hz`):
 /// keep-latest, so that it never holds the publisher back; up to `credits`;
