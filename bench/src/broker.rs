@@ -270,3 +270,120 @@ pub fn greedy_neighbour(broker: &BrokerProc, cycles: usize) -> Result<Value> {
         "greedy_refusals": refusals,
     }))
 }
+
+/// Child: the metrics exporter (`memsock metrics`) on a free port of
+/// 127.0.0.1; reports `{"addr": ...}` once it listens, serves until killed.
+pub fn metrics_exporter_child(spec: &Value) -> Result<()> {
+    use memsock_broker::metrics::{Exporter, LabelOptions, serve};
+    let socket = std::path::Path::new(spec["socket"].as_str().context("socket")?);
+    let listen = "127.0.0.1:0".parse()?;
+    serve(Exporter::new(socket, LabelOptions::default()), listen, |addr| report(&json!({"addr": addr.to_string()})))?;
+    Ok(())
+}
+
+/// A real exporter process on `broker`, and its address.
+fn start_exporter(broker: &BrokerProc) -> Result<(ChildProc, String)> {
+    let (mut exporter, _) = ChildProc::spawn(&json!({"role": "metrics_exporter", "socket": broker.socket}), &[])?;
+    let addr = exporter.read()?["addr"].as_str().context("the exporter's address")?.to_owned();
+    Ok((exporter, addr))
+}
+
+/// One scrape as Prometheus makes it (HTTP/1.1 GET of /metrics, asking
+/// for OpenMetrics): the body's length.
+fn scrape_once(addr: &str) -> Result<usize> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "scrape: {}", String::from_utf8_lossy(&response));
+    Ok(response.len())
+}
+
+/// `{"case":"scrape","streams":S,"subscribers_per_stream":N,"scrape_ms":X}`:
+/// the median time of a scrape of a real exporter process while the
+/// broker has `streams` streams of `subscribers` subscribers each (every
+/// subscriber with a latency histogram): the exporter's stats request, the
+/// broker reading every stream's shared counters, the encoding, HTTP.
+pub fn scrape(broker: &BrokerProc, streams: u32, subscribers: u32) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let mut held = Vec::new();
+    for s in 0..streams {
+        let mut config = StreamConfig::new(64, 4 * subscribers + 4);
+        config.max_subscribers = subscribers;
+        let name = format!("scrape/{s}");
+        let mut publisher = client.publisher(&name, &config)?;
+        let subs = (0..subscribers)
+            .map(|_| client.subscriber(&name, &SubscribeOptions { credits: 4, ..SubscribeOptions::default() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A frame each, received: every subscriber has a latency sample.
+        publisher.send(&[1; 64])?;
+        for sub in &subs {
+            drop(sub.recv_timeout(Duration::from_secs(10))?);
+        }
+        held.push((publisher, subs));
+    }
+    let (mut exporter, addr) = start_exporter(broker)?;
+    let mut bytes = 0;
+    for _ in 0..5 {
+        bytes = scrape_once(&addr)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        scrape_once(&addr)?;
+        times.push(start.elapsed().as_nanos() as u64);
+    }
+    exporter.kill();
+    for s in 0..streams {
+        client.close_stream(&format!("scrape/{s}"))?;
+    }
+    drop(held);
+    let ms = |ns: u64| ns as f64 / 1e6;
+    Ok(json!({
+        "case": "scrape", "streams": streams, "subscribers_per_stream": subscribers,
+        "scrape_ms": ms(crate::sys::quantile(&mut times, 0.5)),
+        "scrape_p99_ms": ms(crate::sys::quantile(&mut times, 0.99)),
+        "response_bytes": bytes,
+    }))
+}
+
+/// The stream case through the broker with an exporter process scraped
+/// every 100 ms meanwhile (as Prometheus would, a fast one): its line,
+/// marked `"scraped":true`, and how many scrapes there were.
+pub fn stream_case_scraped(broker: &BrokerProc, case: Case) -> Result<Value> {
+    let (mut exporter, addr) = start_exporter(broker)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u64> {
+            let mut scrapes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                scrape_once(&addr)?;
+                scrapes += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(scrapes)
+        })
+    };
+    let line = stream::run(Case { broker: Some(broker.socket), ..case });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().map_err(|_| anyhow::anyhow!("the scraper panicked"))?;
+    exporter.kill();
+    let mut line = line?;
+    line["scraped"] = json!(true);
+    line["scrapes"] = json!(scrapes?);
+    Ok(line)
+}
+
+/// The stream case through the broker with no exporter: the line
+/// [`stream_case_scraped`] is compared with, marked `"scraped":false`.
+pub fn stream_case_unscraped(broker: &BrokerProc, case: Case) -> Result<Value> {
+    let (mut line, _) = stream_case(broker, case)?;
+    line["scraped"] = json!(false);
+    Ok(line)
+}

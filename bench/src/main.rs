@@ -68,7 +68,7 @@ enum Command {
         rounds: usize,
         /// Runs only the cases whose name contains this (`stream`,
         /// `connect`, `lease_reclaim`, `greedy_neighbour`,
-        /// `stats_during_create`).
+        /// `stats_during_create`, `scrape`).
         #[arg(long)]
         only: Option<String>,
     },
@@ -191,6 +191,17 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -
         if want("stats_during_create") {
             lines.push(broker::stats_during_create(&broker, 1 << 30)?);
         }
+        if want("scrape") {
+            lines.push(broker::scrape(&broker, 64, 4)?);
+            // A 64 B spinning stream with and without an exporter scraped
+            // every 100 ms, alternated twice so drift falls on both.
+            let case =
+                Case::new(64, 1, true, ((10e6 * scale) as u64).max(100), ((20e3 * scale) as u64).max(100), false);
+            for _ in 0..2 {
+                lines.push(broker::stream_case_unscraped(&broker, case)?);
+                lines.push(broker::stream_case_scraped(&broker, case)?);
+            }
+        }
         Ok(lines)
     })?;
     let (figures, round_targets, targets) = summarize_rounds(&rounds_lines, broker_targets);
@@ -215,7 +226,7 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -
 fn broker_targets(lines: &[Value]) -> Value {
     let mut t = serde_json::Map::new();
     t.insert("case".into(), "broker_targets".into());
-    for via in lines.iter().filter(|v| v["case"] == "stream" && v["via"] == "broker") {
+    for via in lines.iter().filter(|v| v["case"] == "stream" && v["via"] == "broker" && v.get("scraped").is_none()) {
         let mut direct_of = via.clone();
         direct_of.as_object_mut().map(|o| o.remove("via"));
         let direct = lines.iter().find(|d| same_case(d, &direct_of));
@@ -232,6 +243,18 @@ fn broker_targets(lines: &[Value]) -> Value {
     let create = find(lines, |v| v["case"] == "stats_during_create");
     let (during, idle) = (num(create, "stats_ms"), num(create, "idle_stats_ms"));
     t.insert("stats_during_create_vs_2_idle_plus_1ms".into(), json!(during / (2.0 * idle + 1.0)));
+    // Targets: a scrape of 64 streams × 4 subscribers within 5 ms, and a
+    // stream scraped every 100 ms at ≥ 0.95 of its unscraped rate.
+    t.insert("scrape_ms".into(), json!(num(find(lines, |v| v["case"] == "scrape"), "scrape_ms")));
+    let rate = |scraped: bool| {
+        let rates: Vec<f64> = lines
+            .iter()
+            .filter(|v| v["case"] == "stream" && v["scraped"] == scraped)
+            .map(|v| num(Some(v), "msgs_per_s"))
+            .collect();
+        rates.iter().sum::<f64>() / rates.len() as f64
+    };
+    t.insert("stream_64_scraped_vs_unscraped".into(), json!(rate(true) / rate(false)));
     let greedy = find(lines, |v| v["case"] == "greedy_neighbour");
     t.insert("greedy_neighbour_cycle_vs_idle".into(), json!(num(greedy, "cycle_us") / num(greedy, "idle_cycle_us")));
     Value::Object(t)
@@ -266,6 +289,7 @@ fn child() -> Result<()> {
         Some("connect_publisher") => broker::connect_publisher(&spec),
         Some("connect_subscriber") => broker::connect_subscriber(&spec),
         Some("lease_subscriber") => broker::lease_subscriber(&spec),
+        Some("metrics_exporter") => broker::metrics_exporter_child(&spec),
         Some("cstream_publish") => cstream::publish_child(&spec),
         Some("cstream_subscribe") => cstream::subscribe_child(&spec),
         Some("record_recorder") => record::recorder_child(&spec),

@@ -18,8 +18,18 @@ struct Cli {
     /// $XDG_RUNTIME_DIR/memsock/broker.sock, else /tmp/memsock-<uid>/broker.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// How logs are written to stderr: text, or JSON lines (one object per
+    /// event, its fields as keys). RUST_LOG filters them (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -168,14 +178,17 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run() -> Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let socket = cli.socket.unwrap_or_else(memsock::default_socket_path);
     match cli.command {
         Command::Broker { group, limits: settings } => {

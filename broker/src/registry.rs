@@ -26,15 +26,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use memsock_proto::control::{
-    ChannelGrant, ConfigProblem, ControlError, Event, Limit, PatternSubscription, Reply, SegmentStep, ServerMessage,
-    StatsReport, StreamInfo, StreamReport, SubscriberGrant, SubscriberReport, WatchChange, valid_stream_name,
+    ChannelGrant, ConfigProblem, ControlError, Event, LatencyReport, LatencySummary, Limit, PatternSubscription, Reply,
+    SegmentStep, ServerMessage, StatsReport, StreamInfo, StreamReport, SubscriberGrant, SubscriberReport, WatchChange,
+    latency_report_buckets, valid_stream_name,
 };
 use memsock_proto::pattern::Pattern;
 use memsock_proto::platform::{self, MAX_FDS_PER_MESSAGE, ProcessHandle};
 use memsock_proto::shm::layout::{Layout, PAGE, channel_len};
 use memsock_proto::shm::{
-    AddSubscriberError, AdmitError, BarrierPassed, CreateError, EndProgress, StreamConfig, StreamSegment, StreamStats,
-    SubscriberOpError, SubscriberOptions, SubscriberTicket,
+    AddSubscriberError, AdmitError, BarrierPassed, CreateError, EndProgress, LatencyCounts, StreamConfig,
+    StreamSegment, StreamStats, SubscriberOpError, SubscriberOptions, SubscriberTicket,
 };
 
 use crate::limits::Limits;
@@ -100,6 +101,11 @@ struct Rates {
     bytes_per_s: f64,
     /// Per subscriber index: frames delivered and dropped per second.
     subscriber_rates: HashMap<u32, (f64, f64)>,
+    /// Per subscriber (index and generation: another subscriber at that
+    /// index starts from zero): its latency histogram at the last look.
+    latency: HashMap<(u32, u64), Box<LatencyCounts>>,
+    /// Per subscriber: its latency over the last second.
+    latency_interval: HashMap<(u32, u64), LatencySummary>,
     /// The count of frames as last seen, and when it was first seen so.
     seen: Option<(u64, Instant)>,
 }
@@ -388,7 +394,9 @@ impl Registry {
     /// could be had.
     pub fn connect(&mut self, conn: ConnId, pid: u32, uid: u32, process: Option<ProcessHandle>, name: &str) {
         let holder = Holder { pid, process: process.map(Arc::new) };
-        self.clients.insert(conn, Client { holder, uid, name: client_name(name) });
+        let name = client_name(name);
+        tracing::info!(conn, pid, uid, client = name.as_str(), "client connected");
+        self.clients.insert(conn, Client { holder, uid, name });
     }
 
     /// Every connection, for a shutdown notice.
@@ -1309,7 +1317,18 @@ impl Registry {
     }
 
     /// A connection ended: its lease is over. Reclaims everything it held.
-    pub fn disconnect(&mut self, conn: ConnId) -> Vec<Outgoing> {
+    pub fn disconnect(&mut self, conn: ConnId, reason: &str) -> Vec<Outgoing> {
+        match self.clients.get(&conn) {
+            Some(c) => tracing::info!(
+                conn,
+                pid = c.holder.pid,
+                uid = c.uid,
+                client = c.name.as_str(),
+                reason,
+                "client disconnected"
+            ),
+            None => tracing::debug!(conn, reason, "connection ended before its handshake"),
+        }
         let mut out = Vec::new();
         self.pending.retain(|p| p.admission.conn != conn);
         self.reserved.retain(|_, r| r.conn != conn);
@@ -1471,6 +1490,18 @@ impl Registry {
             r.published = stats.published;
             r.bytes = stats.bytes;
             r.subscribers = stats.subscribers.iter().map(|s| (s.index, (s.delivered, s.dropped))).collect();
+            let mut latency = HashMap::new();
+            r.latency_interval.clear();
+            for s in &stats.subscribers {
+                let Some(now) = &s.latency else { continue };
+                let key = (s.index, s.generation);
+                let before = r.latency.get(&key).map_or(&[][..], |counts| &counts.buckets[..]);
+                if let Some(summary) = LatencySummary::between(before, &now.buckets) {
+                    r.latency_interval.insert(key, summary);
+                }
+                latency.insert(key, now.clone());
+            }
+            r.latency = latency;
         }
     }
 
@@ -1539,6 +1570,11 @@ impl Registry {
                     msgs_per_s,
                     dropped_per_s,
                     faults: s.faults,
+                    latency: s.latency.as_ref().map(|counts| LatencyReport {
+                        last_interval: stream.rates.latency_interval.get(&(s.index, s.generation)).copied(),
+                        buckets: latency_report_buckets(&counts.buckets),
+                        sum_ns: counts.sum_ns,
+                    }),
                 }
             })
             .collect();
@@ -1651,7 +1687,7 @@ mod tests {
         // A subscriber keeps the stream registered.
         registry.connect(3, me, platform::current_uid(), None, "test");
         registry.subscribe(3, 1, "s", &SubscriberOptions::default(), false, false);
-        registry.disconnect(1);
+        registry.disconnect(1, "test");
         let _late =
             Publisher::open(reply.fds[0].as_fd(), &granted(&reply).unwrap()).expect("attach after the lease ended");
         registry.connect(2, me, platform::current_uid(), ProcessHandle::of_pid(me), "test");
@@ -1744,7 +1780,7 @@ mod tests {
         // The creator's connection ends while its segment is created.
         let PublishStep::Create(creation) = registry.publish(1, 2, "gone", &config()) else { panic!("created") };
         registry.subscribe(3, 8, "gone", &SubscriberOptions::default(), true, false);
-        registry.disconnect(1);
+        registry.disconnect(1, "test");
         assert!(registry.created(&creation, creation.create()).is_empty(), "nobody to answer");
         assert!(!registry.streams.contains_key("gone"));
         assert!(matches!(registry.publish(2, 3, "gone", &config()), PublishStep::Create(_)), "the name is free");

@@ -143,6 +143,10 @@ impl Broker {
     fn route(&self, out: Vec<Outgoing>) {
         let conns = lock(&self.conns);
         for o in out {
+            if let ServerMessage::Reply { id, result: Err(e) } = &o.message {
+                // Every refusal, with its reason, for whoever runs the broker.
+                tracing::info!(conn = o.conn, request = id, reason = %e, "refused");
+            }
             let Some(handle) = conns.get(&o.conn) else { continue };
             let (conn, is_event) = (o.conn, matches!(o.message, ServerMessage::Event(_)));
             let fds = o.fds.len();
@@ -401,18 +405,17 @@ async fn connection(broker: Arc<Broker>, stream: interprocess::local_socket::tok
     let queued_fds = Arc::new(AtomicUsize::new(0));
     lock(&broker.conns).insert(conn, ConnHandle { tx, kill: kill.clone(), queued_fds: queued_fds.clone() });
     let writer = tokio::spawn(write_loop(socket.clone(), rx, kill.clone(), queued_fds));
-    tracing::debug!(conn, pid, uid, "client connected");
+    tracing::debug!(conn, pid, uid, "connection accepted");
 
     let reason = tokio::select! {
         r = read_loop(&broker, &socket, conn, pid, uid, process) => r,
         () = kill.notified() => "dropped by the broker".to_owned(),
     };
-    tracing::debug!(conn, pid, "client gone: {reason}");
     // The lease ends: reclaim, tell the others, stop writing to this one
     // (after what is queued for it, such as a final error).
     {
         let mut registry = lock(&broker.registry);
-        let out = registry.disconnect(conn);
+        let out = registry.disconnect(conn, &reason);
         lock(&broker.conns).remove(&conn);
         broker.route(out);
     }
@@ -461,7 +464,6 @@ async fn read_loop(
                         }
                         greeted = true;
                         registry.connect(conn, pid, uid, process.take(), &client_name);
-                        tracing::debug!(conn, pid, client_name, "handshake done");
                         let welcome = Reply::Welcome { version: PROTOCOL_VERSION, broker_pid: broker.pid };
                         broker.route(vec![reply(conn, id, Ok(welcome))]);
                         continue;
@@ -519,7 +521,6 @@ fn reply(conn: ConnId, id: u64, result: Result<Reply, ControlError>) -> Outgoing
 }
 
 fn reply_and_close(broker: &Broker, conn: ConnId, id: u64, error: ControlError) {
-    tracing::debug!(conn, "refusing the connection: {error}");
     broker.route(vec![reply(conn, id, Err(error))]);
 }
 

@@ -40,8 +40,8 @@ pub use asynk::AsyncSubscriber;
 pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
 pub use conn::{ClientError, Disconnect, ProtocolViolation};
 pub use memsock_proto::control::{
-    ConfigProblem, ControlError, DecodeFailure, Event, Malformation, SegmentStep, StatsReport, StreamInfo,
-    StreamReport, SubscriberReport,
+    ConfigProblem, ControlError, DecodeFailure, Event, LatencyReport, LatencySummary, Malformation, SegmentStep,
+    StatsReport, StreamInfo, StreamReport, SubscriberReport,
 };
 pub use memsock_proto::shm::{
     FrameInfo, LoanError, OverflowPolicy, OwnedSample, RecvError, Sample, SampleMut, SendError, SendInfo, StreamConfig,

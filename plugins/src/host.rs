@@ -121,7 +121,9 @@ impl<P: std::fmt::Debug> std::fmt::Debug for Host<P> {
 }
 
 /// Asks a running host to stop (from any thread, or a signal handler's
-/// task): it calls [`Plugin::shutdown`] and returns.
+/// task): it delivers what every stream had queued then — at most its
+/// credits' worth, without waiting for more — calls [`Plugin::shutdown`]
+/// and returns. A lossless publisher's frames, once sent, are recorded.
 #[derive(Debug, Clone)]
 pub struct StopHandle(Arc<AtomicBool>);
 
@@ -134,6 +136,11 @@ impl StopHandle {
 
 /// The sleep between looks while the plugin holds a stream back.
 const BLOCKED_SLEEP: Duration = Duration::from_micros(20);
+/// A listing asked for as the host stops, for its answer only (see
+/// `poll_loop`).
+const STOP_BARRIER: &str = "memsock/host/stop";
+/// The longest a stopping host waits for its plugin to take what was queued.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// What a look at one stream found.
 enum Poll {
@@ -148,6 +155,8 @@ enum Poll {
 /// A followed stream.
 struct Followed {
     id: StreamId,
+    /// Frames still to deliver once stopping (see [`StopHandle`]).
+    drain: u32,
     subscriber: Subscriber,
     /// The frame the plugin handed back, offered first next time.
     held: Option<(FrameMeta, memsock::OwnedSample)>,
@@ -247,7 +256,7 @@ impl<P: Plugin> Host<P> {
             }
             let mut blocked = false;
             for s in streams.iter_mut().filter(|s| !s.health.closed) {
-                match self.poll_stream(rt, s)? {
+                match self.poll_stream(rt, s, self.options.batch)? {
                     Poll::Progress => progress = true,
                     Poll::Blocked => blocked = true,
                     Poll::Idle => {}
@@ -267,8 +276,54 @@ impl<P: Plugin> Host<P> {
                 self.back_off(idle, blocked);
             }
         }
+        // Streams attached before the stop whose news is still on its way:
+        // a request's answer comes after every event sent before it.
+        if self.client.list(STOP_BARRIER).is_ok() {
+            for watch in &watches {
+                self.take_news(rt, watch, &mut streams, &mut health)?;
+            }
+        }
+        self.drain(rt, &mut streams)?;
         self.publish_health(&streams, &mut health);
         Ok(())
+    }
+
+    /// Once stopping: delivers what each stream had queued — at most its
+    /// credits' worth (all a queue can hold), so that a publisher still
+    /// sending cannot keep the host from stopping — and what the plugin
+    /// handed back, for as long as the plugin takes frames.
+    fn drain(&mut self, rt: &tokio::runtime::Runtime, streams: &mut [Followed]) -> Result<(), HostError> {
+        for s in streams.iter_mut() {
+            s.drain = s.subscriber.credits();
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut idle = 0u32;
+        loop {
+            let (mut progress, mut blocked) = (false, false);
+            for s in streams.iter_mut().filter(|s| !s.health.closed && (s.drain > 0 || s.held.is_some())) {
+                let before = s.health.frames;
+                let poll = self.poll_stream(rt, s, s.drain.min(self.options.batch))?;
+                let delivered = u32::try_from(s.health.frames - before).unwrap_or(u32::MAX);
+                s.drain = s.drain.saturating_sub(delivered);
+                match poll {
+                    Poll::Progress => progress = true,
+                    Poll::Blocked => blocked = true,
+                    // Nothing queued: done with it.
+                    Poll::Idle => s.drain = 0,
+                }
+            }
+            if !(progress || blocked) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("stopping without the frames the plugin did not take within {DRAIN_LIMIT:?}");
+                return Ok(());
+            }
+            idle = if progress { 0 } else { idle.saturating_add(1) };
+            if idle > 0 {
+                self.back_off(idle, true);
+            }
+        }
     }
 
     /// Takes a watch's news: new subscribers become followed streams.
@@ -296,7 +351,7 @@ impl<P: Plugin> Host<P> {
                     let health =
                         StreamHealth { name: opened.name.clone(), credits: opened.credits, ..Default::default() };
                     let next_seq = Some(subscriber.first_seq());
-                    streams.push(Followed { id, subscriber, held: None, next_seq, health });
+                    streams.push(Followed { id, subscriber, drain: 0, held: None, next_seq, health });
                     rt.block_on(self.plugin.stream_opened(&opened))?;
                 }
                 WatchEvent::SubscribeFailed { stream, error } => {
@@ -309,15 +364,15 @@ impl<P: Plugin> Host<P> {
         Ok(any)
     }
 
-    /// Delivers what one stream has queued, up to a batch.
-    fn poll_stream(&mut self, rt: &tokio::runtime::Runtime, s: &mut Followed) -> Result<Poll, HostError> {
+    /// Delivers what one stream has queued, up to `batch` frames.
+    fn poll_stream(&mut self, rt: &tokio::runtime::Runtime, s: &mut Followed, batch: u32) -> Result<Poll, HostError> {
         if let Some((meta, frame)) = s.held.take() {
             if !self.offer(s, meta, frame) {
                 return Ok(Poll::Blocked);
             }
         }
         let mut any = false;
-        for _ in 0..self.options.batch {
+        for _ in 0..batch {
             let got = s.subscriber.try_recv().map(|sample| (sample.seq(), sample.timestamp_ns(), sample.detach()));
             match got {
                 Ok((seq, publish_ns, frame)) => {

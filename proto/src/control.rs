@@ -22,7 +22,7 @@ use crate::shm::layout::MAX_SEGMENT_LEN;
 use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;
@@ -839,6 +839,101 @@ pub struct SubscriberReport {
     pub dropped_per_s: f64,
     /// Protocol violations seen from it.
     pub faults: u64,
+    /// Publish-to-receive latency on a sample of its frames (`None` for a
+    /// stream without timestamps). Measured by the subscriber itself, in
+    /// its own channel: only its own report can be wrong (by it, or by
+    /// the publisher, which stamps the frames and may write channels).
+    pub latency: Option<LatencyReport>,
+}
+
+/// A subscriber's latency histogram, and what it said over the broker's
+/// last one-second look.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// Over the last second (`None`: no frame measured in it).
+    pub last_interval: Option<LatencySummary>,
+    /// Since it attached: samples per report bucket (see
+    /// [`latency_report_bucket_end_ns`]), as (bucket, count) for the
+    /// buckets with samples. Coarser than the histogram the subscriber
+    /// keeps (every other doubling), so a report stays small.
+    pub buckets: Vec<(u8, u64)>,
+    /// The samples' sum, nanoseconds (wrapping).
+    pub sum_ns: u64,
+}
+
+/// Buckets of a [`LatencyReport`]: up to 128 ns, then one per two
+/// doublings up to 2^37 ns (about 137 s), then the rest.
+pub const LATENCY_REPORT_BUCKETS: usize = 17;
+
+/// Where report bucket `k` ends (its latencies are at most that, and above
+/// the end of bucket `k - 1`), nanoseconds; `u64::MAX` for the last.
+pub const fn latency_report_bucket_end_ns(k: usize) -> u64 {
+    if k + 1 >= LATENCY_REPORT_BUCKETS { u64::MAX } else { 1 << (7 + 2 * k) }
+}
+
+/// A subscriber's histogram (counts per bucket of
+/// [`latency_bucket_range`](crate::shm::layout::latency_bucket_range)) in
+/// report buckets, with the buckets that have samples only.
+pub fn latency_report_buckets(counts: &[u64]) -> Vec<(u8, u64)> {
+    use crate::shm::layout::latency_bucket_range;
+    let mut coarse = [0u64; LATENCY_REPORT_BUCKETS];
+    for (i, &c) in counts.iter().enumerate() {
+        let end = latency_bucket_range(i).1;
+        // Every bucket ends at or before a report bucket's end.
+        let k = (0..LATENCY_REPORT_BUCKETS).find(|&k| end <= latency_report_bucket_end_ns(k)).unwrap_or(0);
+        coarse[k] = coarse[k].saturating_add(c);
+    }
+    coarse.iter().enumerate().filter(|(_, c)| **c > 0).map(|(k, c)| (k as u8, *c)).collect()
+}
+
+/// Latency percentiles of the samples between two looks at a histogram,
+/// each as the end of its bucket: the true value is at most that, and over
+/// 80 % of it (a bucket is a quarter of a doubling wide) — except under
+/// 128 ns (the first bucket: 0 to 128 ns) and past 2^38 ns (the last: there
+/// the figure is where it starts, a lower bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Frames measured.
+    pub samples: u64,
+    /// Median, nanoseconds.
+    pub p50_ns: u64,
+    /// 99th percentile, nanoseconds.
+    pub p99_ns: u64,
+    /// The largest, nanoseconds.
+    pub max_ns: u64,
+}
+
+impl LatencySummary {
+    /// Of the samples counted in `after` and not yet in `before` (counts
+    /// per bucket; a count that went down — a hostile or reset histogram —
+    /// counts as none).
+    pub fn between(before: &[u64], after: &[u64]) -> Option<Self> {
+        use crate::shm::layout::latency_bucket_range;
+        let counts: Vec<u64> =
+            after.iter().enumerate().map(|(i, a)| a.saturating_sub(before.get(i).copied().unwrap_or(0))).collect();
+        let samples = counts.iter().fold(0u64, |sum, c| sum.saturating_add(*c));
+        if samples == 0 {
+            return None;
+        }
+        // A bucket's end; the last bucket has none: its start.
+        let end = |i: usize| {
+            let (start, end) = latency_bucket_range(i);
+            if end == u64::MAX { start } else { end }
+        };
+        let quantile = |q: f64| {
+            let rank = ((samples as f64 * q).ceil() as u64).max(1);
+            let mut seen = 0u64;
+            counts
+                .iter()
+                .position(|c| {
+                    seen = seen.saturating_add(*c);
+                    seen >= rank
+                })
+                .map_or(0, end)
+        };
+        let max = counts.iter().rposition(|c| *c > 0).map_or(0, end);
+        Some(Self { samples, p50_ns: quantile(0.5), p99_ns: quantile(0.99), max_ns: max })
+    }
 }
 
 /// Why a frame could not be decoded.
@@ -904,6 +999,47 @@ pub fn valid_stream_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_reports_fold_the_histogram_into_coarser_buckets() {
+        use crate::shm::layout::{LATENCY_BUCKETS, latency_bucket};
+        let mut counts = vec![0u64; LATENCY_BUCKETS];
+        counts[latency_bucket(100)] = 1; // up to 128 ns: report bucket 0
+        counts[latency_bucket(128)] = 2; // (128, 512]: bucket 1
+        counts[latency_bucket(511)] = 3;
+        counts[latency_bucket(1_000_000)] = 4; // (524 µs, 2.1 ms]: bucket 7
+        counts[LATENCY_BUCKETS - 1] = u64::MAX; // the rest: the last
+        counts[LATENCY_BUCKETS - 2] = 5;
+        assert_eq!(latency_report_buckets(&counts), vec![(0, 1), (1, 5), (7, 4), (16, u64::MAX)]);
+        assert_eq!(latency_report_bucket_end_ns(7), 1 << 21);
+        assert_eq!(latency_report_bucket_end_ns(16), u64::MAX);
+        // 2^38 - 1 ns, in the last fine bucket but one, is past 2^37.
+        assert_eq!(latency_report_buckets(&counts[..LATENCY_BUCKETS - 1]).last(), Some(&(16, 5)));
+    }
+
+    #[test]
+    fn latency_percentiles_are_bucket_ends_of_what_came_between_two_looks() {
+        use crate::shm::layout::{LATENCY_BUCKETS, latency_bucket, latency_bucket_range};
+        let mut before = vec![0u64; LATENCY_BUCKETS];
+        before[latency_bucket(1_000)] = 1_000; // old samples, not counted
+        let mut after = before.clone();
+        after[latency_bucket(10_000)] += 98;
+        after[latency_bucket(5_000_000)] += 1;
+        after[latency_bucket(70_000_000)] += 1;
+        let s = LatencySummary::between(&before, &after).unwrap();
+        assert_eq!(s.samples, 100);
+        assert_eq!(s.p50_ns, latency_bucket_range(latency_bucket(10_000)).1);
+        assert_eq!(s.p99_ns, latency_bucket_range(latency_bucket(5_000_000)).1);
+        assert_eq!(s.max_ns, latency_bucket_range(latency_bucket(70_000_000)).1);
+        assert!(s.p50_ns >= 10_000 && s.p50_ns < 12_500, "{s:?}");
+        assert_eq!(LatencySummary::between(&after, &after), None);
+        // Counts that went down (a hostile subscriber), or overflow: no panic.
+        let hostile = vec![u64::MAX; LATENCY_BUCKETS];
+        let s = LatencySummary::between(&after, &hostile).unwrap();
+        assert_eq!(s.samples, u64::MAX);
+        assert_eq!(LatencySummary::between(&hostile, &after), None);
+        assert_eq!(LatencySummary::between(&[], &[]), None);
+    }
     use crate::shm::WaitStrategy;
 
     fn roundtrip<T: Serialize + Framed + PartialEq + Clone + std::fmt::Debug>(m: T) {

@@ -500,3 +500,171 @@ fn top_shows_live_streams_in_a_terminal_and_says_when_the_broker_is_gone() -> Re
     let _ = reader_thread.join();
     result
 }
+
+/// The latency of `client`'s subscribers on `stream` over the broker's
+/// last one-second look, by client name (waits until each has one).
+fn latencies(client: &Client, stream: &str, names: &[&str]) -> Result<BTreeMap<String, memsock::LatencySummary>> {
+    let mut got = BTreeMap::new();
+    let seen = eventually(DEADLINE, || {
+        let Ok(report) = client.stats(Some(stream)) else { return false };
+        got = report.streams[0]
+            .subscribers
+            .iter()
+            .filter_map(|u| Some((u.client_name.clone(), u.latency.as_ref()?.last_interval?)))
+            .collect();
+        names.iter().all(|n| got.contains_key(*n))
+    });
+    ensure!(seen, "no latency for all of {names:?}: {got:?}");
+    Ok(got)
+}
+
+/// A lossless subscriber that sleeps 5 ms before each receive holds its
+/// publisher back, so every frame it gets waited at least that long: its
+/// p50 says so. A subscriber of the same stream that receives at once
+/// shows less. A stream without timestamps shows no latency. And the
+/// exported histogram counts what the stats count.
+#[test]
+fn a_slow_subscriber_s_latency_shows_its_sleep() -> Result<()> {
+    let broker = Broker::start()?;
+    let client = Client::connect_named(broker.socket(), "latency-test")?;
+    let mut config = StreamConfig::new(64, 64);
+    config.max_subscribers = 4;
+    let mut publisher = client.publisher("ops/lat", &config)?;
+    let slow = Client::connect_named(broker.socket(), "slow")?.subscriber("ops/lat", &lossless(4))?;
+    let fast = Client::connect_named(broker.socket(), "fast")?.subscriber("ops/lat", &lossless(4))?;
+    let running = Arc::new(AtomicBool::new(true));
+    let readers: Vec<_> = [(slow, Duration::from_millis(5)), (fast, Duration::ZERO)]
+        .into_iter()
+        .map(|(sub, nap)| {
+            let running = running.clone();
+            std::thread::spawn(move || {
+                while running.load(Relaxed) {
+                    std::thread::sleep(nap);
+                    let _ = sub.recv_timeout(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    let sender = {
+        let running = running.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let mut seq = 0u64;
+            while running.load(Relaxed) {
+                match publisher.send_timeout(&seq.to_le_bytes(), Duration::from_millis(100)) {
+                    Ok(_) => seq += 1,
+                    Err(memsock::SendError::Timeout) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    };
+    let result = (|| -> Result<()> {
+        let got = latencies(&client, "ops/lat", &["slow", "fast"])?;
+        let (slow, fast) = (got["slow"], got["fast"]);
+        assert!(slow.p50_ns >= 5_000_000, "slow: {slow:?}");
+        assert!(slow.max_ns >= slow.p99_ns && slow.p99_ns >= slow.p50_ns, "{slow:?}");
+        assert!(fast.p50_ns < slow.p50_ns, "fast {fast:?}, slow {slow:?}");
+
+        let stats: StatsReport = serde_json::from_str(&memsock(&broker, &["stats", "--format", "json"])?)?;
+        let text = memsock(&broker, &["stats", "--format", "prometheus"])?;
+        promtool_check(&text)?;
+        let metrics = parse_exposition(&text)?;
+        for u in &stats.streams[0].subscribers {
+            let counted: u64 = u.latency.as_ref().context("latency")?.buckets.iter().map(|(_, c)| c).sum();
+            let policy = serde_json::to_value(u.policy)?.as_str().context("policy")?.to_owned();
+            let index = u.index.to_string();
+            let l =
+                labels(&[("stream", "ops/lat"), ("index", &index), ("client", &u.client_name), ("policy", &policy)]);
+            let count = metrics.get(&("memsock_subscriber_latency_seconds_count".into(), l.clone())).copied();
+            // (Read a moment apart: the exposition counts at least what the stats did.)
+            assert!(count.is_some_and(|c| c >= counted as f64), "{count:?} vs {counted}");
+            let mut inf = l.clone();
+            inf.insert("le".into(), "+Inf".into());
+            assert_eq!(metrics.get(&("memsock_subscriber_latency_seconds_bucket".into(), inf)).copied(), count);
+        }
+        Ok(())
+    })();
+    running.store(false, Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    result?;
+
+    // No timestamps, no latency.
+    let mut plain = StreamConfig::new(64, 8);
+    plain.timestamps = false;
+    let mut publisher = client.publisher("ops/plain", &plain)?;
+    let sub = client.subscriber("ops/plain", &lossless(4))?;
+    publisher.send_timeout(b"x", DEADLINE)?;
+    drop(sub.recv_timeout(DEADLINE)?);
+    let report = client.stats(Some("ops/plain"))?;
+    assert_eq!(report.streams[0].subscribers[0].latency, None);
+    Ok(())
+}
+
+/// The broker's JSON log lines so far, each parsed.
+fn json_log(broker: &Broker) -> Result<Vec<serde_json::Value>> {
+    broker.log().lines().map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l:?}"))).collect()
+}
+
+/// Whether `log` holds an event with `message` whose fields include `fields`.
+fn logged(log: &[serde_json::Value], message: &str, fields: &[(&str, serde_json::Value)]) -> bool {
+    log.iter().any(|e| e["message"] == message && fields.iter().all(|(k, v)| &e[*k] == v))
+}
+
+#[test]
+fn the_broker_logs_what_ops_need_as_json_lines() -> Result<()> {
+    let dir = TempDir::new("json-logs")?;
+    let socket = dir.path().join("broker.sock");
+    let broker = Broker::start_with(dir, socket, &["--log-format", "json"])?;
+    let client = Client::connect_named(broker.socket(), "log-test")?;
+    let publisher = client.publisher("logs/a", &StreamConfig::new(64, 8))?;
+    let subscriber = client.subscriber("logs/a", &lossless(4))?;
+    let refusal = client.close_stream("logs/nope");
+    ensure!(refusal.is_err(), "closing a stream that does not exist succeeded");
+    client.close_stream("logs/a")?;
+    drop(subscriber);
+    drop(publisher);
+    // A publisher killed: its lease is reclaimed.
+    let mut killed = Command::new(memsock_exe())
+        .arg("--socket")
+        .arg(broker.socket())
+        .args(["publish", "--stream", "logs/b", "--count", "1000000000", "--rate", "100"])
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .spawn()?;
+    ensure!(
+        eventually(DEADLINE, || client.stats(None).is_ok_and(|s| s.streams.iter().any(|s| s.name == "logs/b"))),
+        "the publisher did not come"
+    );
+    killed.kill()?;
+    killed.wait()?;
+    drop(client);
+    let me = serde_json::json!(std::process::id());
+    ensure!(
+        eventually(DEADLINE, || json_log(&broker).is_ok_and(|log| {
+            logged(&log, "client disconnected", &[("client", "log-test".into()), ("pid", me.clone())])
+                && log.iter().any(|e| e["message"] == "the publisher is gone" && e["stream"] == "logs/b")
+        })),
+        "the disconnects were not logged: {}",
+        broker.log()
+    );
+    let log = json_log(&broker)?;
+    for event in &log {
+        ensure!(event["timestamp"].is_string() && event["level"].is_string(), "{event}");
+    }
+    let uid = serde_json::json!(rustix::process::getuid().as_raw());
+    assert!(
+        logged(&log, "client connected", &[("client", "log-test".into()), ("pid", me.clone()), ("uid", uid)]),
+        "{log:#?}"
+    );
+    assert!(logged(&log, "client connected", &[("client", "memsock".into())]), "{log:#?}");
+    assert!(logged(&log, "publisher attached", &[("stream", "logs/a".into())]), "{log:#?}");
+    assert!(logged(&log, "subscriber attached", &[("stream", "logs/a".into())]), "{log:#?}");
+    assert!(logged(&log, "stream closed", &[("stream", "logs/a".into())]), "{log:#?}");
+    let refused = log.iter().find(|e| e["message"] == "refused").context("no refusal logged")?;
+    assert!(refused["reason"].as_str().is_some_and(|r| r.contains("logs/nope")), "{refused}");
+    Ok(())
+}

@@ -157,3 +157,26 @@ fn frames_handed_back_are_offered_again_in_order_and_events_follow_the_frames() 
     assert_eq!(seen.events, [(id, "gone"), (id, "back"), (id, "closed")]);
     Ok(())
 }
+
+/// A host stopped right after a lossless publisher's last send delivers
+/// what was queued then, also frames the plugin hands back a while, and
+/// does not wait for more: no frame sent is lost to the stop.
+#[test]
+fn a_stopping_host_delivers_what_was_queued() -> Result<()> {
+    let broker = Broker::start()?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // Hands back the first 200 offers: the frames pile up in the queue.
+    let (stop, host) = start(&broker, Counter { pattern: "tail", seen: seen.clone(), refuse: 200, credits: 16 })?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut publisher = client.publisher("tail", &StreamConfig::new(64, 32))?;
+    for n in 0..16u8 {
+        publisher.send_timeout(&[n], DEADLINE)?;
+    }
+    stop.stop();
+    host.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let expected: Vec<(u64, u64, u8)> = (0..16).map(|n| (n, 0, n as u8)).collect();
+    assert_eq!(seen.frames[0], expected);
+    assert!(seen.shut_down);
+    Ok(())
+}

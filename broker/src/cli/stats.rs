@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use memsock::{Client, OverflowPolicy, StatsReport};
+use memsock::{Client, LatencyReport, StatsReport};
 
-use super::metrics;
+use memsock_broker::metrics;
 
 /// How `memsock stats` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,9 +56,16 @@ fn to_json(report: &StatsReport) -> Result<String> {
     serde_json::to_string_pretty(report).context("encoding stats")
 }
 
-/// The policy's name, as serde spells it.
-pub fn policy(p: OverflowPolicy) -> String {
-    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+pub use memsock_broker::metrics::policy;
+
+/// A subscriber's latency over the last second, in µs: "p50/p99/max", or
+/// "-" if none was measured (or the stream has no timestamps).
+fn latency(latency: Option<&LatencyReport>) -> String {
+    let us = |ns: u64| ns as f64 / 1e3;
+    match latency.and_then(|l| l.last_interval) {
+        Some(l) => format!("{:.1}/{:.1}/{:.1}", us(l.p50_ns), us(l.p99_ns), us(l.max_ns)),
+        None => "-".into(),
+    }
 }
 
 fn table(report: &StatsReport) -> String {
@@ -97,13 +104,13 @@ fn table(report: &StatsReport) -> String {
         }
         let _ = writeln!(
             t,
-            "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10} {:>10}",
-            "sub", "pid", "client", "policy", "credits", "delivered", "dropped", "queue", "lag µs", "msg/s"
+            "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10} {:>10}  latency p50/p99/max µs (last second)",
+            "sub", "pid", "client", "policy", "credits", "delivered", "dropped", "queue", "lag µs", "msg/s",
         );
         for u in &s.subscribers {
             let _ = writeln!(
                 t,
-                "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10.1} {:>10.0}",
+                "  {:>6} {:>8} {:<16} {:>12} {:>7} {:>12} {:>10} {:>6} {:>10.1} {:>10.0}  {}",
                 u.subscription,
                 u.pid,
                 u.client_name,
@@ -114,6 +121,7 @@ fn table(report: &StatsReport) -> String {
                 u.queued,
                 u.lag_ns as f64 / 1e3,
                 u.msgs_per_s,
+                latency(u.latency.as_ref()),
             );
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use memsock::pattern::Pattern;
-use memsock::{Client, StatsReport, StreamReport, SubscriberReport};
+use memsock::{Client, LatencySummary, StatsReport, StreamReport, SubscriberReport};
 use ratatui::Terminal;
 use ratatui::backend::{Backend, TestBackend};
 use ratatui::buffer::Buffer;
@@ -218,11 +218,16 @@ fn subscriber_row(u: &SubscriberReport, last: bool) -> Row<'static> {
         short(u.lag_ns),
         format!("{:.0}", u.dropped_per_s),
         u.faults.to_string(),
-        "-".into(),
-        "-".into(),
-        "-".into(),
+        latency(u, |l| l.p50_ns),
+        latency(u, |l| l.p99_ns),
+        latency(u, |l| l.max_ns),
         String::new(),
     ])
+}
+
+/// A latency figure of the last interval, "-" if none was measured.
+fn latency(u: &SubscriberReport, figure: fn(&LatencySummary) -> u64) -> String {
+    u.latency.as_ref().and_then(|l| l.last_interval.as_ref()).map_or("-".into(), |l| short(figure(l)))
 }
 
 /// A duration as people read it: 3h04m, 5m07s, 12s, 340ms.
@@ -332,6 +337,7 @@ mod tests {
             msgs_per_s: 1000.0,
             dropped_per_s: 0.0,
             faults: 0,
+            latency: None,
         }
     }
 
@@ -341,6 +347,9 @@ mod tests {
         let mut recorder = subscriber(7, 0, "memsock-record", OverflowPolicy::Lossless);
         recorder.queued = 12;
         recorder.lag_ns = 3_400_000;
+        let last_interval = LatencySummary { samples: 1000, p50_ns: 12_288, p99_ns: 3_670_016, max_ns: 4_194_304 };
+        recorder.latency =
+            Some(memsock::LatencyReport { last_interval: Some(last_interval), buckets: vec![(29, 1000)], sum_ns: 1 });
         let mut viewer = subscriber(9, 1, "viewer.py", OverflowPolicy::KeepLatest);
         viewer.dropped = dropped;
         viewer.evicted = dropped;

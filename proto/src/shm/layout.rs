@@ -37,7 +37,7 @@ pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"memsockS");
 pub const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"memsockC");
 /// Version of this layout. Bumped on any change to a structure or constant
 /// in this module; 0 is never used (it means "not initialised yet").
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The alignment and spacing of every independently written field.
 ///
@@ -424,6 +424,65 @@ pub struct ChannelHeader {
     /// Futex word of the publisher waiting for room in a full lossless
     /// subscriber, as `waiting`; the subscriber wakes it.
     pub pub_waiting: Line<AtomicU32>,
+    /// Publish-to-receive latency of a sample of the frames received.
+    /// Subscriber-written; the owner reads it for stats (it is only ever
+    /// the subscriber's own report: nothing else depends on it).
+    pub latency: Line<ChannelLatency>,
+}
+
+/// Buckets of [`ChannelLatency`]: under 128 ns, then four per doubling
+/// from 128 ns to 2^38 ns (about 275 s), then one for the rest.
+pub const LATENCY_BUCKETS: usize = 2 + 4 * (LATENCY_TOP_SHIFT - LATENCY_MIN_SHIFT) as usize;
+/// The doubling where the buckets start: 2^7 ns.
+const LATENCY_MIN_SHIFT: u32 = 7;
+/// The doubling where they end: 2^38 ns.
+const LATENCY_TOP_SHIFT: u32 = 38;
+
+/// A latency histogram: counts per bucket (see [`latency_bucket`]) and the
+/// sum of the latencies, in nanoseconds; both only grow (from 0 at attach),
+/// so readers take differences between two looks.
+#[derive(Debug)]
+#[repr(C)]
+pub struct ChannelLatency {
+    /// Latencies recorded, nanoseconds (wrapping).
+    pub sum_ns: AtomicU64,
+    /// Samples per bucket.
+    pub buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Default for ChannelLatency {
+    fn default() -> Self {
+        Self { sum_ns: AtomicU64::new(0), buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+/// The bucket of a latency of `ns` nanoseconds.
+#[inline]
+pub const fn latency_bucket(ns: u64) -> usize {
+    if ns < 1 << LATENCY_MIN_SHIFT {
+        return 0;
+    }
+    let doubling = 63 - ns.leading_zeros();
+    if doubling >= LATENCY_TOP_SHIFT {
+        return LATENCY_BUCKETS - 1;
+    }
+    let quarter = (ns >> (doubling - 2)) & 3;
+    1 + 4 * (doubling - LATENCY_MIN_SHIFT) as usize + quarter as usize
+}
+
+/// The latencies of bucket `i`: from the first nanosecond value in it to the
+/// first past it (`u64::MAX` for the last).
+pub const fn latency_bucket_range(i: usize) -> (u64, u64) {
+    if i == 0 {
+        return (0, 1 << LATENCY_MIN_SHIFT);
+    }
+    if i >= LATENCY_BUCKETS - 1 {
+        return (1 << LATENCY_TOP_SHIFT, u64::MAX);
+    }
+    let doubling = LATENCY_MIN_SHIFT + ((i - 1) / 4) as u32;
+    let quarter = ((i - 1) % 4) as u64;
+    let start = (1u64 << doubling) + quarter * (1 << (doubling - 2));
+    (start, start + (1 << (doubling - 2)))
 }
 
 #[cfg(not(loom))]
@@ -434,7 +493,8 @@ const _: () = {
     assert!(size_of::<SubscriberConfig>() == 40);
     assert!(size_of::<SubscriberRecord>() == 2 * LINE);
     assert!(size_of::<Entry>() == 32 && std::mem::align_of::<Entry>() == 32);
-    assert!(size_of::<ChannelHeader>() == 6 * LINE);
+    assert!(size_of::<ChannelLatency>() == 8 * LINE - 8);
+    assert!(size_of::<ChannelHeader>() == 14 * LINE);
     assert!(size_of::<AtomicU64>() == 8 && size_of::<AtomicU32>() == 4);
 };
 
@@ -713,5 +773,31 @@ mod tests {
         g.slot_size = MAX_SLOT_SIZE;
         g.slot_count = 100;
         assert!(matches!(Layout::new(g, PAGE), Err(LayoutError::TooLarge(_))));
+    }
+
+    #[test]
+    fn latency_buckets_tile_every_value_in_order() {
+        assert_eq!(LATENCY_BUCKETS, 126);
+        let mut next = 0;
+        for i in 0..LATENCY_BUCKETS {
+            let (start, end) = latency_bucket_range(i);
+            assert_eq!(start, next, "bucket {i} starts where {} ends", i.wrapping_sub(1));
+            assert!(end > start);
+            assert_eq!(latency_bucket(start), i);
+            assert_eq!(latency_bucket(end - 1), i);
+            next = end;
+        }
+        assert_eq!(next, u64::MAX);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        // A quarter of a doubling wide: 1 ms falls in [917.5 µs, 1.049 ms).
+        assert_eq!(latency_bucket_range(latency_bucket(1_000_000)), (917_504, 1_048_576));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_latency_lies_in_its_bucket(ns: u64) {
+            let (start, end) = latency_bucket_range(latency_bucket(ns));
+            proptest::prop_assert!(start <= ns && (ns < end || end == u64::MAX));
+        }
     }
 }

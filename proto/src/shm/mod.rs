@@ -51,8 +51,8 @@ mod subscriber;
 mod tests;
 
 pub use self::core::owner::{
-    AddSubscriberError, EndProgress, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions, SubscriberStats,
-    SubscriberTicket,
+    AddSubscriberError, EndProgress, LatencyCounts, StreamConfig, StreamStats, SubscriberOpError, SubscriberOptions,
+    SubscriberStats, SubscriberTicket,
 };
 pub use self::core::publisher::{LoanError, SendInfo};
 pub use self::core::subscriber::{FrameInfo, KeepAlive, Position, RecvError, TryRecvError};

@@ -2,18 +2,20 @@
 //! ([`Sample`], [`OwnedSample`]) and the [`Watcher`] that waits for it, over
 //! the lock-free core (`core::subscriber`).
 
+use std::cell::Cell;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::core::mem::StreamMem;
+use super::core::mem::{ChannelMem, StreamMem};
 use super::core::owner::SubscriberTicket;
 use super::core::subscriber::{
     FrameInfo, KeepAlive, Position, RecvError, ReturnBoard, SubAttachRefusal, SubCore, TryRecvError, wake_sleeper,
 };
 use super::core::wait::Backoff;
 use super::map::{ChannelMap, MapError, StreamMap};
-use crate::shm::layout::{OverflowPolicy, WaitStrategy};
+use crate::shm::layout::{ChannelLatency, OverflowPolicy, WaitStrategy, latency_bucket};
 
 /// Why a subscriber could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,57 @@ pub struct Subscriber {
     /// Slots of samples given up with [`Sample::forget`], a bit per slot:
     /// only those may be given back by number ([`Subscriber::release_slot`]).
     forgotten: Box<[std::cell::Cell<u64>]>,
+    latency: LatencySampler,
+}
+
+/// Which frames' latency a subscriber measures: the first published at
+/// least [`LATENCY_EVERY_NS`] after the last one measured — told by its
+/// publish time, no clock read — else one in [`LATENCY_ONE_IN`]. Slow
+/// streams are sampled too, and no frame between samples costs a clock
+/// read.
+#[derive(Debug)]
+struct LatencySampler {
+    /// Publish time from which the next frame is measured.
+    next_ns: Cell<u64>,
+    /// Frames until one is measured whatever its time.
+    countdown: Cell<u32>,
+}
+
+/// See [`LatencySampler`].
+const LATENCY_EVERY_NS: u64 = 1_000_000;
+/// See [`LatencySampler`].
+const LATENCY_ONE_IN: u32 = 64;
+
+impl LatencySampler {
+    fn new() -> Self {
+        Self { next_ns: Cell::new(0), countdown: Cell::new(LATENCY_ONE_IN) }
+    }
+
+    /// Notes a frame published at `stamp_ns` (0: the stream has no
+    /// timestamps) just received.
+    #[inline]
+    fn note(&self, stamp_ns: u64, histogram: &ChannelLatency) {
+        if stamp_ns == 0 {
+            return;
+        }
+        let countdown = self.countdown.get();
+        if stamp_ns < self.next_ns.get() && countdown > 1 {
+            self.countdown.set(countdown - 1);
+            return;
+        }
+        self.measure(stamp_ns, histogram);
+    }
+
+    #[cold]
+    fn measure(&self, stamp_ns: u64, histogram: &ChannelLatency) {
+        let latency = crate::platform::now_ns().saturating_sub(stamp_ns);
+        // Only this subscriber writes its histogram (the handle is not
+        // `Sync`); Relaxed: readers want the counts, not an order.
+        histogram.buckets[latency_bucket(latency)].fetch_add(1, Relaxed);
+        histogram.sum_ns.fetch_add(latency, Relaxed);
+        self.next_ns.set(stamp_ns.saturating_add(LATENCY_EVERY_NS));
+        self.countdown.set(LATENCY_ONE_IN);
+    }
 }
 
 type Core = SubCore<Arc<StreamMap>, Arc<ChannelMap>>;
@@ -84,7 +137,7 @@ impl Subscriber {
                 SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
             })?;
         let forgotten = (0..g.slot_count.div_ceil(64)).map(|_| std::cell::Cell::new(0)).collect();
-        Ok(Self { core, wait: ticket.wait, forgotten })
+        Ok(Self { core, wait: ticket.wait, forgotten, latency: LatencySampler::new() })
     }
 
     /// Takes the next frame if one is queued.
@@ -124,6 +177,7 @@ impl Subscriber {
 
     #[inline]
     fn sample(&self, info: FrameInfo) -> Sample<'_> {
+        self.latency.note(info.timestamp_ns, &self.core.channel().header().latency);
         Sample { subscriber: self, ptr: self.core.stream().payload_ptr(info.slot), info }
     }
 

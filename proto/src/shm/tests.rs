@@ -1631,3 +1631,87 @@ fn a_parked_loan_that_must_wait_keeps_the_length_it_was_sent_with() {
     assert_eq!(publisher.unpark().unwrap().len(), 3);
     drop(sub);
 }
+
+/// A subscriber measures the latency of the frames it receives into its
+/// channel: the first frame, then the first published a millisecond after
+/// the last one measured, else one in 64 — so a burst of frames costs a
+/// few clock reads, and a slow stream is measured frame by frame. A
+/// subscriber that scribbles on its histogram changes its own report
+/// only; a stream without timestamps has none; a new subscriber at a
+/// reused index starts from zero.
+#[test]
+fn subscribers_measure_a_sample_of_their_frames_latency_and_only_their_own() {
+    use super::layout::{LATENCY_BUCKETS, latency_bucket};
+    let mut seg = segment(8, 512);
+    let honest = seg.open_subscriber(&opts(200, OverflowPolicy::DropNewest)).unwrap();
+    let bad = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    // A burst: 130 frames within well under a millisecond of each other
+    // (a slow machine may spread them: then more are measured).
+    for i in 0..130u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    for _ in 0..130 {
+        drop(honest.try_recv().unwrap());
+    }
+    let samples = |s: &SubscriberStats| s.latency.as_ref().unwrap().buckets.iter().sum::<u64>();
+    let burst = samples(&seg.stats().subscribers[0]);
+    assert!((3..=130).contains(&burst), "frames 0, 64 and 128 at least: {burst}");
+    // A slow stream: every frame a millisecond after the last.
+    for i in 0..5u8 {
+        std::thread::sleep(Duration::from_micros(1100));
+        publisher.send(&[i]).unwrap();
+        drop(honest.try_recv().unwrap());
+    }
+    let stats = seg.stats();
+    let counts = stats.subscribers[0].latency.as_ref().unwrap();
+    assert_eq!(samples(&stats.subscribers[0]), burst + 5);
+    // Received at once: each under a second, the sum of what was counted.
+    assert!(counts.buckets[latency_bucket(1_000_000_000)..].iter().all(|&c| c == 0), "{counts:?}");
+    assert!(counts.sum_ns > 0);
+
+    // The other subscriber writes garbage over its histogram.
+    let ch =
+        ChannelMap::open(seg.channel_fd(bad.index()).unwrap(), bad.index(), seg.geometry().queue_capacity, 0).unwrap();
+    for b in &ch.header().latency.buckets {
+        b.store(u64::MAX, Relaxed);
+    }
+    ch.header().latency.sum_ns.store(u64::MAX, Relaxed);
+    let after = seg.stats();
+    assert_eq!(after.subscribers[0].latency, stats.subscribers[0].latency, "the honest report is untouched");
+    assert_eq!(after.subscribers[1].latency.as_ref().unwrap().buckets, [u64::MAX; LATENCY_BUCKETS]);
+
+    // An index reused, in a channel file every generation shares: the new
+    // subscriber's histogram starts from zero, and the owner tells it from
+    // the last one by its generation (nothing in shared memory), even
+    // with no frame published in between.
+    let mut config = StreamConfig::new(8, 8);
+    config.max_subscribers = 1;
+    let mut one = StreamSegment::create_with_all_channels("one", &config).unwrap();
+    let first = one.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    let scribbled = ChannelMap::open(one.channel_fd(0).unwrap(), 0, one.geometry().queue_capacity, 0).unwrap();
+    scribbled.header().latency.buckets[3].store(u64::MAX, Relaxed);
+    let before = one.stats().subscribers[0].clone();
+    assert_eq!(before.latency.as_ref().unwrap().buckets[3], u64::MAX);
+    drop(first);
+    one.remove_subscriber(0).unwrap();
+    let second = one.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    assert_eq!(second.index(), 0);
+    let after = one.stats().subscribers[0].clone();
+    assert_eq!(samples(&after), 0);
+    assert_ne!(after.generation, before.generation);
+    assert_eq!(after.attach_seq, before.attach_seq, "nothing published in between");
+    let mut p = one.open_publisher().unwrap();
+    p.send(&[1]).unwrap();
+    drop(second.try_recv().unwrap());
+    assert_eq!(samples(&one.stats().subscribers[0]), 1);
+
+    // No timestamps: no latency at all.
+    let mut config = StreamConfig::new(8, 8);
+    config.timestamps = false;
+    let mut plain = StreamSegment::create("plain", &config).unwrap();
+    let sub = plain.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    plain.open_publisher().unwrap().send(&[1]).unwrap();
+    drop(sub.try_recv().unwrap());
+    assert_eq!(plain.stats().subscribers[0].latency, None);
+}

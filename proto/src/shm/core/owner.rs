@@ -16,9 +16,10 @@ use super::writer::{Writer, holders, is_free};
 use crate::primitive::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use crate::primitive::{BarrierPassed, barrier_mark};
 use crate::shm::layout::{
-    CHANNEL_MAGIC, DEFAULT_PUBLISHER_LOANS, Geometry, HEAD_CLAIMED, INFLIGHT_IDLE, LAYOUT_VERSION, LayoutError,
-    MAX_PUBLISHER_LOANS, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING,
-    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
+    CHANNEL_MAGIC, ChannelLatency, DEFAULT_PUBLISHER_LOANS, FLAG_TIMESTAMPS, Geometry, HEAD_CLAIMED, INFLIGHT_IDLE,
+    LATENCY_BUCKETS, LAYOUT_VERSION, LayoutError, MAX_PUBLISHER_LOANS, NO_SLOT, OverflowPolicy, PUBLISHER_LOANS,
+    STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING, STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE,
+    WRITER_OWNER, WRITER_PUBLISHER, WaitStrategy,
 };
 
 /// What a subscriber asks for.
@@ -123,6 +124,9 @@ pub enum SubscriberOpError {
 pub struct SubscriberStats {
     /// Index in the stream.
     pub index: u32,
+    /// Which subscriber of that index (as the owner counts them, not as
+    /// shared memory says).
+    pub generation: u64,
     /// Process id given at attach.
     pub pid: u32,
     /// Overflow policy.
@@ -147,6 +151,30 @@ pub struct SubscriberStats {
     pub lag_ns: u64,
     /// Protocol violations seen from it.
     pub faults: u64,
+    /// Its latency histogram since it attached (`None` for a stream
+    /// without timestamps): what it wrote, unchecked — only its own
+    /// report depends on it.
+    pub latency: Option<Box<LatencyCounts>>,
+}
+
+/// A look at a subscriber's latency histogram ([`ChannelLatency`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyCounts {
+    /// Samples per bucket (see
+    /// [`latency_bucket_range`](crate::shm::layout::latency_bucket_range)).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Their sum, nanoseconds (wrapping).
+    pub sum_ns: u64,
+}
+
+impl LatencyCounts {
+    /// Reads `histogram`.
+    pub fn read(histogram: &ChannelLatency) -> Self {
+        Self {
+            buckets: std::array::from_fn(|i| histogram.buckets[i].load(Relaxed)),
+            sum_ns: histogram.sum_ns.load(Relaxed),
+        }
+    }
 }
 
 /// A stream as the owner sees it: read from shared memory, no messages.
@@ -489,6 +517,17 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         ch.waiting.store(0, Relaxed);
         ch.pub_waiting.store(0, Relaxed);
+        // A file every generation of the index shares (a file made for one
+        // generation starts zeroed): the last subscriber's latency goes.
+        // Statistics only, which no algorithm reads: left out of the loom
+        // models, where each of these stores would be a branch point.
+        #[cfg(not(loom))]
+        if chan.generation.is_none() {
+            ch.latency.sum_ns.store(0, Relaxed);
+            for b in &ch.latency.buckets {
+                b.store(0, Relaxed);
+            }
+        }
         for r in chan.map.returns() {
             r.store(NO_SLOT, Relaxed);
         }
@@ -753,6 +792,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         let held = self.held_per_subscriber();
         let cap_mask = u64::from(g.queue_capacity) - 1;
         let used = (0..g.slot_count).filter(|&slot| !is_free(self.stream.mask(slot))).count() as u32;
+        let timestamps = header.ident.flags.load(Relaxed) & FLAG_TIMESTAMPS != 0;
         let subscribers = (0..self.channels.len())
             .filter_map(|s| {
                 let cfg = &self.stream.record(s).config;
@@ -777,8 +817,13 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                 } else {
                     0
                 };
+                let latency = match &self.channels[s] {
+                    Some(c) if timestamps => Some(Box::new(LatencyCounts::read(&c.map.header().latency))),
+                    _ => None,
+                };
                 Some(SubscriberStats {
                     index: s as u32,
+                    generation: self.reserved_gen[s],
                     pid: cfg.pid.load(Relaxed),
                     policy: OverflowPolicy::from_raw(cfg.policy.load(Relaxed)).unwrap_or_default(),
                     credits: cfg.credits.load(Relaxed),
@@ -791,6 +836,7 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
                     held: held[s],
                     lag_ns,
                     faults: c.faults.load(Relaxed),
+                    latency,
                 })
             })
             .collect();
