@@ -1242,7 +1242,7 @@ impl Registry {
             // A live one let go: take nothing from anybody.
             Departure::LetGo => stream.segment.publisher_released(),
         }
-        tracing::info!(stream = name, "publisher gone");
+        tracing::info!(stream = name, ?departure, "publisher gone: its lease is reclaimed");
         let stream = &self.streams[name];
         self.tell_subscribers(stream, &Event::PublisherGone { stream: name.into() }, out);
         self.admit_pending(name, out);

@@ -118,6 +118,11 @@ typedef enum memsock_status {
    * one before receiving more.
    */
   MEMSOCK_CREDITS_EXHAUSTED = 15,
+  /**
+   * The handle was made before this process forked: in the child it is
+   * the parent's (the child calls `memsock_connect` for its own).
+   */
+  MEMSOCK_FORKED = 16,
 } memsock_status;
 
 /**

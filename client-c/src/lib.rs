@@ -71,6 +71,9 @@ pub enum memsock_status {
     /// The subscriber holds as many samples as it has credits: release
     /// one before receiving more.
     MEMSOCK_CREDITS_EXHAUSTED = 15,
+    /// The handle was made before this process forked: in the child it is
+    /// the parent's (the child calls `memsock_connect` for its own).
+    MEMSOCK_FORKED = 16,
 }
 
 use memsock_status::*;
@@ -104,6 +107,7 @@ impl From<ClientError> for Failure {
             ClientError::Connect { .. } | ClientError::PermissionDenied { .. } => MEMSOCK_BROKER_UNREACHABLE,
             ClientError::Disconnected(_) | ClientError::Protocol(_) => MEMSOCK_DISCONNECTED,
             ClientError::Timeout(_) => MEMSOCK_TIMEOUT,
+            ClientError::Forked { .. } => MEMSOCK_FORKED,
             ClientError::OpenPublisher(_) | ClientError::OpenSubscriber(_) => MEMSOCK_SHARED_MEMORY,
             ClientError::Refused(refusal) => match refusal {
                 ControlError::NoSuchStream(_) => MEMSOCK_NO_SUCH_STREAM,
@@ -199,7 +203,7 @@ pub extern "C" fn memsock_version() -> *const c_char {
 /// so that any number is safe to pass).
 #[unsafe(no_mangle)]
 pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
-    const ALL: [memsock_status; 16] = [
+    const ALL: [memsock_status; 17] = [
         MEMSOCK_OK,
         MEMSOCK_TIMEOUT,
         MEMSOCK_WOULD_BLOCK,
@@ -216,6 +220,7 @@ pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
         MEMSOCK_SHARED_MEMORY,
         MEMSOCK_INTERNAL,
         MEMSOCK_CREDITS_EXHAUSTED,
+        MEMSOCK_FORKED,
     ];
     let Some(&status) = ALL.iter().find(|&&s| s as c_int == status) else {
         return c"unknown status".as_ptr();
@@ -237,6 +242,7 @@ pub extern "C" fn memsock_status_str(status: c_int) -> *const c_char {
         MEMSOCK_SHARED_MEMORY => "cannot open the stream's shared memory\0",
         MEMSOCK_INTERNAL => "internal error\0",
         MEMSOCK_CREDITS_EXHAUSTED => "every credit is held: release a sample\0",
+        MEMSOCK_FORKED => "made before a fork: the child connects anew\0",
     };
     text.as_ptr().cast()
 }
@@ -509,6 +515,7 @@ impl From<shm::LoanError> for Failure {
             shm::LoanError::Closed => MEMSOCK_CLOSED,
             shm::LoanError::TooManyLoans { .. } => MEMSOCK_INVALID_ARGUMENT,
             shm::LoanError::Poisoned => MEMSOCK_INTERNAL,
+            shm::LoanError::Forked => MEMSOCK_FORKED,
             _ => MEMSOCK_REFUSED,
         };
         Self { status, message: e.to_string().into() }
@@ -529,6 +536,7 @@ impl From<shm::SendError> for Failure {
             shm::SendError::Closed => MEMSOCK_CLOSED,
             shm::SendError::Loan(e) => return e.into(),
             shm::SendError::Poisoned => MEMSOCK_INTERNAL,
+            shm::SendError::Forked => MEMSOCK_FORKED,
             _ => MEMSOCK_REFUSED,
         };
         Self { status, message: e.to_string().into() }
@@ -891,6 +899,7 @@ fn recv_failure(e: shm::RecvError) -> Failure {
         shm::RecvError::CreditsExhausted { .. } => MEMSOCK_CREDITS_EXHAUSTED,
         shm::RecvError::Detached => MEMSOCK_DISCONNECTED,
         shm::RecvError::Closed => MEMSOCK_CLOSED,
+        shm::RecvError::Forked => MEMSOCK_FORKED,
         _ => MEMSOCK_SHARED_MEMORY,
     };
     Failure { status, message: e.to_string().into() }
@@ -1031,6 +1040,9 @@ pub unsafe extern "C" fn memsock_sample_release(
         let sample = sample.ok_or_else(|| Failure::invalid("sample is NULL"))?;
         if sample.data.is_null() {
             return Err(Failure::invalid("the sample was released already"));
+        }
+        if sub.inner.is_forked() {
+            return Err(recv_failure(shm::RecvError::Forked));
         }
         if !sub.inner.release_slot(sample.slot) {
             return Err(Failure::invalid("not a sample this subscriber holds"));

@@ -155,7 +155,7 @@ int main(int argc, char **argv) {
         size_t cap = 0;
         memsock_status st = memsock_publisher_loan(pub, &theirs, &cap);
         memsock_status sent = memsock_publisher_send(pub, 1);
-        char verdict = st == MEMSOCK_REFUSED && theirs == NULL && sent == MEMSOCK_REFUSED ? 'y'
+        char verdict = st == MEMSOCK_FORKED && theirs == NULL && sent == MEMSOCK_FORKED ? 'y'
                        : theirs == data                                                ? 'p'
                                                                                        : 'n';
         if (write(report[1], &verdict, 1) != 1) {
@@ -263,6 +263,43 @@ int main(int argc, char **argv) {
     check(memsock_subscriber_set_credits(sub, 7) == MEMSOCK_REFUSED, "more than the pool can promise");
     check(strstr(memsock_last_error(), "7 credits refused, 6 available") != NULL, "with the numbers");
     check(memsock_subscriber_set_credits(sub, 100) == MEMSOCK_INVALID_ARGUMENT, "more than the queue");
+    /* A forked child cannot use its parent's handles: they say
+     * MEMSOCK_FORKED, and freeing them leaves the parent's lease alone.
+     * (Through a pipe and SIGKILL, as above.) */
+    memsock_sample kept;
+    check(memsock_publisher_send_copy(pub, "k", 1, -1) == MEMSOCK_OK &&
+              memsock_subscriber_recv(sub, -1, &kept) == MEMSOCK_OK,
+          "a sample held across the fork");
+    check(pipe(report) == 0, "another pipe");
+    pid_t forked = fork();
+    if (forked == 0) {
+        memsock_sample got;
+        void *slot = NULL;
+        size_t room = 0;
+        int ok = memsock_sample_release(sub, &kept) == MEMSOCK_FORKED &&
+                 memsock_subscriber_try_recv(sub, &got) == MEMSOCK_FORKED &&
+                 memsock_publisher_loan(pub, &slot, &room) == MEMSOCK_FORKED &&
+                 memsock_close_stream(client, "c-sub") == MEMSOCK_FORKED &&
+                 strstr(memsock_last_error(), "fork") != NULL;
+        memsock_subscriber_free(sub);
+        memsock_publisher_free(pub);
+        memsock_client_free(client);
+        char answer = ok ? 'y' : 'n';
+        if (write(report[1], &answer, 1) != 1) {
+            _exit(1);
+        }
+        raise(SIGKILL);
+    }
+    char answer = 0;
+    check(forked > 0 && read(report[0], &answer, 1) == 1 && waitpid(forked, NULL, 0) == forked, "forked again");
+    check(answer == 'y', "a forked child's copies of the handles say MEMSOCK_FORKED");
+    close(report[0]);
+    close(report[1]);
+    check(memsock_sample_release(sub, &kept) == MEMSOCK_OK, "the parent releases the sample the child could not");
+    check(memsock_publisher_send_copy(pub, "p", 1, -1) == MEMSOCK_OK &&
+              memsock_subscriber_recv(sub, -1, &sample) == MEMSOCK_OK && sample.len == 1,
+          "the parent's handles go on after the child freed its copies");
+    check(memsock_sample_release(sub, &sample) == MEMSOCK_OK, "and its sample goes back");
     check_interrupts(pub, sub);
     uint64_t generation = memsock_subscriber_publisher_generation(sub);
     memsock_publisher_free(pub);

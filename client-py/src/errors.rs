@@ -40,6 +40,16 @@ create_exception!(memsock, CreditsExhausted, Error, "The subscriber holds as man
 create_exception!(memsock, WouldBlock, Error, "A lossless subscriber has no room (send with a timeout to wait).");
 create_exception!(memsock, Timeout, Error, "The timeout passed with nothing to receive or no room to send.");
 create_exception!(memsock, Corrupt, Error, "A peer broke the shared-memory protocol.");
+create_exception!(
+    memsock,
+    Forked,
+    Error,
+    "A client, publisher or subscriber made before a fork, used in the forked child: the lease is the parent's \
+     (call memsock.connect() in the child)."
+);
+
+/// What a forked child is told to do, after the reason.
+const IN_THE_CHILD: &str = " (call memsock.connect() in the child for its own connection)";
 
 /// Registers the exception classes in the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -63,6 +73,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WouldBlock", py.get_type::<WouldBlock>())?;
     m.add("Timeout", py.get_type::<Timeout>())?;
     m.add("Corrupt", py.get_type::<Corrupt>())?;
+    m.add("Forked", py.get_type::<Forked>())?;
     Ok(())
 }
 
@@ -74,6 +85,7 @@ pub(crate) fn client(e: ClientError) -> PyErr {
         ClientError::PermissionDenied { .. } => BrokerPermissionDenied::new_err(text),
         ClientError::Disconnected(_) => Disconnected::new_err(text),
         ClientError::Timeout(_) => Timeout::new_err(text),
+        ClientError::Forked { .. } => Forked::new_err(text + IN_THE_CHILD),
         ClientError::Refused(c) => match c {
             ControlError::NoSuchStream(_) => NoSuchStream::new_err(text),
             ControlError::PublisherExists { .. } | ControlError::GeometryMismatch { .. } => StreamExists::new_err(text),
@@ -98,6 +110,7 @@ pub(crate) fn recv(e: RecvError) -> PyErr {
         RecvError::Closed => StreamClosed::new_err(text),
         RecvError::PublisherGone => PublisherGone::new_err(text),
         RecvError::PublisherBack => PublisherBack::new_err(text),
+        RecvError::Forked => Forked::new_err(text + IN_THE_CHILD),
         _ => Corrupt::new_err(text),
     }
 }
@@ -115,6 +128,7 @@ pub(crate) fn send(e: SendError) -> PyErr {
         SendError::Timeout => Timeout::new_err(text),
         SendError::Closed => StreamClosed::new_err(text),
         SendError::TooLarge { .. } => InvalidArgument::new_err(text),
+        SendError::Forked | SendError::Loan(LoanError::Forked) => Forked::new_err(text + IN_THE_CHILD),
         _ => Error::new_err(text),
     }
 }
@@ -124,6 +138,7 @@ pub(crate) fn loan(e: LoanError) -> PyErr {
     let text = e.to_string();
     match e {
         LoanError::Closed => StreamClosed::new_err(text),
+        LoanError::Forked => Forked::new_err(text + IN_THE_CHILD),
         _ => Error::new_err(text),
     }
 }

@@ -3,9 +3,11 @@
 //! `with` block, or when collected.
 
 use std::os::raw::c_int;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use memsock::OwnedSample;
-use pyo3::exceptions::PyBufferError;
+use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use pyo3::{IntoPyObjectExt, ffi};
@@ -16,13 +18,19 @@ use crate::subscriber::Subscriber;
 /// One received frame. `memoryview(frame)` and `frame.ndarray(...)` are
 /// read-only, zero-copy views of its slot that keep the frame alive; the
 /// slot goes back to the publisher with `release()`, at the end of a
-/// `with frame:` block, or when the frame is garbage collected. Releasing
-/// while a view is alive raises `BufferError`, as `memoryview` does.
+/// `with frame:` block, or when the frame is garbage collected. A `with`
+/// block that ends while views are alive leaves the release to the end of
+/// the last view (the subscriber counts such frames in `held_by_views`);
+/// an explicit `release()` then raises `BufferError`, as `memoryview` does.
 #[pyclass(module = "memsock")]
 pub(crate) struct Frame {
     sample: Option<OwnedSample>,
     /// The subscriber, told at `release` to hand the slot back at once.
     owner: Option<Py<Subscriber>>,
+    /// The subscriber's count of frames waiting for their views to end.
+    held_by_views: Option<Arc<AtomicU32>>,
+    /// Released when the last view ends (its `with` block is over).
+    release_when_unviewed: bool,
     seq: u64,
     timestamp_ns: u64,
     len: usize,
@@ -37,14 +45,36 @@ impl Frame {
             len: sample.len(),
             sample: Some(sample),
             owner: None,
+            held_by_views: None,
+            release_when_unviewed: false,
             exports: 0,
         }
     }
 
     /// Names the subscriber the frame came from.
-    pub(crate) fn owned_by(mut self, owner: Py<Subscriber>) -> Self {
-        self.owner = Some(owner);
+    pub(crate) fn owned_by(mut self, owner: &Bound<'_, Subscriber>) -> Self {
+        self.held_by_views = Some(owner.borrow().views_counter());
+        self.owner = Some(owner.clone().unbind());
         self
+    }
+
+    /// Leaves the release to the end of the last view.
+    fn defer_release(&mut self) {
+        if !self.release_when_unviewed {
+            self.release_when_unviewed = true;
+            if let Some(count) = &self.held_by_views {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// No longer waiting for views to end.
+    fn undefer_release(&mut self) {
+        if std::mem::take(&mut self.release_when_unviewed) {
+            if let Some(count) = &self.held_by_views {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Calls `f` with the bytes (empty once released), seq and timestamp.
@@ -113,6 +143,7 @@ impl Frame {
                 self.exports
             )));
         }
+        self.undefer_release();
         if self.sample.take().is_some() {
             // Hand the slot back now if the subscriber is free (if it is
             // busy receiving on another thread, it does so itself).
@@ -129,24 +160,29 @@ impl Frame {
         slf
     }
 
-    /// Releases the frame; if the block raised and a view (say, in the
-    /// exception's traceback) is still alive, the frame is left to be
-    /// released when it is collected rather than mask the exception.
+    /// Releases the frame, or, while views of it are alive (numpy arrays
+    /// still bound to names, say), leaves that to the end of the last one:
+    /// the views are read-only, so nothing they do can change the frame.
     fn __exit__(
         &mut self,
         py: Python<'_>,
-        exc_type: &Bound<'_, PyAny>,
+        _exc_type: &Bound<'_, PyAny>,
         _exc: &Bound<'_, PyAny>,
         _tb: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        match self.release(py) {
-            Err(e) if !exc_type.is_none() && e.is_instance_of::<PyBufferError>(py) => Ok(false),
-            other => other.map(|()| false),
+        if self.exports > 0 {
+            self.defer_release();
+            return Ok(false);
         }
+        self.release(py).map(|()| false)
     }
 
     fn __repr__(&self) -> String {
-        let state = if self.sample.is_some() { "" } else { " released" };
+        let state = match (&self.sample, self.release_when_unviewed) {
+            (None, _) => " released",
+            (Some(_), true) => " released when its views end",
+            (Some(_), false) => "",
+        };
         format!("<memsock.Frame seq={} len={}{state}>", self.seq, self.len)
     }
 
@@ -178,11 +214,24 @@ impl Frame {
     /// Called by CPython once per successful `__getbuffer__`.
     unsafe fn __releasebuffer__(mut slf: PyRefMut<'_, Self>, _view: *mut ffi::Py_buffer) {
         slf.exports = slf.exports.saturating_sub(1);
+        if slf.exports == 0 && slf.release_when_unviewed {
+            let py = slf.py();
+            // Cannot fail: no view is left.
+            let _ = slf.release(py);
+        }
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        self.undefer_release();
     }
 }
 
 /// `numpy.frombuffer(obj, dtype, count, offset)`, reshaped to `shape`:
-/// a view of `obj`'s buffer that keeps `obj` alive.
+/// a view of `obj`'s buffer that keeps `obj` alive. Without `count`, the
+/// count follows from `shape` (only those bytes must fit), else it is as
+/// many items as fit (a partial item at the end is left out).
 pub(crate) fn numpy_view<'py>(
     obj: &Bound<'py, PyAny>,
     dtype: Option<&Bound<'py, PyAny>>,
@@ -192,23 +241,30 @@ pub(crate) fn numpy_view<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = obj.py();
     let np = py.import("numpy")?;
+    let dtype = np.call_method1("dtype", (dtype.map_or_else(|| np.getattr("uint8"), |d| Ok(d.clone()))?,))?;
+    let len = obj.len()?;
+    let Some(available) = len.checked_sub(offset) else {
+        return Err(PyValueError::new_err(format!("offset {offset} is past the end of the {len}-byte buffer")));
+    };
+    let shape = match shape {
+        None => None,
+        Some(s) if s.is_instance_of::<PyTuple>() => Some(s.extract::<Vec<isize>>()?),
+        Some(s) => Some(vec![s.extract::<isize>()?]),
+    };
+    let itemsize: usize = dtype.getattr("itemsize")?.extract()?;
+    let count = match (&shape, count) {
+        (_, c) if c >= 0 => c,
+        (Some(dims), _) if dims.iter().all(|&d| d >= 0) => dims.iter().product(),
+        _ if itemsize > 0 => (available / itemsize) as isize,
+        _ => -1,
+    };
     let kwargs = pyo3::types::PyDict::new(py);
-    kwargs.set_item(
-        "dtype",
-        match dtype {
-            Some(d) => d.clone(),
-            None => np.getattr("uint8")?,
-        },
-    )?;
+    kwargs.set_item("dtype", dtype)?;
     kwargs.set_item("offset", offset)?;
     kwargs.set_item("count", count)?;
     let array = np.call_method("frombuffer", (obj,), Some(&kwargs))?;
     match shape {
         None => Ok(array),
-        Some(shape) => {
-            let shape =
-                if shape.is_instance_of::<PyTuple>() { shape.clone() } else { PyTuple::new(py, [shape])?.into_any() };
-            array.call_method1("reshape", (shape,))
-        }
+        Some(dims) => array.call_method1("reshape", (PyTuple::new(py, dims)?,)),
     }
 }

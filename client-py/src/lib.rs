@@ -91,9 +91,18 @@ pub(crate) fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
 
 #[pymethods]
 impl Client {
+    /// Whether this process is a child forked since the client connected:
+    /// the connection is the parent's, and every use of it, or of the
+    /// publishers and subscribers opened through it, raises
+    /// `memsock.Forked` (call `memsock.connect()` in the child).
+    #[getter]
+    fn forked(&self) -> bool {
+        self.inner.is_forked()
+    }
+
     /// Becomes the publisher of stream `name` with `slots` slots of
     /// `slot_size` bytes, creating it, or taking it over if its publisher
-    /// is gone (same geometry). Options: `max_subscribers` (8),
+    /// is gone (same geometry). Options: `max_subscribers` (32),
     /// `mlock` (False), `huge_pages` (False), `prefault` (True),
     /// `timestamps` (True: each frame carries its send time; False saves a
     /// clock read per frame and samples report 0), `loans` (how many loans

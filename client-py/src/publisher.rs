@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use std::os::raw::c_int;
 
-use memsock::SendError;
 use memsock::shm::SampleMut;
+use memsock::{LoanError, SendError};
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -148,7 +148,15 @@ impl Publisher {
     /// `with pub.loan(n) as buf:` then `buf.ndarray(dtype, shape)` or
     /// `memoryview(buf)` (writable, zero-copy). Sent when the block ends
     /// normally, discarded if it raises. Views must be deleted before the
-    /// block ends (`BufferError` otherwise, and the frame is discarded).
+    /// block ends (`BufferError` otherwise, and the frame is discarded): a
+    /// view written after the send would change a frame others read.
+    ///
+    /// ```python
+    /// with pub.loan(img.nbytes) as buf:
+    ///     a = buf.ndarray(np.uint16, img.shape)
+    ///     a[:] = img
+    ///     del a  # before the block ends
+    /// ```
     fn loan(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<Loan> {
         let mut this = slf.borrow_mut();
         let publisher = this.publisher()?;
@@ -233,8 +241,18 @@ pub(crate) struct Loan {
 }
 
 impl Loan {
+    /// `memsock.Forked` in a child forked since the loan was made: its
+    /// slot is the parent's.
+    fn check_fork(&self) -> PyResult<()> {
+        match &self.loan {
+            Some(loan) if loan.is_forked() => Err(errors::loan(LoanError::Forked)),
+            _ => Ok(()),
+        }
+    }
+
     /// Resumes the loan on its publisher and hands the sample to `f`.
     fn finish<R>(&mut self, py: Python<'_>, f: impl FnOnce(Python<'_>, SampleMut<'_>) -> PyResult<R>) -> PyResult<R> {
+        self.check_fork()?;
         if self.exports > 0 {
             // Neither sent nor reused while someone can still write it:
             // the slot stays loaned until the views and the loan are gone.
@@ -330,6 +348,7 @@ impl Loan {
         if slf.loan.is_none() {
             return Err(PyBufferError::new_err("the loan was already sent or discarded"));
         }
+        slf.check_fork()?;
         // SAFETY: `view` is CPython's to fill; `addr` is the loaned slot,
         // at least `nbytes` long (checked against the slot size), mapped
         // while the loan is out (the publisher refuses to close) and

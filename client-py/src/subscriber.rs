@@ -2,6 +2,8 @@
 //! Ctrl-C, batches of small messages, and the pieces `memsock._aio` uses
 //! to wait without blocking an event loop.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use memsock::{RecvError, TryRecvError};
@@ -28,14 +30,43 @@ pub(crate) struct Subscriber {
     /// News a batch ran into after it had frames: raised by the next
     /// receive, so that no `PublisherGone`/`PublisherBack`/end is lost.
     pending: Option<TryRecvError>,
+    /// Frames whose `with` block ended while views of them were alive:
+    /// each is released when its last view ends.
+    held_by_views: Arc<AtomicU32>,
 }
 
 impl Subscriber {
     pub(crate) fn new(inner: memsock::Subscriber) -> Self {
         let stream = inner.stream().to_owned();
-        Self { inner: SyncWrapper::new(Some(inner)), stream, pending: None }
+        Self { inner: SyncWrapper::new(Some(inner)), stream, pending: None, held_by_views: Arc::default() }
     }
 
+    /// The count its frames keep of those waiting for their views to end.
+    pub(crate) fn views_counter(&self) -> Arc<AtomicU32> {
+        self.held_by_views.clone()
+    }
+
+    /// Credits exhausted: says so, and how many frames only views hold.
+    fn exhausted(&self, held: u32, credits: u32) -> PyErr {
+        exhausted(&self.held_by_views, held, credits)
+    }
+}
+
+/// Credits exhausted: says so, and how many frames only views hold
+/// (`held_by_views`).
+fn exhausted(held_by_views: &AtomicU32, held: u32, credits: u32) -> PyErr {
+    let by_views = held_by_views.load(Ordering::Relaxed);
+    if by_views == 0 {
+        return errors::recv(RecvError::CreditsExhausted { held, credits });
+    }
+    errors::CreditsExhausted::new_err(format!(
+        "all {credits} credits are held by frames not yet released, {by_views} of them by frames whose `with` \
+         block ended while views of them (numpy arrays, memoryviews) were alive: each goes back when its last \
+         view is deleted"
+    ))
+}
+
+impl Subscriber {
     /// Raises the news a batch left pending, if any.
     fn raise_pending(&mut self) -> PyResult<()> {
         match self.pending.take() {
@@ -59,10 +90,12 @@ impl Subscriber {
     /// for signals.
     fn wait_frame(&mut self, py: Python<'_>, deadline: Option<Instant>) -> PyResult<Frame> {
         self.raise_pending()?;
-        let sub = self.sub()?;
+        let by_views = &self.held_by_views;
+        let sub = self.inner.get_mut().as_mut().ok_or_else(|| errors::Error::new_err("the subscriber is closed"))?;
         match sub.try_recv() {
             Ok(sample) => return Ok(Frame::new(sample.detach())),
             Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::CreditsExhausted { held, credits }) => return Err(exhausted(by_views, held, credits)),
             Err(e) => return Err(errors::try_recv(e)),
         }
         loop {
@@ -81,6 +114,7 @@ impl Subscriber {
                         return Err(errors::recv(RecvError::Timeout));
                     }
                 }
+                Err(RecvError::CreditsExhausted { held, credits }) => return Err(exhausted(by_views, held, credits)),
                 Err(e) => return Err(errors::recv(e)),
             }
         }
@@ -97,7 +131,7 @@ impl Subscriber {
     fn recv(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Frame> {
         let deadline = deadline(timeout)?;
         let frame = slf.borrow_mut().wait_frame(slf.py(), deadline)?;
-        Ok(frame.owned_by(slf.clone().unbind()))
+        Ok(frame.owned_by(slf))
     }
 
     /// The next frame if one is queued, else None.
@@ -105,8 +139,9 @@ impl Subscriber {
         slf.borrow_mut().raise_pending()?;
         let got = slf.borrow_mut().sub()?.try_recv().map(memsock::Sample::detach);
         match got {
-            Ok(sample) => Ok(Some(Frame::new(sample).owned_by(slf.clone().unbind()))),
+            Ok(sample) => Ok(Some(Frame::new(sample).owned_by(slf))),
             Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::CreditsExhausted { held, credits }) => Err(slf.borrow().exhausted(held, credits)),
             Err(e) => Err(errors::try_recv(e)),
         }
     }
@@ -176,6 +211,13 @@ impl Subscriber {
         Ok(sub.borrowed())
     }
 
+    /// Of the frames held, those whose `with` block has ended while views
+    /// of them were alive: each goes back when its last view is deleted.
+    #[getter]
+    fn held_by_views(&self) -> u32 {
+        self.held_by_views.load(Ordering::Relaxed)
+    }
+
     /// The stream's name.
     #[getter]
     fn stream(&self) -> &str {
@@ -208,7 +250,7 @@ impl Subscriber {
         loop {
             let got = slf.borrow_mut().wait_frame(py, None);
             match got {
-                Ok(frame) => return Ok(Some(frame.owned_by(slf.clone().unbind()))),
+                Ok(frame) => return Ok(Some(frame.owned_by(slf))),
                 Err(e)
                     if e.is_instance_of::<errors::PublisherGone>(py)
                         || e.is_instance_of::<errors::PublisherBack>(py) => {}
@@ -240,15 +282,18 @@ impl Subscriber {
     /// A frame if one is queued, else where the subscriber stands (for
     /// `Watcher.wait`). Used by `recv_async`.
     fn _poll(slf: &Bound<'_, Self>) -> PyResult<(Option<Frame>, Option<Position>)> {
-        let mut this = slf.borrow_mut();
-        this.raise_pending()?;
-        let sub = this.sub()?;
-        let got = sub.try_recv().map(memsock::Sample::detach);
-        match got {
-            Ok(sample) => Ok((Some(Frame::new(sample).owned_by(slf.clone().unbind())), None)),
-            Err(TryRecvError::Empty) => Ok((None, Some(Position { inner: sub.position() }))),
-            Err(e) => Err(errors::try_recv(e)),
-        }
+        let got = {
+            let mut this = slf.borrow_mut();
+            this.raise_pending()?;
+            let sub = this.sub()?;
+            match sub.try_recv().map(memsock::Sample::detach) {
+                Ok(sample) => Ok(sample),
+                Err(TryRecvError::Empty) => return Ok((None, Some(Position { inner: sub.position() }))),
+                Err(TryRecvError::CreditsExhausted { held, credits }) => Err(this.exhausted(held, credits)),
+                Err(e) => Err(errors::try_recv(e)),
+            }
+        };
+        Ok((Some(Frame::new(got?).owned_by(slf)), None))
     }
 
     /// A watcher of this subscriber (for `recv_async`).

@@ -324,14 +324,73 @@ def test_an_exception_in_a_with_block_is_not_masked_by_a_live_view(pair):
             raise KeyError("the real error")
     np.testing.assert_array_equal(kept[0], np.arange(1, 10, dtype=np.float64))
     assert not frame.released  # left to the view's end
+    assert sub.held_by_views == 1
     kept.clear()
     gc.collect()
-    frame.release()
+    assert frame.released and sub.held_by_views == 0 and sub.held == 0
+    frame.release()  # harmless
     with pytest.raises(ValueError):
         with pub.loan(16) as buf:
             kept.append(buf.ndarray(np.uint32, offset=4, count=2))
             raise ValueError("also kept")
     kept.clear()
+
+
+def test_a_shape_sets_how_many_items_must_fit(broker):
+    client = broker.connect()
+    size = 1_153_434  # not a multiple of 8
+    pub = client.publisher("odd", slot_size=size, slots=4)
+    sub = client.subscribe("odd", credits=2, policy="lossless", wait=False)
+    with pub.loan(size) as buf:
+        head = buf.ndarray(np.int64, (1,))
+        head[0] = -42
+        grid = buf.ndarray(np.uint16, (2, 3), offset=8)
+        grid[:] = [[1, 2, 3], [4, 5, 6]]
+        assert buf.ndarray(np.int64).shape == (size // 8,)  # as many as fit
+        del head, grid
+    with sub.recv(timeout=5) as frame:
+        assert frame.ndarray(np.int64, (1,))[0] == -42
+        assert frame.ndarray(np.int64, 1)[0] == -42
+        np.testing.assert_array_equal(frame.ndarray(np.uint16, (2, 3), offset=8), [[1, 2, 3], [4, 5, 6]])
+        assert frame.ndarray(np.int64).shape == (size // 8,)
+        assert frame.ndarray(np.uint8, (-1, 2), count=6).shape == (3, 2)
+        with pytest.raises(ValueError):
+            frame.ndarray(np.int64, (size,))  # more than fits
+        with pytest.raises(ValueError):
+            frame.ndarray(np.uint8, offset=size + 1)
+        gc.collect()
+
+
+def test_views_alive_at_the_end_of_a_with_block_defer_its_release(broker):
+    client = broker.connect()
+    pub = client.publisher("views", slot_size=64, slots=8)
+    sub = client.subscribe("views", credits=2, policy="lossless", wait=False)
+    for i in range(2):
+        pub.send(np.full(8, i, dtype=np.uint16))
+    # The natural numpy code: the array is still bound when the block ends.
+    with sub.recv(timeout=5) as fr:
+        a = fr.ndarray(np.uint16)
+    assert not fr.released and "views end" in repr(fr)
+    assert (sub.held, sub.held_by_views) == (1, 1)
+    with pytest.raises(BufferError):
+        fr.release()  # explicitly: still refused
+    tail = a[2:]  # a view of the view keeps the frame too
+    del a
+    gc.collect()
+    assert not fr.released
+    np.testing.assert_array_equal(tail, [0] * 6)
+    # Every credit held by views: the receive says so rather than wait.
+    with sub.recv(timeout=5) as fr2:
+        b = fr2.ndarray(np.uint16)
+    with pytest.raises(memsock.CreditsExhausted, match="views"):
+        sub.recv(timeout=5)
+    del tail, b
+    gc.collect()
+    assert fr.released and fr2.released
+    assert (sub.held, sub.held_by_views) == (0, 0)
+    pub.send(np.full(8, 2, dtype=np.uint16), timeout=5)
+    with sub.recv(timeout=5) as fr3:
+        np.testing.assert_array_equal(fr3.ndarray(np.uint16), [2] * 8)
 
 
 def test_a_stream_without_timestamps_stamps_every_frame_zero(broker):

@@ -174,6 +174,12 @@ fn watch(watcher: &Watcher, park: &Park) {
 
 impl Drop for AsyncSubscriber {
     fn drop(&mut self) {
+        if self.sub.is_forked() {
+            // The watcher thread is the parent's (it does not exist here,
+            // and its lock may be held for ever): leave it all alone.
+            std::mem::forget(self.thread.take());
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             self.park.stop.store(true, Ordering::Relaxed);
             // Wakes the thread wherever it waits: on the condition variable

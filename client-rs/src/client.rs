@@ -234,6 +234,15 @@ impl Client {
     pub fn is_disconnected(&self) -> bool {
         self.conn.is_closed()
     }
+
+    /// Whether this is a copy of the client in a child forked since it
+    /// connected: every request then fails with [`ClientError::Forked`],
+    /// its publishers and subscribers refuse to send and receive, and
+    /// dropping them leaves the parent's lease alone. The child connects
+    /// anew.
+    pub fn is_forked(&self) -> bool {
+        self.conn.forked()
+    }
 }
 
 /// The publisher of a stream, under this client's lease. Dereferences to

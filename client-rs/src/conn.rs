@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use memsock_proto::control::{
     ClientMessage, ControlError, DecodeFailure, Event, FrameError, FrameReader, FrameWriter, PROTOCOL_VERSION, Reply,
     Request, ServerMessage, WatchChange,
 };
-use memsock_proto::shm;
+use memsock_proto::{platform, shm};
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,15 @@ pub enum ClientError {
     /// a subscriber.
     #[error("cannot open the stream's shared memory: {0}")]
     OpenSubscriber(#[source] shm::OpenSubscriberError),
+    /// This connection was made before a fork: in the forked child it is
+    /// the parent's lease, which the child must not use.
+    #[error(
+        "this memsock connection was made in process {parent} before it forked: a forked child makes its own connection"
+    )]
+    Forked {
+        /// The process that connected.
+        parent: u32,
+    },
     /// The blocking task running an async request panicked or was
     /// cancelled.
     #[error("the task running the request {}", if *panicked { "panicked" } else { "was cancelled" })]
@@ -231,12 +241,18 @@ struct Shared {
 /// reclaims everything opened through it.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    socket: UnixStream,
+    /// Dropped by `Drop`, except in a forked child (whose copy of the
+    /// descriptor was closed as it started).
+    socket: ManuallyDrop<UnixStream>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     reader: Option<JoinHandle<()>>,
     pub(crate) broker_pid: u32,
     timeout: Duration,
+    /// The process that connected, and when: in a child forked since, the
+    /// lease is the parent's.
+    pid: u32,
+    forks: platform::ForkStamp,
 }
 
 impl Conn {
@@ -254,8 +270,21 @@ impl Conn {
             .name("memsock-control".into())
             .spawn(move || read_loop(reader_socket, &reader_shared))
             .map_err(connect_err)?;
-        let mut conn =
-            Self { socket, shared, next_id: AtomicU64::new(1), reader: Some(reader), broker_pid: 0, timeout };
+        let (pid, forks) = (std::process::id(), platform::ForkStamp::now());
+        // A child forked from now on closes its copy of the socket as it
+        // starts (`Drop` undoes this before closing it; the reader thread
+        // does the same for its own copy).
+        platform::close_in_forked_child(socket.as_fd());
+        let mut conn = Self {
+            socket: ManuallyDrop::new(socket),
+            shared,
+            next_id: AtomicU64::new(1),
+            reader: Some(reader),
+            broker_pid: 0,
+            timeout,
+            pid,
+            forks,
+        };
         let hello = Request::Hello { version: PROTOCOL_VERSION, client_name: client_name.to_owned() };
         match conn.request(hello)? {
             (Reply::Welcome { broker_pid, .. }, _) => conn.broker_pid = broker_pid,
@@ -275,6 +304,7 @@ impl Conn {
         request: Request,
         timeout: Option<Duration>,
     ) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+        self.check_fork()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
         lock(&self.shared.pending).insert(id, tx);
@@ -298,10 +328,23 @@ impl Conn {
     /// Sends `request` without waiting for the reply (used while
     /// dropping handles, where nothing could be done with an error).
     pub(crate) fn notify(&self, request: Request) {
+        if self.forked() {
+            return; // the parent's lease: nothing to tell from here
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.send(&ClientMessage { id, request }) {
             tracing::debug!("could not tell the broker: {e}");
         }
+    }
+
+    /// Whether this is a copy in a child forked since it connected.
+    pub(crate) fn forked(&self) -> bool {
+        self.forks.forked()
+    }
+
+    /// [`ClientError::Forked`] in a child forked since it connected.
+    pub(crate) fn check_fork(&self) -> Result<(), ClientError> {
+        if self.forked() { Err(ClientError::Forked { parent: self.pid }) } else { Ok(()) }
     }
 
     fn send(&self, message: &ClientMessage) -> Result<(), ClientError> {
@@ -336,10 +379,16 @@ impl Conn {
 
     /// Publication `publication` has ended: its channels go nowhere.
     pub(crate) fn forget_publication(&self, publication: u64) {
+        if self.forked() {
+            return; // the table may be locked by a thread the fork left behind
+        }
         lock(&self.shared.publications).remove(&publication);
     }
 
     pub(crate) fn try_event(&self) -> Option<Event> {
+        if self.forked() {
+            return None;
+        }
         lock(&self.shared.events).pop_front()
     }
 
@@ -350,6 +399,9 @@ impl Conn {
 
     /// Watch `watch` has ended here: later news of it is undone.
     pub(crate) fn forget_watch(&self, watch: u64) {
+        if self.forked() {
+            return;
+        }
         lock(&self.shared.watches).remove(&watch);
     }
 
@@ -361,11 +413,24 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if self.forked() {
+            // The parent's connection: shutting the socket down would end
+            // its lease, and its reader thread does not exist here (joining
+            // it would panic). The child closed its copies of the
+            // descriptors as it started, and their numbers may be in use
+            // again: forget them (a copy that could not be registered
+            // stays open until the child exits).
+            std::mem::forget(self.reader.take());
+            return;
+        }
+        platform::keep_in_forked_child(self.socket.as_fd());
         // Ends the lease; the reader sees end-of-file and stops.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+        // SAFETY: dropped once, here, and not used again.
+        unsafe { ManuallyDrop::drop(&mut self.socket) };
     }
 }
 
@@ -482,7 +547,15 @@ fn take_channel(
 }
 
 fn read_loop(socket: UnixStream, shared: &Shared) {
-    let reason = match read_frames(&socket, shared) {
+    // A child forked from now on closes this copy as it starts (it would
+    // keep the lease alive while the child lives); undone before it closes.
+    platform::close_in_forked_child(socket.as_fd());
+    read_loop_on(&socket, shared);
+    platform::keep_in_forked_child(socket.as_fd());
+}
+
+fn read_loop_on(socket: &UnixStream, shared: &Shared) {
+    let reason = match read_frames(socket, shared) {
         Ok(()) if shared.shutdown_announced.load(Ordering::Relaxed) => Disconnect::BrokerShutdown,
         Ok(()) => Disconnect::Closed,
         Err(e) => e,

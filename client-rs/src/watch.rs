@@ -98,6 +98,7 @@ impl Watch {
     }
 
     fn next_within(&self, timeout: Option<Duration>) -> Result<Option<WatchEvent>, ClientError> {
+        self.conn.check_fork()?;
         let Ok(item) = self.queue.pop(timeout) else {
             return Err(ClientError::Disconnected(crate::Disconnect::Closed));
         };
@@ -120,6 +121,9 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        if self.conn.forked() {
+            return; // the parent's watch
+        }
         self.conn.forget_watch(self.watch);
         self.conn.notify(Request::Unwatch { watch: self.watch });
         // Subscribers announced and never opened go back.

@@ -683,6 +683,69 @@ fn a_forked_copy_of_a_publisher_neither_writes_nor_lets_go() -> Result<()> {
     Ok(())
 }
 
+/// A client, its publisher and its subscriber, copied into a forked child:
+/// every use there is refused as `Forked`, dropping them there leaves the
+/// parent's lease alone, and the parent goes on.
+#[test]
+fn a_forked_child_s_copies_of_a_client_refuse_and_leave_the_lease_alone() -> Result<()> {
+    use memsock::{LoanError, RecvError, TryRecvError};
+    let broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut publisher = client.publisher("forked", &StreamConfig::new(64, 8))?;
+    let options = SubscribeOptions { credits: 2, policy: OverflowPolicy::Lossless, ..SubscribeOptions::default() };
+    let subscriber = client.subscriber("forked", &options)?;
+    publisher.send(b"kept")?;
+    let held = subscriber.try_recv()?.detach();
+    let loan = publisher.loan()?.detach();
+    // An async subscriber whose watcher thread waits (its task parked).
+    let mut parked = client.subscriber("forked", &options)?.into_async();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(parked.poll_recv(&mut cx).is_pending());
+    // SAFETY: the child only calls memsock (which refuses before taking any
+    // lock a thread left behind by the fork could hold) and `_exit`s.
+    match unsafe { libc::fork() } {
+        0 => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let refused = client.is_forked()
+                    && matches!(client.stats(None), Err(ClientError::Forked { .. }))
+                    && matches!(publisher.loan(), Err(LoanError::Forked))
+                    && loan.is_forked()
+                    && publisher.resume(loan).is_err()
+                    && matches!(subscriber.try_recv(), Err(TryRecvError::Forked))
+                    && matches!(subscriber.recv_timeout(Duration::from_secs(1)), Err(RecvError::Forked))
+                    && matches!(parked.try_recv(), Err(TryRecvError::Forked));
+                // Dropping the copies (the parked one's watcher thread does
+                // not exist here) leaves the parent's alone.
+                drop((held, parked, subscriber, publisher, client));
+                if refused { 0 } else { 1 }
+            }));
+            // SAFETY: ends the child without unwinding or running atexit.
+            unsafe { libc::_exit(code.unwrap_or(2)) }
+        }
+        -1 => anyhow::bail!("fork: {}", std::io::Error::last_os_error()),
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out-parameter.
+            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child's copies worked: {status}");
+        }
+    }
+    assert!(!client.is_forked());
+    assert_eq!(&*held, b"kept");
+    drop((held, loan));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    for n in 0..4u8 {
+        publisher.send_timeout(&[n; 4], Duration::from_secs(10))?;
+        assert_eq!(&*subscriber.recv_timeout(Duration::from_secs(10))?, &[n; 4]);
+        let got = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), parked.recv()).await })?;
+        assert_eq!(&*got?, &[n; 4]);
+    }
+    let stats = client.stats(Some("forked"))?;
+    assert_eq!(stats.streams[0].subscribers.len(), 2);
+    assert_eq!(stats.streams[0].publisher_pid, Some(std::process::id()));
+    Ok(())
+}
+
 /// A group and two users made for one test (member of it, and not), and
 /// removed after it. Needs root (`useradd`).
 struct TestUsers {

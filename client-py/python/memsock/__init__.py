@@ -13,7 +13,11 @@ the memsock broker (``memsock broker``); this package is its Python client::
     with sub.recv() as frame:
         image = frame.ndarray(np.uint16, (512, 1024))   # zero-copy, read-only
         ...
-        del image                                       # before the slot goes back
+    # The slot goes back here, or when the last view of it (image) ends.
+
+A forked child (``multiprocessing`` with the fork start method,
+``os.fork``) cannot use its parent's client, publishers or subscribers
+(``memsock.Forked``): it calls ``memsock.connect()`` for its own.
 
 Every error is a ``memsock.Error``.
 """
@@ -29,6 +33,7 @@ from ._memsock import (
     Detached,
     Disconnected,
     Error,
+    Forked,
     Frame,
     InvalidArgument,
     Loan,
@@ -59,6 +64,7 @@ __all__ = [
     "Detached",
     "Disconnected",
     "Error",
+    "Forked",
     "Frame",
     "InvalidArgument",
     "Loan",

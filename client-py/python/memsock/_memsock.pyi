@@ -27,6 +27,9 @@ class Client:
     def broker_pid(self) -> int: ...
     @property
     def disconnected(self) -> bool: ...
+    @property
+    def forked(self) -> bool:
+        """Whether this is a child forked since the client connected."""
     def publisher(
         self,
         name: str,
@@ -72,7 +75,9 @@ class Publisher:
     def send(self, obj: Any, timeout: Optional[float] = None) -> int:
         """Sends the bytes of any buffer-protocol object (one copy); returns its seq."""
     def loan(self, nbytes: int) -> Loan:
-        """A slot to write in place; sent when its with-block ends normally."""
+        """A slot to write in place; sent when its with-block ends normally
+        (views deleted first: a view written after the send would change a
+        frame others read)."""
     def close(self) -> None:
         """Stops publishing."""
     def __enter__(self) -> Publisher: ...
@@ -92,7 +97,13 @@ class Loan:
         offset: int = 0,
         count: int = -1,
     ) -> np.ndarray:
-        """A writable zero-copy numpy view (delete it before the loan is sent)."""
+        """A writable zero-copy numpy view; delete it before the block ends:
+
+        with pub.loan(img.nbytes) as buf:
+            a = buf.ndarray(np.uint16, img.shape)
+            a[:] = img
+            del a
+        """
     def send(self, timeout: Optional[float] = None) -> int: ...
     def discard(self) -> None: ...
     def __enter__(self) -> Loan: ...
@@ -122,7 +133,8 @@ class Frame:
     def tobytes(self) -> bytes:
         """A copy of the frame's bytes."""
     def release(self) -> None:
-        """Gives the slot back (BufferError while a view is alive)."""
+        """Gives the slot back (BufferError while a view is alive; a with-block
+        left while views live defers the release to the last view's end)."""
     def __enter__(self) -> Frame: ...
     def __exit__(
         self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
@@ -156,6 +168,9 @@ class Subscriber:
     def credits(self) -> int: ...
     @property
     def held(self) -> int: ...
+    @property
+    def held_by_views(self) -> int:
+        """Frames whose with-block ended while views were alive (released when the last view ends)."""
     @property
     def publisher_generation(self) -> int:
         """Publisher arrivals and departures so far; odd while one is attached."""
@@ -199,3 +214,4 @@ class CreditsExhausted(Error): ...
 class WouldBlock(Error): ...
 class Timeout(Error): ...
 class Corrupt(Error): ...
+class Forked(Error): ...

@@ -418,23 +418,42 @@ pub fn system_wide_barrier() {
 /// Forks this process has gone through as the child (see [`watch_forks`]).
 static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Descriptors a forked child must not keep (see [`close_in_forked_child`]):
+/// -1 marks a free entry.
+static CLOSE_IN_CHILD: [std::sync::atomic::AtomicI32; 64] = [const { std::sync::atomic::AtomicI32::new(-1) }; 64];
+
 extern "C" fn count_fork_in_child() {
     FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for entry in &CLOSE_IN_CHILD {
+        let fd = entry.swap(-1, std::sync::atomic::Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: `fd` was registered open by its owner, which
+            // unregisters it before closing it; in the child the owner's
+            // copy forgets it (see `close_in_forked_child`). `close` is
+            // async-signal-safe.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// Starts counting the forks this process goes through as the child (an
 /// `atfork` handler, installed once), so that state inherited from the
-/// parent — a publisher's writer role — can tell it is not its own.
+/// parent — a publisher's writer role, a subscriber's channel, a
+/// connection's lease — can tell it is not its own.
 pub fn watch_forks() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: the handler only increments an atomic (async-signal-safe,
-        // as a handler run in the child of a multithreaded fork must be).
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
-        if rc != 0 {
-            tracing::warn!("cannot watch for forks (pthread_atfork: {rc})");
-        }
-    });
+    // Not a `Once`: a fork while another thread ran `call_once` would
+    // leave the child's `Once` running for ever.
+    static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if INSTALLED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the handler only updates atomics and closes registered
+    // descriptors (async-signal-safe, as a handler run in the child of a
+    // multithreaded fork must be).
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+    if rc != 0 {
+        tracing::warn!("cannot watch for forks (pthread_atfork: {rc}): a forked child could use its parent's handles");
+    }
 }
 
 /// How many forks this process has gone through as the child since
@@ -443,4 +462,51 @@ pub fn watch_forks() {
 #[inline]
 pub fn fork_count() -> u64 {
     FORKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Has a forked child close `fd` as it starts (a connection's socket,
+/// whose copy would otherwise keep the parent's lease alive for as long
+/// as the child lives). Returns false, registering nothing, if the table
+/// is full. The owner must [`keep_in_forked_child`] it before closing
+/// it, and in a forked child must forget it rather than close it.
+pub fn close_in_forked_child(fd: BorrowedFd<'_>) -> bool {
+    watch_forks();
+    let fd = fd.as_raw_fd();
+    CLOSE_IN_CHILD.iter().any(|entry| {
+        entry
+            .compare_exchange(-1, fd, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+    })
+}
+
+/// Undoes [`close_in_forked_child`] (before the descriptor is closed).
+pub fn keep_in_forked_child(fd: BorrowedFd<'_>) {
+    let fd = fd.as_raw_fd();
+    for entry in &CLOSE_IN_CHILD {
+        if entry
+            .compare_exchange(fd, -1, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// The fork count when a handle opened: in a child forked since, the
+/// handle is a copy of its parent's.
+#[derive(Debug, Clone, Copy)]
+pub struct ForkStamp(u64);
+
+impl ForkStamp {
+    /// Now (watching forks from now on).
+    pub fn now() -> Self {
+        watch_forks();
+        Self(fork_count())
+    }
+
+    /// Whether this process is a child forked since the stamp was taken.
+    #[inline]
+    pub fn forked(self) -> bool {
+        fork_count() != self.0
+    }
 }

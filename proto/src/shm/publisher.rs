@@ -78,9 +78,12 @@ pub enum SendError {
     #[error("the stream is closed")]
     Closed,
     /// The owner declared this publisher gone (another may have taken
-    /// over), or this is a copy in a child forked since it opened.
-    #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
+    /// over).
+    #[error("this publisher was declared gone; it may no longer publish")]
     Replaced,
+    /// This is a copy of the publisher in a child forked since it opened.
+    #[error("this publisher was opened before a fork: in the forked child, connect and publish anew")]
+    Forked,
     /// A panic cut one of this publisher's loans or sends short (see
     /// [`LoanError::Poisoned`]): drop it.
     #[error("a loan or send of this publisher panicked part-way; drop it, and the stream is repaired")]
@@ -109,9 +112,9 @@ pub struct Publisher {
     dropped: Arc<DroppedLoans>,
     /// Tells this publisher's detached loans from others'.
     id: u64,
-    /// [`platform::fork_count`] when it opened: in a child forked since,
-    /// the writer role is the parent's, and this copy must not write.
-    forks: u64,
+    /// When it opened: in a child forked since, the writer role is the
+    /// parent's, and this copy must not write.
+    forks: platform::ForkStamp,
     /// Where channels of subscribers admitted later arrive.
     inbox: ChannelInbox,
     /// The loan set aside by [`SampleMut::park`]: its slot and length.
@@ -186,10 +189,17 @@ pub struct Loan {
     publisher: u64,
     /// `None` once resumed.
     dropped: Option<Arc<DroppedLoans>>,
+    /// Its publisher's: in a child forked since, the slot is the parent's.
+    forks: platform::ForkStamp,
 }
 
 impl Drop for Loan {
     fn drop(&mut self) {
+        if self.forks.forked() {
+            // The parent's loan: its list may be locked by a thread the
+            // fork left behind, and the slot is not ours to give back.
+            return;
+        }
         if let Some(dropped) = self.dropped.take() {
             // A poisoned lock only means another dropper panicked: the list is fine.
             dropped.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.slot);
@@ -199,6 +209,14 @@ impl Drop for Loan {
 }
 
 impl Loan {
+    /// Whether this process is a child forked since the loan was made:
+    /// its slot is the parent's ([`Publisher::resume`] refuses it), and
+    /// writing it would change a frame the parent is writing or has sent.
+    #[inline]
+    pub fn is_forked(&self) -> bool {
+        self.forks.forked()
+    }
+
     /// The frame length set so far.
     pub fn len(&self) -> usize {
         self.len as usize
@@ -249,9 +267,8 @@ impl Publisher {
             AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
         })?;
         let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
-        platform::watch_forks();
         let id = NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::fork_count(), inbox, parked: None })
+        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::ForkStamp::now(), inbox, parked: None })
     }
 
     /// Where the channels of subscribers admitted from now on are to be
@@ -263,9 +280,10 @@ impl Publisher {
     /// Takes a detached loan back to write and send it.
     ///
     /// # Errors
-    /// The loan, if another publisher made it.
+    /// The loan, if another publisher made it, or in a child forked since
+    /// the publisher opened ([`Loan::is_forked`]).
     pub fn resume(&mut self, mut loan: Loan) -> Result<SampleMut<'_>, Loan> {
-        if loan.publisher != self.id {
+        if loan.publisher != self.id || self.forked() {
             return Err(loan);
         }
         loan.dropped = None; // resumed: the sample owns the slot now
@@ -300,11 +318,11 @@ impl Publisher {
     ///
     /// # Errors
     /// As [`loan`](Self::loan) (in a copy forked since the publisher
-    /// opened, [`LoanError::Replaced`], whatever is parked).
+    /// opened, [`LoanError::Forked`], whatever is parked).
     #[inline(always)]
     pub fn loan_parked(&mut self) -> Result<(*mut u8, usize), LoanError> {
         if self.forked() {
-            return Err(LoanError::Replaced);
+            return Err(LoanError::Forked);
         }
         let slot = match self.parked {
             Some((slot, _)) => slot,
@@ -328,12 +346,12 @@ impl Publisher {
     /// refusal its slot is given back as a dropped sample's. (A panic in
     /// the send poisons the publisher, which then frees nothing: see
     /// `PubCore::step`.) In a copy forked since the publisher opened, a
-    /// parked loan is the parent's: [`SendError::Replaced`], leaving it
+    /// parked loan is the parent's: [`SendError::Forked`], leaving it
     /// alone.
     #[inline(always)]
     pub fn try_send_parked(&mut self, len: usize) -> Option<Result<SendInfo, SendError>> {
         if self.forked() {
-            return self.parked.map(|_| Err(SendError::Replaced));
+            return self.parked.map(|_| Err(SendError::Forked));
         }
         let (slot, _) = self.parked?;
         let slot_size = self.slot_size();
@@ -452,7 +470,7 @@ impl Publisher {
     #[inline(always)]
     pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
         if self.forked() {
-            return Err(LoanError::Replaced);
+            return Err(LoanError::Forked);
         }
         if self.dropped.pending.load(Ordering::Acquire) {
             self.take_back_dropped_loans();
@@ -486,7 +504,7 @@ impl Publisher {
     /// parent holds the role, and a send here would race its sends.
     #[inline]
     fn forked(&self) -> bool {
-        platform::fork_count() != self.forks
+        self.forks.forked()
     }
 
     /// Sends the loaned `slot` (see `PubCore::commit`), stamped if the
@@ -494,7 +512,7 @@ impl Publisher {
     #[inline(always)]
     fn commit(&mut self, slot: u32, len: u32) -> Result<SendInfo, CommitRefusal> {
         if self.forked() {
-            return Err(CommitRefusal::Replaced);
+            return Err(CommitRefusal::Forked);
         }
         let ts = self.timestamp();
         self.core.commit(slot, len, ts)
@@ -508,6 +526,7 @@ impl Publisher {
         let mut sample = self.loan().map_err(|e| match e {
             LoanError::Closed => SendError::Closed,
             LoanError::Replaced => SendError::Replaced,
+            LoanError::Forked => SendError::Forked,
             LoanError::Poisoned => SendError::Poisoned,
             e => SendError::Loan(e),
         })?;
@@ -538,6 +557,7 @@ impl<'p> SampleMut<'p> {
             len: this.len,
             publisher: this.publisher.id,
             dropped: Some(this.publisher.dropped.clone()),
+            forks: this.publisher.forks,
         }
     }
 
@@ -685,6 +705,7 @@ impl From<CommitRefusal> for SendError {
             CommitRefusal::WouldBlock { subscriber } => SendError::WouldBlock { subscriber },
             CommitRefusal::Closed => SendError::Closed,
             CommitRefusal::Replaced => SendError::Replaced,
+            CommitRefusal::Forked => SendError::Forked,
             CommitRefusal::Poisoned => SendError::Poisoned,
         }
     }

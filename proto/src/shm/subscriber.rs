@@ -15,6 +15,7 @@ use super::core::subscriber::{
 };
 use super::core::wait::Backoff;
 use super::map::{ChannelMap, MapError, StreamMap};
+use crate::platform::ForkStamp;
 use crate::shm::layout::{ChannelLatency, OverflowPolicy, WaitStrategy, latency_bucket};
 
 /// Why a subscriber could not be opened.
@@ -49,6 +50,9 @@ pub struct Subscriber {
     /// only those may be given back by number ([`Subscriber::release_slot`]).
     forgotten: Box<[std::cell::Cell<u64>]>,
     latency: LatencySampler,
+    /// When it opened: in a child forked since, the channel is the
+    /// parent's, and this copy must not touch it.
+    forks: ForkStamp,
 }
 
 /// Which frames' latency a subscriber measures: the first published at
@@ -137,7 +141,16 @@ impl Subscriber {
                 SubAttachRefusal::AlreadyOpen => OpenSubscriberError::AlreadyOpen(ticket.index),
             })?;
         let forgotten = (0..g.slot_count.div_ceil(64)).map(|_| std::cell::Cell::new(0)).collect();
-        Ok(Self { core, wait: ticket.wait, forgotten, latency: LatencySampler::new() })
+        Ok(Self { core, wait: ticket.wait, forgotten, latency: LatencySampler::new(), forks: ForkStamp::now() })
+    }
+
+    /// Whether this is a copy in a child forked since it opened: the
+    /// parent receives on the channel, and a receive here would race it.
+    /// Every receive then fails with `Forked`, and nothing this copy or
+    /// its samples do reaches shared memory.
+    #[inline]
+    pub fn is_forked(&self) -> bool {
+        self.forks.forked()
     }
 
     /// Takes the next frame if one is queued.
@@ -146,6 +159,9 @@ impl Subscriber {
     /// [`TryRecvError::Empty`] if none is, or another [`TryRecvError`].
     #[inline]
     pub fn try_recv(&self) -> Result<Sample<'_>, TryRecvError> {
+        if self.is_forked() {
+            return Err(TryRecvError::Forked);
+        }
         self.core.try_take().map(|info| self.sample(info))
     }
 
@@ -163,6 +179,9 @@ impl Subscriber {
     /// ```
     #[inline]
     pub fn recv(&self) -> Result<Sample<'_>, RecvError> {
+        if self.is_forked() {
+            return Err(RecvError::Forked);
+        }
         self.core.take(None).map(|info| self.sample(info))
     }
 
@@ -172,6 +191,9 @@ impl Subscriber {
     /// [`RecvError::Timeout`], or another [`RecvError`].
     #[inline]
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Sample<'_>, RecvError> {
+        if self.is_forked() {
+            return Err(RecvError::Forked);
+        }
         self.core.take(Instant::now().checked_add(timeout)).map(|info| self.sample(info))
     }
 
@@ -234,6 +256,9 @@ impl Subscriber {
     /// a slot somebody still reads.
     #[inline]
     pub fn release_slot(&self, slot: u32) -> bool {
+        if self.is_forked() {
+            return false;
+        }
         let Some(word) = self.forgotten.get(slot as usize / 64) else { return false };
         let bit = 1u64 << (slot % 64);
         if word.get() & bit == 0 {
@@ -247,7 +272,9 @@ impl Subscriber {
     /// Hands back now the slots of detached samples dropped since the
     /// last receive (receives do this themselves).
     pub fn hand_back(&self) {
-        self.core.hand_back();
+        if !self.is_forked() {
+            self.core.hand_back();
+        }
     }
 
     /// Keeps `keep` alive as long as this subscriber or any sample
@@ -267,7 +294,7 @@ impl Subscriber {
     /// A watcher that can wait for this subscriber's next frame on
     /// another thread, so that an async task need not block.
     pub fn watcher(&self) -> Watcher {
-        Watcher { core: self.core.watcher() }
+        Watcher { core: self.core.watcher(), forks: self.forks }
     }
 }
 
@@ -278,6 +305,7 @@ impl Subscriber {
 #[derive(Debug)]
 pub struct Watcher {
     core: Core,
+    forks: ForkStamp,
 }
 
 impl Watcher {
@@ -285,15 +313,20 @@ impl Watcher {
     /// its next receive, or `stop()` holds (checked after
     /// [`Interrupter::interrupt`]), or `deadline` passes. Spins or
     /// sleeps as the subscriber's [`WaitStrategy`] says. Returns false
-    /// only on the deadline.
+    /// only on the deadline. In a child forked since the subscriber
+    /// opened, returns true at once, touching nothing: the receive that
+    /// follows reports `Forked`.
     pub fn wait(&self, from: Position, deadline: Option<Instant>, stop: impl Fn() -> bool) -> bool {
+        if self.forks.forked() {
+            return true;
+        }
         self.core.watch(from, deadline, stop)
     }
 
     /// A handle that wakes a [`wait`](Self::wait) in progress from
     /// another thread.
     pub fn interrupter(&self) -> Interrupter {
-        Interrupter { channel: self.core.channel().clone() }
+        Interrupter { channel: self.core.channel().clone(), forks: self.forks }
     }
 }
 
@@ -301,12 +334,17 @@ impl Watcher {
 #[derive(Debug, Clone)]
 pub struct Interrupter {
     channel: Arc<ChannelMap>,
+    forks: ForkStamp,
 }
 
 impl Interrupter {
     /// Makes a waiting watcher check its `stop()`: make that true first.
+    /// (Nothing in a child forked since: the channel's sleeper is the
+    /// parent's.)
     pub fn interrupt(&self) {
-        wake_sleeper(&self.channel);
+        if !self.forks.forked() {
+            wake_sleeper(&self.channel);
+        }
     }
 }
 
@@ -327,7 +365,12 @@ impl Sample<'_> {
     /// receive for that).
     pub fn detach(self) -> OwnedSample {
         let this = std::mem::ManuallyDrop::new(self);
-        OwnedSample { board: this.subscriber.core.board().clone(), ptr: this.ptr, info: this.info }
+        OwnedSample {
+            board: this.subscriber.core.board().clone(),
+            ptr: this.ptr,
+            info: this.info,
+            forks: this.subscriber.forks,
+        }
     }
 
     /// Gives the sample up without giving its slot back: its bytes stay
@@ -383,7 +426,10 @@ impl std::ops::Deref for Sample<'_> {
 impl Drop for Sample<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.subscriber.core.return_slot(self.info.slot);
+        // A sample inherited by a forked child is the parent's to return.
+        if !self.subscriber.is_forked() {
+            self.subscriber.core.return_slot(self.info.slot);
+        }
     }
 }
 
@@ -397,6 +443,8 @@ pub struct OwnedSample {
     board: Arc<Board>,
     ptr: *const u8,
     info: FrameInfo,
+    /// Its subscriber's: a copy in a forked child leaves the slot alone.
+    forks: ForkStamp,
 }
 
 // SAFETY: `ptr` points into the mapping that `board` keeps alive; the
@@ -443,6 +491,10 @@ impl std::ops::Deref for OwnedSample {
 
 impl Drop for OwnedSample {
     fn drop(&mut self) {
-        self.board.post(self.info.slot);
+        // Posting wakes the subscriber's sleeper: in a forked child, the
+        // parent's, whose slot this is.
+        if !self.forks.forked() {
+            self.board.post(self.info.slot);
+        }
     }
 }

@@ -563,7 +563,12 @@ impl Harness {
                         assert!(expect_block.is_some(), "unexpected WouldBlock");
                         self.publisher.abandon(slot);
                     }
-                    Err(refusal @ (CommitRefusal::Closed | CommitRefusal::Replaced | CommitRefusal::Poisoned)) => {
+                    Err(
+                        refusal @ (CommitRefusal::Closed
+                        | CommitRefusal::Replaced
+                        | CommitRefusal::Forked
+                        | CommitRefusal::Poisoned),
+                    ) => {
                         panic!("{refusal:?}")
                     }
                     Ok(info) => {

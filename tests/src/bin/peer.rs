@@ -179,7 +179,7 @@ fn publish(spec: &Value, publisher: &mut Publisher) -> Result<()> {
 }
 
 /// Forks; the child tries to loan from its copy of `publisher`, drops it
-/// and exits with 0 if the loan was refused as `Replaced`, 1 if it was
+/// and exits with 0 if the loan was refused as `Forked`, 1 if it was
 /// granted. Returns the child's exit status. (Only where this peer has no
 /// other thread: the raw `"lease"` modes.)
 fn fork_and_try(publisher: &mut Publisher) -> Result<i32> {
@@ -188,7 +188,7 @@ fn fork_and_try(publisher: &mut Publisher) -> Result<i32> {
     match unsafe { libc::fork() } {
         0 => {
             let code = match publisher.loan() {
-                Err(LoanError::Replaced) => 0,
+                Err(LoanError::Forked) => 0,
                 Ok(_) => 1,
                 Err(_) => 2,
             };

@@ -78,6 +78,8 @@ pub(crate) enum CommitRefusal {
     },
     Closed,
     Replaced,
+    /// A copy of the publisher in a child forked since it opened.
+    Forked,
     /// A panic cut short one of this publisher's changes to shared memory.
     Poisoned,
 }
@@ -95,11 +97,13 @@ pub enum LoanError {
     #[error("the stream is closed")]
     Closed,
     /// The owner declared this publisher gone and another may have taken
-    /// over, or this is a copy of the publisher in a child forked since it
-    /// opened (the role stays the parent's): this handle may no longer
-    /// publish.
-    #[error("this publisher was declared gone (or is a forked copy); it may no longer publish")]
+    /// over: this handle may no longer publish.
+    #[error("this publisher was declared gone; it may no longer publish")]
     Replaced,
+    /// This is a copy of the publisher in a child forked since it opened:
+    /// the writer role stays the parent's. The child publishes anew.
+    #[error("this publisher was opened before a fork: in the forked child, connect and publish anew")]
+    Forked,
     /// A panic cut one of this publisher's loans or sends short: its view
     /// of the stream may no longer match the shared memory, so it refuses
     /// to go on. Drop it; the owner finishes what it left half done.

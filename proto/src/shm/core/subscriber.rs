@@ -92,6 +92,10 @@ pub enum TryRecvError {
     /// The shared memory holds something the protocol does not allow.
     #[error("corrupt stream: {0}")]
     Corrupt(&'static str),
+    /// This is a copy of the subscriber in a child forked since it opened:
+    /// its channel is the parent's. The child subscribes itself.
+    #[error("this subscriber was opened before a fork: in the forked child, connect and subscribe anew")]
+    Forked,
 }
 
 /// Why a blocking receive returned no frame.
@@ -127,6 +131,9 @@ pub enum RecvError {
     /// The shared memory holds something the protocol does not allow.
     #[error("corrupt stream: {0}")]
     Corrupt(&'static str),
+    /// A copy of the subscriber in a child forked since it opened.
+    #[error("this subscriber was opened before a fork: in the forked child, connect and subscribe anew")]
+    Forked,
 }
 
 impl RecvError {
@@ -154,6 +161,7 @@ impl From<TryRecvError> for RecvError {
             TryRecvError::PublisherGone => RecvError::PublisherGone,
             TryRecvError::PublisherBack => RecvError::PublisherBack,
             TryRecvError::Corrupt(what) => RecvError::Corrupt(what),
+            TryRecvError::Forked => RecvError::Forked,
         }
     }
 }
