@@ -497,6 +497,36 @@ enum memsock_status memsock_subscriber_set_credits(const struct memsock_subscrib
 uint64_t memsock_subscriber_publisher_generation(const struct memsock_subscriber *subscriber);
 
 /**
+ * 1 once the broker that handed out this client's streams is gone (shut
+ * down, crashed), else 0 (and 0 for NULL). Its publishers and
+ * subscribers go on meanwhile, but nothing new can be asked of the
+ * broker through it, and a new broker knows none of its streams; a
+ * warning is logged when it happens.
+ *
+ * # Safety
+ * `client` NULL or live.
+ */
+int memsock_client_broker_gone(const struct memsock_client *client);
+
+/**
+ * As `memsock_client_broker_gone`, for the client a publisher was made
+ * by: sending goes on meanwhile.
+ *
+ * # Safety
+ * `publisher` NULL or live.
+ */
+int memsock_publisher_broker_gone(const struct memsock_publisher *publisher);
+
+/**
+ * As `memsock_client_broker_gone`, for the client a subscriber was made
+ * by: receiving goes on meanwhile.
+ *
+ * # Safety
+ * `subscriber` NULL or live.
+ */
+int memsock_subscriber_broker_gone(const struct memsock_subscriber *subscriber);
+
+/**
  * Makes the subscriber's receive in progress, or else its next one,
  * return `MEMSOCK_INTERRUPTED` (once per interrupt; several before a
  * receive count as one). Safe from any thread and from a signal handler:

@@ -571,6 +571,10 @@ public:
     explicit operator bool() const noexcept { return valid(); }
     memsock_publisher* native() const noexcept { return handle_; }
 
+    /// Whether the broker that handed out the stream is gone (sending goes
+    /// on meanwhile).
+    bool broker_gone() const noexcept { return memsock_publisher_broker_gone(handle_) != 0; }
+
     /// Loans a slot to write the next frame in place (one Loan at a time:
     /// see the top of this header).
     Loan loan() {
@@ -887,6 +891,10 @@ public:
     /// publisher goes or comes (0 if empty).
     std::uint64_t publisher_generation() const noexcept { return memsock_subscriber_publisher_generation(handle_); }
 
+    /// Whether the broker that handed out the stream is gone (receiving
+    /// goes on meanwhile).
+    bool broker_gone() const noexcept { return memsock_subscriber_broker_gone(handle_) != 0; }
+
 private:
     [[noreturn]] void fail(memsock_status st) {
         if (st == MEMSOCK_CLOSED) {
@@ -1036,6 +1044,9 @@ public:
     /// Connects to the broker at `socket_path`.
     static Client connect(const std::string& socket_path) { return open(socket_path.c_str()); }
 
+    /// Whether the broker is gone (shut down, crashed): its publishers and
+    /// subscribers go on, but nothing new can be asked of it.
+    bool broker_gone() const noexcept { return memsock_client_broker_gone(handle_) != 0; }
     bool valid() const noexcept { return handle_ != nullptr; }
     explicit operator bool() const noexcept { return valid(); }
     memsock_client* native() const noexcept { return handle_; }

@@ -1083,6 +1083,51 @@ pub unsafe extern "C" fn memsock_subscriber_publisher_generation(subscriber: *co
     .unwrap_or(0)
 }
 
+/// 1 once the broker that handed out this client's streams is gone (shut
+/// down, crashed), else 0 (and 0 for NULL). Its publishers and
+/// subscribers go on meanwhile, but nothing new can be asked of the
+/// broker through it, and a new broker knows none of its streams; a
+/// warning is logged when it happens.
+///
+/// # Safety
+/// `client` NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_client_broker_gone(client: *const memsock_client) -> c_int {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: by the contract.
+        unsafe { client_ref(client) }.is_ok_and(|c| c.broker_gone().is_some())
+    }))
+    .map_or(0, c_int::from)
+}
+
+/// As `memsock_client_broker_gone`, for the client a publisher was made
+/// by: sending goes on meanwhile.
+///
+/// # Safety
+/// `publisher` NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_publisher_broker_gone(publisher: *const memsock_publisher) -> c_int {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: NULL or live, by the contract.
+        unsafe { publisher.as_ref() }.is_some_and(|p| p.inner.broker_gone().is_some())
+    }))
+    .map_or(0, c_int::from)
+}
+
+/// As `memsock_client_broker_gone`, for the client a subscriber was made
+/// by: receiving goes on meanwhile.
+///
+/// # Safety
+/// `subscriber` NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memsock_subscriber_broker_gone(subscriber: *const memsock_subscriber) -> c_int {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: by the contract.
+        unsafe { subscriber_ref(subscriber) }.is_ok_and(|s| s.inner.broker_gone().is_some())
+    }))
+    .map_or(0, c_int::from)
+}
+
 /// Makes the subscriber's receive in progress, or else its next one,
 /// return `MEMSOCK_INTERRUPTED` (once per interrupt; several before a
 /// receive count as one). Safe from any thread and from a signal handler:

@@ -209,6 +209,7 @@ void test_errors(const std::string& socket, const std::string& tag) {
 
     memsock::Client client = memsock::Client::connect(socket);
     check(client.valid(), "connect");
+    check(!client.broker_gone(), "its broker is there");
     const std::string nope = "nope-" + tag;
     check(throws<memsock::NoSuchStream>([&] { client.stats_json(nope); }, MEMSOCK_NO_SUCH_STREAM, nope.c_str()),
           "stats of an unknown stream: NoSuchStream naming it");
@@ -471,6 +472,7 @@ void test_events(const memsock::Client& client, const std::string& tag) {
     check(taken.str() == "A" && !ev.sample().valid(), "the frame taken out of its event");
     taken.release();
 
+    check(!sub.broker_gone() && !pub.broker_gone(), "their broker is there");
     const std::uint64_t generation = sub.publisher_generation();
     pub = memsock::Publisher();  // goes away
     check(sub.next(kHang).kind() == Kind::PublisherGone, "publisher gone reported");

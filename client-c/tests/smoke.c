@@ -103,6 +103,8 @@ int main(int argc, char **argv) {
         printf("%d passed, %d failed\n", passed, failed + 1);
         return 1;
     }
+    check(memsock_client_broker_gone(client) == 0 && memsock_client_broker_gone(NULL) == 0,
+          "the broker is there (and NULL has none gone)");
     char *json = NULL;
     check(memsock_stats_json(client, NULL, &json) == MEMSOCK_OK, "stats");
     check(json != NULL && strstr(json, "\"broker_pid\"") != NULL, "stats are JSON with the broker's pid");

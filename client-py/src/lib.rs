@@ -215,8 +215,38 @@ impl Client {
         self.inner.is_disconnected()
     }
 
+    /// `None` while the broker is there; once it is gone (shut down,
+    /// crashed), a `memsock.BrokerGone` saying why. Publishers and
+    /// subscribers go on meanwhile, but nothing new can be asked of the
+    /// broker, and a new one knows none of these streams.
+    #[getter]
+    fn broker_gone(&self) -> Option<BrokerGone> {
+        BrokerGone::of(self.inner.broker_gone())
+    }
+
     fn __repr__(&self) -> String {
         format!("<memsock.Client broker_pid={}>", self.inner.broker_pid())
+    }
+}
+
+/// News that the broker is gone, as a client, publisher or subscriber's
+/// `broker_gone` gives it: `reason` says how it went.
+#[pyclass(module = "memsock", frozen)]
+pub(crate) struct BrokerGone {
+    #[pyo3(get)]
+    reason: String,
+}
+
+impl BrokerGone {
+    pub(crate) fn of(gone: Option<memsock::Disconnect>) -> Option<Self> {
+        gone.map(|reason| Self { reason: reason.to_string() })
+    }
+}
+
+#[pymethods]
+impl BrokerGone {
+    fn __repr__(&self) -> String {
+        format!("<memsock.BrokerGone: {}>", self.reason)
     }
 }
 
@@ -238,6 +268,7 @@ fn _memsock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(now_ns, m)?)?;
     m.add_class::<Client>()?;
+    m.add_class::<BrokerGone>()?;
     m.add_class::<publisher::Publisher>()?;
     m.add_class::<publisher::Loan>()?;
     m.add_class::<subscriber::Subscriber>()?;

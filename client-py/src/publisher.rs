@@ -197,6 +197,13 @@ impl Publisher {
         self.took_over
     }
 
+    /// `None` while the broker is there, else a `memsock.BrokerGone`
+    /// (`Client.broker_gone`): sending goes on meanwhile.
+    #[getter]
+    fn broker_gone(&mut self) -> PyResult<Option<crate::BrokerGone>> {
+        Ok(crate::BrokerGone::of(self.publisher()?.broker_gone()))
+    }
+
     /// Stops publishing (subscribers get `PublisherGone` after the frames
     /// already sent). Also done when the publisher is collected.
     fn close(&mut self) -> PyResult<()> {

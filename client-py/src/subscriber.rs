@@ -224,6 +224,13 @@ impl Subscriber {
         &self.stream
     }
 
+    /// `None` while the broker is there, else a `memsock.BrokerGone`
+    /// (`Client.broker_gone`): receiving goes on meanwhile.
+    #[getter]
+    fn broker_gone(&mut self) -> PyResult<Option<crate::BrokerGone>> {
+        Ok(crate::BrokerGone::of(self.sub()?.broker_gone()))
+    }
+
     /// Ends the subscription (frames still held stay valid until they are
     /// released). Also done when the subscriber is collected.
     fn close(&mut self) {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import memsock
-from conftest import _exe, check_a_killed_holder_gives_back, eventually, frame_bytes, frame_len
+from conftest import Broker, _exe, check_a_killed_holder_gives_back, eventually, frame_bytes, frame_len
 
 
 def subscribe_in_background(broker, name, **kw):
@@ -123,3 +123,29 @@ def test_memsock_publish_can_leave_frames_unstamped(broker):
     assert publisher.returncode == 0
     assert json.loads(out)["sent"] == 100
     assert stamps == [0] * 100
+
+
+def test_every_handle_tells_that_its_broker_is_gone_and_frames_keep_flowing():
+    broker = Broker(_exe("MEMSOCK_EXE", "memsock"))
+    try:
+        client = broker.connect()
+        pub = client.publisher("orphaned", slot_size=64, slots=8)
+        sub = client.subscribe("orphaned", credits=4, policy="lossless", wait=False)
+        assert client.broker_gone is None and pub.broker_gone is None and sub.broker_gone is None
+        broker.proc.kill()
+        broker.proc.wait()
+        assert eventually(lambda: client.broker_gone is not None)
+        for handle in (client, pub, sub):
+            gone = handle.broker_gone
+            assert isinstance(gone, memsock.BrokerGone) and "closed" in gone.reason, gone
+        with pytest.raises(memsock.Disconnected):
+            client.stats()
+        for n in range(100):
+            pub.send(np.uint64(n).tobytes(), timeout=10)
+            with sub.recv(timeout=10) as frame:
+                assert frame.ndarray(np.uint64)[0] == n
+    finally:
+        broker.proc.kill()
+        broker.proc.wait()
+        broker.log.close()
+        broker.dir.cleanup()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use memsock_proto::control::{Event, PatternSubscription, Reply, Request, StatsReport, StreamInfo, SubscriberGrant};
 use memsock_proto::shm::{self, OverflowPolicy, StreamConfig, SubscriberOptions, SubscriberTicket, WaitStrategy};
 
-use crate::conn::{ClientError, Conn, ProtocolViolation};
+use crate::conn::{ClientError, Conn, Disconnect, ProtocolViolation};
 
 pub(crate) fn unexpected(expected: &'static str) -> ClientError {
     ClientError::Protocol(ProtocolViolation::UnexpectedReply { expected })
@@ -235,6 +235,18 @@ impl Client {
         self.conn.is_closed()
     }
 
+    /// Why the broker is gone, once it is (it shut down, crashed or hung
+    /// up on this client): `None` while it is there. Publishers and
+    /// subscribers opened through this client go on meanwhile — frames
+    /// keep flowing through shared memory — but nothing new can be asked
+    /// of the broker through this connection, and a new broker knows
+    /// none of its streams. A warning is logged (`tracing`) when it
+    /// happens. See also [`Publisher::broker_gone`] and
+    /// [`Subscriber::broker_gone`].
+    pub fn broker_gone(&self) -> Option<Disconnect> {
+        self.conn.broker_gone()
+    }
+
     /// Whether this is a copy of the client in a child forked since it
     /// connected: every request then fails with [`ClientError::Forked`],
     /// its publishers and subscribers refuse to send and receive, and
@@ -266,6 +278,12 @@ impl Publisher {
     /// Whether this publisher took the stream over from a previous one.
     pub fn took_over(&self) -> bool {
         self.takeover
+    }
+
+    /// Why the broker that handed out this stream is gone, once it is (see
+    /// [`Client::broker_gone`]): sending goes on meanwhile.
+    pub fn broker_gone(&self) -> Option<Disconnect> {
+        self.conn.broker_gone()
     }
 }
 
@@ -371,6 +389,14 @@ impl Subscriber {
     /// The broker's id for this subscription.
     pub fn subscription(&self) -> u64 {
         self.subscription
+    }
+
+    /// Why the broker that handed out this stream is gone, once it is (see
+    /// [`Client::broker_gone`]): receiving goes on meanwhile. A publisher
+    /// that lets go is still seen gone (it counts its own departure), but
+    /// one that crashes is not: declaring it gone was the broker's work.
+    pub fn broker_gone(&self) -> Option<Disconnect> {
+        self.conn.broker_gone()
     }
 
     /// Changes this subscriber's credits while it runs. Raising them is

@@ -234,6 +234,8 @@ struct Shared {
     closed: AtomicBool,
     /// The broker sent `BrokerShutdown` (read by the reader thread only).
     shutdown_announced: AtomicBool,
+    /// This side hung up (the connection was dropped): its end is no news.
+    hung_up: AtomicBool,
     close_reason: Mutex<Option<Disconnect>>,
 }
 
@@ -409,6 +411,14 @@ impl Conn {
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
     }
+
+    /// Why the connection to the broker ended, once it has.
+    pub(crate) fn broker_gone(&self) -> Option<Disconnect> {
+        if self.forked() || !self.is_closed() {
+            return None;
+        }
+        Some(lock(&self.shared.close_reason).unwrap_or(Disconnect::Closed))
+    }
 }
 
 impl Drop for Conn {
@@ -424,6 +434,7 @@ impl Drop for Conn {
             return;
         }
         platform::keep_in_forked_child(self.socket.as_fd());
+        self.shared.hung_up.store(true, Ordering::Relaxed);
         // Ends the lease; the reader sees end-of-file and stops.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Some(reader) = self.reader.take() {
@@ -560,7 +571,14 @@ fn read_loop_on(socket: &UnixStream, shared: &Shared) {
         Ok(()) => Disconnect::Closed,
         Err(e) => e,
     };
-    tracing::debug!("control connection ended: {reason}");
+    if shared.hung_up.load(Ordering::Relaxed) {
+        tracing::debug!("control connection ended: {reason}");
+    } else {
+        tracing::warn!(
+            "the memsock broker is gone ({reason}): the streams open here keep flowing, but nothing new can be \
+             published or subscribed through this connection, and a new broker knows none of them"
+        );
+    }
     *lock(&shared.close_reason) = Some(reason);
     shared.closed.store(true, Ordering::Release);
     // Nothing more will be read: make requests fail instead of waiting.

@@ -746,6 +746,33 @@ fn a_forked_child_s_copies_of_a_client_refuse_and_leave_the_lease_alone() -> Res
     Ok(())
 }
 
+/// The broker is killed: every handle can tell (the reason included), and
+/// frames keep flowing between the publisher and subscriber it set up.
+#[test]
+fn handles_tell_that_their_broker_is_gone_and_frames_keep_flowing() -> Result<()> {
+    let mut broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let mut publisher = client.publisher("orphaned", &StreamConfig::new(64, 8))?;
+    let options = SubscribeOptions { credits: 4, policy: OverflowPolicy::Lossless, ..SubscribeOptions::default() };
+    let subscriber = client.subscriber("orphaned", &options)?;
+    assert!(client.broker_gone().is_none() && publisher.broker_gone().is_none());
+    assert!(subscriber.broker_gone().is_none());
+    broker.signal_and_wait(9)?;
+    assert!(
+        eventually(Duration::from_secs(20), || client.broker_gone().is_some()),
+        "the client did not notice the broker's death"
+    );
+    assert_eq!(client.broker_gone(), Some(memsock::Disconnect::Closed));
+    assert!(publisher.broker_gone().is_some() && subscriber.broker_gone().is_some());
+    assert!(matches!(client.stats(None), Err(ClientError::Disconnected(_))));
+    for n in 0..100u64 {
+        publisher.send_timeout(&n.to_le_bytes(), Duration::from_secs(10))?;
+        let sample = subscriber.recv_timeout(Duration::from_secs(10))?;
+        assert_eq!(&*sample, &n.to_le_bytes());
+    }
+    Ok(())
+}
+
 /// A group and two users made for one test (member of it, and not), and
 /// removed after it. Needs root (`useradd`).
 struct TestUsers {

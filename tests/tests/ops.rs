@@ -668,3 +668,43 @@ fn the_broker_logs_what_ops_need_as_json_lines() -> Result<()> {
     assert!(refused["reason"].as_str().is_some_and(|r| r.contains("logs/nope")), "{refused}");
     Ok(())
 }
+
+/// A real client process (`memsock echo`) whose broker is killed: it logs a
+/// warning saying so, and goes on printing the frames that keep coming.
+#[test]
+fn a_client_whose_broker_dies_warns_and_keeps_receiving() -> Result<()> {
+    let mut broker = Broker::start()?;
+    let client = Client::connect_to(broker.socket())?;
+    let (stop, publisher) = publish_in_background(&client, "ops/orphan", Duration::from_millis(2))?;
+    let mut echo = Command::new(memsock_exe())
+        .arg("--socket")
+        .arg(broker.socket())
+        .args(["echo", "ops/orphan", "--json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(echo.stdout.take().context("stdout")?).lines();
+    let stderr = echo.stderr.take().context("stderr")?;
+    let warned = std::thread::spawn(move || {
+        BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains("broker is gone"))
+    });
+    lines.next().context("echo printed nothing")??;
+    broker.signal_and_wait(9)?;
+    let warning = warned.join().map_err(|_| anyhow::anyhow!("the stderr reader panicked"))?;
+    let result = (|| -> Result<()> {
+        let warning = warning.context("no warning that the broker is gone")?;
+        ensure!(warning.contains("WARN") && warning.contains("keep flowing"), "{warning}");
+        // Frames published after the broker died still come.
+        for _ in 0..20 {
+            let line: serde_json::Value = serde_json::from_str(&lines.next().context("echo stopped")??)?;
+            ensure!(line["seq"].is_u64(), "{line}");
+        }
+        Ok(())
+    })();
+    stop.store(true, Relaxed);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    publisher.join().map_err(|_| anyhow::anyhow!("the publisher panicked"))??;
+    result
+}

@@ -24,6 +24,7 @@ Every error is a ``memsock.Error``.
 
 from ._memsock import (
     Batch,
+    BrokerGone,
     BrokerPermissionDenied,
     BrokerUnreachable,
     Client,
@@ -55,6 +56,7 @@ from ._memsock import (
 
 __all__ = [
     "Batch",
+    "BrokerGone",
     "BrokerPermissionDenied",
     "BrokerUnreachable",
     "Client",

@@ -30,6 +30,9 @@ class Client:
     @property
     def forked(self) -> bool:
         """Whether this is a child forked since the client connected."""
+    @property
+    def broker_gone(self) -> Optional[BrokerGone]:
+        """None while the broker is there; why it went, once it has."""
     def publisher(
         self,
         name: str,
@@ -61,6 +64,12 @@ class Client:
     def stats(self, name: Optional[str] = None) -> dict[str, Any]:
         """Live counters of every stream (or one), as plain dicts."""
 
+class BrokerGone:
+    """The broker is gone (shut down, crashed): reason says how."""
+
+    @property
+    def reason(self) -> str: ...
+
 class Publisher:
     """The publisher of a stream."""
 
@@ -72,6 +81,8 @@ class Publisher:
     def next_seq(self) -> int: ...
     @property
     def took_over(self) -> bool: ...
+    @property
+    def broker_gone(self) -> Optional[BrokerGone]: ...
     def send(self, obj: Any, timeout: Optional[float] = None) -> int:
         """Sends the bytes of any buffer-protocol object (one copy); returns its seq."""
     def loan(self, nbytes: int) -> Loan:
@@ -168,6 +179,8 @@ class Subscriber:
     def credits(self) -> int: ...
     @property
     def held(self) -> int: ...
+    @property
+    def broker_gone(self) -> Optional[BrokerGone]: ...
     @property
     def held_by_views(self) -> int:
         """Frames whose with-block ended while views were alive (released when the last view ends)."""
