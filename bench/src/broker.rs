@@ -61,11 +61,7 @@ pub fn broker_child(spec: &Value) -> Result<()> {
     let socket = spec["socket"].as_str().context("socket")?.into();
     report(&json!({"pid": std::process::id()}));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    Ok(runtime.block_on(memsock_broker::server::serve(memsock_broker::server::Options {
-        socket,
-        group: None,
-        limits: memsock_broker::limits::Limits::default(),
-    }))?)
+    Ok(runtime.block_on(memsock_broker::server::serve(memsock_broker::server::Options::new(socket)))?)
 }
 
 /// The stream case through the broker, with the broker's CPU use around it.

@@ -8,7 +8,7 @@ use memsock_broker::server;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -49,6 +49,21 @@ enum Command {
         /// descriptors the broker may open but two per connection and 256.
         #[arg(long = "limit", value_name = "KEY=VALUE")]
         limits: Vec<String>,
+        /// Exit after this many seconds without a client (a broker a
+        /// client started exits after 60 unless told otherwise).
+        #[arg(long, value_name = "SECS", env = "MEMSOCK_IDLE_EXIT")]
+        idle_exit: Option<f64>,
+        /// (internal) Started by the client of this pid (autostart).
+        #[arg(long, hide = true)]
+        autostarted_by: Option<u32>,
+        /// (internal) The lock file, opened and locked by the client that
+        /// starts this broker, as this descriptor.
+        #[arg(long, hide = true)]
+        lock_fd: Option<i32>,
+        /// (internal) Leave the starter's session: fork, and let the
+        /// starter reap the parent at once.
+        #[arg(long, hide = true)]
+        detach: bool,
     },
     /// Runs a broker on a temporary socket with a publisher and two
     /// subscribers (lossless and keep-latest) as separate processes, prints
@@ -177,6 +192,28 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// The lock file descriptor the starting client passed (`--lock-fd`).
+fn adopt_lock_fd(fd: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    anyhow::ensure!(fd > 2, "--lock-fd {fd} is not a descriptor a client would pass");
+    // The descriptor must be open (a number nobody passed would be taken
+    // from whoever owns it): fstat says so without touching it.
+    let meta = rustix::fs::fstat(
+        // SAFETY: only borrowed for the call; checked open by it.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+    )
+    .with_context(|| format!("--lock-fd {fd}"))?;
+    anyhow::ensure!(
+        rustix::fs::FileType::from_raw_mode(meta.st_mode) == rustix::fs::FileType::RegularFile,
+        "--lock-fd {fd} is not a file"
+    );
+    // SAFETY: open (checked above) and passed to this process for it to
+    // own: nothing else here uses that number.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(owned)
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -184,20 +221,41 @@ fn run() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     let socket = cli.socket.unwrap_or_else(memsock::default_socket_path);
     match cli.command {
-        Command::Broker { group, limits: settings } => {
+        Command::Broker { group, limits: settings, idle_exit, autostarted_by, lock_fd, detach } => {
             let mut limits = memsock_broker::limits::Limits::default();
             for setting in &settings {
                 limits.set(setting)?;
             }
+            let idle_exit = match idle_exit {
+                Some(s) if !(s.is_finite() && s > 0.0) => {
+                    anyhow::bail!("--idle-exit must be a positive number of seconds")
+                }
+                Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+                None => autostarted_by.map(|_| std::time::Duration::from_secs(60)),
+            };
+            let inherited_lock = lock_fd.map(adopt_lock_fd).transpose()?;
+            if detach {
+                // Before the runtime starts a thread.
+                memsock_proto::platform::daemonize().context("detaching from the starter")?;
+            }
+            let options = server::Options {
+                group,
+                limits,
+                idle_exit,
+                inherited_lock,
+                autostarted_by,
+                ..server::Options::new(socket)
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            Ok(runtime.block_on(server::serve(server::Options { socket, group, limits }))?)
+            Ok(runtime.block_on(server::serve(options))?)
         }
         Command::Stats { format, json, watch, stream } => {
             let format = if json { stats::StatsFormat::Json } else { format };

@@ -91,7 +91,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Serv
 }
 
 /// How the broker is set up.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
     /// The control socket's path.
     pub socket: PathBuf,
@@ -99,6 +99,29 @@ pub struct Options {
     pub group: Option<String>,
     /// What clients may hold (see [`crate::limits`]).
     pub limits: Limits,
+    /// Exit after this long without a client (None: run until signalled).
+    pub idle_exit: Option<Duration>,
+    /// The lock file beside the socket, opened and locked already by the
+    /// client that started this broker (see
+    /// [`broker_lock_path`](memsock_proto::control::broker_lock_path));
+    /// `None`: the broker takes it itself.
+    pub inherited_lock: Option<OwnedFd>,
+    /// Started by a client (autostart): said in the log.
+    pub autostarted_by: Option<u32>,
+}
+
+impl Options {
+    /// A broker on `socket` with the default limits, run until signalled.
+    pub fn new(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            group: None,
+            limits: Limits::default(),
+            idle_exit: None,
+            inherited_lock: None,
+            autostarted_by: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -181,7 +204,7 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
     // A descriptor per stream file for many clients.
     platform::raise_fd_limit();
     let gid = options.group.as_deref().map(group_id).transpose()?;
-    let listener = bind(&options.socket, gid)?;
+    let (listener, _lock) = bind(&options.socket, gid, options.inherited_lock)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let broker = Arc::new(Broker {
@@ -192,6 +215,12 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
         started: std::time::Instant::now(),
     });
     tracing::info!(socket = %options.socket.display(), pid = broker.pid, "memsock broker listening");
+    if let Some(pid) = options.autostarted_by {
+        let idle_exit_s = options.idle_exit.map(|d| d.as_secs_f64());
+        tracing::info!(by = pid, idle_exit_s, "autostarted by a client: exits once it has had no client for a while");
+    }
+    let mut idle = tokio::time::interval(Duration::from_millis(250));
+    let mut idle_since = Some(std::time::Instant::now());
 
     let sampler = {
         let broker = broker.clone();
@@ -217,6 +246,7 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    idle_since = None;
                     let broker = broker.clone();
                     tasks.spawn(async move { connection(broker, stream).await });
                 }
@@ -226,6 +256,17 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
                 }
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = idle.tick(), if options.idle_exit.is_some() => {
+                if !lock(&broker.conns).is_empty() {
+                    idle_since = None;
+                } else {
+                    let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                    if options.idle_exit.is_some_and(|limit| since.elapsed() >= limit) {
+                        tracing::info!(idle_s = since.elapsed().as_secs_f64(), "no client for a while: exiting");
+                        break;
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -278,12 +319,42 @@ async fn end_closes(broker: &Broker, grace: Duration) {
     }
 }
 
+/// Takes the lock file beside the socket (or the one the starting client
+/// locked and passed): held for the broker's life, it makes a second
+/// broker on the same socket refuse to start, and so whatever socket is
+/// there with the lock taken is a dead broker's.
+fn take_lock(path: &Path, inherited: Option<OwnedFd>) -> Result<std::fs::File, ServeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock_path = memsock_proto::control::broker_lock_path(path);
+    let file = match inherited {
+        Some(fd) => std::fs::File::from(fd),
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_error("open the lock file", &lock_path))?,
+    };
+    match platform::try_lock_exclusive(file.as_fd()) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(ServeError::AlreadyRunning(path.to_owned())),
+        Err(e) => Err(io_error("lock", &lock_path)(e)),
+    }
+}
+
 /// Creates the listening socket, replacing a stale one and refusing to
-/// displace a live broker.
-fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tokio::Listener, ServeError> {
+/// displace a live broker; returns it with the lock file, held.
+fn bind(
+    path: &Path,
+    gid: Option<u32>,
+    inherited_lock: Option<OwnedFd>,
+) -> Result<(interprocess::local_socket::tokio::Listener, std::fs::File), ServeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         prepare_dir(dir, gid)?;
     }
+    let lock = take_lock(path, inherited_lock)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(ServeError::AlreadyRunning(path.to_owned())),
@@ -325,7 +396,7 @@ fn bind(path: &Path, gid: Option<u32>) -> Result<interprocess::local_socket::tok
         })
     })();
     let _ = std::fs::remove_file(&staging);
-    placed.map(|()| listener)
+    placed.map(|()| (listener, lock))
 }
 
 /// Makes sure the socket's directory exists, belongs to us and is not
@@ -638,9 +709,9 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let not_a_socket = dir.join("file");
         std::fs::write(&not_a_socket, b"").unwrap();
-        assert!(matches!(bind(&not_a_socket, None), Err(ServeError::NotASocket(p)) if p == not_a_socket));
+        assert!(matches!(bind(&not_a_socket, None, None), Err(ServeError::NotASocket(p)) if p == not_a_socket));
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(matches!(bind(&dir.join("s"), None), Err(ServeError::UnsafeDirectory(p)) if p == dir));
+        assert!(matches!(bind(&dir.join("s"), None, None), Err(ServeError::UnsafeDirectory(p)) if p == dir));
         assert!(matches!(group_id("no-such-group-here"), Err(ServeError::NoSuchGroup(_))));
         std::fs::remove_dir_all(&dir).unwrap();
     }

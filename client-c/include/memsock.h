@@ -278,7 +278,8 @@ const char *memsock_last_error(void);
 
 /**
  * Connects to the broker at `socket_path_or_null` (NULL: `$MEMSOCK_SOCKET`,
- * else the default path) and stores the client in `*out`.
+ * else the default path, where a per-user broker is started if none
+ * answers, unless `MEMSOCK_AUTOSTART=0`) and stores the client in `*out`.
  *
  * # Safety
  * `socket_path_or_null` is NULL or a NUL-terminated string; `out` is NULL

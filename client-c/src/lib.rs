@@ -104,7 +104,9 @@ impl Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let status = match &e {
-            ClientError::Connect { .. } | ClientError::PermissionDenied { .. } => MEMSOCK_BROKER_UNREACHABLE,
+            ClientError::Connect { .. } | ClientError::PermissionDenied { .. } | ClientError::Autostart { .. } => {
+                MEMSOCK_BROKER_UNREACHABLE
+            }
             ClientError::Disconnected(_) | ClientError::Protocol(_) => MEMSOCK_DISCONNECTED,
             ClientError::Timeout(_) => MEMSOCK_TIMEOUT,
             ClientError::Forked { .. } => MEMSOCK_FORKED,
@@ -259,7 +261,8 @@ pub extern "C" fn memsock_last_error() -> *const c_char {
 }
 
 /// Connects to the broker at `socket_path_or_null` (NULL: `$MEMSOCK_SOCKET`,
-/// else the default path) and stores the client in `*out`.
+/// else the default path, where a per-user broker is started if none
+/// answers, unless `MEMSOCK_AUTOSTART=0`) and stores the client in `*out`.
 ///
 /// # Safety
 /// `socket_path_or_null` is NULL or a NUL-terminated string; `out` is NULL

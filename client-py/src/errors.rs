@@ -81,7 +81,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub(crate) fn client(e: ClientError) -> PyErr {
     let text = e.to_string();
     match e {
-        ClientError::Connect { .. } => BrokerUnreachable::new_err(text),
+        ClientError::Connect { .. } | ClientError::Autostart { .. } => BrokerUnreachable::new_err(text),
         ClientError::PermissionDenied { .. } => BrokerPermissionDenied::new_err(text),
         ClientError::Disconnected(_) => Disconnected::new_err(text),
         ClientError::Timeout(_) => Timeout::new_err(text),

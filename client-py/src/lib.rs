@@ -31,17 +31,30 @@ struct Client {
 /// Connects to the broker at `socket`, or at the default path
 /// (`$MEMSOCK_SOCKET`, else `$XDG_RUNTIME_DIR/memsock/broker.sock`, else
 /// `/tmp/memsock-<uid>/broker.sock`), under `name` (what stats and
-/// `memsock top` show; default: the script's file name).
+/// `memsock top` show; default: the script's file name). At the default
+/// path, a per-user broker is started if none answers (the `memsock`
+/// bundled with the package, else `$MEMSOCK_BROKER`, else on PATH; it
+/// exits after 60 s without clients), unless `$MEMSOCK_SOCKET` is set or
+/// `MEMSOCK_AUTOSTART=0`.
 #[pyfunction]
 #[pyo3(signature = (socket=None, name=None))]
 fn connect(py: Python<'_>, socket: Option<std::path::PathBuf>, name: Option<String>) -> PyResult<Client> {
-    let socket = socket.unwrap_or_else(memsock::default_socket_path);
     let name = match name {
         Some(name) => name,
         None => script_name(py),
     };
-    let inner = py.detach(|| memsock::Client::connect_named(&socket, &name)).map_err(errors::client)?;
-    Ok(Client { inner })
+    let inner = match socket {
+        Some(socket) => py.detach(|| memsock::Client::connect_named(&socket, &name)),
+        None => py.detach(|| memsock::Client::connect_default_named(&name)),
+    };
+    Ok(Client { inner: inner.map_err(errors::client)? })
+}
+
+/// Names the `memsock` binary shipped in the package, which autostart
+/// prefers (called by the package on import).
+#[pyfunction]
+fn _set_bundled_broker(path: std::path::PathBuf) {
+    memsock::set_bundled_broker(path);
 }
 
 /// The running script's file name (`sys.argv[0]`), else "python".
@@ -266,6 +279,7 @@ fn now_ns() -> u64 {
 #[pymodule]
 fn _memsock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_bundled_broker, m)?)?;
     m.add_function(wrap_pyfunction!(now_ns, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<BrokerGone>()?;

@@ -37,6 +37,12 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
+/// The running program's file name, else "client".
+fn program_name() -> String {
+    let name = std::env::args().next().unwrap_or_default();
+    Path::new(&name).file_name().map_or("client".into(), |n| n.to_string_lossy().into_owned())
+}
+
 /// A connection to the memsock broker: the lease under which this process
 /// publishes and subscribes. Cloning shares the connection; when the last
 /// clone and every publisher and subscriber opened through it are gone
@@ -78,22 +84,50 @@ impl SubscribeOptions {
 }
 
 impl Client {
-    /// Connects to the broker at [`default_socket_path`].
+    /// Connects to the broker at [`default_socket_path`], under the
+    /// program's name. If no broker answers there, starts a per-user one
+    /// and connects to it (autostart): exactly one however many processes
+    /// connect at once (an `flock` on the lock file beside the socket,
+    /// which every broker holds for its life, decides), found as the
+    /// binary a package bundles ([`set_bundled_broker`](crate::set_bundled_broker)),
+    /// else `$MEMSOCK_BROKER`, else `memsock` on `PATH`. It runs detached
+    /// (its own session, its output in `<socket>.log`), and exits after 60 s
+    /// without a client (`MEMSOCK_IDLE_EXIT` seconds, if set). Never when
+    /// `$MEMSOCK_SOCKET` names the socket or `MEMSOCK_AUTOSTART=0`.
     ///
     /// # Errors
-    /// [`ClientError::Connect`] if no broker answers there, or a handshake error.
+    /// [`ClientError::Connect`] if no broker answers there (and none may
+    /// be started), [`ClientError::Autostart`] (saying what was tried) if
+    /// starting one failed, or a handshake error.
     pub fn connect() -> Result<Self, ClientError> {
-        Self::connect_to(default_socket_path())
+        Self::connect_default_named(&program_name())
     }
 
-    /// Connects to the broker listening at `path`.
+    /// As [`connect`](Self::connect), under `name` (see
+    /// [`connect_named`](Self::connect_named)).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub fn connect_default_named(name: &str) -> Result<Self, ClientError> {
+        let path = default_socket_path();
+        match Self::connect_named(&path, name) {
+            Err(ClientError::Connect { source, .. })
+                if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+                    && crate::autostart::allowed() =>
+            {
+                crate::autostart::ensure_broker(&path)?;
+                Self::connect_named(&path, name)
+            }
+            other => other,
+        }
+    }
+
+    /// Connects to the broker listening at `path` (never starting one).
     ///
     /// # Errors
     /// [`ClientError::Connect`] if no broker answers there, or a handshake error.
     pub fn connect_to(path: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let name = std::env::args().next().unwrap_or_default();
-        let name = Path::new(&name).file_name().map_or("client".into(), |n| n.to_string_lossy().into_owned());
-        Self::connect_named(path, &name)
+        Self::connect_named(path, &program_name())
     }
 
     /// Connects to the broker listening at `path` under `name`, which stats,

@@ -62,6 +62,17 @@ pub enum ClientError {
     /// a subscriber.
     #[error("cannot open the stream's shared memory: {0}")]
     OpenSubscriber(#[source] shm::OpenSubscriberError),
+    /// No broker answered at the default socket, and starting one (see
+    /// [`Client::connect`](crate::Client::connect)) failed.
+    #[error("no memsock broker answers at {path}, and starting one failed: {reason} (tried: {tried})")]
+    Autostart {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The binaries looked for, in order.
+        tried: String,
+    },
     /// This connection was made before a fork: in the forked child it is
     /// the parent's lease, which the child must not use.
     #[error(

@@ -31,12 +31,14 @@
 
 #[cfg(feature = "tokio")]
 mod asynk;
+mod autostart;
 mod client;
 mod conn;
 mod watch;
 
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncSubscriber;
+pub use autostart::{AUTOSTART_ENV, BROKER_ENV, set_bundled_broker};
 pub use client::{Client, Publisher, SOCKET_ENV, SubscribeOptions, Subscriber, default_socket_path};
 pub use conn::{ClientError, Disconnect, ProtocolViolation};
 pub use memsock_proto::control::{

@@ -996,6 +996,24 @@ pub fn valid_stream_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_STREAM_NAME && name.chars().all(|c| !c.is_control())
 }
 
+/// The lock file beside a broker's socket: the broker holds an exclusive
+/// `flock` on it for its whole life, so whether a broker is alive there
+/// has one answer, and a client starting one (see the client's autostart)
+/// starts exactly one.
+pub fn broker_lock_path(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// Where a broker started by a client (autostart) writes its log: beside
+/// its socket.
+pub fn broker_log_path(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".log");
+    name.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

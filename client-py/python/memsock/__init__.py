@@ -54,6 +54,21 @@ from ._memsock import (
     now_ns,
 )
 
+
+
+def _bundle() -> None:
+    """Tells autostart about the `memsock` binary shipped in the package."""
+    import os
+
+    from . import _memsock
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "memsock")
+    if os.path.isfile(path):
+        _memsock._set_bundled_broker(path)
+
+
+_bundle()
+
 __all__ = [
     "Batch",
     "BrokerGone",

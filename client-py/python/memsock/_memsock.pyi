@@ -11,11 +11,14 @@ import numpy.typing as npt
 Policy = Literal["drop_newest", "keep_latest", "lossless"]
 Strategy = Literal["park", "spin_then_park", "spin"]
 
+def _set_bundled_broker(path: Union[str, PathLike[str]]) -> None: ...
 def connect(socket: Optional[Union[str, PathLike[str]]] = None, name: Optional[str] = None) -> Client:
     """Connects to the broker (default path: $MEMSOCK_SOCKET, else
     $XDG_RUNTIME_DIR/memsock/broker.sock, else /tmp/memsock-<uid>/broker.sock)
     under `name`, which stats and `memsock top` show (default: the script's
-    file name)."""
+    file name).
+    At the default path a per-user broker is started if none answers
+    (unless $MEMSOCK_SOCKET is set or MEMSOCK_AUTOSTART=0)."""
 
 def now_ns() -> int:
     """Nanoseconds on the monotonic clock (the clock of Frame.timestamp_ns)."""

@@ -510,3 +510,57 @@ impl ForkStamp {
         fork_count() != self.0
     }
 }
+
+/// Takes an exclusive `flock` on `file` without waiting: true if taken
+/// (or already held through this open file description, which a child
+/// that inherited it shares), false if another holds it.
+///
+/// # Errors
+/// What `flock` says, other than that it would block.
+pub fn try_lock_exclusive(file: BorrowedFd<'_>) -> io::Result<bool> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// For a child about to `exec` (a `pre_exec` hook): of the descriptors
+/// past stdio, only `keep` crosses the `exec` (every other is marked
+/// close-on-exec, where the kernel has `close_range`; the parent's own are
+/// so already). Only calls that are async-signal-safe.
+///
+/// # Errors
+/// What `fcntl` says of `keep`.
+pub fn exec_keeping_only(keep: RawFd) -> io::Result<()> {
+    // SAFETY: plain system calls on descriptor numbers. The first may fail
+    // on an old kernel (nothing changed then); the second clears the flag
+    // on the one descriptor to keep.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::fcntl(keep, libc::F_SETFD, 0)
+    };
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Leaves the caller's process group and session behind: the process
+/// forks, the parent exits at once (whoever started it reaps it and moves
+/// on), and the child, adopted by init or a subreaper, leads a session of
+/// its own with no controlling terminal. Call before starting any thread.
+///
+/// # Errors
+/// What `fork` or `setsid` says (in the process that called).
+pub fn daemonize() -> io::Result<()> {
+    // SAFETY: called while the process has one thread (by the contract),
+    // so the child may run anything; the parent ends with `_exit`, running
+    // no destructor or atexit handler of the child's state.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            rustix::process::setsid()?;
+            Ok(())
+        }
+        // SAFETY: ends this (the original) process; the child goes on.
+        _ => unsafe { libc::_exit(0) },
+    }
+}
