@@ -192,8 +192,9 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-/// The lock file descriptor the starting client passed (`--lock-fd`).
-fn adopt_lock_fd(fd: i32) -> Result<std::os::fd::OwnedFd> {
+/// The lock file descriptor the starting client passed (`--lock-fd`):
+/// the lock file beside `socket`, no other.
+fn adopt_lock_fd(fd: i32, socket: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     anyhow::ensure!(fd > 2, "--lock-fd {fd} is not a descriptor a client would pass");
     // The descriptor must be open (a number nobody passed would be taken
@@ -203,9 +204,13 @@ fn adopt_lock_fd(fd: i32) -> Result<std::os::fd::OwnedFd> {
         unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
     )
     .with_context(|| format!("--lock-fd {fd}"))?;
+    let lock_path = memsock::control::broker_lock_path(socket);
+    let named = rustix::fs::stat(&lock_path).with_context(|| format!("the lock file {}", lock_path.display()))?;
     anyhow::ensure!(
-        rustix::fs::FileType::from_raw_mode(meta.st_mode) == rustix::fs::FileType::RegularFile,
-        "--lock-fd {fd} is not a file"
+        rustix::fs::FileType::from_raw_mode(meta.st_mode) == rustix::fs::FileType::RegularFile
+            && (meta.st_dev, meta.st_ino) == (named.st_dev, named.st_ino),
+        "--lock-fd {fd} is not {}",
+        lock_path.display()
     );
     // SAFETY: open (checked above) and passed to this process for it to
     // own: nothing else here uses that number.
@@ -241,7 +246,7 @@ fn run() -> Result<()> {
                 Some(s) => Some(std::time::Duration::from_secs_f64(s)),
                 None => autostarted_by.map(|_| std::time::Duration::from_secs(60)),
             };
-            let inherited_lock = lock_fd.map(adopt_lock_fd).transpose()?;
+            let inherited_lock = lock_fd.map(|fd| adopt_lock_fd(fd, &socket)).transpose()?;
             if detach {
                 // Before the runtime starts a thread.
                 memsock_proto::platform::daemonize().context("detaching from the starter")?;

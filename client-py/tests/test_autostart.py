@@ -218,3 +218,22 @@ def test_idle_exit_counts_from_the_last_client(runtime_dir):
     finally:
         broker.kill()
         broker.wait()
+
+
+def test_autostart_writes_nothing_in_a_directory_others_control(runtime_dir):
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _CONNECT], env=_env(runtime_dir), capture_output=True, text=True, timeout=60
+    )
+    sockets = os.path.join(runtime_dir, "memsock")
+    os.mkdir(sockets)
+    os.chmod(sockets, 0o777)  # as another user's /tmp/memsock-<uid> could be
+    done = run()
+    assert done.returncode == 3 and "writable by others" in done.stdout, (done.stdout, done.stderr)
+    assert os.listdir(sockets) == []
+    # A lock file planted as a link is not followed.
+    os.chmod(sockets, 0o700)
+    target = os.path.join(runtime_dir, "victim")
+    os.symlink(target, os.path.join(sockets, "broker.sock.lock"))
+    done = run()
+    assert done.returncode == 3 and "cannot open" in done.stdout, (done.stdout, done.stderr)
+    assert not os.path.exists(target)

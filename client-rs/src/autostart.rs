@@ -6,9 +6,9 @@
 //! which every broker holds for its whole life) starts it, passing it the
 //! locked file, and the others wait for it to listen.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,7 +59,8 @@ fn find_broker() -> (Option<PathBuf>, Vec<String>) {
         tried.push(format!("the bundled {} (not runnable)", bundled.display()));
     }
     match std::env::var_os(BROKER_ENV).filter(|v| !v.is_empty()).map(PathBuf::from) {
-        Some(named) if runnable(&named) => return (Some(named), tried),
+        // Made absolute: the broker starts in `/`.
+        Some(named) if runnable(&named) => return (Some(std::fs::canonicalize(&named).unwrap_or(named)), tried),
         Some(named) => tried.push(format!("${BROKER_ENV}={} (not runnable)", named.display())),
         None => tried.push(format!("${BROKER_ENV} (unset)")),
     }
@@ -72,10 +73,6 @@ fn find_broker() -> (Option<PathBuf>, Vec<String>) {
             (None, tried)
         }
     }
-}
-
-fn open_lock(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
 /// Makes sure a broker listens at `socket`, starting one if no broker is
@@ -93,6 +90,9 @@ pub(crate) fn ensure_broker(socket: &Path) -> Result<(), ClientError> {
             .mode(0o700)
             .create(dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), &tried))?;
+        // One another user made first (/tmp/memsock-<uid>) is not ours to
+        // write in.
+        platform::check_private_dir(dir).map_err(|e| fail(e, &tried))?;
     }
     let lock_path = broker_lock_path(socket);
     let log = broker_log_path(socket);
@@ -105,8 +105,8 @@ pub(crate) fn ensure_broker(socket: &Path) -> Result<(), ClientError> {
         }
         // A fresh open file description each time: the lock it takes is
         // its own, not one this process shares with a broker it started.
-        let lock =
-            open_lock(&lock_path).map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display()), &tried))?;
+        let lock = platform::open_private_file(&lock_path, false)
+            .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display()), &tried))?;
         let free = platform::try_lock_exclusive(lock.as_fd())
             .map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display()), &tried))?;
         if free {
@@ -138,12 +138,7 @@ pub(crate) fn ensure_broker(socket: &Path) -> Result<(), ClientError> {
 /// Starts `binary` as a detached broker on `socket` that takes over `lock`
 /// (locked) and logs to `log`.
 fn start(binary: &Path, socket: &Path, lock: &File, log: &Path) -> Result<(), String> {
-    let log_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(log)
-        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let log_file = platform::open_private_file(log, true).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let stderr = log_file.try_clone().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let lock_fd = lock.as_raw_fd();
     let mut command = Command::new(binary);
@@ -164,10 +159,26 @@ fn start(binary: &Path, socket: &Path, lock: &File, log: &Path) -> Result<(), St
     unsafe {
         command.pre_exec(move || platform::exec_keeping_only(lock_fd));
     }
-    // The broker forks at once and its first process exits: reaped here.
-    let status = command.status().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-    if !status.success() {
-        return Err(format!("{} broker exited with {status} (see {})", binary.display(), log.display()));
+    // The broker forks at once and its first process exits: reaped here
+    // (a binary that does not is not waited for long).
+    let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                return Err(format!("{} broker exited with {status} (see {})", binary.display(), log.display()));
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} broker did not detach within 10 s", binary.display()));
+            }
+            // SIGCHLD ignored: the kernel reaped it; whether the broker
+            // runs is for the caller's wait to find.
+            Err(e) if e.raw_os_error() == Some(platform::ECHILD) => return Ok(()),
+            Err(e) => return Err(format!("cannot wait for {}: {e}", binary.display())),
+        }
     }
-    Ok(())
 }

@@ -110,15 +110,24 @@ impl Client {
     /// As [`connect`](Self::connect).
     pub fn connect_default_named(name: &str) -> Result<Self, ClientError> {
         let path = default_socket_path();
-        match Self::connect_named(&path, name) {
-            Err(ClientError::Connect { source, .. })
-                if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
-                    && crate::autostart::allowed() =>
-            {
-                crate::autostart::ensure_broker(&path)?;
-                Self::connect_named(&path, name)
+        // No broker there, or one that hung up before the handshake was
+        // done (it was exiting, idle, as this client came).
+        let no_broker = |e: &ClientError| match e {
+            ClientError::Connect { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
             }
-            other => other,
+            ClientError::Disconnected(_) => true,
+            _ => false,
+        };
+        let mut tries = 0;
+        loop {
+            match Self::connect_named(&path, name) {
+                Err(e) if tries < 3 && no_broker(&e) && crate::autostart::allowed() => {
+                    tries += 1;
+                    crate::autostart::ensure_broker(&path)?;
+                }
+                other => return other,
+            }
         }
     }
 

@@ -569,11 +569,18 @@ fn take_channel(
 }
 
 fn read_loop(socket: UnixStream, shared: &Shared) {
+    /// Undoes the registration before the copy closes, even on a panic.
+    struct Registered(UnixStream);
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            platform::keep_in_forked_child(self.0.as_fd());
+        }
+    }
     // A child forked from now on closes this copy as it starts (it would
-    // keep the lease alive while the child lives); undone before it closes.
+    // keep the lease alive while the child lives).
     platform::close_in_forked_child(socket.as_fd());
-    read_loop_on(&socket, shared);
-    platform::keep_in_forked_child(socket.as_fd());
+    let socket = Registered(socket);
+    read_loop_on(&socket.0, shared);
 }
 
 fn read_loop_on(socket: &UnixStream, shared: &Shared) {

@@ -15,7 +15,11 @@ and, as references in the same run:
   a ring in an mmap'ed file, read through ctypes and spin-polled (the
   layout and loop of the seed article: 1024 messages of 64 bytes, a write
   and a read index), fed by a native producer (`memsock-bench ring-producer`);
-- ``np_sum_in_memory``: ``np.sum`` over an in-memory array of the frame size.
+- ``np_sum_in_memory``: ``np.sum`` over an in-memory array of the frame size;
+
+and the time to a connection: ``connect`` (the broker running) and
+``connect_autostart`` (no broker at the default socket: the client starts
+one, in a private ``XDG_RUNTIME_DIR``).
 
 Every case runs ``--rounds`` times, interleaved; figures are medians, and
 the targets are medians of the per-round ratios.
@@ -183,6 +187,51 @@ def np_sum_in_memory(count):
     return {"case": "np_sum_in_memory", "size": BIG, "frames_per_s": count / seconds}
 
 
+def connect(broker, tries):
+    """Median ms of a connect (handshake included) to a running broker."""
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        client = memsock.connect(broker.socket)
+        times.append(time.perf_counter() - start)
+        del client
+    return {"case": "connect", "ms": statistics.median(times) * 1e3}
+
+
+def connect_autostart(exe):
+    """Ms of a connect at the default socket with no broker there (the
+    client starts one), in a runtime directory of its own."""
+    saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "MEMSOCK_SOCKET", "MEMSOCK_BROKER", "MEMSOCK_AUTOSTART")}
+    with tempfile.TemporaryDirectory(prefix="memsock-bench-xdg-") as runtime:
+        os.environ.update(XDG_RUNTIME_DIR=runtime, MEMSOCK_BROKER=exe)
+        os.environ.pop("MEMSOCK_SOCKET", None)
+        os.environ.pop("MEMSOCK_AUTOSTART", None)
+        try:
+            start = time.perf_counter()
+            client = memsock.connect()
+            ms = (time.perf_counter() - start) * 1e3
+            pid = client.broker_pid
+            del client
+            os.kill(pid, 15)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                with open(f"/proc/{pid}/stat") as stat:
+                    if stat.read().split(")")[-1].split()[0] == "Z":
+                        break
+                time.sleep(0.01)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return {"case": "connect_autostart", "ms": ms}
+
+
 def targets(lines):
     by = {l["case"]: l for l in lines}
     ring = by["py_ctypes_ring"]["msgs_per_s"]
@@ -218,13 +267,15 @@ def main(argv=None):
                 py_recv_batch(broker, n(2_000_000)),
                 np_sum_in_memory(n(1000)),
                 py_frames_numpy(broker, n(1000)),
+                connect(broker, 20),
+                connect_autostart(broker.exe),
             ])
     finally:
         broker.close()
     figures = []
     for i, first in enumerate(rounds[0]):
         line = dict(first)
-        for key in ("msgs_per_s", "frames_per_s"):
+        for key in ("msgs_per_s", "frames_per_s", "ms"):
             if key in line:
                 line[key] = statistics.median(r[i][key] for r in rounds)
         figures.append(line)
@@ -238,6 +289,9 @@ def main(argv=None):
             print(json.dumps(line))
     else:
         for line in figures:
+            if "ms" in line:
+                print(f"{line['case']:<18} {line['ms']:>25.2f} ms")
+                continue
             rate = line.get("msgs_per_s") or line.get("frames_per_s")
             unit = "msg/s" if "msgs_per_s" in line else "frames/s"
             print(f"{line['case']:<18} {line['size']:>8} B  {rate:>14,.0f} {unit}")

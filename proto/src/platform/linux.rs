@@ -564,3 +564,48 @@ pub fn daemonize() -> io::Result<()> {
         _ => unsafe { libc::_exit(0) },
     }
 }
+
+/// Opens (creating it, mode 0600) a file of this user's beside a socket:
+/// never through a symbolic link, close-on-exec, and never as descriptor
+/// 0, 1 or 2 (a process started with stdio closed would hand those out,
+/// and a child's stdio would replace them).
+///
+/// # Errors
+/// What `open` or `fcntl` says; `ELOOP` for a symbolic link.
+pub fn open_private_file(path: &std::path::Path, append: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(!append)
+        .write(!append)
+        .append(append)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if file.as_raw_fd() > 2 {
+        return Ok(file);
+    }
+    Ok(rustix::io::fcntl_dupfd_cloexec(&file, 3)?.into())
+}
+
+/// Whether `dir` is a directory (not a link to one) of this user's that
+/// nobody else may write into: where a client may create the files of a
+/// broker it starts. The reason if not.
+pub fn check_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if meta.uid() != current_uid() {
+        return Err(format!("{} belongs to uid {}, not to us", dir.display(), meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("{} is writable by others", dir.display()));
+    }
+    Ok(())
+}
+
+/// The error number of a wait with no child to wait for.
+pub const ECHILD: i32 = libc::ECHILD;
