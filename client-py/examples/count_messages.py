@@ -24,10 +24,15 @@ broker (default: memsock's default socket; start one with
 ``memsock broker``).
 """
 
+from __future__ import annotations
+
 import argparse
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Literal, NoReturn
 
 import numpy as np
 
@@ -36,14 +41,29 @@ import memsock
 MSG = 64  # bytes per message
 
 
-def _stop_on_sigterm():
-    def handler(signum, frame):
+class Args(argparse.Namespace):
+    """The command line (see main): what parse_args fills in, typed."""
+
+    socket: str | None
+    stream: str
+    role: Literal["produce", "consume"]
+    seconds: float
+    # produce
+    slots: int
+    keep_open: bool
+    # consume
+    policy: Literal["drop_newest", "keep_latest", "lossless"]
+    credits: int
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
 
 
-def produce(args):
+def produce(args: Args) -> int:
     client = memsock.connect(args.socket)
     pub = client.publisher(args.stream, slot_size=MSG, slots=args.slots)
     how_long = "until Ctrl-C" if args.seconds <= 0 else f"for {args.seconds:g} s"
@@ -96,14 +116,16 @@ def produce(args):
     return 0
 
 
-def consume(args):
+def consume(args: Args) -> int:
     client = memsock.connect(args.socket)
     print(f"consumer: subscribing to {args.stream!r} ({args.policy}, {args.credits} credits)", flush=True)
     sub = client.subscribe(args.stream, credits=args.credits, policy=args.policy, wait=True)
     start = time.monotonic()
     end = start + args.seconds if args.seconds > 0 else float("inf")
     total = lost = batches = mismatched = 0
-    first_seq = last_seq = None  # the first and last sequence numbers received
+    # The first and last sequence numbers received.
+    first_seq: int | None = None
+    last_seq: int | None = None
     tick, at_tick, lost_at_tick = start + 1.0, 0, 0
     how_it_ended = f"{args.seconds:g} s passed"
     try:
@@ -159,7 +181,7 @@ def consume(args):
     return 1 if mismatched else 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", default=None, help="broker socket (default: memsock's default)")
     parser.add_argument("--stream", default="small-messages", help="stream name (default: %(default)s)")
@@ -175,7 +197,7 @@ def main(argv=None):
         "--seconds", type=float, default=10.0,
         help="how long to receive, counted once the stream exists (0: until Ctrl-C; default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=Args())
     _stop_on_sigterm()
     try:
         return produce(args) if args.role == "produce" else consume(args)

@@ -31,12 +31,18 @@ broker (default: memsock's default socket; start one with
 ``memsock broker``).
 """
 
+from __future__ import annotations
+
 import argparse
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Literal, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 import memsock
 
@@ -47,14 +53,30 @@ FRAME_BYTES = SHAPE[0] * SHAPE[1] * 2
 FREQS = (5, 17, 42, 63, 88, 121, 150, 199)
 
 
-def _stop_on_sigterm():
-    def handler(signum, frame):
+class Args(argparse.Namespace):
+    """The command line (see main): what parse_args fills in, typed."""
+
+    socket: str | None
+    stream: str
+    role: Literal["produce", "work"]
+    seconds: float
+    # produce
+    rate: float
+    slots: int
+    keep_open: bool
+    # work
+    policy: Literal["keep_latest", "lossless"]
+    credits: int
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
 
 
-def make_patterns(seed=1):
+def make_patterns(seed: int = 1) -> list[npt.NDArray[np.uint16]]:
     """One image per entry of FREQS: a sinusoid along each row, a phase per
     row, plus noise; values fit in 12 bits like a camera's."""
     rng = np.random.default_rng(seed)
@@ -68,7 +90,7 @@ def make_patterns(seed=1):
     return images
 
 
-def produce(args):
+def produce(args: Args) -> int:
     client = memsock.connect(args.socket)
     pub = client.publisher(args.stream, slot_size=FRAME_BYTES, slots=args.slots)
     images = make_patterns()
@@ -128,34 +150,36 @@ def produce(args):
     return 0
 
 
-def row_spectrum(frame):
+def row_spectrum(frame: memsock.Frame) -> npt.NDArray[np.float64]:
     """Mean magnitude spectrum of the frame's rows, computed on a read-only
     zero-copy view of the slot. The view is a local: it is gone when this
     returns, so the caller can release the frame (release refuses while a
     view of it is alive)."""
     image = frame.ndarray(np.uint16, SHAPE)
-    return np.abs(np.fft.rfft(image, axis=1)).mean(axis=0)
+    spectrum: npt.NDArray[np.float64] = np.abs(np.fft.rfft(image, axis=1)).mean(axis=0)
+    return spectrum
 
 
-def percentiles(values_ns):
+def percentiles(values_ns: list[int]) -> str:
     if not values_ns:
         return "n/a"
     p50, p90, p99 = np.percentile(np.array(values_ns) / 1e6, [50, 90, 99])
     return f"p50 {p50:.2f} ms  p90 {p90:.2f} ms  p99 {p99:.2f} ms  max {max(values_ns) / 1e6:.2f} ms"
 
 
-def work(args):
+def work(args: Args) -> int:
     client = memsock.connect(args.socket)
     print(f"worker: subscribing to {args.stream!r} ({args.policy}, {args.credits} credits)", flush=True)
     sub = client.subscribe(args.stream, credits=args.credits, policy=args.policy, wait=True)
     start = time.monotonic()
     end = start + args.seconds if args.seconds > 0 else float("inf")
     frames = lost = wrong = 0
-    last_seq = None
-    latencies = []  # every frame's transport latency, ns
+    last_seq: int | None = None
+    latencies: list[int] = []  # every frame's transport latency, ns
     fft_s = 0.0
     tick = start + 1.0
-    tick_frames, tick_lost, tick_lat, tick_fft = 0, 0, [], 0.0
+    tick_frames, tick_lost, tick_fft = 0, 0, 0.0
+    tick_lat: list[int] = []
     how_it_ended = f"{args.seconds:g} s passed"
     try:
         while True:
@@ -221,7 +245,7 @@ def work(args):
     return 1 if wrong else 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", default=None, help="broker socket (default: memsock's default)")
     parser.add_argument("--stream", default="fft-frames", help="stream name (default: %(default)s)")
@@ -238,7 +262,7 @@ def main(argv=None):
         "--seconds", type=float, default=10.0,
         help="how long to receive, counted once the stream exists (0: until Ctrl-C; default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=Args())
     _stop_on_sigterm()
     try:
         return produce(args) if args.role == "produce" else work(args)

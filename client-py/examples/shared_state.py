@@ -45,6 +45,8 @@ SIGTERM); a reader counts them from when the stream exists (it waits for
 the stream to appear, and Ctrl-C ends that wait).
 """
 
+from __future__ import annotations
+
 import argparse
 import ctypes
 import math
@@ -52,8 +54,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Literal, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 import memsock
 
@@ -69,6 +75,13 @@ class Header(ctypes.Structure):
         ("temperature", ctypes.c_double),
         ("checksum", ctypes.c_double),  # sum of the values
     ]
+    # The fields as Python sees them, for type checkers (ctypes reads only _fields_).
+    counter: int
+    writer_pid: int
+    n_values: int
+    timestamp: float
+    temperature: float
+    checksum: float
 
 
 HEADER_SIZE = ctypes.sizeof(Header)  # 40: a multiple of 8, so the array is aligned
@@ -79,14 +92,23 @@ STATE_SIZE = HEADER_SIZE + 8 * N_VALUES
 SLOT_SIZE, SLOTS = STATE_SIZE, 8
 
 
-def _stop_on_sigterm():
-    def handler(signum, frame):
+class Args(argparse.Namespace):
+    """The command line (see main): what parse_args fills in, typed."""
+
+    socket: str | None
+    stream: str
+    role: Literal["writer", "reader"]
+    seconds: float
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
 
 
-def count_readers(client, stream):
+def count_readers(client: memsock.Client, stream: str) -> int:
     try:
         (s,) = client.stats(stream)["streams"]
         return len(s["subscribers"])
@@ -94,7 +116,7 @@ def count_readers(client, stream):
         return -1
 
 
-def writer(args):
+def writer(args: Args) -> int:
     client = memsock.connect(args.socket)
     pub = client.publisher(args.stream, slot_size=SLOT_SIZE, slots=SLOTS)
     pid = os.getpid()
@@ -110,7 +132,8 @@ def writer(args):
     x = np.linspace(0, 2 * np.pi, N_VALUES)
     start = time.monotonic()
     end = start + args.seconds if args.seconds > 0 else float("inf")
-    next_send, last_print, readers = start, 0.0, None
+    next_send, last_print = start, 0.0
+    readers: int | None = None
     try:
         while time.monotonic() < end:
             t = time.time()
@@ -151,7 +174,7 @@ def writer(args):
     return 0
 
 
-def read_state(frame):
+def read_state(frame: memsock.Frame) -> tuple[Header, npt.NDArray[np.float64], bool]:
     """The frame's header (a ctypes copy) and values (a numpy copy, 8 KB),
     and whether the checksum matched. The array is read in place (a
     zero-copy view, local: gone when this returns, so the caller can
@@ -165,7 +188,7 @@ def read_state(frame):
     return header, view.copy(), ok
 
 
-def describe(header, values):
+def describe(header: Header, values: npt.NDArray[np.float64]) -> str:
     age = time.time() - header.timestamp
     return (
         f"state #{header.counter:<4d} from writer {header.writer_pid}  temperature {header.temperature:6.2f}  "
@@ -173,7 +196,7 @@ def describe(header, values):
     )
 
 
-def reader(args):
+def reader(args: Args) -> int:
     client = memsock.connect(args.socket)
     pid = os.getpid()
     print(f"reader {pid}: waiting for stream {args.stream!r}", flush=True)
@@ -181,7 +204,7 @@ def reader(args):
     print(f"reader {pid}: subscribed (keep_latest, 1 credit)", flush=True)
     start = time.monotonic()
     end = start + args.seconds if args.seconds > 0 else float("inf")
-    last = None  # (header, values): the last state read, ours to keep
+    last: tuple[Header, npt.NDArray[np.float64]] | None = None  # the last state read, ours to keep
     states = bad = 0
     writer_gone = False
     last_print = 0.0
@@ -230,7 +253,7 @@ def reader(args):
     return 1 if bad else 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", default=None, help="broker socket (default: memsock's default)")
     parser.add_argument("--stream", default="shared-state", help="stream name (default: %(default)s)")
@@ -239,7 +262,7 @@ def main(argv=None):
         "--seconds", type=float, default=0.0,
         help="stop after this long (a reader: once the stream exists; default: 0, until Ctrl-C)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=Args())
     _stop_on_sigterm()
     try:
         return writer(args) if args.role == "writer" else reader(args)

@@ -108,7 +108,12 @@ impl Exported {
         // SAFETY: as above; CPython walks the strides and writes exactly
         // `len` bytes into `dst`.
         let rc = unsafe {
-            ffi::PyBuffer_ToContiguous(dst.as_mut_ptr().cast(), &self.0, dst.len() as ffi::Py_ssize_t, b'C' as _)
+            ffi::PyBuffer_ToContiguous(
+                dst.as_mut_ptr().cast(),
+                &raw mut self.0,
+                dst.len() as ffi::Py_ssize_t,
+                b'C' as _,
+            )
         };
         if rc == -1 { Err(PyErr::fetch(py)) } else { Ok(()) }
     }

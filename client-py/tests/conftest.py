@@ -18,6 +18,12 @@ import memsock
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MASK = (1 << 64) - 1
+# Run against an installed wheel (scripts/test-wheel): the package must not
+# be this checkout's, and autostart must find the binary bundled in it.
+WHEEL = os.environ.get("MEMSOCK_TEST_WHEEL") == "1"
+if WHEEL:
+    _installed = Path(memsock.__file__).resolve()
+    assert HERE.parent not in _installed.parents, f"memsock imported from the checkout: {_installed}"
 
 
 def _exe(env, name):
@@ -223,3 +229,49 @@ def py_peer():
     yield spawn
     for p in peers:
         p.close()
+
+
+def _env(runtime_dir, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("MEMSOCK_SOCKET", "MEMSOCK_AUTOSTART", "MEMSOCK_IDLE_EXIT")}
+    env["XDG_RUNTIME_DIR"] = runtime_dir
+    # An installed wheel's broker is the one it bundles.
+    if not WHEEL:
+        env["MEMSOCK_BROKER"] = _exe("MEMSOCK_EXE", "memsock")
+    env.update(extra)
+    return env
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone too (it is not ours to reap: init adopted it).
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _brokers_on(socket):
+    """Pids of the processes running `memsock ... broker` on `socket`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if socket.encode() in argv and b"broker" in argv and _alive(int(entry)):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def runtime_dir():
+    """A private XDG_RUNTIME_DIR: its default socket is the test's alone."""
+    with tempfile.TemporaryDirectory(prefix="memsock-xdg-") as d:
+        os.chmod(d, 0o700)
+        yield d
+        for pid in _brokers_on(os.path.join(d, "memsock", "broker.sock")):
+            os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import _exe, eventually
+from conftest import WHEEL, _alive, _brokers_on, _env, _exe, eventually
 
 # Connects at the default path, publishes auto/I and follows auto/I+1 until
 # it has received 3 of its neighbour's frames; prints the broker's pid then,
@@ -41,47 +41,6 @@ while not done.is_set():
         print(client.broker_pid, flush=True)
         said = True
 """
-
-
-def _env(runtime_dir, **extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("MEMSOCK_SOCKET", "MEMSOCK_AUTOSTART", "MEMSOCK_IDLE_EXIT")}
-    env.update({"XDG_RUNTIME_DIR": runtime_dir, "MEMSOCK_BROKER": _exe("MEMSOCK_EXE", "memsock"), **extra})
-    return env
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone too (it is not ours to reap: init adopted it).
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
-def _brokers_on(socket):
-    """Pids of the processes running `memsock ... broker` on `socket`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if socket.encode() in argv and b"broker" in argv and _alive(int(entry)):
-            pids.append(int(entry))
-    return pids
-
-
-@pytest.fixture
-def runtime_dir():
-    with tempfile.TemporaryDirectory(prefix="memsock-xdg-") as d:
-        os.chmod(d, 0o700)
-        yield d
-        for pid in _brokers_on(os.path.join(d, "memsock", "broker.sock")):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_twenty_processes_connecting_at_once_start_exactly_one_broker(runtime_dir):
@@ -170,13 +129,48 @@ def test_no_autostart_when_told_so_or_given_a_path(runtime_dir, how):
     assert not os.path.exists(default) and _brokers_on(default) == []
 
 
+# Connects at the default path after naming the bundled binary (argv[1]; an
+# installed wheel names its own as it loads), and prints the broker's pid.
+_CONNECT_BUNDLED = r"""
+import sys, memsock
+memsock._memsock._set_bundled_broker(sys.argv[1])
+try:
+    print(memsock.connect().broker_pid)
+except memsock.BrokerUnreachable as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
 def test_a_failed_autostart_says_what_it_tried(runtime_dir):
     env = _env(runtime_dir, MEMSOCK_BROKER="/nonexistent/memsock", PATH="/nonexistent")
-    done = subprocess.run([sys.executable, "-c", _CONNECT], env=env, capture_output=True, text=True, timeout=60)
+    args = [sys.executable, "-c", _CONNECT_BUNDLED, "/nonexistent/bundled/memsock"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, (done.stdout, done.stderr)
     said = done.stdout
-    assert "starting one failed" in said and "MEMSOCK_BROKER=/nonexistent/memsock" in said, said
-    assert "on PATH" in said, said
+    assert "starting one failed" in said and "the bundled /nonexistent/bundled/memsock" in said, said
+    assert "MEMSOCK_BROKER=/nonexistent/memsock" in said and "on PATH" in said, said
+
+
+def test_the_bundled_broker_comes_first(runtime_dir):
+    """Before $MEMSOCK_BROKER and PATH (neither of which works here)."""
+    import memsock
+
+    # An installed wheel's own binary; a development build has none.
+    bundled = memsock._cli.bundled() or _exe("MEMSOCK_EXE", "memsock")
+    assert not WHEEL or memsock._cli.bundled(), "the wheel has no bundled memsock"
+    env = _env(runtime_dir, MEMSOCK_BROKER="/nonexistent/memsock", PATH="/nonexistent")
+    done = subprocess.run(
+        [sys.executable, "-c", _CONNECT_BUNDLED, bundled], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    pid = int(done.stdout)
+    # Idle for 60 s before it exits: there to be looked at.
+    assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(bundled)
+    os.kill(pid, signal.SIGTERM)
+    assert eventually(lambda: not _alive(pid), timeout=30)
+    with open(os.path.join(runtime_dir, "memsock", "broker.sock.log")) as f:
+        assert "autostarted by a client" in f.read()
 
 
 def test_a_broker_holds_its_lock_so_a_second_refuses_and_a_stale_socket_is_replaced(runtime_dir):

@@ -12,7 +12,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
 use memsock_proto::control::{broker_lock_path, broker_log_path};
@@ -29,13 +29,25 @@ pub const BROKER_ENV: &str = "MEMSOCK_BROKER";
 /// to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-static BUNDLED: OnceLock<PathBuf> = OnceLock::new();
+/// The bundled binary: null, or a leaked `PathBuf` never freed (a reader
+/// may still hold the one a later call replaced). Not a lock, which a
+/// thread of a forked parent could hold forever in the child.
+static BUNDLED: AtomicPtr<PathBuf> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Names the `memsock` binary shipped with a package (the Python wheel's),
-/// which autostart prefers to `$MEMSOCK_BROKER` and `PATH`. The first
-/// call wins.
+/// which autostart prefers to `$MEMSOCK_BROKER` and `PATH`. The last call
+/// wins; each call leaks its path (a package makes one, as it loads).
 pub fn set_bundled_broker(path: PathBuf) {
-    let _ = BUNDLED.set(path);
+    // Release: pairs with the Acquire in `bundled`, which reads the path.
+    BUNDLED.store(Box::into_raw(Box::new(path)), Ordering::Release);
+}
+
+fn bundled() -> Option<&'static Path> {
+    // Acquire: pairs with the Release in `set_bundled_broker`.
+    let ptr = BUNDLED.load(Ordering::Acquire);
+    // SAFETY: null or from `Box::into_raw` in `set_bundled_broker`, never
+    // freed nor written after: a valid `PathBuf` for the rest of the process.
+    unsafe { ptr.as_ref() }.map(PathBuf::as_path)
 }
 
 /// Whether a connect to the default socket may start a broker: not when
@@ -52,9 +64,9 @@ fn find_broker() -> (Option<PathBuf>, Vec<String>) {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    if let Some(bundled) = BUNDLED.get() {
+    if let Some(bundled) = bundled() {
         if runnable(bundled) {
-            return (Some(bundled.clone()), tried);
+            return (Some(bundled.to_path_buf()), tried);
         }
         tried.push(format!("the bundled {} (not runnable)", bundled.display()));
     }

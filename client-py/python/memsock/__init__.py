@@ -1,7 +1,9 @@
 """memsock: shared memory that feels like a local socket.
 
 Frames move between processes through shared-memory rings handed out by
-the memsock broker (``memsock broker``); this package is its Python client::
+the memsock broker; this package is its Python client. The first
+``connect()`` at the default socket starts a broker if none runs (the
+wheel bundles it: the ``memsock`` command, also ``python -m memsock``)::
 
     import memsock, numpy as np
 
@@ -57,13 +59,11 @@ from ._memsock import (
 
 
 def _bundle() -> None:
-    """Tells autostart about the `memsock` binary shipped in the package."""
-    import os
+    """Tells autostart about the `memsock` binary shipped in the wheel."""
+    from . import _cli, _memsock
 
-    from . import _memsock
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "memsock")
-    if os.path.isfile(path):
+    path = _cli.bundled()
+    if path is not None:
         _memsock._set_bundled_broker(path)
 
 

@@ -3,13 +3,22 @@
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-Policy = Literal["drop_newest", "keep_latest", "lossless"]
-Strategy = Literal["park", "spin_then_park", "spin"]
+__all__ = [
+    "connect", "_set_bundled_broker", "now_ns", "Client", "BrokerGone", "Publisher", "Loan", "Subscriber",
+    "Position", "Watcher", "Batch", "Frame", "Error", "BrokerUnreachable", "BrokerPermissionDenied",
+    "Disconnected", "Refused", "NoSuchStream", "StreamExists", "CreditsRefused", "NotPermitted", "LimitReached",
+    "InvalidArgument", "PublisherGone", "PublisherBack", "StreamClosed", "Detached", "CreditsExhausted",
+    "WouldBlock", "Timeout", "Corrupt", "Forked",
+]
+
+# Names for the stub only (not in the module).
+_Policy = Literal["drop_newest", "keep_latest", "lossless"]
+_Strategy = Literal["park", "spin_then_park", "spin"]
 
 def _set_bundled_broker(path: Union[str, PathLike[str]]) -> None: ...
 def connect(socket: Optional[Union[str, PathLike[str]]] = None, name: Optional[str] = None) -> Client:
@@ -23,6 +32,7 @@ def connect(socket: Optional[Union[str, PathLike[str]]] = None, name: Optional[s
 def now_ns() -> int:
     """Nanoseconds on the monotonic clock (the clock of Frame.timestamp_ns)."""
 
+@final
 class Client:
     """A connection to the broker: the lease of everything opened through it."""
 
@@ -54,10 +64,10 @@ class Client:
         self,
         name: str,
         credits: int = 4,
-        policy: Policy = "drop_newest",
+        policy: _Policy = "drop_newest",
         wait: bool = True,
         *,
-        strategy: Strategy = "spin_then_park",
+        strategy: _Strategy = "spin_then_park",
     ) -> Subscriber:
         """Subscribes to stream `name`, waiting for it to exist if `wait`."""
     def close_stream(self, name: str) -> None:
@@ -67,12 +77,14 @@ class Client:
     def stats(self, name: Optional[str] = None) -> dict[str, Any]:
         """Live counters of every stream (or one), as plain dicts."""
 
+@final
 class BrokerGone:
     """The broker is gone (shut down, crashed): reason says how."""
 
     @property
     def reason(self) -> str: ...
 
+@final
 class Publisher:
     """The publisher of a stream."""
 
@@ -99,17 +111,18 @@ class Publisher:
         self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
     ) -> bool: ...
 
+@final
 class Loan:
     """A loaned slot: a writable buffer-protocol object of len(loan) bytes."""
 
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
     def ndarray(
         self,
-        dtype: npt.DTypeLike = ...,
+        dtype: Optional[npt.DTypeLike] = None,
         shape: Union[int, tuple[int, ...], None] = None,
         offset: int = 0,
-        count: int = -1,
+        count: int = ...,
     ) -> np.ndarray:
         """A writable zero-copy numpy view; delete it before the block ends:
 
@@ -125,6 +138,7 @@ class Loan:
         self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
     ) -> bool: ...
 
+@final
 class Frame:
     """A received frame, read in place; a buffer-protocol object (read-only)."""
 
@@ -135,13 +149,13 @@ class Frame:
     @property
     def released(self) -> bool: ...
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
     def ndarray(
         self,
-        dtype: npt.DTypeLike = ...,
+        dtype: Optional[npt.DTypeLike] = None,
         shape: Union[int, tuple[int, ...], None] = None,
         offset: int = 0,
-        count: int = -1,
+        count: int = ...,
     ) -> np.ndarray:
         """A read-only zero-copy numpy view that keeps the frame alive."""
     def tobytes(self) -> bytes:
@@ -154,6 +168,7 @@ class Frame:
         self, t: Optional[type[BaseException]], e: Optional[BaseException], tb: Optional[TracebackType]
     ) -> bool: ...
 
+@final
 class Batch:
     """Messages copied by recv_batch: data[offsets[i]:offsets[i+1]] is message i."""
 
@@ -166,13 +181,16 @@ class Batch:
     @property
     def timestamp_ns(self) -> npt.NDArray[np.uint64]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> bytes: ...
+    def __getitem__(self, index: int, /) -> bytes: ...
 
+@final
 class Position: ...
 
+@final
 class Watcher:
     def wait(self, position: Position, timeout: float) -> bool: ...
 
+@final
 class Subscriber:
     """A subscription to a stream."""
 

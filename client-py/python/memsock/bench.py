@@ -47,8 +47,11 @@ BIG = 1153434
 
 
 def find_exe(name, explicit, env, option):
-    """A binary of the checkout: `explicit`, `$env`, PATH or target/."""
-    candidates = [explicit, os.environ.get(env), shutil.which(name)]
+    """`explicit`, `$env`, the one bundled in the wheel, PATH or the checkout's target/."""
+    from memsock import _cli
+
+    bundled = _cli.bundled() if name == "memsock" else None
+    candidates = [explicit, os.environ.get(env), bundled, shutil.which(name)]
     root = Path(__file__).resolve().parents[3]
     candidates += [str(root / "target" / p / name) for p in ("release", "ci", "debug")]
     for c in candidates:
@@ -248,7 +251,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
-    ap.add_argument("--memsock", help="the memsock binary (default: $MEMSOCK_EXE, PATH, the checkout's target/)")
+    ap.add_argument("--memsock", help="the memsock binary (default: $MEMSOCK_EXE, the wheel's own, PATH, the checkout's target/)")
     ap.add_argument(
         "--memsock-bench",
         help="the memsock-bench binary, whose hand-rolled ring producer feeds the ctypes reference "

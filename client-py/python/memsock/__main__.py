@@ -1,0 +1,5 @@
+"""`python -m memsock ARGS`: the `memsock` command line (see memsock._cli)."""
+
+from ._cli import main
+
+main()
