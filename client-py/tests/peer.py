@@ -7,6 +7,7 @@ with nothing to receive and reports a KeyboardInterrupt.
 """
 
 import json
+import signal
 import sys
 import time
 
@@ -38,6 +39,9 @@ def main():
         say(holding=len(held))
         time.sleep(3600)
     elif role == "recv":
+        # Ctrl-C's KeyboardInterrupt even when started with SIGINT ignored
+        # (as a shell without job control starts a background command).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sub = client.subscribe(stream, credits=1, wait=False)
         try:
             say(ready=True)
