@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use memsock::shm::{OverflowPolicy, StreamConfig, StreamSegment, SubscriberOptions, WaitStrategy};
 
 fn opts(policy: OverflowPolicy) -> SubscriberOptions {
-    SubscriberOptions { credits: 64, policy, wait: WaitStrategy::Spin }
+    SubscriberOptions { credits: 64, policy, wait: WaitStrategy::Spin, ..SubscriberOptions::default() }
 }
 
 fn bench(c: &mut Criterion) {

@@ -158,6 +158,8 @@ fn stream_cases(scale: f64, only: Option<&str>, huge_pages: bool) -> Vec<Case> {
             // Routing by header: the payload is not read.
             cases.push(Case { read_header: true, ..one_spin });
         }
+        // The last value kept for late joiners, next to the plain case.
+        cases.push(Case { history: 1, ..one_spin });
     }
     cases.retain(|case| only.is_none_or(|o| case.describe().contains(o)));
     cases
@@ -380,12 +382,15 @@ fn print_json(figures: &[Value], targets: &Value) {
 }
 
 /// The fields that name a case: every field that is not a figure (all
-/// but numbers, and of numbers the size and subscriber count).
+/// but numbers, and of numbers those of `NAMING_NUMBERS`).
 fn identity(v: &Value) -> Vec<(&String, &Value)> {
     v.as_object()
-        .map(|o| o.iter().filter(|(k, v)| !v.is_number() || ["size", "subscribers"].contains(&k.as_str())).collect())
+        .map(|o| o.iter().filter(|(k, v)| !v.is_number() || NAMING_NUMBERS.contains(&k.as_str())).collect())
         .unwrap_or_default()
 }
+
+/// The numbers that name a case rather than measure it.
+const NAMING_NUMBERS: [&str; 3] = ["size", "subscribers", "history"];
 
 /// Whether two lines measure the same case (rounds merge by this).
 fn same_case(a: &Value, b: &Value) -> bool {
@@ -413,7 +418,7 @@ fn median_lines(rounds: &[Vec<Value>]) -> Vec<Value> {
         let same: Vec<&Value> = rounds.iter().flatten().filter(|l| same_case(l, line)).collect();
         if let Some(obj) = m.as_object_mut() {
             for (k, v) in obj.iter_mut() {
-                if v.is_f64() || (v.is_u64() && !["size", "subscribers"].contains(&k.as_str())) {
+                if v.is_f64() || (v.is_u64() && !NAMING_NUMBERS.contains(&k.as_str())) {
                     let x = median(same.iter().filter_map(|l| l[k].as_f64()).collect());
                     *v = json!(x);
                 }
@@ -446,7 +451,7 @@ fn find(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
 /// with the defaults (stamped, read whole, no hostile peer, direct) for
 /// fields the pattern does not give.
 fn line_like(lines: &[Value], pattern: Value) -> Option<&Value> {
-    let mut want = json!({"timestamps": true, "read": "whole", "hostile": false});
+    let mut want = json!({"timestamps": true, "read": "whole", "hostile": false, "history": 0});
     if pattern["case"] != "stream" {
         want = json!({});
     }
@@ -486,6 +491,14 @@ fn targets(lines: &[Value]) -> Value {
         line_like(lines, json!({"case": "stream", "size": 64, "subscribers": 1, "wait": "block", "hostile": true})),
         "pub_cpu_ns_per_msg",
     );
+    let history1 = |size: u64, key| {
+        let plain = num(stream_line(lines, size, 1, "spin"), key);
+        let kept = num(
+            line_like(lines, json!({"case": "stream", "size": size, "subscribers": 1, "wait": "spin", "history": 1})),
+            key,
+        );
+        kept / plain
+    };
     let memcpy_big = num(find(lines, |v| v["case"] == "memcpy" && v["size"] == 1_153_434), "gbytes_per_s");
     let cacheline = num(find(lines, |v| v["case"] == "cacheline"), "one_way_ns");
     let futex = num(find(lines, |v| v["case"] == "futex"), "one_way_ns");
@@ -512,6 +525,8 @@ fn targets(lines: &[Value]) -> Value {
         "small_pub_cpu_hostile_vs_plain": hostile / s(64, 1, "block", "pub_cpu_ns_per_msg"),
         "big_pub_cpu_4_vs_1": s(1_153_434, 4, "block", "pub_cpu_ns_per_msg") / s(1_153_434, 1, "block", "pub_cpu_ns_per_msg"),
         "max_minflt_per_msg": max_minflt,
+        "small_spin_history1_vs_plain": history1(64, "msgs_per_s"),
+        "big_spin_history1_vs_plain": history1(1_153_434, "gbytes_per_s"),
     })
 }
 
@@ -528,7 +543,7 @@ fn describe(v: &Value) -> String {
 }
 
 /// The dataplane's targets: key, what it compares, goal.
-const DATAPLANE_TARGETS: [(&str, &str, &str); 15] = [
+const DATAPLANE_TARGETS: [(&str, &str, &str); 17] = [
     ("small_spin_nostamp_vs_reference_ring", "64 B spin, no timestamps, msgs/s ÷ reference ring", ">= 0.5"),
     ("small_spin_vs_stamped_ring", "64 B spin msgs/s ÷ ring + clock read", ">= 0.9"),
     ("small_spin_vs_reference_ring", "64 B spin msgs/s ÷ reference ring (info)", "-"),
@@ -544,6 +559,8 @@ const DATAPLANE_TARGETS: [(&str, &str, &str); 15] = [
     ("big_pub_cpu_4_vs_1", "1.1 MB block publisher CPU, 4 subs ÷ 1", "<= 2"),
     ("small_pub_cpu_hostile_vs_plain", "64 B block publisher CPU, hostile peer ÷ none", "~ 1"),
     ("max_minflt_per_msg", "minor faults per message, worst case", "<= 0.001"),
+    ("small_spin_history1_vs_plain", "64 B spin msgs/s, history 1 ÷ none", "~ 1"),
+    ("big_spin_history1_vs_plain", "1.1 MB spin GB/s, history 1 ÷ none", "~ 1"),
 ];
 
 /// The figures as a table, then each target (`rows`: key, what, goal)

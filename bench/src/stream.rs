@@ -53,6 +53,8 @@ pub struct Case {
     /// A keep-latest subscriber that never reads and keeps its wake word
     /// set is attached too.
     pub hostile: bool,
+    /// Frames the stream keeps for late joiners (`StreamConfig::history`).
+    pub history: u32,
 }
 
 impl Case {
@@ -70,6 +72,7 @@ impl Case {
             timestamps: true,
             read_header: false,
             hostile: false,
+            history: 0,
         }
     }
 
@@ -83,14 +86,14 @@ impl Case {
         json!({
             "case": "stream", "size": self.size, "subscribers": self.subscribers, "wait": wait_name(self.spin),
             "timestamps": self.timestamps, "read": if self.read_header { "header" } else { "whole" },
-            "hostile": self.hostile,
+            "hostile": self.hostile, "history": self.history,
         })
     }
 
     /// The reference ring a target compares this case with, as
     /// `(size, stamped, header)`: one spinning subscriber only.
     pub fn reference_ring(&self) -> Option<(usize, bool, bool)> {
-        let plain = self.subscribers == 1 && self.spin && !self.hostile && self.broker.is_none();
+        let plain = self.subscribers == 1 && self.spin && !self.hostile && self.broker.is_none() && self.history == 0;
         plain.then_some((self.size, self.timestamps && self.size == 64, self.read_header))
     }
 
@@ -165,7 +168,8 @@ pub fn describe(v: &Value) -> String {
     name
 }
 
-/// How a line differs from the plain case: "nostamp", "header", "+hostile".
+/// How a line differs from the plain case: "nostamp", "header", "+hostile",
+/// "history1".
 pub fn variant(v: &Value) -> Vec<&'static str> {
     let mut words = Vec::new();
     if v["timestamps"] == false {
@@ -176,6 +180,11 @@ pub fn variant(v: &Value) -> Vec<&'static str> {
     }
     if v["hostile"] == true {
         words.push("+hostile");
+    }
+    match v["history"].as_u64() {
+        None | Some(0) => {}
+        Some(1) => words.push("history1"),
+        Some(_) => words.push("history"),
     }
     words
 }
@@ -192,8 +201,9 @@ fn credits(case: &Case) -> u32 {
 }
 
 fn config(case: &Case) -> StreamConfig {
-    let slots = credits(case) * case.subscribers + u32::from(case.hostile) + 1 + 2;
+    let slots = credits(case) * case.subscribers + u32::from(case.hostile) + case.history + 1 + 2;
     let mut config = StreamConfig::new(case.size as u32, slots);
+    config.history = case.history;
     config.max_subscribers = (case.subscribers + 1).max(4);
     config.huge_pages = case.huge_pages;
     config.timestamps = case.timestamps;
@@ -220,7 +230,12 @@ pub fn run(case: Case) -> Result<Value> {
     let spec = |role: &str| spec(&case, role);
     let mut subs = Vec::new();
     for _ in 0..case.subscribers {
-        let opts = SubscriberOptions { credits, policy: OverflowPolicy::Lossless, wait: case.wait() };
+        let opts = SubscriberOptions {
+            credits,
+            policy: OverflowPolicy::Lossless,
+            wait: case.wait(),
+            ..SubscriberOptions::default()
+        };
         let t = seg.add_subscriber(&opts, 0)?;
         let mut s = spec("stream_subscriber");
         s["index"] = t.index.into();
@@ -260,7 +275,12 @@ pub fn run(case: Case) -> Result<Value> {
 /// its wake word: the publisher keeps evicting its frame and finds it
 /// "asleep" at every frame.
 fn spawn_hostile(seg: &mut StreamSegment) -> Result<ChildProc> {
-    let opts = SubscriberOptions { credits: 1, policy: OverflowPolicy::KeepLatest, wait: WaitStrategy::Park };
+    let opts = SubscriberOptions {
+        credits: 1,
+        policy: OverflowPolicy::KeepLatest,
+        wait: WaitStrategy::Park,
+        ..SubscriberOptions::default()
+    };
     let t = seg.add_subscriber(&opts, 0)?;
     let spec = json!({"role": "hostile_subscriber", "queue_capacity": seg.geometry().queue_capacity});
     let (mut child, _) = ChildProc::spawn(&spec, &[seg.channel_fd(t.index).context("its channel")?])?;

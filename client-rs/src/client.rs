@@ -79,7 +79,12 @@ impl Default for SubscribeOptions {
 
 impl SubscribeOptions {
     fn wire(&self) -> SubscriberOptions {
-        SubscriberOptions { credits: self.credits, policy: self.policy, wait: self.wait }
+        SubscriberOptions {
+            credits: self.credits,
+            policy: self.policy,
+            wait: self.wait,
+            ..SubscriberOptions::default()
+        }
     }
 }
 

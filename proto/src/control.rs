@@ -22,7 +22,7 @@ use crate::shm::layout::MAX_SEGMENT_LEN;
 use crate::shm::{CreateError, LayoutError, MapError, OverflowPolicy, StreamConfig, SubscriberOptions};
 
 /// Version of this protocol; a client and a broker must agree on it.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Longest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME_LEN: u32 = 256 * 1024;
@@ -442,7 +442,7 @@ pub enum ControlError {
     NoSuchPublication(u64),
     /// The pool cannot honour the requested credits.
     #[error(
-        "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, the rest kept for the publisher's loans)"
+        "stream {stream:?}: {requested} credits refused, {available} available ({slot_count} slots, {committed} promised to subscribers, the rest kept for the publisher's loans and the stream's history)"
     )]
     CreditsRefused {
         /// Stream name.
@@ -1090,6 +1090,7 @@ mod tests {
                     credits: 3,
                     policy: OverflowPolicy::KeepLatest,
                     wait: WaitStrategy::SpinThenPark { spin_us: 20 },
+                    history: u32::MAX,
                 },
                 wait_for_stream: true,
                 credits_up_to: true,

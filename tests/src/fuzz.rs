@@ -77,7 +77,12 @@ pub fn segment_open(input: &[u8]) {
     let mut config = StreamConfig::new(64, 6);
     config.max_subscribers = 2;
     let mut segment = StreamSegment::create("fuzz", &config).expect("a valid configuration");
-    let options = SubscriberOptions { credits: 2, policy: OverflowPolicy::DropNewest, wait: WaitStrategy::Park };
+    let options = SubscriberOptions {
+        credits: 2,
+        policy: OverflowPolicy::DropNewest,
+        wait: WaitStrategy::Park,
+        ..SubscriberOptions::default()
+    };
     let pid = platform::current_pid();
     let ticket = segment.add_subscriber(&options, pid).expect("admitted");
     let data = File::from(segment.data_fd().try_clone_to_owned().expect("dup"));

@@ -33,7 +33,10 @@ fn start_subscriber(
     policy: OverflowPolicy,
     extra: Value,
 ) -> Result<(Peer, SubscriberTicket)> {
-    let ticket = seg.add_subscriber(&SubscriberOptions { credits, policy, wait: WaitStrategy::default() }, 0)?;
+    let ticket = seg.add_subscriber(
+        &SubscriberOptions { credits, policy, wait: WaitStrategy::default(), ..SubscriberOptions::default() },
+        0,
+    )?;
     let ro = seg.read_only_data_fd()?;
     let g = seg.geometry();
     let mut spec = json!({
@@ -220,7 +223,12 @@ fn hostile_subscribers_do_not_disturb_the_publisher_or_others() -> Result<()> {
 #[test]
 fn a_one_credit_keep_latest_subscriber_survives_hundreds_of_publisher_kills() -> Result<()> {
     let mut seg = stream("kills", 64, 16);
-    let opts = SubscriberOptions { credits: 1, policy: OverflowPolicy::KeepLatest, wait: WaitStrategy::Spin };
+    let opts = SubscriberOptions {
+        credits: 1,
+        policy: OverflowPolicy::KeepLatest,
+        wait: WaitStrategy::Spin,
+        ..SubscriberOptions::default()
+    };
     let latest = seg.open_subscriber(&opts)?;
     let mut last_seq = None;
     let mut take = |latest: &memsock::shm::Subscriber| match latest.try_recv() {

@@ -8,6 +8,7 @@
 //!   0                StreamHeader        ident | control | publisher lines
 //!   table_offset     SubscriberRecord × max_subscribers
 //!   rings_offset     Entry × queue_capacity, one ring per subscriber
+//!   history_offset   Entry × history_capacity, the frames kept for late joiners
 //!   masks_offset     u64 × mask_words, one holder mask per slot
 //!   pool_offset      slot × slot_count, each slot_stride bytes (page aligned)
 //!
@@ -17,8 +18,8 @@
 //!   size_of header   u32 × queue_capacity   the return ring
 //! ```
 //!
-//! All positions are offsets computed by [`Layout::new`] from four numbers
-//! (slot size, slot count, subscriber capacity, queue capacity); nothing in
+//! All positions are offsets computed by [`Layout::new`] from five numbers
+//! (slot size, slot count, subscriber capacity, queue capacity, history); nothing in
 //! shared memory is a pointer. Fields that more than one process writes are
 //! atomics on their own 128-byte line, so the writers never share a line.
 //!
@@ -37,7 +38,7 @@ pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"memsockS");
 pub const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"memsockC");
 /// Version of this layout. Bumped on any change to a structure or constant
 /// in this module; 0 is never used (it means "not initialised yet").
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The alignment and spacing of every independently written field.
 ///
@@ -66,6 +67,11 @@ pub const PUBLISHER_LOANS: u32 = 1;
 pub const DEFAULT_PUBLISHER_LOANS: u32 = 2;
 /// Most slots a publisher may be allowed to hold on loan.
 pub const MAX_PUBLISHER_LOANS: u32 = 64;
+
+/// [`Entry::len`]: the entry is a frame handed to a late joiner from the
+/// stream's history, not a live one. (Lengths stay below [`MAX_SLOT_SIZE`],
+/// so the bit is free; the live path writes the length anyway.)
+pub const ENTRY_HISTORY: u32 = 1 << 31;
 
 /// [`ChannelHeader::queue_head`]: set by a writer evicting the entry at the head
 /// (the position in the low bits) until the eviction is complete.
@@ -212,7 +218,8 @@ pub struct StreamIdent {
     /// Slots the publisher may hold on loan at once (1 ..= [`MAX_PUBLISHER_LOANS`]),
     /// kept outside every subscriber's credits.
     pub publisher_loans: AtomicU32,
-    _reserved: AtomicU32,
+    /// Frames the stream keeps for late joiners (0: none).
+    pub history: AtomicU32,
 }
 
 /// Stream-wide control fields: written rarely, by the owner and on attach.
@@ -259,6 +266,13 @@ pub struct PublisherState {
     /// The last `table_gen` the publisher has applied: until it catches up
     /// with a lowering of credits, the owner keeps counting the old ones.
     pub applied_gen: AtomicU64,
+    /// The history window `[history_first, history_kept)`: positions in the
+    /// history ring of the frames kept for late joiners. Writer-written;
+    /// `history_kept` moves first (a new frame goes in before the oldest
+    /// leaves), so the window holds `history + 1` entries only inside a send.
+    pub history_first: AtomicU64,
+    /// See [`history_first`](Self::history_first).
+    pub history_kept: AtomicU64,
 }
 
 /// The first bytes of a data file.
@@ -287,7 +301,8 @@ pub struct SubscriberConfig {
     pub parks: AtomicU32,
     /// Pid of the subscriber process, for statistics.
     pub pid: AtomicU32,
-    _reserved: AtomicU32,
+    /// Frames of the stream's history it wants when it joins (0 declines).
+    pub history_wanted: AtomicU32,
     /// Stream sequence number when the subscriber attached.
     pub attach_seq: AtomicU64,
     /// Bumped on every attach to this index: a stale handle compares it.
@@ -313,6 +328,11 @@ pub struct SubscriberCounters {
     /// one applies the batch again, which is harmless (a return whose bit is
     /// already clear changes nothing; see `replay_returns`).
     pub collected: AtomicU64,
+    /// The subscriber generation handed its history: set once a writer has
+    /// queued the history frames for it (zero or more), so that no later
+    /// writer queues them again. Until it is set, the subscriber's ring
+    /// holds history frames only.
+    pub seeded_gen: AtomicU64,
 }
 
 /// One subscriber index of the table in the data file.
@@ -338,7 +358,8 @@ pub struct Entry {
     pub seq: AtomicU64,
     /// Publish time, nanoseconds on the monotonic clock.
     pub timestamp_ns: AtomicU64,
-    /// Payload length in bytes.
+    /// Payload length in bytes, with [`ENTRY_HISTORY`] set on a frame a
+    /// late joiner gets from the history.
     pub len: AtomicU32,
 }
 
@@ -498,7 +519,7 @@ const _: () = {
     assert!(size_of::<AtomicU64>() == 8 && size_of::<AtomicU32>() == 4);
 };
 
-/// The four numbers a stream's layout is derived from.
+/// The five numbers a stream's layout is derived from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     /// Usable bytes per slot.
@@ -510,6 +531,8 @@ pub struct Geometry {
     /// Entries per subscriber queue (a power of two), the most credits one
     /// subscriber can hold.
     pub queue_capacity: u32,
+    /// Frames kept for late joiners (0: none).
+    pub history: u32,
 }
 
 /// Why a geometry or a segment's header is unacceptable.
@@ -552,9 +575,18 @@ pub enum LayoutError {
 }
 
 impl Geometry {
-    /// Number of `u64` words in one slot's holder mask.
+    /// Number of `u64` words in one slot's holder mask: a bit per
+    /// subscriber index, and one more (index `max_subscribers`) for the
+    /// history if the stream keeps one.
     pub fn mask_words(&self) -> usize {
-        (self.max_subscribers as usize).div_ceil(64)
+        (self.max_subscribers as usize + usize::from(self.history > 0)).div_ceil(64)
+    }
+
+    /// Entries in the history ring: a power of two above `history` (the
+    /// window holds one frame more while a send replaces the oldest), 0
+    /// without history.
+    pub fn history_capacity(&self) -> usize {
+        if self.history == 0 { 0 } else { (self.history as usize + 1).next_power_of_two() }
     }
 
     /// Checks every field against its range.
@@ -573,6 +605,8 @@ impl Geometry {
         range("slot_count", self.slot_count, PUBLISHER_LOANS + 1, MAX_SLOT_COUNT)?;
         range("max_subscribers", self.max_subscribers, 1, MAX_SUBSCRIBERS)?;
         range("queue_capacity", self.queue_capacity, 1, MAX_QUEUE_CAPACITY)?;
+        // At least one slot beyond the history and a loan, for a credit.
+        range("history", self.history, 0, self.slot_count - PUBLISHER_LOANS - 1)?;
         if !self.queue_capacity.is_power_of_two() {
             return Err(LayoutError::NotPowerOfTwo(self.queue_capacity));
         }
@@ -591,6 +625,8 @@ pub struct Layout {
     pub table_offset: usize,
     /// Offset of the delivery rings.
     pub rings_offset: usize,
+    /// Offset of the history ring.
+    pub history_offset: usize,
     /// Offset of the holder masks.
     pub masks_offset: usize,
     /// Offset of slot 0.
@@ -614,7 +650,9 @@ impl Layout {
         let table_offset = size_of::<StreamHeader>();
         let rings_offset = table_offset + subs * size_of::<SubscriberRecord>();
         let ring_bytes = g.queue_capacity as usize * size_of::<Entry>();
-        let masks_offset = round_up(rings_offset + subs * round_up(ring_bytes, LINE), LINE);
+        let history_offset = round_up(rings_offset + subs * round_up(ring_bytes, LINE), LINE);
+        let history_bytes = g.history_capacity() * size_of::<Entry>();
+        let masks_offset = round_up(history_offset + history_bytes, LINE);
         let masks_bytes = g.slot_count as usize * g.mask_words() * size_of::<u64>();
         let pool_offset = round_up(masks_offset + masks_bytes, page);
         // Slots start on a 128-byte boundary, so that writing one never
@@ -633,6 +671,7 @@ impl Layout {
             page,
             table_offset,
             rings_offset,
+            history_offset,
             masks_offset,
             pool_offset,
             slot_stride,
@@ -685,6 +724,7 @@ impl Layout {
             slot_count: ident.slot_count.load(Relaxed),
             max_subscribers: ident.max_subscribers.load(Relaxed),
             queue_capacity: ident.queue_capacity.load(Relaxed),
+            history: ident.history.load(Relaxed),
         };
         let page = if flags & FLAG_HUGE_PAGES != 0 { crate::platform::HUGE_PAGE_SIZE } else { PAGE };
         let layout = Self::new(geometry, page)?;
@@ -697,6 +737,9 @@ impl Layout {
         let loans = ident.publisher_loans.load(Relaxed);
         if loans == 0 || loans > MAX_PUBLISHER_LOANS || loans >= geometry.slot_count {
             return Err(LayoutError::Inconsistent("publisher loan budget out of range"));
+        }
+        if u64::from(loans) + u64::from(geometry.history) >= u64::from(geometry.slot_count) {
+            return Err(LayoutError::Inconsistent("history and loans leave no slot for a subscriber"));
         }
         Ok((layout, flags))
     }
@@ -713,6 +756,7 @@ impl Layout {
         id.slot_count.store(g.slot_count, Relaxed);
         id.max_subscribers.store(g.max_subscribers, Relaxed);
         id.queue_capacity.store(g.queue_capacity, Relaxed);
+        id.history.store(g.history, Relaxed);
         id.total_len.store(self.total_len as u64, Relaxed);
         id.publisher_loans.store(publisher_loans, Relaxed);
         header.publisher.inflight.store(INFLIGHT_IDLE, Relaxed);
@@ -736,7 +780,7 @@ mod tests {
     use super::*;
 
     fn geo() -> Geometry {
-        Geometry { slot_size: 100, slot_count: 10, max_subscribers: 65, queue_capacity: 8 }
+        Geometry { slot_size: 100, slot_count: 10, max_subscribers: 65, queue_capacity: 8, history: 0 }
     }
 
     #[test]
@@ -755,7 +799,7 @@ mod tests {
 
     #[test]
     fn big_slots_are_page_aligned() {
-        let g = Geometry { slot_size: 1_153_434, slot_count: 6, max_subscribers: 4, queue_capacity: 8 };
+        let g = Geometry { slot_size: 1_153_434, slot_count: 6, max_subscribers: 4, queue_capacity: 8, history: 0 };
         let l = Layout::new(g, PAGE).unwrap();
         assert_eq!(l.slot_stride % PAGE, 0);
         assert_eq!(l.slot_offset(1) % PAGE, 0);

@@ -181,6 +181,11 @@ impl StreamMem for StreamMap {
         assert!(slot < self.layout.geometry.slot_count);
         self.slice_at(self.layout.mask_offset(slot), self.layout.geometry.mask_words())
     }
+
+    #[inline]
+    fn history(&self) -> &[Entry] {
+        self.slice_at(self.layout.history_offset, self.layout.geometry.history_capacity())
+    }
 }
 
 /// A mapped channel file.

@@ -22,7 +22,7 @@ fn segment(slot_size: u32, slot_count: u32) -> StreamSegment {
 }
 
 fn opts(credits: u32, policy: OverflowPolicy) -> SubscriberOptions {
-    SubscriberOptions { credits, policy, wait: WaitStrategy::Park }
+    SubscriberOptions { credits, policy, wait: WaitStrategy::Park, ..SubscriberOptions::default() }
 }
 
 #[test]
@@ -382,8 +382,14 @@ fn a_lagging_subscriber_hears_of_a_change_once_it_has_caught_up() {
 fn blocking_receive_is_woken_by_the_publisher() {
     for wait in [WaitStrategy::Park, WaitStrategy::SpinThenPark { spin_us: 10 }, WaitStrategy::Spin] {
         let mut seg = segment(8, 8);
-        let sub =
-            seg.open_subscriber(&SubscriberOptions { credits: 4, policy: OverflowPolicy::Lossless, wait }).unwrap();
+        let sub = seg
+            .open_subscriber(&SubscriberOptions {
+                credits: 4,
+                policy: OverflowPolicy::Lossless,
+                wait,
+                ..SubscriberOptions::default()
+            })
+            .unwrap();
         let mut publisher = seg.open_publisher().unwrap();
         std::thread::scope(|scope| {
             scope.spawn(move || {
@@ -480,9 +486,13 @@ enum Op {
     Send,
     Take(usize),
     Release(usize, usize),
-    Attach(u32, OverflowPolicy),
+    /// Credits, policy, history wanted.
+    Attach(u32, OverflowPolicy, u32),
     Detach(usize),
     SetCredits(usize, u32),
+    /// The publisher leaves; `Attach`es meanwhile get their history from
+    /// the owner; then a new publisher attaches.
+    Republish(Vec<(u32, OverflowPolicy, u32)>),
 }
 
 fn policy() -> impl Strategy<Value = OverflowPolicy> {
@@ -494,10 +504,16 @@ fn op() -> impl Strategy<Value = Op> {
         6 => Just(Op::Send),
         5 => (0..4usize).prop_map(Op::Take),
         4 => (0..4usize, 0..8usize).prop_map(|(s, k)| Op::Release(s, k)),
-        1 => (1..6u32, policy()).prop_map(|(c, p)| Op::Attach(c, p)),
+        1 => (1..6u32, policy(), wanted()).prop_map(|(c, p, h)| Op::Attach(c, p, h)),
         1 => (0..4usize).prop_map(Op::Detach),
         1 => (0..4usize, 1..6u32).prop_map(|(s, c)| Op::SetCredits(s, c)),
+        1 => proptest::collection::vec((1..6u32, policy(), wanted()), 0..3).prop_map(Op::Republish),
     ]
+}
+
+/// History a joiner asks for: none, one frame, two, or all there is.
+fn wanted() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(0), Just(1), Just(2), Just(u32::MAX)]
 }
 
 /// What a subscriber should see, by the rules of its policy.
@@ -505,7 +521,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct ModelSub {
     policy: OverflowPolicy,
     credits: u32,
-    queue: VecDeque<u64>,
+    /// Sequence numbers queued, and whether each comes from the history.
+    queue: VecDeque<(u64, bool)>,
     borrowed: Vec<(u64, u32)>,
     delivered: u64,
     dropped: u64,
@@ -516,13 +533,17 @@ type HeapSub = SubCore<Core<HeapStream>, Core<HeapChannel>>;
 
 struct Harness {
     owner: OwnerCore<Core<HeapStream>, Core<HeapChannel>>,
-    publisher: PubCore<Core<HeapStream>, Core<HeapChannel>>,
+    /// `None` only inside `Op::Republish`.
+    publisher: Option<PubCore<Core<HeapStream>, Core<HeapChannel>>>,
     stream: Core<HeapStream>,
     channels: Vec<Core<HeapChannel>>,
     subs: HashMap<usize, (HeapSub, ModelSub)>,
     /// Which seq each slot carries while anybody holds it.
     slot_of_seq: HashMap<u64, u32>,
     next_seq: u64,
+    /// The stream's history: the last `history` sequence numbers sent.
+    history: VecDeque<u64>,
+    history_len: usize,
 }
 
 impl Harness {
@@ -531,14 +552,51 @@ impl Harness {
         let channels: Vec<_> =
             (0..geometry.max_subscribers).map(|i| Core::new(HeapChannel::new(i, geometry.queue_capacity))).collect();
         let owner = OwnerCore::new(stream.clone(), channels.clone());
-        let publisher = PubCore::attach(stream.clone(), channels.clone(), 1).unwrap();
-        Self { owner, publisher, stream, channels, subs: HashMap::new(), slot_of_seq: HashMap::new(), next_seq: 0 }
+        let publisher = Some(PubCore::attach(stream.clone(), channels.clone(), 1).unwrap());
+        Self {
+            owner,
+            publisher,
+            stream,
+            channels,
+            subs: HashMap::new(),
+            slot_of_seq: HashMap::new(),
+            next_seq: 0,
+            history: VecDeque::new(),
+            history_len: geometry.history as usize,
+        }
+    }
+
+    fn publisher(&mut self) -> &mut PubCore<Core<HeapStream>, Core<HeapChannel>> {
+        self.publisher.as_mut().expect("a publisher is attached")
+    }
+
+    /// Admits a subscriber, expecting the newest frames of the history it
+    /// asked for (within its credits) first.
+    fn attach(&mut self, credits: u32, policy: OverflowPolicy, wanted: u32) {
+        let o = SubscriberOptions { credits, policy, wait: WaitStrategy::Park, history: wanted };
+        let Ok(t) = self.owner.add(&o, 1) else { return };
+        let s = t.index as usize;
+        let core = SubCore::attach(
+            self.stream.clone(),
+            self.channels[s].clone(),
+            s,
+            t.generation,
+            Backoff { spin: Duration::ZERO, park: true },
+        )
+        .unwrap();
+        let n = self.history.len().min(wanted as usize).min(credits as usize);
+        let queue = self.history.iter().skip(self.history.len() - n).map(|&seq| (seq, true)).collect();
+        let model = ModelSub { policy, credits, queue, borrowed: vec![], delivered: 0, dropped: 0 };
+        self.subs.insert(s, (core, model));
     }
 
     fn held_slots(&self) -> HashMap<u32, ()> {
         let mut held = HashMap::new();
+        for seq in &self.history {
+            held.insert(self.slot_of_seq[seq], ());
+        }
         for (_, m) in self.subs.values() {
-            for seq in &m.queue {
+            for (seq, _) in &m.queue {
                 held.insert(self.slot_of_seq[seq], ());
             }
             for (_, slot) in &m.borrowed {
@@ -551,17 +609,17 @@ impl Harness {
     fn apply(&mut self, op: Op) {
         match op {
             Op::Send => {
-                let slot = self.publisher.loan().expect("a loan never fails while credits are kept");
+                let slot = self.publisher().loan().expect("a loan never fails while credits are kept");
                 assert!(!self.held_slots().contains_key(&slot), "loaned slot {slot} is still held");
                 let full_lossless = self.subs.iter().find(|(_, (_, m))| {
                     m.policy == OverflowPolicy::Lossless && m.queue.len() + m.borrowed.len() >= m.credits as usize
                 });
                 let expect_block = full_lossless.map(|(&s, _)| s);
-                match self.publisher.commit(slot, 1, 0) {
+                match self.publisher().commit(slot, 1, 0) {
                     Err(CommitRefusal::WouldBlock { subscriber }) => {
                         assert_eq!(Some(subscriber as usize), expect_block.map(|_| subscriber as usize));
                         assert!(expect_block.is_some(), "unexpected WouldBlock");
-                        self.publisher.abandon(slot);
+                        self.publisher().abandon(slot);
                     }
                     Err(
                         refusal @ (CommitRefusal::Closed
@@ -586,25 +644,38 @@ impl Harness {
                                 }
                             }
                             if m.queue.len() + m.borrowed.len() < m.credits as usize {
-                                m.queue.push_back(seq);
+                                m.queue.push_back((seq, false));
                                 delivered += 1;
                             } else {
                                 m.dropped += 1;
                             }
                         }
                         assert_eq!(info.delivered, delivered);
+                        if self.history_len > 0 {
+                            self.history.push_back(seq);
+                            if self.history.len() > self.history_len {
+                                self.history.pop_front();
+                            }
+                        }
                     }
                 }
             }
             Op::Take(k) => {
                 let Some(s) = self.nth_sub(k) else { return };
                 let (core, m) = self.subs.get_mut(&s).unwrap();
-                let got = core.try_take();
+                // News of a publisher leaving and coming (`Republish`) is
+                // not a frame: past it.
+                let got = loop {
+                    match core.try_take() {
+                        Err(e) if e.is_publisher_event() => {}
+                        other => break other,
+                    }
+                };
                 if m.borrowed.len() >= m.credits as usize {
                     assert!(matches!(got, Err(TryRecvError::CreditsExhausted { .. })), "{got:?}");
-                } else if let Some(seq) = m.queue.pop_front() {
+                } else if let Some((seq, history)) = m.queue.pop_front() {
                     let info = got.unwrap();
-                    assert_eq!((info.seq, info.slot), (seq, self.slot_of_seq[&seq]));
+                    assert_eq!((info.seq, info.slot, info.history), (seq, self.slot_of_seq[&seq], history));
                     m.borrowed.push((seq, info.slot));
                     m.delivered += 1;
                 } else {
@@ -619,21 +690,19 @@ impl Harness {
                     core.return_slot(slot);
                 }
             }
-            Op::Attach(credits, policy) => {
-                let o = SubscriberOptions { credits, policy, wait: WaitStrategy::Park };
-                let Ok(t) = self.owner.add(&o, 1) else { return };
-                let s = t.index as usize;
-                let core = SubCore::attach(
-                    self.stream.clone(),
-                    self.channels[s].clone(),
-                    s,
-                    t.generation,
-                    Backoff { spin: Duration::ZERO, park: true },
-                )
-                .unwrap();
-                let model =
-                    ModelSub { policy, credits, queue: VecDeque::new(), borrowed: vec![], delivered: 0, dropped: 0 };
-                self.subs.insert(s, (core, model));
+            Op::Attach(credits, policy, wanted) => {
+                self.attach(credits, policy, wanted);
+                // The publisher hands the history over at its next look at
+                // the subscriber table (a loan, here).
+                let slot = self.publisher().loan().unwrap();
+                self.publisher().abandon(slot);
+            }
+            Op::Republish(joiners) => {
+                self.publisher = None;
+                for (credits, policy, wanted) in joiners {
+                    self.attach(credits, policy, wanted);
+                }
+                self.publisher = Some(PubCore::attach(self.stream.clone(), self.channels.clone(), 2).unwrap());
             }
             Op::Detach(k) => {
                 let Some(s) = self.nth_sub(k) else { return };
@@ -665,6 +734,7 @@ impl Harness {
         }
         // Every slot is free, loaned, or held by someone the model knows of.
         let held = self.held_slots().len() as u32;
+        assert_eq!(stats.history_held as usize, self.history.len());
         let g = self.stream.layout().geometry;
         let used = (0..g.slot_count).filter(|&x| self.stream.mask(x).iter().any(|w| w.load(Relaxed) != 0)).count();
         assert!(used as u32 >= held);
@@ -676,8 +746,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     #[test]
-    fn algorithms_match_the_model(ops in proptest::collection::vec(op(), 1..300)) {
-        let mut h = Harness::new(Geometry { slot_size: 8, slot_count: 12, max_subscribers: 4, queue_capacity: 8 });
+    fn algorithms_match_the_model(history in prop_oneof![Just(0u32), Just(1), Just(3)], ops in proptest::collection::vec(op(), 1..300)) {
+        let mut h = Harness::new(Geometry { slot_size: 8, slot_count: 12, max_subscribers: 4, queue_capacity: 8, history });
         for op in ops {
             h.apply(op);
             h.check_counters();
@@ -688,9 +758,10 @@ proptest! {
             h.owner.remove(s as u32).unwrap();
             h.subs.remove(&s);
         }
-        let slot = h.publisher.loan().unwrap();
-        h.publisher.abandon(slot);
-        prop_assert_eq!(h.owner.stats(0).free_slots, 12);
+        let slot = h.publisher().loan().unwrap();
+        h.publisher().abandon(slot);
+        // But for the history's.
+        prop_assert_eq!(h.owner.stats(0).free_slots as usize, 12 - h.history.len());
     }
 }
 
@@ -1017,7 +1088,7 @@ fn a_removed_subscribers_credits_are_free_at_once_even_with_an_idle_publisher() 
 /// close supersedes it, and the subscriber sees the end.
 #[test]
 fn a_close_supersedes_the_departure_counted_at_its_grace() {
-    let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2 };
+    let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2, history: 0 };
     let stream = Core::new(HeapStream::new(g));
     let channels = vec![Core::new(HeapChannel::new(0, g.queue_capacity))];
     let mut owner = OwnerCore::new(stream.clone(), channels.clone());
@@ -1087,7 +1158,7 @@ fn the_publishers_loan_budget_bounds_its_loans_and_is_kept_out_of_credits() {
 /// only when, it wakes.
 #[test]
 fn a_subscriber_keeping_its_wake_word_set_is_woken_only_for_a_frame_into_an_empty_queue() {
-    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4 };
+    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4, history: 0 };
     let stream = Core::new(HeapStream::new(g));
     let channels = vec![Core::new(HeapChannel::new(0, 4))];
     let mut owner = OwnerCore::new(stream.clone(), channels.clone());
@@ -1184,7 +1255,7 @@ fn the_inbox_keeps_one_channel_per_index() {
 #[test]
 fn a_publisher_delivers_only_with_the_subscriber_s_own_channel() {
     use super::core::publisher::{Chan, Inbox};
-    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4 };
+    let g = Geometry { slot_size: 8, slot_count: 8, max_subscribers: 1, queue_capacity: 4, history: 0 };
     let stream = Core::new(HeapStream::new(g));
     let mut owner: OwnerCore<Core<HeapStream>, Core<HeapChannel>> = OwnerCore::sparse(stream.clone());
     let inbox: Core<Inbox<Core<HeapChannel>>> = Core::default();

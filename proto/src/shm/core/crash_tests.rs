@@ -2,7 +2,9 @@
 //! that evicts, delivers, drops and reads returns (see [`super::crash`]),
 //! as a `kill -9` would stop it; recovery and a new writer follow, and
 //! every subscriber must then get each frame at most once, keep all its
-//! credits, and no slot may be lost.
+//! credits, and no slot may be lost — with and without a history, whose
+//! frames must stay the latest ones sent; and a writer stopped while it
+//! hands the history to a joiner must leave nothing to hand twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +18,9 @@ use super::publisher::PubCore;
 use super::subscriber::SubCore;
 use super::subscriber::TryRecvError;
 use super::wait::Backoff;
+use super::writer::HolderBit;
 use crate::primitive::Ordering::Relaxed;
-use crate::shm::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy};
+use crate::shm::layout::{Geometry, HEAD_CLAIMED, OverflowPolicy, WRITER_NONE, WaitStrategy, split_entry};
 
 type Stream = Arc<HeapStream>;
 type Channel = Arc<HeapChannel>;
@@ -43,6 +46,8 @@ struct Sub {
     policy: OverflowPolicy,
     /// Sequence numbers received, in order.
     got: Vec<u64>,
+    /// Those of them flagged as history.
+    history: Vec<u64>,
 }
 
 struct World {
@@ -57,8 +62,8 @@ impl World {
     /// 0 keep-latest with 1 credit (evicted), 1 lossless with 1 credit
     /// (its return is read first), 2 drop-newest with 1 credit (dropped),
     /// 3 lossless with 2 credits (plainly delivered).
-    fn new() -> Self {
-        let g = Geometry { slot_size: 8, slot_count: SLOTS, max_subscribers: 4, queue_capacity: 4 };
+    fn new(history: u32) -> Self {
+        let g = Geometry { slot_size: 8, slot_count: SLOTS, max_subscribers: 4, queue_capacity: 4, history };
         let stream = Arc::new(HeapStream::new(g));
         let channels: Vec<_> = (0..4).map(|i| Arc::new(HeapChannel::new(i, 4))).collect();
         let mut owner = OwnerCore::new(stream.clone(), channels.clone());
@@ -69,11 +74,16 @@ impl World {
             (1, OverflowPolicy::DropNewest),
             (2, OverflowPolicy::Lossless),
         ] {
-            let t = owner.add(&SubscriberOptions { credits, policy, wait: WaitStrategy::Park }, 1).unwrap();
+            let t = owner
+                .add(
+                    &SubscriberOptions { credits, policy, wait: WaitStrategy::Park, ..SubscriberOptions::default() },
+                    1,
+                )
+                .unwrap();
             let s = t.index as usize;
             let backoff = Backoff { spin: Duration::ZERO, park: true };
             let core = SubCore::attach(stream.clone(), channels[s].clone(), s, t.generation, backoff).unwrap();
-            subs.push(Sub { core, policy, got: Vec::new() });
+            subs.push(Sub { core, policy, got: Vec::new(), history: Vec::new() });
         }
         Self { stream, channels, owner, subs }
     }
@@ -88,6 +98,9 @@ impl World {
         loop {
             match sub.core.try_take() {
                 Ok(info) => {
+                    if info.history {
+                        sub.history.push(info.seq);
+                    }
                     sub.got.push(info.seq);
                     sub.core.return_slot(info.slot);
                     return Some(info.seq);
@@ -105,9 +118,29 @@ impl World {
         }
     }
 
-    /// Slots some subscriber holds, by the masks.
+    /// Slots some subscriber (or the history) holds, by the masks.
     fn used_slots(&self) -> usize {
         (0..SLOTS).filter(|&x| self.stream.mask(x).iter().any(|w| w.load(Relaxed) != 0)).count()
+    }
+
+    /// The sequence numbers in the history window, oldest first, each
+    /// checked to hold its slot by the history's bit.
+    fn history(&self) -> Vec<u64> {
+        let p = &self.stream.header().publisher;
+        let (first, kept) = (p.history_first.load(Relaxed), p.history_kept.load(Relaxed));
+        let ring = self.stream.history();
+        let max_subscribers = self.stream.layout().geometry.max_subscribers;
+        (first..kept)
+            .map(|pos| {
+                let e = &ring[pos as usize % ring.len()];
+                let (_, slot) = split_entry(e.word.load(Relaxed));
+                assert!(
+                    HolderBit::history(max_subscribers).is_set(self.stream.mask(slot)),
+                    "history slot {slot} unheld"
+                );
+                e.seq.load(Relaxed)
+            })
+            .collect()
     }
 }
 
@@ -120,8 +153,8 @@ fn send(writer: &mut Writer) -> u64 {
 /// point `j` of the next publisher's take-over, if given, and finished by a
 /// third. Returns whether the send, and the take-over, finished without
 /// reaching their point.
-fn run(k: u32, recovery: Recovery, j: Option<u32>) -> (bool, bool) {
-    let mut w = World::new();
+fn run(k: u32, recovery: Recovery, j: Option<u32>, history: u32) -> (bool, bool) {
+    let mut w = World::new(history);
     let mut first = w.publisher(100);
     // Frame 0 reaches everyone. Subscriber 1 takes and returns it (so the
     // next send must read its return ring to find room) and so does 3;
@@ -167,7 +200,12 @@ fn run(k: u32, recovery: Recovery, j: Option<u32>) -> (bool, bool) {
     w.take_all();
 
     let at = if finished { "nowhere".to_string() } else { hook::last() };
-    let label = format!("stopped at point {k} ({at}), recovered by {recovery:?}, take-over stopped at {j:?}");
+    let label = format!(
+        "history {history}, stopped at point {k} ({at}), recovered by {recovery:?}, take-over stopped at {j:?}"
+    );
+    // The history holds the latest frames sent, as many as it keeps.
+    let h = u64::from(history).min(after);
+    assert_eq!(w.history(), (after - h..after).collect::<Vec<_>>(), "{label}: history");
     // Frame 1 either reached nobody (and its number is reused) or, once
     // anybody may have read it, every subscriber that was due it.
     let reached = w.subs.iter().any(|s| s.got.contains(&1));
@@ -195,7 +233,10 @@ fn run(k: u32, recovery: Recovery, j: Option<u32>) -> (bool, bool) {
         true
     }));
     let free = second.free_slots();
-    assert_eq!((w.used_slots(), free), (0, SLOTS as usize), "{label}: slots lost");
+    let kept = history.min(SLOTS) as usize;
+    assert_eq!((w.used_slots(), free), (kept, SLOTS as usize - kept), "{label}: slots lost");
+    let next = second.next_seq();
+    assert_eq!(w.history(), (next - u64::from(history)..next).collect::<Vec<_>>(), "{label}: history at the end");
     (finished, took_over)
 }
 
@@ -212,11 +253,18 @@ fn message(payload: Box<dyn std::any::Any + Send>) -> String {
 fn a_writer_stopped_at_any_point_of_a_send_loses_and_duplicates_nothing() {
     let mut failures = Vec::new();
     let mut runs = 0;
-    for recovery in [Recovery::NextPublisher, Recovery::Owner, Recovery::NextPublisherAfterReads] {
+    for (recovery, history) in [
+        (Recovery::NextPublisher, 0),
+        (Recovery::Owner, 0),
+        (Recovery::NextPublisherAfterReads, 0),
+        (Recovery::NextPublisher, 2),
+        (Recovery::Owner, 2),
+        (Recovery::NextPublisherAfterReads, 1),
+    ] {
         let mut k = 0;
         loop {
             runs += 1;
-            match std::panic::catch_unwind(|| run(k, recovery, None)) {
+            match std::panic::catch_unwind(|| run(k, recovery, None, history)) {
                 Ok((true, _)) => break,
                 Ok((false, _)) => {}
                 Err(payload) => failures.push(message(payload)),
@@ -232,12 +280,18 @@ fn a_writer_stopped_at_any_point_of_a_send_loses_and_duplicates_nothing() {
 
 #[test]
 fn a_recovery_stopped_at_any_point_is_finished_by_the_next_writer() {
+    for history in [0, 2] {
+        recoveries_stopped_at_any_point(history);
+    }
+}
+
+fn recoveries_stopped_at_any_point(history: u32) {
     let mut failures = Vec::new();
     let mut k = 0;
     loop {
         let mut j = 0;
         let first_finished = loop {
-            match std::panic::catch_unwind(|| run(k, Recovery::NextPublisher, Some(j))) {
+            match std::panic::catch_unwind(|| run(k, Recovery::NextPublisher, Some(j), history)) {
                 Ok((first, true)) => break first,
                 Ok((_, false)) => {}
                 Err(payload) => failures.push(message(payload)),
@@ -258,7 +312,7 @@ fn a_recovery_stopped_at_any_point_is_finished_by_the_next_writer() {
 /// on the claim, but frees nothing another subscriber holds.
 #[test]
 fn a_forged_claim_frees_no_slot_but_the_forgers_own() {
-    let mut w = World::new();
+    let mut w = World::new(0);
     let mut first = w.publisher(100);
     assert_eq!(send(&mut first), 0);
     // Subscriber 3 takes frame 0 and keeps it borrowed.
@@ -290,7 +344,7 @@ fn a_forged_claim_frees_no_slot_but_the_forgers_own() {
 fn a_writer_stopped_while_reclaiming_a_detached_subscriber_loses_no_slot() {
     let mut k = 0;
     loop {
-        let mut w = World::new();
+        let mut w = World::new(0);
         let mut first = w.publisher(100);
         for _ in 0..2 {
             send(&mut first);
@@ -319,4 +373,174 @@ fn a_writer_stopped_while_reclaiming_a_detached_subscriber_loses_no_slot() {
         k += 1;
     }
     assert!(k >= 2, "reclaiming has points ({k})");
+}
+
+/// A stream with no subscriber sends only to its history: a writer stopped
+/// at any point of such a send leaves the frame kept once or not at all
+/// (its number then reused), never a slot held outside the history.
+#[test]
+fn a_writer_stopped_while_only_the_history_takes_a_frame_keeps_it_once() {
+    for recovery in [Recovery::NextPublisher, Recovery::Owner] {
+        let mut k = 0;
+        loop {
+            let mut w = World::new(2);
+            for s in 0..4 {
+                w.owner.remove(s).unwrap();
+            }
+            w.subs.clear();
+            let mut first = w.publisher(100);
+            send(&mut first);
+            send(&mut first);
+            hook::arm(k);
+            let finished = hook::run(|| send(&mut first)).is_some();
+            hook::disarm();
+            if finished {
+                drop(first);
+            } else {
+                std::mem::forget(first);
+                match recovery {
+                    Recovery::Owner => w.owner.publisher_gone(),
+                    _ => w.stream.header().control.writer.store(WRITER_NONE, Relaxed),
+                }
+            }
+            let label = format!("stopped at point {k} ({}), {recovery:?}", hook::last());
+            let mut second = w.publisher(200);
+            let n = second.next_seq();
+            assert!(n == 2 || n == 3, "{label}: next seq {n}");
+            assert_eq!(w.history(), vec![n - 2, n - 1], "{label}");
+            for _ in 0..2 * SLOTS {
+                send(&mut second);
+            }
+            let n = second.next_seq();
+            assert_eq!(w.history(), vec![n - 2, n - 1], "{label}");
+            assert_eq!((w.used_slots(), second.free_slots()), (2, SLOTS as usize - 2), "{label}: slots lost");
+            if finished {
+                break;
+            }
+            k += 1;
+        }
+        assert!(k > 4, "a history-only send has points ({k})");
+    }
+}
+
+/// One subscriber joins a stream with a history of 2 after frames 0..3:
+/// the writer that hands it the history (publisher or owner) is stopped
+/// at any point of it. Whoever recovers — the next publisher, the owner,
+/// or the next publisher after the joiner took what it could — finishes
+/// the hand-over: the joiner gets frames 1 and 2 as history, then the live
+/// ones, nothing twice, and no slot is lost.
+#[test]
+fn a_writer_stopped_at_any_point_of_a_hand_over_duplicates_nothing() {
+    #[derive(Debug, Clone, Copy)]
+    enum By {
+        Publisher,
+        Owner,
+    }
+    let mut failures = Vec::new();
+    for (by, recovery) in [
+        (By::Publisher, Recovery::NextPublisher),
+        (By::Publisher, Recovery::Owner),
+        (By::Publisher, Recovery::NextPublisherAfterReads),
+        (By::Owner, Recovery::NextPublisher),
+        (By::Owner, Recovery::NextPublisherAfterReads),
+    ] {
+        for policy in [OverflowPolicy::Lossless, OverflowPolicy::KeepLatest, OverflowPolicy::DropNewest] {
+            let mut k = 0;
+            loop {
+                let result = std::panic::catch_unwind(|| hand_over(by_publisher(by), k, recovery, policy));
+                match result {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(payload) => failures.push(message(payload)),
+                }
+                k += 1;
+                assert!(k < 200, "the hand-over never finished");
+            }
+            assert!(k >= 6, "a hand-over of two frames has points ({k}, {by:?})");
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+
+    fn by_publisher(by: By) -> bool {
+        matches!(by, By::Publisher)
+    }
+}
+
+/// One run of the test above; returns whether the hand-over finished
+/// without reaching point `k`.
+fn hand_over(by_publisher: bool, k: u32, recovery: Recovery, policy: OverflowPolicy) -> bool {
+    let mut w = World::new(2);
+    // Index 3 leaves: the joiner takes it.
+    w.owner.remove(3).unwrap();
+    w.subs.truncate(3);
+    let mut first = w.publisher(100);
+    for _ in 0..3 {
+        send(&mut first);
+        w.take_all();
+    }
+    let opts = SubscriberOptions { credits: 3, policy, wait: WaitStrategy::Park, ..SubscriberOptions::default() };
+    let backoff = Backoff { spin: Duration::ZERO, park: true };
+    let (finished, ticket) = if by_publisher {
+        let ticket = w.owner.add(&opts, 1).unwrap();
+        hook::arm(k);
+        let finished = hook::run(|| first.loan().map(|slot| first.abandon(slot))).is_some();
+        hook::disarm();
+        (finished, ticket)
+    } else {
+        drop(first);
+        hook::arm(k);
+        let added = hook::run(|| w.owner.add(&opts, 1).unwrap());
+        let pending = hook::disarm();
+        if added.is_none() {
+            // The owner "died" holding the role, with `dirty` set: its
+            // successor (here a publisher) repairs.
+            w.stream.header().control.writer.store(WRITER_NONE, Relaxed);
+        }
+        first = PubCore::attach(w.stream.clone(), w.channels.clone(), 1).unwrap();
+        match added {
+            Some(ticket) => (pending, ticket),
+            None => {
+                // The ticket the owner would have replied with.
+                let s = 3;
+                let generation = w.stream.record(s).config.generation.load(Relaxed);
+                (false, super::owner::SubscriberTicket { index: 3, generation, wait: WaitStrategy::Park })
+            }
+        }
+    };
+    let s = ticket.index as usize;
+    let core = SubCore::attach(w.stream.clone(), w.channels[s].clone(), s, ticket.generation, backoff).unwrap();
+    w.subs.push(Sub { core, policy, got: Vec::new(), history: Vec::new() });
+    let label = format!("{policy:?}, stopped at point {k} ({}), recovered by {recovery:?}", hook::last());
+    let mut second = if by_publisher && !finished {
+        std::mem::forget(first);
+        match recovery {
+            Recovery::Owner => w.owner.publisher_gone(),
+            Recovery::NextPublisher => w.stream.header().control.writer.store(WRITER_NONE, Relaxed),
+            Recovery::NextPublisherAfterReads => {
+                w.take_all();
+                w.stream.header().control.writer.store(WRITER_NONE, Relaxed);
+            }
+        }
+        w.publisher(200)
+    } else {
+        if matches!(recovery, Recovery::NextPublisherAfterReads) {
+            w.take_all();
+        }
+        first
+    };
+    for _ in 0..SLOTS {
+        send(&mut second);
+        w.take_all();
+    }
+    let joiner = &w.subs[3];
+    let n = second.next_seq();
+    assert_eq!(joiner.history, vec![1, 2], "{label}: history got {:?}", joiner.got);
+    assert_eq!(joiner.got, (1..n).collect::<Vec<_>>(), "{label}");
+    assert!(second.loan().is_ok_and(|slot| {
+        second.abandon(slot);
+        true
+    }));
+    let free = second.free_slots();
+    assert_eq!((w.used_slots(), free), (2, SLOTS as usize - 2), "{label}: slots lost");
+    finished
 }

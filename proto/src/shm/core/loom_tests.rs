@@ -37,14 +37,19 @@ fn setup(
     queue_capacity: u32,
     subs: &[(u32, OverflowPolicy)],
 ) -> (Owner, Vec<(usize, u64)>, Arc<Payload>) {
-    let g = Geometry { slot_size: 8, slot_count, max_subscribers: subs.len() as u32, queue_capacity };
+    let g = Geometry { slot_size: 8, slot_count, max_subscribers: subs.len() as u32, queue_capacity, history: 0 };
     let stream = Arc::new(HeapStream::new(g));
     let channels: Vec<_> = (0..g.max_subscribers).map(|i| Arc::new(HeapChannel::new(i, queue_capacity))).collect();
     let mut owner = OwnerCore::new(stream, channels);
     let tickets = subs
         .iter()
         .map(|&(credits, policy)| {
-            let t = owner.add(&SubscriberOptions { credits, policy, wait: WaitStrategy::Park }, 1).unwrap();
+            let t = owner
+                .add(
+                    &SubscriberOptions { credits, policy, wait: WaitStrategy::Park, ..SubscriberOptions::default() },
+                    1,
+                )
+                .unwrap();
             (t.index as usize, t.generation)
         })
         .collect();
@@ -454,7 +459,7 @@ fn loom_two_waiters_on_one_subscriber_lose_no_wake_up() {
 fn loom_a_subscriber_admitted_mid_stream_gets_its_channel_through_the_inbox() {
     use super::publisher::{Chan, Inbox};
     model(|| {
-        let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2 };
+        let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2, history: 0 };
         let stream = Arc::new(HeapStream::new(g));
         let mut owner: Owner = OwnerCore::sparse(stream.clone());
         let inbox: Arc<Inbox<Arc<HeapChannel>>> = Arc::default();
@@ -469,7 +474,12 @@ fn loom_a_subscriber_admitted_mid_stream_gets_its_channel_through_the_inbox() {
                 sent
             })
         };
-        let opts = SubscriberOptions { credits: 2, policy: OverflowPolicy::Lossless, wait: WaitStrategy::Park };
+        let opts = SubscriberOptions {
+            credits: 2,
+            policy: OverflowPolicy::Lossless,
+            wait: WaitStrategy::Park,
+            ..SubscriberOptions::default()
+        };
         let r = owner.reserve(&opts, 1).unwrap();
         let channel = Arc::new(HeapChannel::new(r.index, 2));
         owner.install(r.index, channel.clone());
@@ -482,5 +492,70 @@ fn loom_a_subscriber_admitted_mid_stream_gets_its_channel_through_the_inbox() {
         let seen = subscriber.join().unwrap();
         assert!(seen.len() <= sent, "{seen:?} of {sent}");
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+    });
+}
+
+/// A joiner admitted while the publisher sends, to a stream with a history
+/// of 1 that already holds frame 0: whichever writer hands it the history
+/// (the publisher at its next send or as it leaves, or the owner once it
+/// has left), the joiner gets one history frame, then the live ones, with
+/// no gap and no duplicate — and loom checks that no history slot it reads
+/// is rewritten under it.
+#[test]
+fn loom_history_hand_over_has_no_gap_and_no_duplicate() {
+    use super::publisher::{Chan, Inbox};
+    model(|| {
+        let g = Geometry { slot_size: 8, slot_count: 4, max_subscribers: 1, queue_capacity: 2, history: 1 };
+        let stream = Arc::new(HeapStream::new(g));
+        let mut owner: Owner = OwnerCore::sparse(stream.clone());
+        let inbox: Arc<Inbox<Arc<HeapChannel>>> = Arc::default();
+        let mut p = PubCore::attach_with(stream.clone(), vec![None], Some(inbox.clone()), 1).unwrap();
+        let payload = Arc::new(Payload((0..4).map(|_| UnsafeCell::new(0)).collect()));
+        assert_eq!(send_until_closed(&mut p, &payload, 1), 1);
+        let publisher = {
+            let payload = payload.clone();
+            loom::thread::spawn(move || {
+                let mut p = p;
+                let sent = send_until_closed(&mut p, &payload, 1);
+                drop(p);
+                sent
+            })
+        };
+        let opts = SubscriberOptions {
+            credits: 2,
+            policy: OverflowPolicy::DropNewest,
+            wait: WaitStrategy::Park,
+            ..SubscriberOptions::default()
+        };
+        let r = owner.reserve(&opts, 1).unwrap();
+        let channel = Arc::new(HeapChannel::new(r.index, 2));
+        owner.install(r.index, channel.clone());
+        inbox.push(r.index, Chan { generation: Some(r.generation), map: channel.clone() });
+        let t = owner.activate(r.index).unwrap();
+        let subscriber = loom::thread::spawn(move || {
+            let sub = SubCore::attach(stream, channel, t.index as usize, t.generation, PARK).unwrap();
+            let mut seen = Vec::new();
+            loop {
+                match sub.take(None) {
+                    Ok(info) => {
+                        // SAFETY: loom checks this read against the publisher's writes.
+                        let value = payload.0[info.slot as usize].with(|v| unsafe { *v });
+                        assert_eq!(value, info.seq, "payload of slot {} was overwritten", info.slot);
+                        seen.push((info.seq, info.history));
+                        sub.return_slot(info.slot);
+                    }
+                    Err(RecvError::Closed) => return seen,
+                    Err(RecvError::PublisherGone | RecvError::PublisherBack) => {}
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        });
+        let sent = publisher.join().unwrap() as u64 + 1;
+        owner.close();
+        let seen = subscriber.join().unwrap();
+        assert!(!seen.is_empty() && seen[0].1, "history first: {seen:?}");
+        assert!(seen[1..].iter().all(|&(_, h)| !h), "then live frames: {seen:?}");
+        let seqs: Vec<u64> = seen.iter().map(|&(seq, _)| seq).collect();
+        assert_eq!(seqs, (seqs[0]..sent).collect::<Vec<_>>(), "no gap, no duplicate");
     });
 }

@@ -23,6 +23,8 @@ pub(crate) trait StreamMem {
     fn ring(&self, index: usize) -> &[Entry];
     /// Slot `slot`'s holder mask. Panics if `slot` is out of range.
     fn mask(&self, slot: u32) -> &[AtomicU64];
+    /// The history ring (empty if the stream keeps no history).
+    fn history(&self) -> &[Entry];
     /// Starts fetching the first lines of slot `slot` for writing.
     fn prefetch_slot(&self, _slot: u32) {}
     /// Starts fetching the line of subscriber `index`'s ring entry `pos` for writing.
@@ -57,6 +59,9 @@ macro_rules! forward_mem {
             }
             fn mask(&self, slot: u32) -> &[AtomicU64] {
                 (**self).mask(slot)
+            }
+            fn history(&self) -> &[Entry] {
+                (**self).history()
             }
             fn prefetch_slot(&self, slot: u32) {
                 (**self).prefetch_slot(slot)
@@ -94,6 +99,7 @@ pub(crate) mod heap {
         records: Box<[SubscriberRecord]>,
         rings: Box<[Box<[Entry]>]>,
         masks: Box<[AtomicU64]>,
+        history: Box<[Entry]>,
     }
 
     impl HeapStream {
@@ -107,6 +113,7 @@ pub(crate) mod heap {
                 records: (0..subs).map(|_| SubscriberRecord::default()).collect(),
                 rings: (0..subs).map(|_| (0..g.queue_capacity).map(|_| Entry::default()).collect()).collect(),
                 masks: (0..g.slot_count as usize * g.mask_words()).map(|_| AtomicU64::new(0)).collect(),
+                history: (0..g.history_capacity()).map(|_| Entry::default()).collect(),
             };
             layout.write_header(&this.header, 0, crate::shm::layout::PUBLISHER_LOANS);
             this
@@ -129,6 +136,9 @@ pub(crate) mod heap {
         fn mask(&self, slot: u32) -> &[AtomicU64] {
             let w = self.layout.geometry.mask_words();
             &self.masks[slot as usize * w..][..w]
+        }
+        fn history(&self) -> &[Entry] {
+            &self.history
         }
     }
 

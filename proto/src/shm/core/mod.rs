@@ -43,6 +43,8 @@ pub(crate) mod writer;
 
 #[cfg(all(test, not(loom)))]
 mod crash_tests;
+#[cfg(all(test, not(loom)))]
+mod history_crash_tests;
 #[cfg(all(test, loom))]
 mod loom_tests;
 #[cfg(all(test, not(loom)))]

@@ -31,11 +31,15 @@ pub struct SubscriberOptions {
     pub policy: OverflowPolicy,
     /// How its blocking receives wait.
     pub wait: WaitStrategy,
+    /// Most frames of the stream's history it receives first, when it joins
+    /// a stream that keeps one (within its credits): `u32::MAX` (the
+    /// default) takes all, 0 declines.
+    pub history: u32,
 }
 
 impl Default for SubscriberOptions {
     fn default() -> Self {
-        Self { credits: 4, policy: OverflowPolicy::default(), wait: WaitStrategy::default() }
+        Self { credits: 4, policy: OverflowPolicy::default(), wait: WaitStrategy::default(), history: u32::MAX }
     }
 }
 
@@ -65,7 +69,7 @@ pub enum AddSubscriberError {
     /// The pool cannot honour the credits on top of those already granted.
     #[error(
         "cannot grant {requested} credits: {available} of {slot_count} slots are free to promise \
-         ({committed} promised to other subscribers, the rest kept for the publisher's loans)"
+         ({committed} promised to other subscribers, the rest kept for the publisher's loans and the stream's history)"
     )]
     CreditsRefused {
         /// Requested.
@@ -194,6 +198,10 @@ pub struct StreamStats {
     pub publisher_pid: u32,
     /// The stream was closed.
     pub closed: bool,
+    /// Frames the stream keeps for late joiners.
+    pub history: u32,
+    /// Frames its history holds now.
+    pub history_held: u32,
     /// Attached (and detaching) subscribers.
     pub subscribers: Vec<SubscriberStats>,
 }
@@ -367,7 +375,10 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         }
         let committed = self.committed(except);
         let loans = self.stream.header().ident.publisher_loans.load(Relaxed);
-        let budget = u64::from(g.slot_count.saturating_sub(loans));
+        // The history's slots are counted apart from the subscribers' even
+        // though they mostly hold the same frames: a slow subscriber's old
+        // frames and the history's new ones can be different slots.
+        let budget = u64::from(g.slot_count.saturating_sub(loans).saturating_sub(g.history));
         if committed + u64::from(credits) > budget {
             return Err(AddSubscriberError::CreditsRefused {
                 requested: credits,
@@ -499,7 +510,14 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             e.word.store(0, Relaxed);
         }
         let counters = &self.stream.record(s).counters;
-        for c in [&counters.pushed, &counters.dropped, &counters.evicted, &counters.faults, &counters.collected] {
+        for c in [
+            &counters.pushed,
+            &counters.dropped,
+            &counters.evicted,
+            &counters.faults,
+            &counters.collected,
+            &counters.seeded_gen,
+        ] {
             c.store(0, Relaxed);
         }
         let cfg = &self.stream.record(s).config;
@@ -539,12 +557,24 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
         cfg.credits.store(opts.credits, Relaxed);
         cfg.parks.store(u32::from(opts.wait.parks()), Relaxed);
         cfg.pid.store(pid, Relaxed);
+        cfg.history_wanted.store(opts.history, Relaxed);
         cfg.attach_seq.store(header.publisher.published.load(Relaxed), Relaxed);
         cfg.generation.store(generation, Relaxed);
         // Release pairs with the Acquire loads of the state by the
         // publisher (`sync_table_slow`) and the subscriber (`attach`).
         cfg.state.store(SUB_ACTIVE, Release);
         self.bump_table();
+        if self.stream.layout().geometry.history != 0 {
+            // The joiner's history: handed now if no publisher holds the
+            // writer role (we take it for a moment), else by the publisher
+            // before its next delivery — which may be asleep waiting for a
+            // lossless subscriber's room: wake it to look at the table.
+            if !self.reclaim_detached() {
+                for ch in mapped(&self.channels) {
+                    wait::wake(&ch.header().pub_waiting);
+                }
+            }
+        }
         Ok(SubscriberTicket { index, generation, wait: opts.wait })
     }
 
@@ -625,7 +655,9 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
     /// subscribers' slots. Gives the role back.
     fn reclaim_as_writer(&self, mut writer: Writer) -> Writer {
         let ctl = &self.stream.header().control;
-        if ctl.dirty.load(Relaxed) != 0 {
+        // A writer's take-over also hands the history to joiners nobody
+        // handed it to yet.
+        if ctl.dirty.load(Relaxed) != 0 || self.unseeded() {
             let channels = self.channels.iter().map(|c| c.as_ref().map(Chan::by_ref)).collect();
             writer = PubCore::take_over(&self.stream, channels, writer).into_writer();
             ctl.dirty.store(0, Relaxed);
@@ -640,6 +672,17 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             }
         }
         writer
+    }
+
+    /// Whether an active subscriber has not been handed the stream's history.
+    fn unseeded(&self) -> bool {
+        self.stream.layout().geometry.history != 0
+            && (0..self.channels.len()).any(|s| {
+                let rec = self.stream.record(s);
+                // Acquire pairs with the Release stores of the record's state.
+                rec.config.state.load(Acquire) == SUB_ACTIVE
+                    && rec.counters.seeded_gen.load(Relaxed) != rec.config.generation.load(Relaxed)
+            })
     }
 
     /// The attached publisher's lease ended (it exited or died): release
@@ -850,6 +893,14 @@ impl<S: StreamMem, C: ChannelMem> OwnerCore<S, C> {
             // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
             // Release CAS to CLOSED (`acknowledge_close`).
             closed: header.control.state.load(Acquire) != STREAM_OPEN,
+            history: g.history,
+            // Written by the writer only: a look, clamped to the history.
+            history_held: header
+                .publisher
+                .history_kept
+                .load(Relaxed)
+                .wrapping_sub(header.publisher.history_first.load(Relaxed))
+                .min(u64::from(g.history)) as u32,
             subscribers,
         }
     }
@@ -883,6 +934,12 @@ pub struct StreamConfig {
     /// plus detached loans — kept out of every subscriber's credits; 0 picks
     /// [`DEFAULT_PUBLISHER_LOANS`] (fewer if the pool is tiny).
     pub publisher_loans: u32,
+    /// Frames kept for late joiners: a subscriber that attaches first gets
+    /// (up to) this many of the latest frames, flagged as history, then the
+    /// live ones. 0 (the default) keeps none; 1 keeps the last value. The
+    /// history's slots come out of the pool like credits: the subscribers'
+    /// credits together can be at most `slot_count - publisher_loans - history`.
+    pub history: u32,
 }
 
 impl StreamConfig {
@@ -899,13 +956,16 @@ impl StreamConfig {
             prefault: true,
             timestamps: true,
             publisher_loans: 0,
+            history: 0,
         }
     }
 
     /// The publisher's loan budget this configuration asks for.
     pub fn loans(&self) -> u32 {
         match self.publisher_loans {
-            0 => DEFAULT_PUBLISHER_LOANS.min(self.slot_count.saturating_sub(1)).max(PUBLISHER_LOANS),
+            0 => DEFAULT_PUBLISHER_LOANS
+                .min(self.slot_count.saturating_sub(1).saturating_sub(self.history))
+                .max(PUBLISHER_LOANS),
             n => n,
         }
     }
@@ -916,7 +976,7 @@ impl StreamConfig {
     /// [`LayoutError`] if a number is out of range.
     pub fn geometry(&self) -> Result<Geometry, LayoutError> {
         let cap = match self.queue_capacity {
-            0 => self.slot_count.saturating_sub(self.loans()).max(1),
+            0 => self.slot_count.saturating_sub(self.loans()).saturating_sub(self.history).max(1),
             n => n,
         };
         let g = Geometry {
@@ -927,6 +987,7 @@ impl StreamConfig {
                 .checked_next_power_of_two()
                 .unwrap_or(u32::MAX)
                 .min(crate::shm::layout::MAX_QUEUE_CAPACITY),
+            history: self.history,
         };
         g.validate()?;
         let loans = self.loans();
@@ -937,6 +998,15 @@ impl StreamConfig {
                 value: loans.into(),
                 min: PUBLISHER_LOANS.into(),
                 max: max_loans.into(),
+            });
+        }
+        if u64::from(loans) + u64::from(self.history) >= u64::from(self.slot_count) {
+            // No slot would be left for a subscriber's credit.
+            return Err(LayoutError::OutOfRange {
+                field: "history",
+                value: self.history.into(),
+                min: 0,
+                max: (self.slot_count - loans - 1).into(),
             });
         }
         Ok(g)

@@ -38,8 +38,8 @@ use super::writer::{HolderBit, Writer, holders, is_free};
 use crate::primitive::AtomicU32;
 use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::shm::layout::{
-    HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING, STREAM_OPEN,
-    SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
+    ENTRY_HISTORY, HEAD_CLAIMED, INFLIGHT_IDLE, NO_SLOT, OverflowPolicy, STREAM_CLOSED, STREAM_CLOSING, STREAM_ENDING,
+    STREAM_OPEN, SUB_ACTIVE, SUB_DETACHING, SUB_FREE, WRITER_NONE, WRITER_OWNER, WRITER_PUBLISHER,
 };
 use crate::shm::layout::{entry, entry_stamp, inflight, split_entry, split_inflight};
 use std::collections::VecDeque;
@@ -240,6 +240,17 @@ pub(crate) struct PubCore<S: StreamMem, C: ChannelMem> {
     cap_mask: u64,
     /// The odd `publisher_changes` our arrival made.
     arrival: u64,
+    /// Frames kept for late joiners (the stream's `history`), and the
+    /// history ring's index mask.
+    history: u32,
+    hist_mask: u64,
+    /// The history window `[hist_first, hist_kept)` (positions in the
+    /// history ring), as stored in `PublisherState`.
+    hist_first: u64,
+    hist_kept: u64,
+    /// The interrupted frame `take_over` rolls forward once it has looked at
+    /// the subscriber table (see `seed`).
+    rolling: Option<Interrupted>,
     /// Set while `take_over` rolls an interrupted delivery forward: a close
     /// is acknowledged only after, or a subscriber could see the end and
     /// then a frame.
@@ -351,6 +362,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 }
             }
             ctl.dirty.store(1, Relaxed);
+            let window = history_window(&writer, &stream);
 
             let mut subs = vec![SubState::default(); subs_n];
             let mut free = VecDeque::with_capacity(g.slot_count as usize);
@@ -366,9 +378,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                     free.push_front(slot);
                 }
             }
-            (interrupted, subs, free)
+            (interrupted, subs, free, window)
         }));
-        let (interrupted, subs, free) = match prepared {
+        let (interrupted, subs, free, (hist_first, hist_kept)) = match prepared {
             Ok(prepared) => prepared,
             Err(panic) => {
                 writer.let_go(ctl);
@@ -394,15 +406,21 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             writer,
             replaced: false,
             cap_mask: u64::from(g.queue_capacity) - 1,
+            history: g.history,
+            hist_mask: (g.history_capacity() as u64).wrapping_sub(1),
+            hist_first,
+            hist_kept,
+            rolling: interrupted,
             arrival: 0,
             hold_close: true,
             // Until taken over: a panic in between poisons it.
             busy: true,
         };
         this.sync_table();
-        if let Some(frame) = interrupted {
+        if let Some(frame) = this.rolling.take() {
             this.roll_forward(frame);
         }
+        this.trim_history();
         this.hold_close = false;
         // Acquire pairs with the owner's Release CAS to CLOSING (`OwnerCore::close`) and the
         // Release CAS to CLOSED (`acknowledge_close`).
@@ -430,6 +448,14 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         let has_it = |s: usize| holds_frame(stream, s, slot, seq);
         let had = (0..self.subs.len()).filter(|&s| has_it(s)).collect::<Vec<_>>();
         let info = self.deliver_each(slot, len, seq, timestamp_ns, |s| had.contains(&s));
+        if self.history != 0 {
+            if self.history_ends_with(slot, seq) {
+                // `repair` found it kept: only the oldest may be left to go.
+                self.trim_history();
+            } else {
+                self.keep(slot, len, seq, timestamp_ns);
+            }
+        }
         self.finish_delivery(slot, len, seq, info);
         tracing::debug!(slot, seq, delivered = info.delivered, "rolled an interrupted delivery forward");
     }
@@ -499,7 +525,8 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                 }
                 SUB_ACTIVE => {
                     let st = &mut self.subs[s];
-                    if !st.active || st.generation != generation {
+                    let joined = !st.active || st.generation != generation;
+                    if joined {
                         // A new subscriber: the owner reset its ring,
                         // counters and channel while the index was free.
                         let counters = &self.stream.record(s).counters;
@@ -526,6 +553,11 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
                     }
                     if st.parks {
                         self.parkers.push(s);
+                    }
+                    if joined && self.history != 0 {
+                        // Before any live frame: nothing is delivered
+                        // until this look at the table is over.
+                        self.seed(s);
                     }
                 }
                 SUB_DETACHING => {
@@ -733,6 +765,9 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             return Err(CommitRefusal::Closed);
         }
         let info = self.deliver_each(slot, len, seq, timestamp_ns, |_| false);
+        if self.history != 0 {
+            self.keep(slot, len, seq, timestamp_ns);
+        }
         self.finish_delivery(slot, len, seq, info);
         Ok(info)
     }
@@ -799,6 +834,124 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
             }
         }
         SendInfo { seq, delivered, dropped }
+    }
+
+    /// Keeps frame `seq` in the history, after every subscriber was offered
+    /// it, and lets the oldest frame go if the window is then too long.
+    ///
+    /// The entry, then the history's holder bit, then the window's end: a
+    /// history bit never exists without its entry (see `repair`). The new
+    /// frame goes in before the oldest leaves, so that a kill never leaves
+    /// the history empty; the slot this holds for a moment is the one being
+    /// sent, which the publisher's loans account for.
+    #[inline(never)]
+    fn keep(&mut self, slot: u32, len: u32, seq: u64, timestamp_ns: u64) {
+        let pos = self.hist_kept;
+        // Only writers read the history ring (and the owner's statistics):
+        // they hand over through the writer role's Release and Acquire.
+        let e = &self.stream.history()[(pos & self.hist_mask) as usize];
+        e.seq.store(seq, Relaxed);
+        e.timestamp_ns.store(timestamp_ns, Relaxed);
+        e.len.store(len, Relaxed);
+        // The fields before the word: recovery trusts an entry by its word.
+        crash::point();
+        e.word.store(entry(pos, slot), Relaxed);
+        crash::point();
+        HolderBit::history(self.subs.len() as u32).set(&self.writer, self.stream.mask(slot));
+        crash::point();
+        self.hist_kept = pos.wrapping_add(1);
+        self.stream.header().publisher.history_kept.store(self.hist_kept, Relaxed);
+        crash::point();
+        self.trim_history();
+    }
+
+    /// Lets the oldest frames of the history go while it holds more than
+    /// `history`: once per send in the steady state. Each loses its bit
+    /// before the window's start moves past it (`repair` finishes a kill in
+    /// between), and its slot is free if no subscriber holds it.
+    fn trim_history(&mut self) {
+        let g = self.stream.layout().geometry;
+        let bit = HolderBit::history(g.max_subscribers);
+        while self.hist_kept.wrapping_sub(self.hist_first) > u64::from(self.history) {
+            let e = &self.stream.history()[(self.hist_first & self.hist_mask) as usize];
+            let (_, old) = split_entry(e.word.load(Relaxed));
+            if old < g.slot_count && bit.clear(&self.writer, self.stream.mask(old)) == Some(true) {
+                self.free.push_back(old);
+            }
+            crash::point();
+            self.hist_first = self.hist_first.wrapping_add(1);
+            self.stream.header().publisher.history_first.store(self.hist_first, Relaxed);
+            crash::point();
+        }
+    }
+
+    /// Whether the newest frame of the history is frame `seq` in `slot`.
+    fn history_ends_with(&self, slot: u32, seq: u64) -> bool {
+        if self.hist_kept == self.hist_first {
+            return false;
+        }
+        let last = self.hist_kept.wrapping_sub(1);
+        let e = &self.stream.history()[(last & self.hist_mask) as usize];
+        e.word.load(Relaxed) == entry(last, slot) && e.seq.load(Relaxed) == seq
+    }
+
+    /// Hands the history to subscriber `s`, which this writer sees for the
+    /// first time, unless a writer did already (`seeded_gen`): queues the
+    /// newest frames of the history sent before `published` — as many as
+    /// it wants and its credits allow — flagged [`ENTRY_HISTORY`], with
+    /// their sequence numbers and timestamps, then marks it handed.
+    ///
+    /// No gap and no duplicate between these and the live frames: this runs
+    /// on the writer's thread before any delivery to `s`, when the history
+    /// ends with frame `published - 1` (or with the interrupted frame
+    /// `published`, which `roll_forward` then delivers live). A slot handed
+    /// over cannot be reused while `s` reads it: only this thread evicts
+    /// from the history, and by then `s`'s own bit holds the slot.
+    ///
+    /// Resumable: until `seeded_gen` is set the subscriber's ring holds only
+    /// history frames, so a writer taking over from one killed part-way
+    /// (`repair` finishes its last push) goes on after the newest frame
+    /// queued.
+    #[cold]
+    fn seed(&mut self, s: usize) {
+        let generation = self.subs[s].generation;
+        let rec = self.stream.record(s);
+        if rec.counters.seeded_gen.load(Relaxed) == generation {
+            return;
+        }
+        // A frame `take_over` is about to roll forward reaches the joiner
+        // live: keep a credit for it, or a lossless joiner would lose it.
+        let credits = self.subs[s].credits.saturating_sub(u32::from(self.rolling.is_some()));
+        let wanted = u64::from(rec.config.history_wanted.load(Relaxed).min(credits).min(self.history));
+        let mut end = self.hist_kept;
+        if end != self.hist_first
+            && self.stream.history()[(end.wrapping_sub(1) & self.hist_mask) as usize].seq.load(Relaxed)
+                >= self.published
+        {
+            end = end.wrapping_sub(1); // the interrupted frame, delivered live
+        }
+        let start = if end.wrapping_sub(self.hist_first) > wanted { end.wrapping_sub(wanted) } else { self.hist_first };
+        let pushed = self.subs[s].pushed;
+        let after = (pushed != 0)
+            .then(|| self.stream.ring(s)[(pushed.wrapping_sub(1) & self.cap_mask) as usize].seq.load(Relaxed));
+        let slot_count = self.stream.layout().geometry.slot_count;
+        let mut pos = start;
+        while pos != end {
+            let e = &self.stream.history()[(pos & self.hist_mask) as usize];
+            let (stamp, slot) = split_entry(e.word.load(Relaxed));
+            let (seq, len, timestamp_ns) = (e.seq.load(Relaxed), e.len.load(Relaxed), e.timestamp_ns.load(Relaxed));
+            pos = pos.wrapping_add(1);
+            if stamp != entry_stamp(pos.wrapping_sub(1)) || slot >= slot_count || after.is_some_and(|a| seq <= a) {
+                continue;
+            }
+            self.push(s, slot, len | ENTRY_HISTORY, seq, timestamp_ns);
+        }
+        self.stream.record(s).counters.seeded_gen.store(generation, Relaxed);
+        crash::point();
+        // The SeqCst fence pairs with the one a waiter makes between
+        // announcing itself and looking at its queue (`wait::wait_until`).
+        wait::fence_before_wake();
+        wait::wake_if_waiting(&self.channel(s).header().waiting);
     }
 
     /// Counts frame `seq` as sent once every subscriber has been offered it.
@@ -1233,6 +1386,120 @@ fn holds_frame<S: StreamMem>(stream: &S, s: usize, slot: u32, seq: u64) -> bool 
     e.word.load(Relaxed) == entry(last, slot) && e.seq.load(Relaxed) == seq
 }
 
+/// The history window `[first, kept)` as stored, or — should it not be one
+/// a writer leaves (longer than `history + 1`) — an empty one, the bits of
+/// the history cleared from every slot.
+fn history_window<S: StreamMem>(writer: &Writer, stream: &S) -> (u64, u64) {
+    let g = stream.layout().geometry;
+    if g.history == 0 {
+        return (0, 0);
+    }
+    let p = &stream.header().publisher;
+    let (first, kept) = (p.history_first.load(Relaxed), p.history_kept.load(Relaxed));
+    if kept.wrapping_sub(first) <= u64::from(g.history) + 1 {
+        return (first, kept);
+    }
+    tracing::warn!(first, kept, "the history window is corrupt: the history is dropped");
+    let bit = HolderBit::history(g.max_subscribers);
+    for slot in 0..g.slot_count {
+        bit.clear(writer, stream.mask(slot));
+        crash::point();
+    }
+    p.history_first.store(kept, Relaxed);
+    crash::point();
+    (kept, kept)
+}
+
+/// The history parts of [`repair`] that do not depend on a frame in
+/// flight:
+///
+/// - A kill while the oldest frame left the history cleared its bit before
+///   the window's start moved: the start moves past every oldest entry
+///   whose slot lacks the bit (the rebuild of the free list finds the slot).
+/// - A kill while the history was handed to a joiner (`PubCore::seed`) may
+///   have left its last entry published, uncounted and without the
+///   joiner's bit: each push publishes the entry, then sets the bit, then
+///   counts it, so only the entry at `pushed` can be such. It is one if it
+///   is stamped for that position, flagged [`ENTRY_HISTORY`] and its slot
+///   is in the history (bit set): the bit is set and the entry counted. (A
+///   joiner that took and returned it meanwhile has its return applied
+///   after, by `replay_returns`.)
+fn repair_history<S: StreamMem>(writer: &Writer, stream: &S) {
+    let g = stream.layout().geometry;
+    let p = &stream.header().publisher;
+    let history = stream.history();
+    let hist_mask = history.len() as u64 - 1;
+    let bit = HolderBit::history(g.max_subscribers);
+    let (mut first, kept) = (p.history_first.load(Relaxed), p.history_kept.load(Relaxed));
+    while first != kept && kept.wrapping_sub(first) <= u64::from(g.history) + 1 {
+        let (_, slot) = split_entry(history[(first & hist_mask) as usize].word.load(Relaxed));
+        if slot < g.slot_count && bit.is_set(stream.mask(slot)) {
+            break;
+        }
+        first = first.wrapping_add(1);
+        p.history_first.store(first, Relaxed);
+        crash::point();
+    }
+    let cap = u64::from(g.queue_capacity);
+    for s in 0..g.max_subscribers as usize {
+        let rec = stream.record(s);
+        if rec.config.state.load(Relaxed) != SUB_ACTIVE
+            || rec.counters.seeded_gen.load(Relaxed) == rec.config.generation.load(Relaxed)
+        {
+            continue;
+        }
+        let pushed = rec.counters.pushed.load(Relaxed);
+        let e = &stream.ring(s)[(pushed & (cap - 1)) as usize];
+        let (stamp, slot) = split_entry(e.word.load(Relaxed));
+        if pushed < cap
+            && stamp == entry_stamp(pushed)
+            && e.len.load(Relaxed) & ENTRY_HISTORY != 0
+            && slot < g.slot_count
+            && bit.is_set(stream.mask(slot))
+        {
+            HolderBit::of(s).set(writer, stream.mask(slot));
+            crash::point();
+            rec.counters.pushed.store(pushed.wrapping_add(1), Relaxed);
+            crash::point();
+            tracing::debug!(subscriber = s, slot, "finished handing a history frame to a joiner");
+        }
+    }
+}
+
+/// The history part of a frame in flight's repair: completes a `keep` cut
+/// short after its entry (bit and window end), and returns the frame if the
+/// history has it.
+fn keep_interrupted<S: StreamMem>(writer: &Writer, stream: &S, slot: u32, seq: u64) -> Option<Interrupted> {
+    let g = stream.layout().geometry;
+    let p = &stream.header().publisher;
+    let history = stream.history();
+    let hist_mask = history.len() as u64 - 1;
+    let (first, mut kept) = (p.history_first.load(Relaxed), p.history_kept.load(Relaxed));
+    if kept.wrapping_sub(first) > u64::from(g.history) {
+        // Already one too many: the frame went in (the oldest leaves next).
+    } else {
+        let e = &history[(kept & hist_mask) as usize];
+        if e.word.load(Relaxed) == entry(kept, slot) && e.seq.load(Relaxed) == seq {
+            HolderBit::history(g.max_subscribers).set(writer, stream.mask(slot));
+            crash::point();
+            kept = kept.wrapping_add(1);
+            p.history_kept.store(kept, Relaxed);
+            crash::point();
+        }
+    }
+    if kept == first {
+        return None;
+    }
+    let last = kept.wrapping_sub(1);
+    let e = &history[(last & hist_mask) as usize];
+    (e.word.load(Relaxed) == entry(last, slot) && e.seq.load(Relaxed) == seq).then(|| Interrupted {
+        slot,
+        seq,
+        len: e.len.load(Relaxed),
+        timestamp_ns: e.timestamp_ns.load(Relaxed),
+    })
+}
+
 /// Finishes, in shared memory, what a writer that died left half done.
 /// Only the writer may call it, before relying on masks or rings; the
 /// caller then reads the return rings and, if this returns a frame, rolls
@@ -1292,6 +1559,10 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(
         crash::point();
     }
 
+    if g.history != 0 {
+        repair_history(writer, stream);
+    }
+
     let p = &stream.header().publisher;
     let (seq_low, slot) = split_inflight(p.inflight.load(Relaxed));
     let seq = p.published.load(Relaxed);
@@ -1320,6 +1591,14 @@ pub(crate) fn repair<S: StreamMem, C: ChannelMem>(
             let last = counters.pushed.load(Relaxed).wrapping_sub(1);
             let e = &stream.ring(s)[(last & (cap - 1)) as usize];
             got = Some(Interrupted { slot, seq, len: e.len.load(Relaxed), timestamp_ns: e.timestamp_ns.load(Relaxed) });
+        }
+    }
+    if g.history != 0 {
+        // The history is offered the frame after every subscriber: if it
+        // has it, the frame was sent (and is rolled forward to whoever was
+        // due it but has not got it).
+        if let Some(kept) = keep_interrupted(writer, stream, slot, seq) {
+            got = got.or(Some(kept));
         }
     }
     if got.is_none() {

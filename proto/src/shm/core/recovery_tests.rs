@@ -29,13 +29,15 @@ const PARK: Backoff = Backoff { spin: Duration::ZERO, park: true };
 
 fn world(subs: &[(u32, OverflowPolicy)]) -> World {
     let n = subs.len() as u32;
-    let g = Geometry { slot_size: 8, slot_count: SLOTS, max_subscribers: n, queue_capacity: 4 };
+    let g = Geometry { slot_size: 8, slot_count: SLOTS, max_subscribers: n, queue_capacity: 4, history: 0 };
     let stream = Arc::new(HeapStream::new(g));
     let channels: Vec<_> = (0..n).map(|i| Arc::new(HeapChannel::new(i, 4))).collect();
     let mut owner = OwnerCore::new(stream.clone(), channels.clone());
     let mut cores = Vec::new();
     for &(credits, policy) in subs {
-        let t = owner.add(&SubscriberOptions { credits, policy, wait: WaitStrategy::Park }, 1).unwrap();
+        let t = owner
+            .add(&SubscriberOptions { credits, policy, wait: WaitStrategy::Park, ..SubscriberOptions::default() }, 1)
+            .unwrap();
         let s = t.index as usize;
         cores.push(SubCore::attach(stream.clone(), channels[s].clone(), s, t.generation, PARK).unwrap());
     }

@@ -40,7 +40,7 @@ use crate::primitive::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::primitive::fence;
 use crate::primitive::{AtomicU32, AtomicU64};
 use crate::shm::layout::{
-    HEAD_CLAIMED, OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry,
+    ENTRY_HISTORY, HEAD_CLAIMED, OverflowPolicy, STREAM_CLOSED, STREAM_OPEN, SUB_ACTIVE, entry_stamp, split_entry,
 };
 
 /// A frame taken from the ring: where it is and what it is.
@@ -55,6 +55,9 @@ pub struct FrameInfo {
     /// Publish time, nanoseconds on the monotonic clock (0 if the stream
     /// does not stamp its frames).
     pub timestamp_ns: u64,
+    /// The frame comes from the stream's history: it was sent before this
+    /// subscriber joined (see `StreamConfig::history`).
+    pub history: bool,
 }
 
 /// Why [`try_recv`](crate::shm::Subscriber::try_recv) returned no frame.
@@ -631,8 +634,9 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
         if cfg.state.load(Relaxed) != SUB_ACTIVE || cfg.generation.load(Relaxed) != self.generation {
             return Err(TryRecvError::Detached);
         }
-        if self.gone_reported.get() {
-            // After `PublisherGone`, the news of a new publisher comes before its frames.
+        if self.gone_reported.get() && !self.history_queued() {
+            // After `PublisherGone`, the news of a new publisher comes
+            // before its frames (but after the history of the old one).
             self.check_publisher_back()?;
         }
         let credits = cfg.credits.load(Relaxed);
@@ -706,11 +710,13 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             // Pairs with the publisher's Release store of the entry's word
             // in `push`: the entry's other fields are complete.
             fence(Acquire);
+            let len = e.len.load(Relaxed);
             let info = FrameInfo {
                 slot,
-                len: e.len.load(Relaxed),
+                len: len & !ENTRY_HISTORY,
                 seq: e.seq.load(Relaxed),
                 timestamp_ns: e.timestamp_ns.load(Relaxed),
+                history: len & ENTRY_HISTORY != 0,
             };
             if self.policy == OverflowPolicy::KeepLatest {
                 // AcqRel pairs with the publisher's CAS in `evict_one`:
@@ -737,6 +743,24 @@ impl<S: StreamMem, C: ChannelMem> SubCore<S, C> {
             return Ok(info);
         }
         Err(TryRecvError::Empty)
+    }
+
+    /// Whether the frame at the head is ready and from the history (or an
+    /// eviction is under way: frames are queued, and news waits for them).
+    #[cold]
+    fn history_queued(&self) -> bool {
+        let head = self.current_head();
+        if head & HEAD_CLAIMED != 0 {
+            return true;
+        }
+        let e = &self.stream.ring(self.index)[(head & self.cap_mask) as usize];
+        if split_entry(e.word.load(Relaxed)).0 != entry_stamp(head) {
+            return false;
+        }
+        // Pairs with the writer's Release store of the entry's word in
+        // `push`: the length read is this entry's, not a former one's.
+        fence(Acquire);
+        e.len.load(Relaxed) & ENTRY_HISTORY != 0
     }
 
     /// Hands back the slots of detached samples released since last time,

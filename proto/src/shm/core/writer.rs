@@ -139,6 +139,19 @@ impl HolderBit {
         Self { word: s / 64, bit: 1 << (s % 64) }
     }
 
+    /// The history's bit: the index after the last subscriber's (see
+    /// `Geometry::mask_words`).
+    #[inline(always)]
+    pub(crate) fn history(max_subscribers: u32) -> Self {
+        Self::of(max_subscribers as usize)
+    }
+
+    /// Whether the bit is set in `mask`.
+    #[inline(always)]
+    pub(crate) fn is_set(self, mask: &[AtomicU64]) -> bool {
+        mask[self.word].load(Relaxed) & self.bit != 0
+    }
+
     /// Sets the bit in `mask`.
     #[inline(always)]
     pub(crate) fn set(self, writer: &Writer, mask: &[AtomicU64]) {
