@@ -578,6 +578,7 @@ impl Geometry {
     /// Number of `u64` words in one slot's holder mask: a bit per
     /// subscriber index, and one more (index `max_subscribers`) for the
     /// history if the stream keeps one.
+    #[inline]
     pub fn mask_words(&self) -> usize {
         (self.max_subscribers as usize + usize::from(self.history > 0)).div_ceil(64)
     }
@@ -585,6 +586,7 @@ impl Geometry {
     /// Entries in the history ring: a power of two above `history` (the
     /// window holds one frame more while a send replaces the oldest), 0
     /// without history.
+    #[inline]
     pub fn history_capacity(&self) -> usize {
         if self.history == 0 { 0 } else { (self.history as usize + 1).next_power_of_two() }
     }
@@ -680,17 +682,20 @@ impl Layout {
     }
 
     /// Offset of subscriber `index`'s delivery ring.
+    #[inline]
     pub fn ring_offset(&self, index: usize) -> usize {
         let ring_bytes = self.geometry.queue_capacity as usize * size_of::<Entry>();
         self.rings_offset + index * round_up(ring_bytes, LINE)
     }
 
     /// Offset of slot `slot`'s holder mask.
+    #[inline]
     pub fn mask_offset(&self, slot: u32) -> usize {
         self.masks_offset + slot as usize * self.geometry.mask_words() * size_of::<u64>()
     }
 
     /// Offset of slot `slot`'s payload.
+    #[inline]
     pub fn slot_offset(&self, slot: u32) -> usize {
         self.pool_offset + slot as usize * self.slot_stride
     }

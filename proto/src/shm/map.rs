@@ -118,6 +118,7 @@ impl StreamMap {
         unsafe { self.map.as_mut_ptr().add(self.layout.slot_offset(slot)) }
     }
 
+    #[inline(always)]
     fn at<T>(&self, offset: usize) -> &T {
         debug_assert!(offset + std::mem::size_of::<T>() <= self.layout.total_len);
         debug_assert_eq!(offset % std::mem::align_of::<T>(), 0);
@@ -127,6 +128,7 @@ impl StreamMap {
         unsafe { &*(self.map.as_ptr().add(offset) as *const T) }
     }
 
+    #[inline(always)]
     fn slice_at<T>(&self, offset: usize, len: usize) -> &[T] {
         debug_assert!(offset + len * std::mem::size_of::<T>() <= self.layout.total_len);
         debug_assert_eq!(offset % std::mem::align_of::<T>(), 0);
@@ -146,13 +148,13 @@ impl StreamMem for StreamMap {
         self.at(0)
     }
 
-    #[inline]
+    #[inline(always)]
     fn record(&self, index: usize) -> &SubscriberRecord {
         assert!(index < self.layout.geometry.max_subscribers as usize);
         self.at(self.layout.table_offset + index * std::mem::size_of::<SubscriberRecord>())
     }
 
-    #[inline]
+    #[inline(always)]
     fn ring(&self, index: usize) -> &[Entry] {
         assert!(index < self.layout.geometry.max_subscribers as usize);
         self.slice_at(self.layout.ring_offset(index), self.layout.geometry.queue_capacity as usize)
@@ -176,13 +178,13 @@ impl StreamMem for StreamMap {
         platform::prefetch_for_write(self.map.as_ptr().wrapping_add(offset));
     }
 
-    #[inline]
+    #[inline(always)]
     fn mask(&self, slot: u32) -> &[AtomicU64] {
         assert!(slot < self.layout.geometry.slot_count);
         self.slice_at(self.layout.mask_offset(slot), self.layout.geometry.mask_words())
     }
 
-    #[inline]
+    #[inline(always)]
     fn history(&self) -> &[Entry] {
         self.slice_at(self.layout.history_offset, self.layout.geometry.history_capacity())
     }

@@ -844,7 +844,7 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     /// frame goes in before the oldest leaves, so that a kill never leaves
     /// the history empty; the slot this holds for a moment is the one being
     /// sent, which the publisher's loans account for.
-    #[inline(never)]
+    #[inline]
     fn keep(&mut self, slot: u32, len: u32, seq: u64, timestamp_ns: u64) {
         let pos = self.hist_kept;
         // Only writers read the history ring (and the owner's statistics):
