@@ -273,6 +273,7 @@ pub fn subscribe_child(spec: &Value) -> Result<()> {
         wait: WaitStrategy::Spin,
         wait_for_stream: true,
         credits_up_to: false,
+        history: u32::MAX,
     };
     let sub = client.subscriber(spec["stream"].as_str().context("stream")?, &options)?;
     let count = spec["count"].as_u64().context("count")?;

@@ -346,6 +346,7 @@ pub fn drain_child(spec: &Value) -> Result<()> {
         wait: WaitStrategy::default(),
         wait_for_stream: true,
         credits_up_to: true,
+        history: u32::MAX,
     };
     // Waits for the stream to be created (the parent watches for that).
     let sub = client.subscriber(spec["stream"].as_str().context("stream")?, &options)?;

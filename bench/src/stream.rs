@@ -481,6 +481,7 @@ pub fn subscriber_child(spec: &Value) -> Result<()> {
             wait,
             wait_for_stream: true,
             credits_up_to: false,
+            history: u32::MAX,
         };
         let sub = client.subscriber("bench", &options)?;
         return receive_frames(&sub, size, count, lat_count, spec["read_header"] == true);

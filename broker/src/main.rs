@@ -116,6 +116,16 @@ enum Command {
         /// per frame; subscribers see a timestamp of 0).
         #[arg(long)]
         no_timestamps: bool,
+        /// Keep the last N frames for subscribers that come later (they
+        /// get them first, flagged as history); the stream then stays after
+        /// this command exits, until it is closed or --history-idle passes.
+        #[arg(long, default_value_t = 0)]
+        history: u32,
+        /// With --history: remove the stream once it has had neither
+        /// publisher nor subscriber for this many seconds (0: keep it until
+        /// it is closed).
+        #[arg(long, default_value_t = 0.0)]
+        history_idle: f64,
     },
     /// (internal) A demo subscriber.
     #[command(hide = true)]
@@ -272,18 +282,23 @@ fn run() -> Result<()> {
         Command::Doctor(args) => doctor::run(&socket, &args),
         Command::Top(args) => top::run(&socket, &args),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
-        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps } => publish::run(
-            &socket,
-            &publish::PublishArgs {
-                stream: &stream,
-                size,
-                slots,
-                count,
-                rate,
-                subscribers,
-                timestamps: !no_timestamps,
-            },
-        ),
+        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps, history, history_idle } => {
+            publish::run(
+                &socket,
+                &publish::PublishArgs {
+                    stream: &stream,
+                    size,
+                    slots,
+                    count,
+                    rate,
+                    subscribers,
+                    timestamps: !no_timestamps,
+                    history,
+                    history_idle: std::time::Duration::try_from_secs_f64(history_idle)
+                        .map_err(|e| anyhow::anyhow!("--history-idle {history_idle}: {e}"))?,
+                },
+            )
+        }
         Command::Record(args) => record::run(&socket, &args),
         Command::Replay(args) => replay::run(&socket, &args),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),

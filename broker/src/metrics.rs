@@ -443,6 +443,9 @@ mod tests {
             bytes_per_s: 0.0,
             idle_ns: None,
             closed: false,
+            history: 0,
+            history_held: 0,
+            retained_ns: None,
             subscribers,
         };
         StatsReport { streams: vec![stream], ..StatsReport::default() }

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memsock_proto::control::{
     ChannelGrant, ConfigProblem, ControlError, Event, LatencyReport, LatencySummary, Limit, PatternSubscription, Reply,
@@ -88,6 +88,21 @@ struct Stream {
     bytes: u64,
     /// Descriptors the broker holds for it (for the limits).
     fds: u64,
+    /// Since when it has been kept for its history with neither publisher
+    /// nor subscriber (see `drop_if_unused`).
+    retained_since: Option<Instant>,
+}
+
+impl Stream {
+    /// Nobody publishes, holds the publisher role or subscribes.
+    fn unused(&self) -> bool {
+        self.publisher.is_none() && self.lingering.is_none() && self.subscribers.is_empty()
+    }
+
+    /// The frames its history holds (0 without history).
+    fn history_held(&self) -> u32 {
+        if self.config.history == 0 { 0 } else { self.segment.stats().history_held }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -532,7 +547,7 @@ impl Registry {
     /// long — and then to call [`created`](Self::created).
     pub fn publish(&mut self, conn: ConnId, id: u64, name: &str, config: &StreamConfig) -> PublishStep {
         let mut out = Vec::new();
-        let result = match self.check_publish(name, config, &mut out) {
+        let result = match self.check_publish(conn, name, config, &mut out) {
             Ok(true) => self.attach_publisher(conn, name, true, &mut out),
             Ok(false) => match self.check_create_budget(conn, name, config) {
                 Ok(reserved) => {
@@ -580,6 +595,7 @@ impl Registry {
                         creator: conn,
                         bytes: reserved.bytes,
                         fds: reserved.fds,
+                        retained_since: None,
                     };
                     self.streams.insert(name.clone(), stream);
                     // Before the publisher is attached: their channels go
@@ -612,6 +628,7 @@ impl Registry {
     /// `Ok(false)` if it is to be created.
     fn check_publish(
         &mut self,
+        conn: ConnId,
         name: &str,
         config: &StreamConfig,
         out: &mut Vec<Outgoing>,
@@ -633,13 +650,24 @@ impl Registry {
         self.check_holder(name, out)?;
         let Some(stream) = self.streams.get(name) else { return Ok(false) };
         let g = stream.segment.geometry();
-        if (g.slot_size, g.slot_count) != (config.slot_size, config.slot_count) {
+        let same = (g.slot_size, g.slot_count, g.history) == (config.slot_size, config.slot_count, config.history);
+        if !same && stream.retained_since.is_some() && stream.unused() && self.check_may_close(conn, name).is_ok() {
+            // Kept only for its history: a producer restarted with another
+            // geometry, who may close it, replaces it (the old history goes).
+            tracing::info!(stream = name, "a stream kept for its history is replaced by one of another geometry");
+            self.streams.remove(name);
+            self.tell_watchers_removed(name, false, out);
+            return Ok(false);
+        }
+        if !same {
             return Err(ControlError::GeometryMismatch {
                 stream: name.into(),
                 slot_size: g.slot_size,
                 slot_count: g.slot_count,
                 asked_size: config.slot_size,
                 asked_count: config.slot_count,
+                history: g.history,
+                asked_history: config.history,
             });
         }
         Ok(true)
@@ -1250,18 +1278,58 @@ impl Registry {
     }
 
     /// Forgets a stream nobody uses any more: its memory goes once the
-    /// last process that mapped it lets go.
+    /// last process that mapped it lets go. A stream whose history holds
+    /// frames stays (for late joiners: the state outlives its writer) until
+    /// it is closed or its `history_idle_ms` passes (`expire_history`).
     fn drop_if_unused(&mut self, name: &str, out: &mut Vec<Outgoing>) {
-        if self
-            .streams
-            .get(name)
-            .is_some_and(|s| s.publisher.is_none() && s.lingering.is_none() && s.subscribers.is_empty())
-            && !self.joining.iter().any(|j| j.stream == name)
-        {
-            self.streams.remove(name);
-            tracing::info!(stream = name, "stream removed");
-            self.tell_watchers_removed(name, false, out);
+        let Some(stream) = self.streams.get_mut(name) else { return };
+        if !stream.unused() || self.joining.iter().any(|j| j.stream == name) {
+            return;
         }
+        let held = stream.history_held();
+        if held > 0 {
+            if stream.retained_since.is_none() {
+                stream.retained_since = Some(Instant::now());
+                tracing::info!(stream = name, held, "stream kept for its history");
+            }
+            return;
+        }
+        self.streams.remove(name);
+        tracing::info!(stream = name, "stream removed");
+        self.tell_watchers_removed(name, false, out);
+    }
+
+    /// Removes the streams kept for their history whose idle time has
+    /// passed, and forgets the time of those in use again.
+    pub fn expire_history(&mut self) -> Vec<Outgoing> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for (name, stream) in &mut self.streams {
+            if !stream.unused() {
+                stream.retained_since = None;
+                continue;
+            }
+            let idle = Duration::from_millis(stream.config.history_idle_ms);
+            if stream.retained_since.is_some_and(|since| !idle.is_zero() && now.duration_since(since) >= idle) {
+                expired.push(name.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for name in expired {
+            if self.joining.iter().any(|j| j.stream == name) {
+                continue;
+            }
+            self.streams.remove(&name);
+            tracing::info!(stream = name, "stream kept for its history removed: its idle time passed");
+            self.tell_watchers_removed(&name, false, &mut out);
+        }
+        out
+    }
+
+    /// Whether a stream is kept for its history with no client using it:
+    /// an autostarted broker waits for it before it exits idle.
+    pub fn retains_history(&self) -> bool {
+        self.streams.values().any(|s| s.retained_since.is_some())
     }
 
     /// Refuses a Close unless `conn` publishes the stream or runs as the
@@ -1591,6 +1659,9 @@ impl Registry {
             bytes_per_s: stream.rates.bytes_per_s,
             idle_ns: stream.rates.idle_ns(now),
             closed: stats.closed,
+            history: stats.history,
+            history_held: stats.history_held,
+            retained_ns: stream.retained_since.map(|since| since.elapsed().as_nanos() as u64),
             subscribers,
         }
     }

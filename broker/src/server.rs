@@ -232,6 +232,7 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
                     let mut registry = lock(&broker.registry);
                     let mut out = registry.watch_publishers();
                     out.extend(registry.expire_joining());
+                    out.extend(registry.expire_history());
                     broker.route(out);
                     if n % 10 == 0 {
                         registry.sample_rates();
@@ -257,7 +258,10 @@ pub async fn serve(options: Options) -> Result<(), ServeError> {
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = idle.tick(), if options.idle_exit.is_some() => {
-                if !lock(&broker.conns).is_empty() {
+                let clients = !lock(&broker.conns).is_empty();
+                // A stream kept for its history counts as a client: the
+                // state someone asked to keep stays until it is closed.
+                if clients || lock(&broker.registry).retains_history() {
                     idle_since = None;
                 } else {
                     let since = *idle_since.get_or_insert_with(std::time::Instant::now);

@@ -791,7 +791,14 @@ unsafe fn subscribe_options(options: *const memsock_subscribe_options) -> Result
         MEMSOCK_WAIT_SPIN => WaitStrategy::Spin,
         other => return Err(Failure::invalid(&format!("wait {other} is none of the MEMSOCK_WAIT_* strategies"))),
     };
-    Ok(SubscribeOptions { credits: o.credits, policy, wait, wait_for_stream: o.wait_for_stream, credits_up_to: false })
+    Ok(SubscribeOptions {
+        credits: o.credits,
+        policy,
+        wait,
+        wait_for_stream: o.wait_for_stream,
+        credits_up_to: false,
+        history: u32::MAX,
+    })
 }
 
 /// A subscriber of a stream.

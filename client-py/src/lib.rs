@@ -170,6 +170,7 @@ impl Client {
             wait: parse_strategy(strategy)?,
             wait_for_stream: wait,
             credits_up_to: false,
+            history: u32::MAX,
         };
         if !wait {
             let inner = py.detach(|| self.inner.subscriber(name, &options)).map_err(errors::client)?;

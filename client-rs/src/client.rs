@@ -68,23 +68,30 @@ pub struct SubscribeOptions {
     /// cannot give them all, instead of being refused:
     /// [`Subscriber::credits`] says how many it got.
     pub credits_up_to: bool,
+    /// Of a stream that keeps a history (`StreamConfig::history`), receive
+    /// first at most this many of its latest frames, within the credits
+    /// (flagged [`Sample::is_history`](memsock_proto::shm::Sample::is_history)),
+    /// then the live ones. `u32::MAX` (the default) takes all; 0 declines.
+    pub history: u32,
 }
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
         let o = SubscriberOptions::default();
-        Self { credits: o.credits, policy: o.policy, wait: o.wait, wait_for_stream: false, credits_up_to: false }
+        Self {
+            credits: o.credits,
+            policy: o.policy,
+            wait: o.wait,
+            wait_for_stream: false,
+            credits_up_to: false,
+            history: o.history,
+        }
     }
 }
 
 impl SubscribeOptions {
     fn wire(&self) -> SubscriberOptions {
-        SubscriberOptions {
-            credits: self.credits,
-            policy: self.policy,
-            wait: self.wait,
-            ..SubscriberOptions::default()
-        }
+        SubscriberOptions { credits: self.credits, policy: self.policy, wait: self.wait, history: self.history }
     }
 }
 

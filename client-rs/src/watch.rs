@@ -13,6 +13,8 @@ use crate::conn::{ClientError, Conn, WatchQueue};
 /// What a [`Watch`] reports.
 #[derive(Debug)]
 #[non_exhaustive]
+// A few events per stream, never per frame: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum WatchEvent {
     /// A matching stream was created (a pattern subscription's subscriber
     /// of it follows).

@@ -352,6 +352,7 @@ impl Plugin for Recorder {
             wait: WaitStrategy::Park,
             wait_for_stream: true,
             credits_up_to: true,
+            history: u32::MAX,
         };
         self.options.patterns.iter().map(|p| Interest { pattern: p.clone(), options }).collect()
     }

@@ -387,7 +387,8 @@ pub enum ControlError {
     NoSuchStream(String),
     /// The stream exists with another geometry.
     #[error(
-        "stream {stream:?} exists with {slot_count} slots of {slot_size} bytes; asked for {asked_count} of {asked_size}"
+        "stream {stream:?} exists with {slot_count} slots of {slot_size} bytes and a history of {history}; \
+         asked for {asked_count} of {asked_size} and a history of {asked_history}"
     )]
     GeometryMismatch {
         /// Stream name.
@@ -400,6 +401,10 @@ pub enum ControlError {
         asked_size: u32,
         /// Requested slot count.
         asked_count: u32,
+        /// Its history.
+        history: u32,
+        /// Requested history.
+        asked_history: u32,
     },
     /// Another live client publishes the stream.
     #[error("stream {stream:?} already has a publisher (pid {pid})")]
@@ -799,6 +804,13 @@ pub struct StreamReport {
     pub idle_ns: Option<u64>,
     /// The stream is closed.
     pub closed: bool,
+    /// Frames it keeps for late joiners (`StreamConfig::history`).
+    pub history: u32,
+    /// Frames its history holds now.
+    pub history_held: u32,
+    /// Kept for its history with neither publisher nor subscriber: for
+    /// how long so far, nanoseconds.
+    pub retained_ns: Option<u64>,
     /// Subscribers.
     pub subscribers: Vec<SubscriberReport>,
 }

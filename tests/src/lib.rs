@@ -534,5 +534,6 @@ pub fn lossless(credits: u32) -> memsock::SubscribeOptions {
         wait: memsock::WaitStrategy::Park,
         wait_for_stream: true,
         credits_up_to: false,
+        history: u32::MAX,
     }
 }

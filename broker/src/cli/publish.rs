@@ -18,6 +18,8 @@ pub struct PublishArgs<'a> {
     pub rate: u64,
     pub subscribers: u32,
     pub timestamps: bool,
+    pub history: u32,
+    pub history_idle: Duration,
 }
 
 /// Publishes `count` frames of `size` bytes (the sequence number in the
@@ -29,6 +31,8 @@ pub fn run(socket: &Path, a: &PublishArgs<'_>) -> Result<()> {
     let mut config = StreamConfig::new(a.size, a.slots);
     config.max_subscribers = config.max_subscribers.max(a.subscribers);
     config.timestamps = a.timestamps;
+    config.history = a.history;
+    config.history_idle_ms = a.history_idle.as_millis().try_into().unwrap_or(u64::MAX);
     let mut publisher = client.publisher(a.stream, &config)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.stats(Some(a.stream))?.streams.first().map_or(0, |s| s.subscribers.len()) < a.subscribers as usize {

@@ -98,6 +98,13 @@ fn table(report: &StatsReport) -> String {
             s.msgs_per_s,
             s.bytes_per_s / 1e6,
         );
+        if s.history > 0 {
+            let retained = match s.retained_ns {
+                Some(ns) => format!(", kept for it with no client for {:.1} s", ns as f64 / 1e9),
+                None => String::new(),
+            };
+            let _ = writeln!(t, "  history {} of {} frames{retained}", s.history_held, s.history);
+        }
         if s.subscribers.is_empty() {
             let _ = writeln!(t, "  no subscribers");
             continue;

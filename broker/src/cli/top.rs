@@ -368,6 +368,9 @@ mod tests {
             bytes_per_s: 1000.0 * 1048576.0,
             idle_ns: Some(0),
             closed: false,
+            history: 0,
+            history_held: 0,
+            retained_ns: None,
             subscribers: vec![recorder, viewer],
         };
         let imu = StreamReport {
@@ -383,6 +386,9 @@ mod tests {
             bytes_per_s: 0.0,
             idle_ns: Some(75_000_000_000),
             closed: false,
+            history: 0,
+            history_held: 0,
+            retained_ns: None,
             subscribers: vec![subscriber(11, 0, "logger", OverflowPolicy::DropNewest)],
         };
         StatsReport {

@@ -199,7 +199,10 @@ impl Subscriber {
 
     #[inline]
     fn sample(&self, info: FrameInfo) -> Sample<'_> {
-        self.latency.note(info.timestamp_ns, &self.core.channel().header().latency);
+        if !info.history {
+            // A history frame was sent before we joined: its age is no latency.
+            self.latency.note(info.timestamp_ns, &self.core.channel().header().latency);
+        }
         Sample { subscriber: self, ptr: self.core.stream().payload_ptr(info.slot), info }
     }
 
@@ -400,6 +403,13 @@ impl Sample<'_> {
         self.info.timestamp_ns
     }
 
+    /// Whether the frame comes from the stream's history: sent before this
+    /// subscriber joined (`StreamConfig::history`), received first.
+    #[inline]
+    pub fn is_history(&self) -> bool {
+        self.info.history
+    }
+
     /// Where and what the frame is.
     #[inline]
     pub fn info(&self) -> FrameInfo {
@@ -466,6 +476,13 @@ impl OwnedSample {
     #[inline]
     pub fn timestamp_ns(&self) -> u64 {
         self.info.timestamp_ns
+    }
+
+    /// Whether the frame comes from the stream's history (see
+    /// [`Sample::is_history`]).
+    #[inline]
+    pub fn is_history(&self) -> bool {
+        self.info.history
     }
 
     /// Where and what the frame is.

@@ -61,6 +61,7 @@ fn broker_client(spec: &Value) -> Result<Option<memsock::Client>> {
 fn stream_config(spec: &Value) -> memsock::StreamConfig {
     let mut config = memsock::StreamConfig::new(u(spec, "slot_size", 256) as u32, u(spec, "slot_count", 16) as u32);
     config.max_subscribers = u(spec, "max_subscribers", 8) as u32;
+    config.history = u(spec, "history", 0) as u32;
     config
 }
 
@@ -237,6 +238,7 @@ fn subscriber(spec: &Value) -> Result<()> {
             wait: ticket(spec).wait,
             wait_for_stream: spec["wait_for_stream"].as_bool().unwrap_or(false),
             credits_up_to: false,
+            history: spec["history"].as_u64().map_or(u32::MAX, |h| h as u32),
         };
         let sub = client.subscriber(name, &options)?;
         return receive(spec, &sub);

@@ -940,6 +940,10 @@ pub struct StreamConfig {
     /// history's slots come out of the pool like credits: the subscribers'
     /// credits together can be at most `slot_count - publisher_loans - history`.
     pub history: u32,
+    /// How long a stream with history stays once it has neither publisher
+    /// nor subscriber, in milliseconds; 0 (the default): until it is
+    /// closed. (The broker's rule: streams without history go when unused.)
+    pub history_idle_ms: u64,
 }
 
 impl StreamConfig {
@@ -957,6 +961,7 @@ impl StreamConfig {
             timestamps: true,
             publisher_loans: 0,
             history: 0,
+            history_idle_ms: 0,
         }
     }
 
