@@ -46,6 +46,12 @@
 #define MEMSOCK_WAIT_SPIN 2
 
 /**
+ * `memsock_sample.flags`: the frame comes from the stream's history (sent
+ * before this subscriber came, received first).
+ */
+#define MEMSOCK_SAMPLE_HISTORY 1
+
+/**
  * What came of a call. `MEMSOCK_OK` is 0; every other value names what
  * went wrong, and `memsock_last_error()` says more.
  */
@@ -191,6 +197,17 @@ typedef struct memsock_stream_config {
    * Stamp every frame with its send time.
    */
   bool timestamps;
+  /**
+   * Frames kept for subscribers that come later (they get them first,
+   * flagged `MEMSOCK_SAMPLE_HISTORY`); 0 keeps none, 1 the last value.
+   * The stream then stays after its publisher is gone, until closed or
+   * `history_idle_ms` without publisher or subscriber.
+   */
+  uint32_t history;
+  /**
+   * See `history`; 0: until closed.
+   */
+  uint64_t history_idle_ms;
 } memsock_stream_config;
 
 /**
@@ -223,6 +240,11 @@ typedef struct memsock_subscribe_options {
    * `MEMSOCK_NO_SUCH_STREAM`).
    */
   bool wait_for_stream;
+  /**
+   * Of a stream that keeps a history, receive at most this many of its
+   * latest frames first (`UINT32_MAX`, the default: all; 0: none).
+   */
+  uint32_t history;
 } memsock_subscribe_options;
 
 /**
@@ -252,6 +274,10 @@ typedef struct memsock_sample {
    * For `memsock_sample_release`: do not change.
    */
   uint32_t slot;
+  /**
+   * `MEMSOCK_SAMPLE_*` bits.
+   */
+  uint32_t flags;
 } memsock_sample;
 
 #ifdef __cplusplus

@@ -353,6 +353,11 @@ struct StreamConfig {
     bool prefault;
     /// Stamp every frame with its send time.
     bool timestamps;
+    /// Frames kept for subscribers that come later (0: none, 1: the last
+    /// value); the stream then stays after its publisher, until closed or
+    /// history_idle_ms without publisher or subscriber (0: until closed).
+    std::uint32_t history;
+    std::uint64_t history_idle_ms;
 
     StreamConfig() noexcept : StreamConfig(defaults()) {}
 
@@ -366,6 +371,8 @@ struct StreamConfig {
         c.huge_pages = huge_pages;
         c.prefault = prefault;
         c.timestamps = timestamps;
+        c.history = history;
+        c.history_idle_ms = history_idle_ms;
         return c;
     }
 
@@ -382,7 +389,9 @@ private:
           mlock(c.mlock),
           huge_pages(c.huge_pages),
           prefault(c.prefault),
-          timestamps(c.timestamps) {}
+          timestamps(c.timestamps),
+          history(c.history),
+          history_idle_ms(c.history_idle_ms) {}
 };
 
 /// How to subscribe: constructed with the library's defaults
@@ -400,6 +409,9 @@ struct SubscribeOptions {
     std::uint32_t spin_us;
     /// If the stream does not exist yet, wait for it (else NoSuchStream).
     bool wait_for_stream;
+    /// Of a stream that keeps a history, receive at most this many of its
+    /// latest frames first (UINT32_MAX, the default: all; 0: none).
+    std::uint32_t history;
 
     SubscribeOptions() noexcept : SubscribeOptions(defaults()) {}
 
@@ -411,6 +423,7 @@ struct SubscribeOptions {
         c.wait = static_cast<std::uint32_t>(wait);
         c.spin_us = spin_us;
         c.wait_for_stream = wait_for_stream;
+        c.history = history;
         return c;
     }
 
@@ -425,7 +438,8 @@ private:
           policy(static_cast<Policy>(c.policy)),
           wait(static_cast<Wait>(c.wait)),
           spin_us(c.spin_us),
-          wait_for_stream(c.wait_for_stream) {}
+          wait_for_stream(c.wait_for_stream),
+          history(c.history) {}
 };
 
 // ---------------------------------------------------------------------------
@@ -659,6 +673,9 @@ public:
     /// When it was sent (monotonic clock, ns; 0 if the stream has no
     /// timestamps).
     std::uint64_t timestamp_ns() const noexcept { return sample_.timestamp_ns; }
+    /// Whether it comes from the stream's history: sent before this
+    /// subscriber came, received first.
+    bool history() const noexcept { return (sample_.flags & MEMSOCK_SAMPLE_HISTORY) != 0; }
 
     /// Gives the frame's slot back now (nothing if empty). `seq()` and
     /// `timestamp_ns()` stay; the bytes are gone.

@@ -395,6 +395,13 @@ pub struct memsock_stream_config {
     pub prefault: bool,
     /// Stamp every frame with its send time.
     pub timestamps: bool,
+    /// Frames kept for subscribers that come later (they get them first,
+    /// flagged `MEMSOCK_SAMPLE_HISTORY`); 0 keeps none, 1 the last value.
+    /// The stream then stays after its publisher is gone, until closed or
+    /// `history_idle_ms` without publisher or subscriber.
+    pub history: u32,
+    /// See `history`; 0: until closed.
+    pub history_idle_ms: u64,
 }
 
 /// Fills `config` with the defaults (4,096-byte slots, 16 of them, up to
@@ -418,6 +425,8 @@ pub unsafe extern "C" fn memsock_stream_config_init(config: *mut memsock_stream_
             huge_pages: d.huge_pages,
             prefault: d.prefault,
             timestamps: d.timestamps,
+            history: d.history,
+            history_idle_ms: d.history_idle_ms,
         };
         // SAFETY: not NULL, and a `memsock_stream_config` by the contract.
         unsafe { config.write(c) };
@@ -459,6 +468,8 @@ unsafe fn stream_config(config: *const memsock_stream_config) -> Result<StreamCo
     config.huge_pages = c.huge_pages;
     config.prefault = c.prefault;
     config.timestamps = c.timestamps;
+    config.history = c.history;
+    config.history_idle_ms = c.history_idle_ms;
     Ok(config)
 }
 
@@ -745,6 +756,9 @@ pub struct memsock_subscribe_options {
     /// If the stream does not exist yet, wait for it (else
     /// `MEMSOCK_NO_SUCH_STREAM`).
     pub wait_for_stream: bool,
+    /// Of a stream that keeps a history, receive at most this many of its
+    /// latest frames first (`UINT32_MAX`, the default: all; 0: none).
+    pub history: u32,
 }
 
 /// Fills `options` with the defaults (4 credits, drop-newest, park, do not
@@ -765,6 +779,7 @@ pub unsafe extern "C" fn memsock_subscribe_options_init(options: *mut memsock_su
             wait: MEMSOCK_WAIT_PARK,
             spin_us: 50,
             wait_for_stream: false,
+            history: u32::MAX,
         };
         // SAFETY: not NULL, and a `memsock_subscribe_options` by the contract.
         unsafe { options.write(o) };
@@ -797,7 +812,7 @@ unsafe fn subscribe_options(options: *const memsock_subscribe_options) -> Result
         wait,
         wait_for_stream: o.wait_for_stream,
         credits_up_to: false,
-        history: u32::MAX,
+        history: o.history,
     })
 }
 
@@ -849,7 +864,13 @@ pub struct memsock_sample {
     pub timestamp_ns: u64,
     /// For `memsock_sample_release`: do not change.
     pub slot: u32,
+    /// `MEMSOCK_SAMPLE_*` bits.
+    pub flags: u32,
 }
+
+/// `memsock_sample.flags`: the frame comes from the stream's history (sent
+/// before this subscriber came, received first).
+pub const MEMSOCK_SAMPLE_HISTORY: u32 = 1;
 
 /// Subscribes to stream `name`.
 ///
@@ -927,6 +948,7 @@ unsafe fn hand_out(sample: shm::Sample<'_>, out: *mut memsock_sample) {
         seq: info.seq,
         timestamp_ns: info.timestamp_ns,
         slot: info.slot,
+        flags: if info.history { MEMSOCK_SAMPLE_HISTORY } else { 0 },
     };
     // SAFETY: writable by the contract.
     unsafe { out.write(sample) };

@@ -190,6 +190,31 @@ int main(int argc, char **argv) {
     memsock_publisher_free(NULL);
     check(memsock_publisher_send(NULL, 1) == MEMSOCK_INVALID_ARGUMENT, "send on NULL");
 
+    /* History: the last value outlives its publisher; a subscriber that
+     * comes later gets it first, flagged; one that declines does not. */
+    memsock_stream_config keeping = config;
+    keeping.history = 1;
+    check(memsock_publisher_create(client, "c-state", &keeping, &pub) == MEMSOCK_OK, "a publisher keeping 1");
+    check(memsock_publisher_send_copy(pub, "old", 3, 0) == MEMSOCK_OK, "an old value");
+    check(memsock_publisher_send_copy(pub, "now", 3, 0) == MEMSOCK_OK, "the current value");
+    memsock_publisher_free(pub);
+    memsock_subscribe_options late;
+    check(memsock_subscribe_options_init(&late) == MEMSOCK_OK && late.history == UINT32_MAX, "history: all by default");
+    late.credits = 2;
+    memsock_subscriber *reader = NULL;
+    check(memsock_subscriber_create(client, "c-state", &late, &reader) == MEMSOCK_OK, "a late reader");
+    memsock_sample value;
+    check(memsock_subscriber_recv(reader, 5000000000, &value) == MEMSOCK_OK && value.len == 3 &&
+              memcmp(value.data, "now", 3) == 0 && value.seq == 1 && (value.flags & MEMSOCK_SAMPLE_HISTORY),
+          "gets the current value, flagged as history");
+    check(memsock_sample_release(reader, &value) == MEMSOCK_OK, "released");
+    late.history = 0;
+    memsock_subscriber *decliner = NULL;
+    check(memsock_subscriber_create(client, "c-state", &late, &decliner) == MEMSOCK_OK, "a reader declining it");
+    check(memsock_subscriber_try_recv(decliner, &value) == MEMSOCK_WOULD_BLOCK, "gets nothing");
+    memsock_subscriber_free(decliner);
+    memsock_subscriber_free(reader);
+    check(memsock_close_stream(client, "c-state") == MEMSOCK_OK, "closed, it goes");
 
     /* Subscribing: a lossless subscriber gets every frame, byte-exact. */
     memsock_subscribe_options options;

@@ -33,6 +33,7 @@ pub(crate) struct Frame {
     release_when_unviewed: bool,
     seq: u64,
     timestamp_ns: u64,
+    history: bool,
     len: usize,
     exports: usize,
 }
@@ -42,6 +43,7 @@ impl Frame {
         Self {
             seq: sample.seq(),
             timestamp_ns: sample.timestamp_ns(),
+            history: sample.is_history(),
             len: sample.len(),
             sample: Some(sample),
             owner: None,
@@ -100,6 +102,13 @@ impl Frame {
     #[getter]
     fn timestamp_ns(&self) -> u64 {
         self.timestamp_ns
+    }
+
+    /// Whether the frame comes from the stream's history: sent before this
+    /// subscriber came, received first (see `publisher(history=...)`).
+    #[getter]
+    fn history(&self) -> bool {
+        self.history
     }
 
     /// Whether the slot was released.

@@ -119,8 +119,12 @@ impl Client {
     /// `mlock` (False), `huge_pages` (False), `prefault` (True),
     /// `timestamps` (True: each frame carries its send time; False saves a
     /// clock read per frame and samples report 0), `loans` (how many loans
-    /// the publisher may hold at once; 0 picks 2).
-    #[pyo3(signature = (name, slot_size, slots, *, max_subscribers=None, mlock=false, huge_pages=false, prefault=true, timestamps=true, loans=0))]
+    /// the publisher may hold at once; 0 picks 2), `history` (the last
+    /// frames kept for subscribers that come later, who get them first; 1
+    /// keeps the last value; the stream then stays after its publisher is
+    /// gone, until closed or, with `history_idle`, that many seconds
+    /// without publisher or subscriber).
+    #[pyo3(signature = (name, slot_size, slots, *, max_subscribers=None, mlock=false, huge_pages=false, prefault=true, timestamps=true, loans=0, history=0, history_idle=None))]
     #[allow(clippy::too_many_arguments)]
     fn publisher(
         &self,
@@ -134,6 +138,8 @@ impl Client {
         prefault: bool,
         timestamps: bool,
         loans: u32,
+        history: u32,
+        history_idle: Option<f64>,
     ) -> PyResult<publisher::Publisher> {
         let mut config = memsock::StreamConfig::new(slot_size, slots);
         if let Some(m) = max_subscribers {
@@ -144,6 +150,13 @@ impl Client {
         config.prefault = prefault;
         config.timestamps = timestamps;
         config.publisher_loans = loans;
+        config.history = history;
+        if let Some(seconds) = history_idle {
+            let idle = std::time::Duration::try_from_secs_f64(seconds)
+                .map_err(|e| PyValueError::new_err(format!("history_idle={seconds}: {e}")))?;
+            // At least a millisecond: 0 would mean "until closed".
+            config.history_idle_ms = idle.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        }
         let inner = py.detach(|| self.inner.publisher(name, &config)).map_err(errors::client)?;
         Ok(publisher::Publisher::new(inner))
     }
@@ -154,7 +167,11 @@ impl Client {
     /// exist yet is waited for (Ctrl-C interrupts); with `wait=False` it is
     /// an error (`NoSuchStream`). `strategy` is how receives wait: "park"
     /// (sleep in the kernel), "spin_then_park" or "spin" (a core busy).
-    #[pyo3(signature = (name, credits=4, policy="drop_newest", wait=true, *, strategy="spin_then_park"))]
+    /// `history`: of a stream that keeps its last frames, receive them
+    /// first (`frame.history` is True): True all it keeps, an int at most
+    /// that many, False none.
+    #[pyo3(signature = (name, credits=4, policy="drop_newest", wait=true, *, strategy="spin_then_park", history=None))]
+    #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &self,
         py: Python<'_>,
@@ -163,6 +180,7 @@ impl Client {
         policy: &str,
         wait: bool,
         strategy: &str,
+        history: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<subscriber::Subscriber> {
         let options = memsock::SubscribeOptions {
             credits,
@@ -170,7 +188,7 @@ impl Client {
             wait: parse_strategy(strategy)?,
             wait_for_stream: wait,
             credits_up_to: false,
-            history: u32::MAX,
+            history: parse_history(history)?,
         };
         if !wait {
             let inner = py.detach(|| self.inner.subscriber(name, &options)).map_err(errors::client)?;
@@ -266,6 +284,17 @@ impl BrokerGone {
 
 /// The stats as plain dicts: their one serde representation (the same as
 /// `memsock stats --json`), through `json.loads`.
+/// `history=`: None or True takes all, False none, an int at most that many.
+fn parse_history(history: Option<&Bound<'_, PyAny>>) -> PyResult<u32> {
+    let Some(history) = history else { return Ok(u32::MAX) };
+    if let Ok(all) = history.cast::<pyo3::types::PyBool>() {
+        return Ok(if all.is_true() { u32::MAX } else { 0 });
+    }
+    history
+        .extract::<u32>()
+        .map_err(|_| PyValueError::new_err(format!("history={history}: True, False or a number of frames (0 or more)")))
+}
+
 fn stats_dict<'py>(py: Python<'py>, report: &StatsReport) -> PyResult<Bound<'py, PyDict>> {
     let text = serde_json::to_string(report).map_err(|e| errors::Error::new_err(format!("encoding stats: {e}")))?;
     Ok(py.import("json")?.call_method1("loads", (text,))?.cast_into::<PyDict>()?)

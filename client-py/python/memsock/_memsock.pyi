@@ -58,6 +58,8 @@ class Client:
         prefault: bool = True,
         timestamps: bool = True,
         loans: int = 0,
+        history: int = 0,
+        history_idle: Optional[float] = None,
     ) -> Publisher:
         """Creates stream `name` (or takes it over) and publishes to it."""
     def subscribe(
@@ -68,6 +70,7 @@ class Client:
         wait: bool = True,
         *,
         strategy: _Strategy = "spin_then_park",
+        history: Union[bool, int, None] = None,
     ) -> Subscriber:
         """Subscribes to stream `name`, waiting for it to exist if `wait`."""
     def close_stream(self, name: str) -> None:
@@ -146,6 +149,8 @@ class Frame:
     def seq(self) -> int: ...
     @property
     def timestamp_ns(self) -> int: ...
+    @property
+    def history(self) -> bool: ...
     @property
     def released(self) -> bool: ...
     def __len__(self) -> int: ...
