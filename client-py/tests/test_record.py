@@ -344,3 +344,27 @@ def test_bad_arguments_are_refused_with_a_reason(broker, tmp_path):
     ]:
         r = subprocess.run([exe, "--socket", broker.socket, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and text in r.stderr, (args, r.stderr)
+
+
+def test_a_recording_started_late_holds_the_kept_state_unless_declined(broker, tmp_path):
+    client = broker.connect()
+    with client.publisher("state", slot_size=16, slots=8, history=2) as pub:
+        for i in range(5):
+            pub.send(np.full(2, i, np.uint64))
+    # The writer is gone; its last two frames are kept. A recorder that
+    # comes now records them first (history), one with --no-history none.
+    for args, want in (((), [3, 4]), (("--no-history",), [])):
+        out = tmp_path / f"late{len(args)}.mcap"
+        rec = Recorder(broker, out, "--stream", "state", *args)
+
+        def delivered():
+            subs = broker.stream("state")["subscribers"]
+            # (Handed over as it subscribes: a declined history would show
+            # queued or delivered at once.)
+            return bool(subs) and (subs[0]["delivered"], subs[0]["queued"]) == (len(want), 0)
+
+        assert eventually(delivered)
+        rec.stop()
+        frames, _events = read_recording([out])
+        got = [(seq, np.frombuffer(data, np.uint64)[0]) for seq, _log, _pub, data in frames.get("state", [])]
+        assert got == [(s, s) for s in want], args

@@ -109,6 +109,10 @@ pub struct RecordOptions {
     /// Replace files that exist (else refuse them: a recording is never
     /// written over by mistake).
     pub overwrite: bool,
+    /// Record the frames a stream keeps for late joiners (its history)
+    /// before the live ones: a recording started late still holds the
+    /// last state. On by default.
+    pub history: bool,
 }
 
 impl RecordOptions {
@@ -126,6 +130,7 @@ impl RecordOptions {
             chunk_size: 4 << 20,
             throttle: None,
             overwrite: false,
+            history: true,
         }
     }
 
@@ -352,7 +357,7 @@ impl Plugin for Recorder {
             wait: WaitStrategy::Park,
             wait_for_stream: true,
             credits_up_to: true,
-            history: u32::MAX,
+            history: if self.options.history { u32::MAX } else { 0 },
         };
         self.options.patterns.iter().map(|p| Interest { pattern: p.clone(), options }).collect()
     }

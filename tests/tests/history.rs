@@ -127,3 +127,22 @@ fn a_kept_stream_expires_after_its_idle_time_and_is_replaced_by_another_geometry
     drop(bigger);
     Ok(())
 }
+
+#[test]
+fn echo_shows_the_history_first_and_flags_it() -> Result<()> {
+    let broker = Broker::start()?;
+    ensure!(writer(&broker, "shown", 2, 6, 0)?.wait()?.success());
+    let echo = Command::new(memsock_exe())
+        .arg("--socket")
+        .arg(broker.socket())
+        .args(["echo", "shown", "--count", "2", "--json", "--bytes", "8"])
+        .stdout(Stdio::piped())
+        .output()?;
+    ensure!(echo.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(echo.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let seen: Vec<_> =
+        lines.iter().map(|l| (l["seq"].as_u64(), l["history"].as_bool(), l["latency_us"].is_null())).collect();
+    ensure!(seen == [(Some(4), Some(true), true), (Some(5), Some(true), true)], "{lines:?}");
+    Ok(())
+}

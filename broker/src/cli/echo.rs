@@ -31,7 +31,7 @@ const CREDITS: u32 = 4;
 
 /// Prints frames until `--count` or the stream closes.
 pub fn run(socket: &Path, args: &EchoArgs) -> Result<()> {
-    let subscriber = super::watcher(socket, &args.stream, CREDITS)?;
+    let subscriber = super::watcher(socket, &args.stream, CREDITS, u32::MAX)?;
     let mut shown = 0u64;
     let mut last_seq: Option<u64> = None;
     while args.count.is_none_or(|n| shown < n) {
@@ -54,7 +54,9 @@ pub fn run(socket: &Path, args: &EchoArgs) -> Result<()> {
         };
         let now = memsock::now_ns();
         let (seq, stamp) = (sample.seq(), sample.timestamp_ns());
-        let latency_us = (stamp != 0).then(|| now.saturating_sub(stamp) as f64 / 1e3);
+        let history = sample.is_history();
+        // A history frame's age is no latency.
+        let latency_us = (stamp != 0 && !history).then(|| now.saturating_sub(stamp) as f64 / 1e3);
         let skipped = last_seq.map_or(0, |last| seq.saturating_sub(last + 1));
         last_seq = Some(seq);
         let mut hex = String::with_capacity(args.bytes * 3);
@@ -62,11 +64,14 @@ pub fn run(socket: &Path, args: &EchoArgs) -> Result<()> {
             let _ = write!(hex, "{}{b:02x}", if hex.is_empty() { "" } else { " " });
         }
         if args.json {
-            let line =
-                json!({"seq": seq, "len": sample.len(), "latency_us": latency_us, "skipped": skipped, "hex": hex});
+            let line = json!({"seq": seq, "len": sample.len(), "latency_us": latency_us, "skipped": skipped, "hex": hex, "history": history});
             println!("{line}");
         } else {
-            let latency = latency_us.map_or("-".to_owned(), |us| format!("{us:.1} µs"));
+            let latency = match latency_us {
+                _ if history => "(history)".to_owned(),
+                Some(us) => format!("{us:.1} µs"),
+                None => "-".to_owned(),
+            };
             let skipped = if skipped > 0 { format!("  ({skipped} skipped)") } else { String::new() };
             println!("seq {seq}  len {}  latency {latency}  {hex}{skipped}", sample.len());
         }

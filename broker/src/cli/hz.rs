@@ -98,7 +98,8 @@ impl Window {
 pub fn run(socket: &Path, args: &HzArgs) -> Result<()> {
     anyhow::ensure!(args.window >= 2, "--window must be at least 2 frames");
     anyhow::ensure!(args.every > 0.0, "--every must be positive");
-    let subscriber = super::watcher(socket, &args.stream, CREDITS)?;
+    // Rates of live frames only: the history's came earlier.
+    let subscriber = super::watcher(socket, &args.stream, CREDITS, 0)?;
     let every = Duration::from_secs_f64(args.every);
     let mut window = Window { max: args.window, frames: VecDeque::with_capacity(args.window) };
     let mut reports = 0u64;

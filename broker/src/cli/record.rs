@@ -46,6 +46,10 @@ pub struct RecordArgs {
     /// Replace files that exist (else they are refused).
     #[arg(long)]
     overwrite: bool,
+    /// Do not record the frames a stream keeps for late joiners (its
+    /// history): start with the live ones.
+    #[arg(long)]
+    no_history: bool,
     /// Progress and the summary as JSON lines on stdout.
     #[arg(long)]
     json: bool,
@@ -87,6 +91,7 @@ impl RecordArgs {
         }
         options.throttle = self.throttle.as_deref().map(|s| amount("--throttle", s)).transpose()?;
         options.overwrite = self.overwrite;
+        options.history = !self.no_history;
         Ok(options)
     }
 }
