@@ -125,6 +125,44 @@ pub fn connect_subscriber(spec: &Value) -> Result<()> {
     Ok(())
 }
 
+/// `{"case":"join_history",...}`: a stream keeping its last frame, whose
+/// writer has gone; a new process connects and subscribes, and gets that
+/// frame from the history: the time from before connecting, and from
+/// before subscribing, to it (medians of `tries`). Next to `connect`,
+/// where the first frame is a live one.
+pub fn join_history(broker: &BrokerProc, tries: u32) -> Result<Value> {
+    let client = Client::connect_to(broker.socket)?;
+    let config = StreamConfig { history: 1, ..StreamConfig::new(64, 64) };
+    client.publisher("join", &config)?.send(&[7; 64])?;
+    let (mut connect, mut subscribe) = (Vec::new(), Vec::new());
+    for _ in 0..tries {
+        let (child, _) = ChildProc::spawn(&json!({"role": "join_subscriber", "socket": broker.socket}), &[])?;
+        let got = child.finish()?;
+        connect.push(got["first_frame_ns"].as_u64().context("first frame")?);
+        subscribe.push(got["subscribe_ns"].as_u64().context("subscribe")?);
+    }
+    client.close_stream("join")?;
+    let p50 = |v: &mut Vec<u64>| crate::sys::quantile(v, 0.5) as f64 / 1e3;
+    Ok(
+        json!({"case": "join_history", "first_frame_us": p50(&mut connect), "subscribe_to_frame_us": p50(&mut subscribe)}),
+    )
+}
+
+/// Child of `join_history`: times to the first (history) frame.
+pub fn join_subscriber(spec: &Value) -> Result<()> {
+    let start = Instant::now();
+    let client = Client::connect_to(spec["socket"].as_str().context("socket")?)?;
+    let subscribing = Instant::now();
+    let sub = client.subscriber("join", &SubscribeOptions::default())?;
+    let first = sub.recv()?;
+    let (ns, subscribe_ns) = (start.elapsed().as_nanos() as u64, subscribing.elapsed().as_nanos() as u64);
+    if !first.is_history() {
+        bail!("the first frame was not the history's");
+    }
+    report(&json!({"first_frame_ns": ns, "subscribe_ns": subscribe_ns}));
+    Ok(())
+}
+
 /// `{"case":"lease_reclaim","ms":X}`: a subscriber process holding two
 /// slots is killed (SIGKILL); the time until the broker has removed it and
 /// every slot is free again (the publisher loaning meanwhile, as a live

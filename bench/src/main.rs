@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Runs only the cases whose name contains this (`stream`,
-        /// `connect`, `lease_reclaim`, `greedy_neighbour`,
+        /// `connect`, `join_history`, `lease_reclaim`, `greedy_neighbour`,
         /// `stats_during_create`, `scrape`).
         #[arg(long)]
         only: Option<String>,
@@ -181,8 +181,11 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -
             lines.push(via);
             lines.extend(cpu);
         }
-        if want("connect") {
+        if want("connect") || want("join_history") {
+            // A late joiner's first frame from a stream's history, next to
+            // a new client's first live frame.
             lines.push(broker::connect(&broker, 20)?);
+            lines.push(broker::join_history(&broker, 20)?);
         }
         if want("lease_reclaim") {
             lines.push(broker::lease_reclaim(&broker, 20)?);
@@ -290,6 +293,7 @@ fn child() -> Result<()> {
         Some("broker") => broker::broker_child(&spec),
         Some("connect_publisher") => broker::connect_publisher(&spec),
         Some("connect_subscriber") => broker::connect_subscriber(&spec),
+        Some("join_subscriber") => broker::join_subscriber(&spec),
         Some("lease_subscriber") => broker::lease_subscriber(&spec),
         Some("metrics_exporter") => broker::metrics_exporter_child(&spec),
         Some("cstream_publish") => cstream::publish_child(&spec),
