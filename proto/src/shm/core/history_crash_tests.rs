@@ -123,9 +123,10 @@ enum Rec {
     NextPublisherAfterReads,
 }
 
-/// A send killed at `k`; a joiner is admitted while the dead writer still
-/// holds the role; recovery hands it the history.
-fn send_killed(k: u32, rec: Rec, credits: u32, policy: OverflowPolicy) -> bool {
+/// A world whose publisher sent frames 0..4 (subscriber A took them) and
+/// was killed at point `k` of sending frame 4, its role still held; `None`
+/// if the send finished before reaching `k`.
+fn killed_send(k: u32) -> Option<W> {
     let mut w = world(H);
     let mut p1 = publisher(&w, 100);
     for _ in 0..4 {
@@ -137,9 +138,16 @@ fn send_killed(k: u32, rec: Rec, credits: u32, policy: OverflowPolicy) -> bool {
     let done = hook::run(|| p1.commit(slot, 1, 7)).is_some();
     hook::disarm();
     if done {
-        return true;
+        return None;
     }
     std::mem::forget(p1);
+    Some(w)
+}
+
+/// A send killed at `k`; a joiner is admitted while the dead writer still
+/// holds the role; recovery hands it the history.
+fn send_killed(k: u32, rec: Rec, credits: u32, policy: OverflowPolicy) -> bool {
+    let Some(mut w) = killed_send(k) else { return true };
     w.owner.add(&joiner_opts(credits, policy), 1).unwrap();
     let j = attach_joiner(&w);
     let mut got = Vec::new();
@@ -223,20 +231,7 @@ fn owner_seed_killed(k: u32, credits: u32) -> bool {
 /// A send killed at `k`, then the owner's recovery killed at `r`, finished
 /// by the next publisher.
 fn recovery_killed(k: u32, r: u32, credits: u32) -> (bool, bool) {
-    let mut w = world(H);
-    let mut p1 = publisher(&w, 100);
-    for _ in 0..4 {
-        send(&mut p1);
-        drain_a(&mut w);
-    }
-    let slot = p1.loan().unwrap();
-    hook::arm(k);
-    let done = hook::run(|| p1.commit(slot, 1, 7)).is_some();
-    hook::disarm();
-    if done {
-        return (true, true);
-    }
-    std::mem::forget(p1);
+    let Some(mut w) = killed_send(k) else { return (true, true) };
     w.owner.add(&joiner_opts(credits, OverflowPolicy::KeepLatest), 1).unwrap();
     let j = attach_joiner(&w);
     hook::arm(r);
@@ -366,20 +361,7 @@ fn sweep_pairs(run: impl Fn(u32, u32) -> (bool, bool)) {
 /// A send killed at `k`, the owner's recovery killed at `r`; only then a
 /// joiner comes, seeded by the owner's next take-over.
 fn recovery_killed_then_join(k: u32, r: u32, credits: u32) -> (bool, bool) {
-    let mut w = world(H);
-    let mut p1 = publisher(&w, 100);
-    for _ in 0..4 {
-        send(&mut p1);
-        drain_a(&mut w);
-    }
-    let slot = p1.loan().unwrap();
-    hook::arm(k);
-    let done = hook::run(|| p1.commit(slot, 1, 7)).is_some();
-    hook::disarm();
-    if done {
-        return (true, true);
-    }
-    std::mem::forget(p1);
+    let Some(mut w) = killed_send(k) else { return (true, true) };
     // The next publisher recovers, and is killed at `r`; the joiner comes
     // while the dead one still holds the role; the owner recovers.
     w.stream.header().control.writer.store(WRITER_NONE, Relaxed);
