@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     }
 
     // Queue operations alone: a batch of 32 sends, then 32 receives.
-    let mut seg = StreamSegment::create("bench", &StreamConfig::new(64, 64)).unwrap();
+    let mut seg = StreamSegment::create("bench", &StreamConfig::new(64, 64 + 8)).unwrap();
     let sub = seg.open_subscriber(&opts(OverflowPolicy::DropNewest)).unwrap();
     let mut publisher = seg.open_publisher().unwrap();
     g.throughput(Throughput::Elements(32));

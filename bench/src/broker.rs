@@ -126,14 +126,18 @@ pub fn connect_subscriber(spec: &Value) -> Result<()> {
 }
 
 /// `{"case":"join_history",...}`: a stream keeping its last frame, whose
-/// writer has gone; a new process connects and subscribes, and gets that
-/// frame from the history: the time from before connecting, and from
-/// before subscribing, to it (medians of `tries`). Next to `connect`,
-/// where the first frame is a live one.
-pub fn join_history(broker: &BrokerProc, tries: u32) -> Result<Value> {
+/// writer has gone (or, `idle_writer`, is attached but sends no more:
+/// `join_history_idle_writer`); a new process connects and subscribes,
+/// and gets that frame from the history: the time from before
+/// connecting, and from before subscribing, to it (medians of `tries`).
+/// Next to `connect`, where the first frame is a live one.
+pub fn join_history(broker: &BrokerProc, tries: u32, idle_writer: bool) -> Result<Value> {
     let client = Client::connect_to(broker.socket)?;
     let config = StreamConfig { history: 1, ..StreamConfig::new(64, 64) };
-    client.publisher("join", &config)?.send(&[7; 64])?;
+    let mut publisher = client.publisher("join", &config)?;
+    publisher.send(&[7; 64])?;
+    // Kept to the end (idle), or gone before the first joiner.
+    let writer = idle_writer.then_some(publisher);
     let (mut connect, mut subscribe) = (Vec::new(), Vec::new());
     for _ in 0..tries {
         let (child, _) = ChildProc::spawn(&json!({"role": "join_subscriber", "socket": broker.socket}), &[])?;
@@ -141,11 +145,11 @@ pub fn join_history(broker: &BrokerProc, tries: u32) -> Result<Value> {
         connect.push(got["first_frame_ns"].as_u64().context("first frame")?);
         subscribe.push(got["subscribe_ns"].as_u64().context("subscribe")?);
     }
+    drop(writer);
     client.close_stream("join")?;
     let p50 = |v: &mut Vec<u64>| crate::sys::quantile(v, 0.5) as f64 / 1e3;
-    Ok(
-        json!({"case": "join_history", "first_frame_us": p50(&mut connect), "subscribe_to_frame_us": p50(&mut subscribe)}),
-    )
+    let case = if idle_writer { "join_history_idle_writer" } else { "join_history" };
+    Ok(json!({"case": case, "first_frame_us": p50(&mut connect), "subscribe_to_frame_us": p50(&mut subscribe)}))
 }
 
 /// Child of `join_history`: times to the first (history) frame.

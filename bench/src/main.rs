@@ -182,10 +182,12 @@ fn broker_bench(json_out: bool, scale: f64, rounds: usize, only: Option<&str>) -
             lines.extend(cpu);
         }
         if want("connect") || want("join_history") {
-            // A late joiner's first frame from a stream's history, next to
-            // a new client's first live frame.
+            // A late joiner's first frame from a stream's history (its
+            // writer gone, or attached and idle), next to a new client's
+            // first live frame.
             lines.push(broker::connect(&broker, 20)?);
-            lines.push(broker::join_history(&broker, 20)?);
+            lines.push(broker::join_history(&broker, 20, false)?);
+            lines.push(broker::join_history(&broker, 20, true)?);
         }
         if want("lease_reclaim") {
             lines.push(broker::lease_reclaim(&broker, 20)?);

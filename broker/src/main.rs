@@ -126,6 +126,9 @@ enum Command {
         /// it is closed).
         #[arg(long, default_value_t = 0.0)]
         history_idle: f64,
+        /// After the last frame, stay attached (idle) until stdin ends.
+        #[arg(long)]
+        hold: bool,
     },
     /// (internal) A demo subscriber.
     #[command(hide = true)]
@@ -282,23 +285,33 @@ fn run() -> Result<()> {
         Command::Doctor(args) => doctor::run(&socket, &args),
         Command::Top(args) => top::run(&socket, &args),
         Command::Demo { seconds, rate, size } => demo::run(demo::Demo { seconds, rate, size }),
-        Command::Publish { stream, size, slots, count, rate, subscribers, no_timestamps, history, history_idle } => {
-            publish::run(
-                &socket,
-                &publish::PublishArgs {
-                    stream: &stream,
-                    size,
-                    slots,
-                    count,
-                    rate,
-                    subscribers,
-                    timestamps: !no_timestamps,
-                    history,
-                    history_idle: std::time::Duration::try_from_secs_f64(history_idle)
-                        .map_err(|e| anyhow::anyhow!("--history-idle {history_idle}: {e}"))?,
-                },
-            )
-        }
+        Command::Publish {
+            stream,
+            size,
+            slots,
+            count,
+            rate,
+            subscribers,
+            no_timestamps,
+            history,
+            history_idle,
+            hold,
+        } => publish::run(
+            &socket,
+            &publish::PublishArgs {
+                stream: &stream,
+                size,
+                slots,
+                count,
+                rate,
+                subscribers,
+                timestamps: !no_timestamps,
+                history,
+                history_idle: std::time::Duration::try_from_secs_f64(history_idle)
+                    .map_err(|e| anyhow::anyhow!("--history-idle {history_idle}: {e}"))?,
+                hold,
+            },
+        ),
         Command::Record(args) => record::run(&socket, &args),
         Command::Replay(args) => replay::run(&socket, &args),
         Command::DemoPublisher { seconds, rate, size } => demo::publisher(&socket, seconds, rate, size),

@@ -1026,7 +1026,13 @@ impl Registry {
             return Vec::new();
         };
         let j = self.joining.swap_remove(at);
-        vec![self.activate_joining(j)]
+        let history = self.streams.get(&j.stream).is_some_and(|s| s.config.history > 0);
+        let mut out = vec![self.activate_joining(j)];
+        if history {
+            // The publisher may be idle: its client hands the history over.
+            out.push(Outgoing::event(conn, Event::Serve { publication }));
+        }
+        out
     }
 
     /// Attaches a joining subscriber and builds its reply.

@@ -654,6 +654,17 @@ fn read_frames(socket: &UnixStream, shared: &Shared) -> Result<(), Disconnect> {
                 ServerMessage::Event(Event::Channel { publication, index, generation }) => {
                     take_channel(socket, shared, publication, index, generation, mine);
                 }
+                ServerMessage::Event(Event::Serve { publication }) => {
+                    // A joiner of a stream with history: hand it the
+                    // history on the publisher's behalf (it may be idle).
+                    let inbox = match lock(&shared.publications).get(&publication) {
+                        Some(Channels::Open(inbox)) => Some(inbox.clone()),
+                        _ => None,
+                    };
+                    if let Some(inbox) = inbox {
+                        inbox.serve();
+                    }
+                }
                 ServerMessage::Event(Event::Watch { watch, change }) => {
                     // Queued under the table's lock: once `forget_watch`
                     // has removed the watch, nothing more reaches its queue

@@ -340,6 +340,14 @@ pub enum Event {
         /// What happened.
         change: WatchChange,
     },
+    /// For a publisher of a stream with history: a subscriber was attached
+    /// and is to be handed the history now, though this publisher may not
+    /// send for a while — its client does it on the publisher's behalf
+    /// (`ChannelInbox::serve`).
+    Serve {
+        /// The publication this is for.
+        publication: u64,
+    },
 }
 
 /// Why a request failed. Every variant names what was wrong.

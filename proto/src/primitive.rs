@@ -100,6 +100,18 @@ pub(crate) fn light_barrier() {
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
+/// The heavy side of an asymmetric fence within this process: after it,
+/// every other thread of the process that passes a [`light_barrier`] after
+/// its stores either had them visible to us by now, or sees our stores
+/// made before this call. Microseconds (`membarrier` private expedited,
+/// registered on first use); a system-wide barrier where that is refused.
+pub(crate) fn process_barrier() {
+    #[cfg(any(loom, miri))]
+    fence(Ordering::SeqCst);
+    #[cfg(not(any(loom, miri)))]
+    crate::platform::process_wide_barrier();
+}
+
 /// Barriers begun so far in this process (for [`BarrierPassed`]).
 static BARRIERS_BEGUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

@@ -77,7 +77,11 @@ fn ten_million_frames_reach_three_policies_intact_or_accounted() -> Result<()> {
     let slow = json!({"slow_us": 200, "slow_every": 50_000});
     let (dropper, td) = start_subscriber(&mut seg, "subscriber", 16, OverflowPolicy::DropNewest, slow.clone())?;
     let (keeper, tk) = start_subscriber(&mut seg, "subscriber", 16, OverflowPolicy::KeepLatest, slow)?;
-    let publisher = start_publisher(&seg, json!({"count": FRAMES}))?;
+    // Progress every half million frames: the peers' deadline then catches
+    // a hang, not a slow run (a lossless reader and its publisher that
+    // both fell asleep hand over 16 frames per two wake-ups, ten times
+    // slower than spinning side by side, and slower still on a busy host).
+    let publisher = start_publisher(&seg, json!({"count": FRAMES, "report_every": 500_000}))?;
 
     assert_eq!(n(&publisher.finish()?, "sent"), FRAMES);
     seg.close();

@@ -20,6 +20,7 @@ pub struct PublishArgs<'a> {
     pub timestamps: bool,
     pub history: u32,
     pub history_idle: Duration,
+    pub hold: bool,
 }
 
 /// Publishes `count` frames of `size` bytes (the sequence number in the
@@ -69,5 +70,11 @@ pub fn run(socket: &Path, a: &PublishArgs<'_>) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     println!("{}", json!({"sent": sent, "seconds": seconds}));
+    if a.hold {
+        // Attached and idle until stdin ends: late joiners of a stream with
+        // history are handed it by this process's connection thread.
+        std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())?;
+    }
+    drop(publisher);
     Ok(())
 }

@@ -415,6 +415,27 @@ pub fn system_wide_barrier() {
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
+/// A full memory barrier on every thread of this process
+/// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, registered on first
+/// use): microseconds, against a system-wide barrier's milliseconds. Where
+/// the kernel or a seccomp filter refuses it, [`system_wide_barrier`].
+pub fn process_wide_barrier() {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let registered = *REGISTERED.get_or_init(|| match membarrier(MembarrierCommand::RegisterPrivateExpedited) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("membarrier private expedited refused ({e}): the system-wide barrier stands in");
+            false
+        }
+    });
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if !registered || membarrier(MembarrierCommand::PrivateExpedited).is_err() {
+        system_wide_barrier();
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Forks this process has gone through as the child (see [`watch_forks`]).
 static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

@@ -106,6 +106,18 @@ impl StreamMap {
         self.flags
     }
 
+    /// The payload addresses, to compute apart from the map (see
+    /// [`Payloads`]).
+    pub(crate) fn payloads(&self) -> Payloads {
+        Payloads {
+            base: self.map.as_mut_ptr(),
+            pool_offset: self.layout.pool_offset,
+            slot_stride: self.layout.slot_stride,
+            slot_count: self.layout.geometry.slot_count,
+            slot_size: self.layout.geometry.slot_size,
+        }
+    }
+
     /// Address of slot `slot`'s payload.
     ///
     /// Panics if `slot` is out of range, so the pointer always lies in
@@ -134,6 +146,44 @@ impl StreamMap {
         debug_assert_eq!(offset % std::mem::align_of::<T>(), 0);
         // SAFETY: as in `at`, for `len` consecutive values.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset) as *const T, len) }
+    }
+}
+
+/// Where a stream's payloads are, copied out of its [`StreamMap`]: for a
+/// publisher whose map lives in a core it may share with another thread
+/// (a serve, see `Served`), so that it computes a payload address without
+/// reaching into the core. The addresses are those of the map they came
+/// from, and valid while it lives (its holder keeps it for as long).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Payloads {
+    base: *mut u8,
+    pool_offset: usize,
+    slot_stride: usize,
+    slot_count: u32,
+    slot_size: u32,
+}
+
+// SAFETY: addresses only; whoever dereferences one answers for the map's
+// life and for exclusive use of the slot, as with `StreamMap::payload_ptr`.
+unsafe impl Send for Payloads {}
+// SAFETY: as for `Send`: nothing is reached through `&Payloads`.
+unsafe impl Sync for Payloads {}
+
+impl Payloads {
+    /// As [`StreamMap::payload_ptr`]: panics if `slot` is out of range.
+    #[inline(always)]
+    pub(crate) fn ptr(&self, slot: u32) -> *mut u8 {
+        assert!(slot < self.slot_count, "slot {slot} out of range");
+        // In the map while it lives (slot < slot_count, as in
+        // `payload_ptr`); computed without `add`'s promise, as the map
+        // may have gone (the pointer is then never dereferenced).
+        self.base.wrapping_add(self.pool_offset + slot as usize * self.slot_stride)
+    }
+
+    /// Bytes per slot: the largest frame.
+    #[inline(always)]
+    pub(crate) fn slot_size(&self) -> usize {
+        self.slot_size as usize
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::core::mem::StreamMem;
 use super::core::publisher::{AttachRefusal, Chan, CommitRefusal, Inbox, LoanError, PubCore, SendInfo};
+use super::core::served::Served;
 use super::core::wait::Backoff;
-use super::map::{ChannelMap, MapError, StreamMap};
+use super::map::{ChannelMap, MapError, Payloads, StreamMap};
 use crate::platform;
 use crate::shm::layout::FLAG_TIMESTAMPS;
 
@@ -100,12 +101,42 @@ pub struct Unsent<'p> {
     pub sample: SampleMut<'p>,
 }
 
+/// The publisher's core, as a [`Publisher`] holds it.
+type Core = PubCore<StreamMap, ChannelMap>;
+
+/// Where a [`Publisher`] keeps its core: in place if nobody else ever
+/// touches it (a stream without history), else shared with the thread
+/// that may serve it.
+// In place on purpose: a boxed core would cost a load on every call, and
+// there is one publisher per stream.
+#[allow(clippy::large_enum_variant)]
+enum CoreCell {
+    Plain(std::cell::UnsafeCell<Core>),
+    Shared(Arc<Served<Core>>),
+}
+
+impl std::fmt::Debug for CoreCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Plain(_) => f.write_str("CoreCell::Plain"),
+            Self::Shared(s) => s.fmt(f),
+        }
+    }
+}
+
 /// The publishing end of a stream. One per stream at a time.
 ///
 /// `Send` but not `Sync`: move it to the thread that publishes.
 #[derive(Debug)]
 pub struct Publisher {
-    core: PubCore<StreamMap, ChannelMap>,
+    /// The core, which the client's connection thread may serve while this
+    /// publisher is idle (a stream with history: see `Served`).
+    served: CoreCell,
+    /// The payload addresses, in the core's mapping (which lives as long
+    /// as this publisher: `drop` drops the core).
+    payloads: Payloads,
+    /// One thread uses a publisher (`Served::enter`'s contract).
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
     /// Whether frames carry their send time (`FLAG_TIMESTAMPS`).
     stamps: bool,
     /// Where dropped [`Loan`]s leave their slots.
@@ -131,6 +162,10 @@ pub struct ChannelInbox {
     capacity: u32,
     max: u32,
     flags: u32,
+    /// The publisher's core, for [`serve`](Self::serve) (a stream with
+    /// history only).
+    served: Option<std::sync::Weak<Served<Core>>>,
+    forks: platform::ForkStamp,
 }
 
 impl ChannelInbox {
@@ -151,18 +186,56 @@ impl ChannelInbox {
         self.inner.push(index, Chan { generation: (generation != 0).then_some(generation), map });
         Ok(())
     }
+
+    /// Hands the stream's history to subscribers the owner attached since
+    /// the publisher last looked, on its behalf: at once if the publisher's
+    /// thread is not in a call (it may not send for a while), else as that
+    /// call ends. The owner asks for it after attaching a subscriber to a
+    /// stream with history (`Event::Serve`). Nothing for a stream without
+    /// history, a publisher gone, or in a child forked since it opened.
+    pub fn serve(&self) {
+        if self.forks.forked() {
+            return;
+        }
+        if let Some(served) = self.served.as_ref().and_then(std::sync::Weak::upgrade) {
+            served.request(Core::serve);
+        }
+    }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
         if self.forked() {
-            // The parent holds the role: leave shared memory alone.
-            self.core.disown();
-        } else if let Some((slot, _)) = self.parked.take() {
+            // The parent holds the role: leave shared memory alone. (No
+            // thread but this one survived the fork: nobody serves.)
+            match &self.served {
+                CoreCell::Plain(core) => core_mut(core).disown(),
+                // SAFETY: the owner, with no requester in this process.
+                CoreCell::Shared(served) => unsafe { served.get_mut() }.disown(),
+            }
+            return;
+        }
+        if let Some((slot, _)) = self.parked.take() {
             // As a `SampleMut` dropped unsent.
-            self.core.abandon(slot);
+            self.with_core(|c| c.abandon(slot));
+        }
+        // No request is served from now on; the core lets go of the role
+        // when the last reference goes (a requester's, for a moment, at most).
+        if let CoreCell::Shared(served) = &self.served {
+            // SAFETY: the owner, once. The core goes here, on this thread:
+            // the role is let go of before `drop` returns.
+            drop(unsafe { served.close() });
         }
     }
+}
+
+/// The core of a `CoreCell::Plain`, for its publisher's one thread.
+#[inline(always)]
+#[allow(clippy::mut_from_ref)]
+fn core_mut(core: &std::cell::UnsafeCell<Core>) -> &mut Core {
+    // SAFETY: only the publisher reaches it (nobody else is given it), from
+    // its one thread (`Publisher` is not `Sync`), never in a nested call.
+    unsafe { &mut *core.get() }
 }
 
 /// Source of [`Publisher`] ids.
@@ -244,6 +317,7 @@ impl Publisher {
             return Err(OpenPublisherError::ReadOnly);
         }
         let stream = StreamMap::open(data, true)?;
+        let payloads = stream.payloads();
         let g = stream.layout().geometry;
         let mut maps: Vec<Option<Chan<ChannelMap>>> = (0..g.max_subscribers).map(|_| None).collect();
         for &(index, generation, fd) in channels {
@@ -254,11 +328,15 @@ impl Publisher {
             // (Generations start at 1: 0 is a file serving every one.)
             *place = Some(Chan { generation: (generation != 0).then_some(generation), map });
         }
-        let inbox = ChannelInbox {
+        let forks = platform::ForkStamp::now();
+        let flags = stream.flags();
+        let mut inbox = ChannelInbox {
             inner: Arc::default(),
             capacity: g.queue_capacity,
             max: g.max_subscribers,
-            flags: stream.flags(),
+            flags,
+            served: None,
+            forks,
         };
         let attached = PubCore::attach_with(stream, maps, Some(inbox.inner.clone()), platform::current_pid());
         let core = attached.map_err(|r| match r {
@@ -266,9 +344,53 @@ impl Publisher {
             AttachRefusal::Busy => OpenPublisherError::Busy,
             AttachRefusal::PublisherExists { pid } => OpenPublisherError::PublisherExists { pid },
         })?;
-        let stamps = core.stream().flags() & FLAG_TIMESTAMPS != 0;
+        let stamps = flags & FLAG_TIMESTAMPS != 0;
         let id = NEXT_PUBLISHER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { core, stamps, dropped: Arc::default(), id, forks: platform::ForkStamp::now(), inbox, parked: None })
+        let history = g.history > 0;
+        let served = if history {
+            let served = Arc::new(Served::new(core));
+            inbox.served = Some(Arc::downgrade(&served));
+            CoreCell::Shared(served)
+        } else {
+            CoreCell::Plain(std::cell::UnsafeCell::new(core))
+        };
+        Ok(Self {
+            served,
+            payloads,
+            _not_sync: std::marker::PhantomData,
+            stamps,
+            dropped: Arc::default(),
+            id,
+            forks,
+            inbox,
+            parked: None,
+        })
+    }
+
+    /// Runs `f` on the core, as its one user (see `Served`).
+    #[inline(always)]
+    fn with_core<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        // One call of `f`, on one path (two would have their results
+        // merged through memory: a stalled load on every send).
+        let (core, shared) = match &self.served {
+            CoreCell::Plain(core) => (core_mut(core), None),
+            CoreCell::Shared(served) => {
+                // SAFETY: this thread is the owner — `Publisher` is not
+                // `Sync`, and no call of it runs inside another — and `end`
+                // follows below with the token.
+                let entered = unsafe { served.begin(Core::serve) };
+                // SAFETY: between `begin` and `end`, as the owner; the
+                // reference is not used after `end`.
+                let core = unsafe { served.get_mut() };
+                (core, Some((served, entered)))
+            }
+        };
+        let r = f(core);
+        if let Some((served, entered)) = shared {
+            // SAFETY: as for `begin`; `core` is no longer used.
+            unsafe { served.end(entered, Core::serve) };
+        }
+        r
     }
 
     /// Where the channels of subscribers admitted from now on are to be
@@ -287,7 +409,7 @@ impl Publisher {
             return Err(loan);
         }
         loan.dropped = None; // resumed: the sample owns the slot now
-        let ptr = self.core.stream().payload_ptr(loan.slot);
+        let ptr = self.payloads.ptr(loan.slot);
         Ok(SampleMut { publisher: self, slot: loan.slot, ptr, len: loan.len })
     }
 
@@ -307,7 +429,7 @@ impl Publisher {
             return None;
         }
         let (slot, len) = self.parked.take()?;
-        let ptr = self.core.stream().payload_ptr(slot);
+        let ptr = self.payloads.ptr(slot);
         Some(SampleMut { publisher: self, slot, ptr, len })
     }
 
@@ -330,12 +452,15 @@ impl Publisher {
                 if self.dropped.pending.load(Ordering::Acquire) {
                     self.take_back_dropped_loans();
                 }
-                let slot = self.core.loan()?;
+                let slot = self.with_core(
+                    #[inline(always)]
+                    |c| c.loan(),
+                )?;
                 self.parked = Some((slot, 0));
                 slot
             }
         };
-        Ok((self.core.stream().payload_ptr(slot), self.slot_size()))
+        Ok((self.payloads.ptr(slot), self.slot_size()))
     }
 
     /// Sends the first `len` bytes of the parked loan without waiting, as
@@ -362,7 +487,7 @@ impl Publisher {
         // Out of `parked` while it is sent: should the send panic, the
         // poisoned publisher must not offer the slot again.
         self.parked = None;
-        Some(match self.core.commit(slot, len as u32, ts) {
+        Some(match self.with_core(|c| c.commit(slot, len as u32, ts)) {
             Ok(info) => Ok(info),
             Err(refusal @ CommitRefusal::WouldBlock { .. }) => {
                 self.parked = Some((slot, len as u32));
@@ -408,7 +533,7 @@ impl Publisher {
     #[cold]
     #[inline(never)]
     fn refuse_parked(&mut self, slot: u32, refusal: CommitRefusal) -> SendError {
-        let ptr = self.core.stream().payload_ptr(slot);
+        let ptr = self.payloads.ptr(slot);
         drop(SampleMut { publisher: self, slot, ptr, len: 0 });
         refusal.into()
     }
@@ -420,13 +545,13 @@ impl Publisher {
         // Acquire, with the lock: pairs with the Release store in `Loan::drop`.
         let slots = std::mem::take(&mut *self.dropped.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for slot in slots {
-            self.core.abandon(slot);
+            self.with_core(|c| c.abandon(slot));
         }
     }
 
     /// Bytes per slot: the largest frame.
     pub fn slot_size(&self) -> usize {
-        self.core.stream().layout().geometry.slot_size as usize
+        self.payloads.slot_size()
     }
 
     /// Whether frames carry their send time (`StreamConfig::timestamps`).
@@ -443,12 +568,12 @@ impl Publisher {
 
     /// Sequence number the next frame will get.
     pub fn next_seq(&self) -> u64 {
-        self.core.next_seq()
+        self.with_core(|c| c.next_seq())
     }
 
     /// Number of subscribers currently attached (as of the last loan or send).
     pub fn subscriber_count(&self) -> usize {
-        self.core.subscriber_count()
+        self.with_core(|c| c.subscriber_count())
     }
 
     /// Loans a slot to write a frame in place; send it with
@@ -469,15 +594,23 @@ impl Publisher {
     /// ```
     #[inline(always)]
     pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
+        let slot = self.loan_slot()?;
+        let ptr = self.payloads.ptr(slot);
+        Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
+    }
+
+    #[inline(always)]
+    fn loan_slot(&mut self) -> Result<u32, LoanError> {
         if self.forked() {
             return Err(LoanError::Forked);
         }
         if self.dropped.pending.load(Ordering::Acquire) {
             self.take_back_dropped_loans();
         }
-        let slot = self.core.loan()?;
-        let ptr = self.core.stream().payload_ptr(slot);
-        Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
+        self.with_core(
+            #[inline(always)]
+            |c| c.loan(),
+        )
     }
 
     /// Copies `payload` into a slot and sends it.
@@ -487,7 +620,8 @@ impl Publisher {
     /// if a lossless subscriber is full, or [`SendError::Closed`].
     #[inline]
     pub fn send(&mut self, payload: &[u8]) -> Result<SendInfo, SendError> {
-        self.copy_in(payload)?.send()
+        let slot = self.copy_in(payload)?;
+        self.sample(slot, payload.len()).send()
     }
 
     /// Like [`send`](Self::send), but waits up to `timeout` for full
@@ -497,7 +631,8 @@ impl Publisher {
     /// As [`send`](Self::send), with [`SendError::Timeout`] instead of
     /// `WouldBlock`.
     pub fn send_timeout(&mut self, payload: &[u8], timeout: Duration) -> Result<SendInfo, SendError> {
-        self.copy_in(payload)?.send_timeout(timeout)
+        let slot = self.copy_in(payload)?;
+        self.sample(slot, payload.len()).send_timeout(timeout)
     }
 
     /// Whether this is a copy in a child forked since it opened: the
@@ -515,24 +650,40 @@ impl Publisher {
             return Err(CommitRefusal::Forked);
         }
         let ts = self.timestamp();
-        self.core.commit(slot, len, ts)
+        self.with_core(|c| c.commit(slot, len, ts))
     }
 
-    fn copy_in(&mut self, payload: &[u8]) -> Result<SampleMut<'_>, SendError> {
+    /// Loans a slot and copies `payload` into it; the caller sends it (or
+    /// drops it, as a sample).
+    #[inline(always)]
+    fn copy_in(&mut self, payload: &[u8]) -> Result<u32, SendError> {
         let slot_size = self.slot_size();
         if payload.len() > slot_size {
             return Err(SendError::TooLarge { len: payload.len(), slot_size });
         }
-        let mut sample = self.loan().map_err(|e| match e {
+        let slot = self.loan_slot().map_err(|e| match e {
             LoanError::Closed => SendError::Closed,
             LoanError::Replaced => SendError::Replaced,
             LoanError::Forked => SendError::Forked,
             LoanError::Poisoned => SendError::Poisoned,
             e => SendError::Loan(e),
         })?;
-        sample.as_mut_slice()[..payload.len()].copy_from_slice(payload);
-        sample.len = payload.len() as u32;
-        Ok(sample)
+        // SAFETY: a loaned slot of `slot_size` bytes (`Payloads::ptr`), at
+        // least `payload.len()`; ours alone while loaned, as in
+        // `SampleMut::as_mut_slice` (a slot out of shared memory cannot
+        // overlap `payload`, which a `&[u8]` borrows immutably).
+        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.payloads.ptr(slot), payload.len()) };
+        Ok(slot)
+    }
+
+    /// The loaned `slot` as a sample of `len` bytes. (Returning the slot
+    /// alone from `copy_in` and making the sample here keeps it in
+    /// registers: a sample moved out of a call is reloaded, stalled, from
+    /// the fields it was stored in piece by piece.)
+    #[inline(always)]
+    fn sample(&mut self, slot: u32, len: usize) -> SampleMut<'_> {
+        let ptr = self.payloads.ptr(slot);
+        SampleMut { publisher: self, slot, ptr, len: len as u32 }
     }
 }
 
@@ -680,7 +831,7 @@ impl<'p> SampleMut<'p> {
         let deadline = Instant::now().checked_add(timeout);
         let backoff = Backoff { spin: PUBLISHER_SPIN, park: true };
         loop {
-            if !self.publisher.core.wait_for_room(subscriber as usize, backoff, deadline) {
+            if !self.publisher.with_core(|c| c.wait_for_room(subscriber as usize, backoff, deadline)) {
                 return Err(Unsent { error: SendError::Timeout, sample: self });
             }
             match self.publisher.commit(self.slot, self.len) {
@@ -722,7 +873,7 @@ impl std::ops::Deref for SampleMut<'_> {
 
 impl Drop for SampleMut<'_> {
     fn drop(&mut self) {
-        self.publisher.core.abandon(self.slot);
+        self.publisher.with_core(|c| c.abandon(self.slot));
     }
 }
 

@@ -1791,3 +1791,189 @@ fn subscribers_measure_a_sample_of_their_frames_latency_and_only_their_own() {
     drop(sub.try_recv().unwrap());
     assert_eq!(plain.stats().subscribers[0].latency, None);
 }
+
+/// A stream with history whose publisher is attached but idle: a
+/// subscriber that joins is handed the history at once by another thread
+/// serving the publisher (as the client's connection thread does on the
+/// owner's word), not at the publisher's next send; and a publisher that
+/// is in the middle of its own calls is never touched meanwhile.
+#[test]
+fn an_idle_publisher_is_served_from_another_thread_and_a_busy_one_serves_itself() {
+    let config = StreamConfig { history: 2, ..StreamConfig::new(8, 16) };
+    let mut seg = StreamSegment::create("served", &config).unwrap();
+    let mut publisher = seg.open_publisher().unwrap();
+    for i in 0..3u8 {
+        publisher.send(&[i]).unwrap();
+    }
+    let sub = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty, "the publisher holds the role: not handed yet");
+    let inbox = publisher.channel_inbox().clone();
+    std::thread::spawn(move || inbox.serve()).join().unwrap();
+    let got: Vec<_> = (0..2).map(|_| sub.try_recv().map(|s| (s[0], s.is_history())).unwrap()).collect();
+    assert_eq!(got, [(1, true), (2, true)]);
+    publisher.send(&[3]).unwrap();
+    assert_eq!(sub.try_recv().map(|s| (s[0], s.is_history())).unwrap(), (3, false));
+
+    // Served over and over while the publisher sends: every joiner gets
+    // the history once, then every frame, in order.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let inbox = publisher.channel_inbox().clone();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Relaxed) {
+                inbox.serve();
+            }
+        });
+        for round in 0..20u8 {
+            let joiner = seg.open_subscriber(&opts(4, OverflowPolicy::DropNewest)).unwrap();
+            publisher.send(&[100 + round]).unwrap();
+            let mut seen = Vec::new();
+            while let Ok(s) = joiner.try_recv() {
+                seen.push((s.seq(), s.is_history()));
+            }
+            let last = publisher.next_seq() - 1;
+            assert_eq!(seen, [(last - 2, true), (last - 1, true), (last, false)], "round {round}");
+            drop(joiner);
+            seg.remove_subscriber(seg.stats().subscribers.last().unwrap().index).ok();
+        }
+        stop.store(true, Relaxed);
+    });
+}
+
+/// (Found by the review of the idle publisher's service.) `Publisher::drop` must let go of the writer role before it
+/// returns (the client tells the broker `Unpublish` right after). With a
+/// serving thread holding the core's `Arc` for a moment, the core may be
+/// dropped later, on that thread: a publisher reopened at once is refused.
+#[test]
+fn a_dropped_publisher_lets_go_of_the_role_before_drop_returns() {
+    let config = StreamConfig { history: 1, ..StreamConfig::new(8, 16) };
+    let mut seg = StreamSegment::create("served-drop", &config).unwrap();
+    let current: std::sync::Mutex<Option<ChannelInbox>> = std::sync::Mutex::new(None);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut refused = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Relaxed) {
+                let inbox = current.lock().unwrap().clone();
+                if let Some(inbox) = inbox {
+                    inbox.serve();
+                }
+            }
+        });
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        for round in 0..3000u32 {
+            let mut publisher = match seg.open_publisher() {
+                Ok(p) => p,
+                Err(e) => {
+                    refused.push((round, e.to_string()));
+                    // Let the serving thread drop the last reference.
+                    *current.lock().unwrap() = None;
+                    let t0 = std::time::Instant::now();
+                    loop {
+                        match seg.open_publisher() {
+                            Ok(p) => {
+                                refused.push((round, format!("reopened after {:?}", t0.elapsed())));
+                                break p;
+                            }
+                            Err(e) if t0.elapsed() > Duration::from_secs(2) => {
+                                panic!("round {round}: refused for 2 s: {e}; refused so far: {refused:?}")
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                        }
+                    }
+                }
+            };
+            if let Err(e) = publisher.send(&[1]) {
+                panic!("round {round}: send {e}; refused so far: {refused:?}");
+            }
+            *current.lock().unwrap() = Some(publisher.channel_inbox().clone());
+            for _ in 0..(round % 50) {
+                std::hint::spin_loop();
+            }
+            drop(publisher);
+            if let Some(pid) = seg.publisher_attached() {
+                refused.push((round, format!("still attached (pid {pid}) after drop returned")));
+            }
+        }
+        stop.store(true, Relaxed);
+    });
+    assert!(refused.is_empty(), "{} refused: {:?}", refused.len(), refused);
+}
+
+/// (Found by the review of the idle publisher's service.) A send that met a full lossless subscriber waits for room in
+/// it (`wait_for_room(s)`, a separate core call). Between the refusal and
+/// that call the core may be served (by the other thread, or by the owner
+/// at the end of the refused commit): a serve that reclaims the departed
+/// subscriber drops its channel, and `wait_for_room(s)` then finds none.
+#[test]
+fn a_serve_between_a_refusal_and_the_wait_for_room_retries() {
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    let config = StreamConfig { history: 1, ..StreamConfig::new(8, 16) };
+    let seg = std::sync::Mutex::new(StreamSegment::create("served-wait", &config).unwrap());
+    let mut publisher = seg.lock().unwrap().open_publisher().unwrap();
+    let inbox = publisher.channel_inbox().clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut panicked = None;
+    let mut outcomes: HashMap<String, u32> = HashMap::new();
+    std::thread::scope(|scope| {
+        let _stop = Stop(&stop);
+        scope.spawn(|| {
+            while !stop.load(Relaxed) {
+                inbox.serve();
+            }
+        });
+        let (to_d, d_rx) = std::sync::mpsc::channel::<u32>();
+        let (d_tx, from_d) = std::sync::mpsc::channel::<()>();
+        let seg2 = &seg;
+        scope.spawn(move || {
+            while let Ok(i) = d_rx.recv() {
+                let r = seg2.lock().unwrap().remove_subscriber(i);
+                let _ = r;
+                let _ = d_tx.send(());
+            }
+        });
+        for round in 0..5000u32 {
+            let sub = seg
+                .lock()
+                .unwrap()
+                .open_subscriber(&SubscriberOptions { history: 0, ..opts(1, OverflowPolicy::Lossless) });
+            let Ok(sub) = sub else {
+                panicked = Some((round, Some(format!("open_subscriber: {:?}", sub.err()))));
+                break;
+            };
+            let i = seg.lock().unwrap().stats().subscribers.last().unwrap().index;
+            if let Err(e) = publisher.send(&[0]) {
+                panicked = Some((round, Some(format!("first send: {e}"))));
+                break;
+            }
+            to_d.send(i).unwrap();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                publisher.loan().map(|s| s.send_timeout(Duration::from_millis(20)))
+            }));
+            from_d.recv().unwrap();
+            drop(sub);
+            match r {
+                Ok(r) => *outcomes.entry(format!("{r:?}")).or_default() += 1,
+                Err(p) => {
+                    panicked = Some((
+                        round,
+                        p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())),
+                    ));
+                    break;
+                }
+            }
+        }
+    });
+    assert!(panicked.is_none(), "panicked: {panicked:?}; before: {outcomes:?}");
+}

@@ -559,3 +559,110 @@ fn loom_history_hand_over_has_no_gap_and_no_duplicate() {
         assert_eq!(seqs, (seqs[0]..sent).collect::<Vec<_>>(), "no gap, no duplicate");
     });
 }
+
+/// The idle publisher's service (`Served`): a requester on another thread
+/// asks for work on the value while its owner uses it. Loom checks that
+/// the two never touch the value at once (its `UnsafeCell`), and that the
+/// request is served exactly once — by the requester, or by the owner as
+/// its use begins or ends — without a further use by the owner.
+#[test]
+fn loom_a_request_to_serve_is_done_once_and_never_beside_the_owner() {
+    use super::served::Served;
+    model(|| {
+        let served = Arc::new(Served::new((0u32, 0u32)));
+        let requester = {
+            let served = served.clone();
+            loom::thread::spawn(move || {
+                served.request(|v| v.1 += 1);
+            })
+        };
+        // SAFETY: this thread is the owner.
+        unsafe { served.enter(|v| v.1 += 1, |v| v.0 += 1) };
+        requester.join().unwrap();
+        // SAFETY: the requester is done: no other thread touches it.
+        let (uses, serves) = unsafe { served.enter(|_| unreachable!("served already"), |v| *v) };
+        assert_eq!((uses, serves), (1, 1));
+    });
+}
+
+/// (Found by the review.) What prompted a request must be visible to
+/// whoever serves it. The requester learns of a change (`prompt`), then
+/// asks, `requests` times; once both sides are done and the owner is idle,
+/// the last serve must have seen the newest prompt. (With two, the second
+/// may find the first's WANTED still pending and return at once.)
+fn a_serve_sees_what_prompted_it(requests: u32) {
+    use super::served::Served;
+    use crate::primitive::AtomicU32;
+    use crate::primitive::Ordering::{Acquire, Release};
+    model(move || {
+        let served = Arc::new(Served::new(0u32));
+        let prompt = Arc::new(AtomicU32::new(0));
+        let requester = {
+            let (served, prompt) = (served.clone(), prompt.clone());
+            loom::thread::spawn(move || {
+                for k in 1..=requests {
+                    prompt.store(k, Release);
+                    served.request(|v| *v = (*v).max(prompt.load(Acquire)));
+                }
+            })
+        };
+        let p = prompt.clone();
+        // SAFETY: this thread is the owner.
+        unsafe { served.enter(move |v| *v = (*v).max(p.load(Acquire)), |_| ()) };
+        requester.join().unwrap();
+        // SAFETY: the requester is done.
+        let seen = unsafe { served.enter(|_| panic!("a request still pending while the owner is idle"), |v| *v) };
+        assert_eq!(seen, requests, "the last serve missed the change that prompted the last request");
+    });
+}
+
+#[test]
+fn loom_one_request_sees_its_prompt() {
+    a_serve_sees_what_prompted_it(1);
+}
+
+#[test]
+fn loom_a_second_request_finding_wanted_is_not_lost() {
+    a_serve_sees_what_prompted_it(2);
+}
+
+/// (Found by the second review: it failed before requesters took a
+/// mutex.) `Served::request` may be called from any thread, from safe code
+/// (`ChannelInbox` is `pub` and `Clone`, `serve(&self)`). With two
+/// requesters: R1 sets WANTED, passes its barrier and reads `in_call == 0`;
+/// the owner enters, takes R1's WANTED (-> IDLE) and works on the value;
+/// R2 sets WANTED again (and leaves it to the owner: `in_call` is 1); R1's
+/// CAS WANTED -> RUNNING now succeeds on R2's WANTED, and R1 serves while
+/// the owner is inside its use. A plain interleaving (two preemptions), no
+/// weak memory needed. To keep the model small the owner's use waits for
+/// both requesters (as a long use would); the value must not change under
+/// the owner's `&mut`.
+#[test]
+fn loom_two_requesters_never_serve_beside_the_owner() {
+    use super::served::Served;
+    model(|| {
+        let served = Arc::new(Served::new(0u32));
+        let r1 = {
+            let served = served.clone();
+            loom::thread::spawn(move || {
+                served.request(|v| *v += 1);
+            })
+        };
+        let s2 = served.clone();
+        // SAFETY: this thread is the owner.
+        unsafe {
+            served.enter(
+                |v| *v += 1,
+                move |v| {
+                    let before = *v;
+                    let r2 = loom::thread::spawn(move || {
+                        s2.request(|v| *v += 1);
+                    });
+                    r2.join().unwrap();
+                    r1.join().unwrap();
+                    assert_eq!(*v, before, "a requester served while the owner was inside its use");
+                },
+            )
+        };
+    });
+}

@@ -37,6 +37,7 @@ pub(crate) mod crash;
 pub(crate) mod mem;
 pub(crate) mod owner;
 pub(crate) mod publisher;
+pub(crate) mod served;
 pub(crate) mod subscriber;
 pub(crate) mod wait;
 pub(crate) mod writer;
@@ -49,3 +50,5 @@ mod history_crash_tests;
 mod loom_tests;
 #[cfg(all(test, not(loom)))]
 mod recovery_tests;
+#[cfg(all(test, not(loom)))]
+mod serve_tests;

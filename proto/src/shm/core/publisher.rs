@@ -460,11 +460,6 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         tracing::debug!(slot, seq, delivered = info.delivered, "rolled an interrupted delivery forward");
     }
 
-    /// The memory this publisher works on.
-    pub(crate) fn stream(&self) -> &S {
-        &self.stream
-    }
-
     /// Sequence number the next frame will get.
     pub(crate) fn next_seq(&self) -> u64 {
         self.published
@@ -634,10 +629,23 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
         done
     }
 
+    /// Looks at the subscriber table now, as a loan or send would first:
+    /// hands the history to subscribers that joined, reclaims those that
+    /// left. For a publisher that may not send for a while (see
+    /// `Served`). A panic in it poisons the publisher and goes no further.
+    #[cold]
+    pub(crate) fn serve(&mut self) {
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.step((), Self::sync_table)));
+    }
+
     /// Takes a free slot.
     #[inline(always)]
     pub(crate) fn loan(&mut self) -> Result<u32, LoanError> {
-        self.step(Err(LoanError::Poisoned), Self::take_slot)
+        self.step(
+            Err(LoanError::Poisoned),
+            #[inline(always)]
+            |this| this.take_slot(),
+        )
     }
 
     #[inline(always)]
@@ -1113,6 +1121,13 @@ impl<S: StreamMem, C: ChannelMem> PubCore<S, C> {
     }
 
     fn wait_for_room_unmarked(&mut self, s: usize, backoff: Backoff, deadline: Option<Instant>) -> bool {
+        if !self.subs[s].active || self.channels[s].is_none() || !self.lossless.contains(&s) {
+            // It left since the refusal (a look at the table between the
+            // two calls, e.g. by `serve`), and its place may have gone to
+            // a subscriber that never blocks a send: let the caller retry.
+            // (A lossless newcomer there is waited for on the retry.)
+            return true;
+        }
         let Self { writer, stream, channels, subs, free, table_gen, cap_mask, .. } = self;
         let (stream, channel, st) = (&*stream, channel_of(channels, s), &mut subs[s]);
         wait::wait_until(&channel.header().pub_waiting, backoff, deadline, || {
