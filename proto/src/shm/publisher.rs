@@ -165,7 +165,6 @@ pub struct ChannelInbox {
     /// The publisher's core, for [`serve`](Self::serve) (a stream with
     /// history only).
     served: Option<std::sync::Weak<Served<Core>>>,
-    forks: platform::ForkStamp,
 }
 
 impl ChannelInbox {
@@ -194,9 +193,7 @@ impl ChannelInbox {
     /// stream with history (`Event::Serve`). Nothing for a stream without
     /// history, a publisher gone, or in a child forked since it opened.
     pub fn serve(&self) {
-        if self.forks.forked() {
-            return;
-        }
+        // (`request` does nothing in a child forked since.)
         if let Some(served) = self.served.as_ref().and_then(std::sync::Weak::upgrade) {
             served.request(Core::serve);
         }
@@ -219,8 +216,8 @@ impl Drop for Publisher {
             // As a `SampleMut` dropped unsent.
             self.with_core(|c| c.abandon(slot));
         }
-        // No request is served from now on; the core lets go of the role
-        // when the last reference goes (a requester's, for a moment, at most).
+        // No request is served from now on, and the core comes back to be
+        // dropped (a `Plain` one goes with the publisher, just after).
         if let CoreCell::Shared(served) = &self.served {
             // SAFETY: the owner, once. The core goes here, on this thread:
             // the role is let go of before `drop` returns.
@@ -336,7 +333,6 @@ impl Publisher {
             max: g.max_subscribers,
             flags,
             served: None,
-            forks,
         };
         let attached = PubCore::attach_with(stream, maps, Some(inbox.inner.clone()), platform::current_pid());
         let core = attached.map_err(|r| match r {
@@ -409,8 +405,7 @@ impl Publisher {
             return Err(loan);
         }
         loan.dropped = None; // resumed: the sample owns the slot now
-        let ptr = self.payloads.ptr(loan.slot);
-        Ok(SampleMut { publisher: self, slot: loan.slot, ptr, len: loan.len })
+        Ok(self.sample(loan.slot, loan.len))
     }
 
     /// Whether a loan is parked ([`SampleMut::park`]) that
@@ -429,8 +424,7 @@ impl Publisher {
             return None;
         }
         let (slot, len) = self.parked.take()?;
-        let ptr = self.payloads.ptr(slot);
-        Some(SampleMut { publisher: self, slot, ptr, len })
+        Some(self.sample(slot, len))
     }
 
     /// The parked loan's address and capacity, loaning a slot and parking
@@ -533,8 +527,7 @@ impl Publisher {
     #[cold]
     #[inline(never)]
     fn refuse_parked(&mut self, slot: u32, refusal: CommitRefusal) -> SendError {
-        let ptr = self.payloads.ptr(slot);
-        drop(SampleMut { publisher: self, slot, ptr, len: 0 });
+        drop(self.sample(slot, 0));
         refusal.into()
     }
 
@@ -595,8 +588,7 @@ impl Publisher {
     #[inline(always)]
     pub fn loan(&mut self) -> Result<SampleMut<'_>, LoanError> {
         let slot = self.loan_slot()?;
-        let ptr = self.payloads.ptr(slot);
-        Ok(SampleMut { publisher: self, slot, ptr, len: 0 })
+        Ok(self.sample(slot, 0))
     }
 
     #[inline(always)]
@@ -621,7 +613,7 @@ impl Publisher {
     #[inline]
     pub fn send(&mut self, payload: &[u8]) -> Result<SendInfo, SendError> {
         let slot = self.copy_in(payload)?;
-        self.sample(slot, payload.len()).send()
+        self.sample(slot, payload.len() as u32).send()
     }
 
     /// Like [`send`](Self::send), but waits up to `timeout` for full
@@ -632,7 +624,7 @@ impl Publisher {
     /// `WouldBlock`.
     pub fn send_timeout(&mut self, payload: &[u8], timeout: Duration) -> Result<SendInfo, SendError> {
         let slot = self.copy_in(payload)?;
-        self.sample(slot, payload.len()).send_timeout(timeout)
+        self.sample(slot, payload.len() as u32).send_timeout(timeout)
     }
 
     /// Whether this is a copy in a child forked since it opened: the
@@ -676,14 +668,14 @@ impl Publisher {
         Ok(slot)
     }
 
-    /// The loaned `slot` as a sample of `len` bytes. (Returning the slot
-    /// alone from `copy_in` and making the sample here keeps it in
-    /// registers: a sample moved out of a call is reloaded, stalled, from
-    /// the fields it was stored in piece by piece.)
+    /// The loaned `slot` as a sample of `len` bytes, made whole at once.
+    /// (`copy_in` returns the slot alone for this: a sample moved out of a
+    /// call is reloaded, stalled, from the fields it was stored in piece by
+    /// piece.)
     #[inline(always)]
-    fn sample(&mut self, slot: u32, len: usize) -> SampleMut<'_> {
+    fn sample(&mut self, slot: u32, len: u32) -> SampleMut<'_> {
         let ptr = self.payloads.ptr(slot);
-        SampleMut { publisher: self, slot, ptr, len: len as u32 }
+        SampleMut { publisher: self, slot, ptr, len }
     }
 }
 
